@@ -1,0 +1,60 @@
+"""The one piece of per-step global state: the batch's attention metadata.
+
+The model runner sets it around each forward (``with forward_context(meta):``) so that
+attention layers deep in the model can read the block tables without threading them
+through every call. Nothing else in MiniInfer is global and mutable.
+
+Token layout of a step (decodes first, then prefill / extend chunks)::
+
+    flat tokens:  [d0][d1][d2][ p0 p0 p0 p0 ][ p1 p1 ]
+    query_start:   0   1   2   3             7        9
+    seq_lens:      ctx+1 ...   (tokens in the KV cache after this step, per sequence)
+
+A sequence's new tokens sit at positions ``seq_len - q_len ... seq_len - 1``; they attend
+to every cached token before them and causally to each other.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    num_decodes: int  # the first num_decodes sequences have exactly one new token
+    num_decode_tokens: int  # == num_decodes (kept separate for speculative decoding later)
+    query_start_loc: torch.Tensor  # [B+1] int32, on device
+    seq_lens: torch.Tensor  # [B] int32, on device: KV length after this step
+    block_tables: torch.Tensor  # [B, max_blocks] int32, on device (unused entries: 0)
+    slot_mapping: torch.Tensor  # [T] int64, on device: cache slot of each new token (-1: skip)
+    max_query_len: int
+    max_seq_len: int
+    # Host copies, for backends that loop per sequence (the torch path on CPU).
+    query_start_loc_cpu: list[int] | None = None
+    seq_lens_cpu: list[int] | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+
+_current: AttentionMetadata | None = None
+
+
+@contextlib.contextmanager
+def forward_context(meta: AttentionMetadata) -> Iterator[AttentionMetadata]:
+    global _current
+    prev, _current = _current, meta
+    try:
+        yield meta
+    finally:
+        _current = prev
+
+
+def get_attention_metadata() -> AttentionMetadata:
+    if _current is None:
+        raise RuntimeError("attention called outside a forward_context")
+    return _current

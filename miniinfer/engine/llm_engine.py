@@ -1,0 +1,268 @@
+"""The engine core: requests in, one scheduled forward per ``step()``, outputs back.
+
+    add_request ─▶ tokenize + validate ─▶ Scheduler.waiting
+    step():  Scheduler.schedule ─▶ ModelRunner.execute (forward + sample)
+             ─▶ append tokens ─▶ detokenize ─▶ stop checks ─▶ RequestOutput (cumulative)
+
+Single-threaded; front ends (``LLM``, the HTTP server) drive it from one thread.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from miniinfer.config import EngineConfig, ModelConfig
+from miniinfer.engine.kv_cache_manager import KVCacheManager
+from miniinfer.engine.model_runner import ModelRunner, StepResult
+from miniinfer.engine.scheduler import Scheduler, SchedulerOutput
+from miniinfer.engine.sequence import Sequence, SequenceStatus
+from miniinfer.loader.model_loader import resolve_model
+from miniinfer.outputs import CompletionOutput, Logprob, RequestOutput
+from miniinfer.sampling_params import SamplingParams
+
+log = logging.getLogger("miniinfer")
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, progress: bool = True):
+        self.config = config
+        source = resolve_model(config)
+        self.model_name = source.name
+        self.model_config = ModelConfig.from_hf_dict(source.hf_config)
+        self.tokenizer = None
+        if source.tokenizer_path is not None:
+            from miniinfer.tokenizer import load_tokenizer
+            self.tokenizer = load_tokenizer(source.tokenizer_path)
+        limit = self.model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(f"max_model_len ({config.max_model_len}) exceeds the model's "
+                             f"max_position_embeddings ({limit})")
+        self.max_model_len = config.max_model_len or limit
+        self.eos_token_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None:
+            from miniinfer.tokenizer import eos_token_ids
+            self.eos_token_ids |= set(eos_token_ids(self.tokenizer, source.hf_config))
+        self.runner = ModelRunner(config, self.model_config, source, self.max_model_len, progress)
+        capacity = self.runner.num_blocks * config.block_size
+        if self.max_model_len > capacity:
+            log.warning("max_model_len lowered from %d to %d: the KV cache holds no more",
+                        self.max_model_len, capacity)
+            self.max_model_len = capacity
+        self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.kv, self.max_model_len)
+        self.requests: dict[str, Request] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self._device_generator_seed = config.seed
+        torch.manual_seed(config.seed)
+        log.info("KV cache: %d blocks x %d tokens = %d tokens", self.runner.num_blocks, config.block_size,
+                 self.runner.num_blocks * config.block_size)
+
+    # --- requests -------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if self.tokenizer is None:
+            raise ValueError("model has no tokenizer: chat needs one")
+        from miniinfer.tokenizer import apply_chat_template
+        return apply_chat_template(self.tokenizer, messages, add_generation_prompt)
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: model has no tokenizer; pass token ids")
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        return list(prompt)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if isinstance(prompt, str) and not prompt:
+            raise ValueError("prompt must not be empty")
+        ids = self.tokenize(prompt)
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        vocab = self.model_config.vocab_size
+        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt is {len(ids)} tokens long, but max_model_len is {self.max_model_len} "
+                             f"(the prompt must leave room for at least one generated token)")
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise ValueError(f"logprobs must be <= {self.config.max_logprobs}, got {params.logprobs}")
+        req = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params)
+        for i in range(params.n):
+            seq = Sequence(request_id, i, list(ids), len(ids), params)
+            if params.seed is not None:
+                seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
+            if params.logprobs is not None:
+                seq.logprobs = []
+            if self.tokenizer is not None:
+                from miniinfer.detokenizer import IncrementalDetokenizer
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+            if params.stop:
+                from miniinfer.stop_checker import StopChecker
+                seq.stop_checker = StopChecker(params.stop, params.include_stop_str_in_output)
+            req.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        self.prompt_tokens_total += len(ids)
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # --- the step -------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty():
+            if self.scheduler.waiting and not self.scheduler.running:
+                self._fail_unschedulable()
+            return self._collect(set())
+        result = self.runner.execute(sched)
+        return self._process(sched, result)
+
+    def _fail_unschedulable(self) -> None:
+        # Nothing runs and the head of the queue still can't get blocks: it can never fit.
+        seq = self.scheduler.waiting[0]
+        need = self.kv.blocks_needed(seq.num_tokens, 0)
+        raise RuntimeError(f"request {seq.request_id} needs {need} KV blocks but the cache has "
+                           f"{self.kv.num_blocks}: raise the KV-cache budget or lower max_model_len")
+
+    def _process(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+        now = time.monotonic()
+        touched: set[str] = set()
+        sample_i = 0
+        for s in sched.scheduled:
+            seq = s.seq
+            touched.add(seq.request_id)
+            if not s.samples:
+                self.scheduler.publish(seq)
+                continue
+            token = result.token_ids[sample_i]
+            if seq.logprobs is not None:
+                seq.logprobs.append(self._logprob_entry(result, sample_i, token, seq.params.logprobs))
+            sample_i += 1
+            seq.token_ids.append(token)
+            self.generation_tokens_total += 1
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            self._check_stop(seq, token)
+            if seq.is_finished:
+                seq.finished_time = now
+            else:
+                self.scheduler.publish(seq)
+        return self._collect(touched)
+
+    def _logprob_entry(self, result: StepResult, row: int, token: int, top_n: int) -> dict[int, Logprob]:
+        out = result.sampler_output
+        entry: dict[int, Logprob] = {}
+        decode = (lambda t: self.tokenizer.decode([t])) if self.tokenizer is not None else (lambda t: None)
+        ids = out.top_ids[row, :top_n].tolist()
+        vals = out.top_logprobs[row, :top_n].tolist()
+        for rank, (t, v) in enumerate(zip(ids, vals), start=1):
+            entry[t] = Logprob(v, rank, decode(t))
+        if token not in entry:
+            entry[token] = Logprob(float(out.sampled_logprob[row]), int(out.sampled_rank[row]), decode(token))
+        return entry
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        new_text = ""
+        if seq.detokenizer is not None:
+            new_text = seq.detokenizer.push([token])
+        text = seq.detokenizer.text if seq.detokenizer is not None else ""
+        n_out = seq.num_output_tokens
+        reason = stop = None
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                reason, stop = "stop", None
+            elif token in p.stop_token_ids:
+                reason, stop = "stop", token
+        if reason is None and seq.stop_checker is not None and new_text:
+            matched, cut = seq.stop_checker.check(text, len(new_text))
+            if matched is not None:
+                reason, stop = "stop", matched
+                seq.output_text = text[:cut]
+        if reason is None and p.max_tokens is not None and n_out >= p.max_tokens:
+            reason = "length"
+        if reason is None and seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is None:
+            if seq.stop_checker is not None:
+                seq.output_text = text[:seq.stop_checker.streamable_len(text)]
+            else:
+                seq.output_text = text
+            return
+        if not (stop is not None and isinstance(stop, str)) and seq.detokenizer is not None:
+            seq.detokenizer.finish()
+            seq.output_text = seq.detokenizer.text
+        seq.finish_reason, seq.stop_reason = reason, stop
+        self.scheduler.finish(seq)
+
+    def _collect(self, touched: set[str]) -> list[RequestOutput]:
+        outputs = []
+        for rid in touched:
+            req = self.requests.get(rid)
+            if req is None:
+                continue
+            outputs.append(self._make_output(req))
+            if req.finished:
+                del self.requests[rid]
+        return outputs
+
+    def _make_output(self, req: Request) -> RequestOutput:
+        seqs = req.seqs
+        comps = [CompletionOutput(s.index, s.output_text, s.output_token_ids, s.finish_reason, s.stop_reason,
+                                  s.logprobs) for s in seqs]
+        first = [s.first_token_time for s in seqs if s.first_token_time is not None]
+        done = [s.finished_time for s in seqs if s.finished_time is not None]
+        metrics = {
+            "arrival_time": seqs[0].arrival_time,
+            "first_token_time": min(first) if first else None,
+            "finished_time": max(done) if req.finished and done else None,
+            "num_generated_tokens": sum(s.num_output_tokens for s in seqs),
+        }
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, comps, req.finished,
+                             num_cached_tokens=seqs[0].num_cached_tokens, metrics=metrics)
+
+    # --- introspection ----------------------------------------------------------------
+    def stats(self) -> dict:
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": self.kv.usage(),
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generation_tokens_total": self.generation_tokens_total,
+            "prefix_cache_queries": self.kv.prefix_queries,
+            "prefix_cache_hits": self.kv.prefix_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_kv_blocks": self.kv.num_blocks,
+            "num_free_kv_blocks": self.kv.num_free_blocks,
+        }
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()

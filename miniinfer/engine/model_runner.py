@@ -1,0 +1,186 @@
+"""Turns a scheduled batch into tensors, runs the model and samples.
+
+Owns the model, the KV-cache tensors and (on CUDA) the captured decode graphs.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from miniinfer.attention import get_backend
+from miniinfer.config import EngineConfig, ModelConfig
+from miniinfer.engine.forward_context import AttentionMetadata, forward_context
+from miniinfer.engine.sampler import SamplerOutput, SamplingBatch, sample
+from miniinfer.engine.scheduler import SchedulerOutput
+from miniinfer.loader.model_loader import ModelSource, build_model
+
+log = logging.getLogger("miniinfer")
+
+
+@dataclass
+class StepResult:
+    """Host-side results of one step, for the sequences that sampled (in scheduled order)."""
+    token_ids: list[int]
+    sampler_output: SamplerOutput | None  # device tensors, kept for logprobs
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, model_config: ModelConfig, source: ModelSource,
+                 max_model_len: int, progress: bool = True):
+        self.cfg = cfg
+        self.model_config = model_config
+        self.device = torch.device(cfg.device)
+        self.dtype = cfg.torch_dtype
+        self.max_model_len = max_model_len
+        self.block_size = cfg.block_size
+        self.backend = get_backend(cfg.attention_backend, cfg.device)
+        t0 = time.perf_counter()
+        self.model = build_model(source, model_config, self.backend, cfg, max_model_len, progress)
+        self.load_seconds = time.perf_counter() - t0
+        self.num_blocks = self._num_kv_blocks()
+        self._allocate_kv_cache(self.num_blocks)
+
+    # --- KV cache ------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        m = self.model_config
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * elem
+
+    def _num_kv_blocks(self) -> int:
+        if self.cfg.num_kv_blocks is not None:
+            return self.cfg.num_kv_blocks
+        per_seq = -(-self.max_model_len // self.block_size)
+        cap = self.cfg.max_num_seqs * per_seq
+        if self.device.type == "cuda":
+            budget = self._profile_free_gpu_bytes()
+        else:
+            budget = int((self.cfg.kv_cache_memory_gb or 2.0) * (1 << 30))
+        n = min(cap, budget // self.kv_bytes_per_block())
+        if n < per_seq // 4 or n < 1:
+            raise ValueError(f"KV-cache budget holds only {n} blocks of {self.block_size} tokens; "
+                             f"raise the memory budget or lower max_model_len ({self.max_model_len})")
+        return n
+
+    def _profile_free_gpu_bytes(self) -> int:
+        """Free memory for the KV cache: the card's share minus weights and a profiling step."""
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        tokens = min(self.cfg.max_num_batched_tokens, self.max_model_len * self.cfg.max_num_seqs)
+        self._profile_run(tokens)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        free, total = torch.cuda.mem_get_info()
+        used_by_others = total - free - torch.cuda.memory_reserved()
+        budget = int(total * self.cfg.gpu_memory_utilization) - peak - max(used_by_others, 0)
+        torch.cuda.empty_cache()
+        return max(budget, 0)
+
+    def _profile_run(self, num_tokens: int) -> None:
+        # A forward with a tiny temporary cache: one sequence per max_model_len chunk.
+        self._allocate_kv_cache(max(1, -(-num_tokens // self.block_size)) + 1)
+        seq_len = min(num_tokens, self.max_model_len)
+        n_seqs = -(-num_tokens // seq_len)
+        lens = [seq_len] * (n_seqs - 1) + [num_tokens - seq_len * (n_seqs - 1)]
+        ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        pos = torch.cat([torch.arange(n, device=self.device) for n in lens])
+        meta = self._meta_from_lists(
+            q_lens=lens, seq_lens=lens, block_tables=[[0] for _ in lens],
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=self.device), num_decodes=0)
+        meta.block_tables = torch.zeros(len(lens), -(-seq_len // self.block_size), dtype=torch.int32,
+                                        device=self.device)
+        with torch.inference_mode(), forward_context(meta):
+            hidden = self.model(ids, pos)
+            self.model.compute_logits(hidden[-self.cfg.max_num_seqs:])
+        self.kv_caches = None
+        for layer in self.model.layers:
+            layer.self_attn.k_cache = layer.self_attn.v_cache = torch.empty(0)
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
+        m = self.model_config
+        shape = (2, m.num_layers, num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+        self.kv_caches = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn.k_cache = self.kv_caches[0, i]
+            layer.self_attn.v_cache = self.kv_caches[1, i]
+
+    # --- batch preparation ----------------------------------------------------------
+    def _meta_from_lists(self, q_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
+                         slot_mapping: torch.Tensor, num_decodes: int) -> AttentionMetadata:
+        qsl = [0]
+        for n in q_lens:
+            qsl.append(qsl[-1] + n)
+        width = max(len(t) for t in block_tables)
+        padded = [t + [0] * (width - len(t)) for t in block_tables]
+        dev = self.device
+        return AttentionMetadata(
+            num_decodes=num_decodes,
+            num_decode_tokens=num_decodes,
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
+            slot_mapping=slot_mapping,
+            max_query_len=max(q_lens),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=qsl,
+            seq_lens_cpu=list(seq_lens),
+        )
+
+    def prepare(self, sched: SchedulerOutput):
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        q_lens, seq_lens, tables, logits_idx, sampling_seqs = [], [], [], [], []
+        bs = self.block_size
+        num_decodes = 0
+        for s in sched.scheduled:
+            seq, n, start = s.seq, s.num_new_tokens, s.start
+            if n == 1:
+                num_decodes += 1
+            end = start + n
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            q_lens.append(n)
+            seq_lens.append(end)
+            tables.append(table)
+            if s.samples:
+                logits_idx.append(len(input_ids) - 1)
+                sampling_seqs.append(seq)
+        dev = self.device
+        meta = self._meta_from_lists(q_lens, seq_lens, tables,
+                                     torch.tensor(slots, dtype=torch.int64, device=dev), num_decodes)
+        return (torch.tensor(input_ids, dtype=torch.int64, device=dev),
+                torch.tensor(positions, dtype=torch.int64, device=dev),
+                meta, logits_idx, sampling_seqs)
+
+    # --- execution --------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> StepResult:
+        input_ids, positions, meta, logits_idx, sampling_seqs = self.prepare(sched)
+        with forward_context(meta):
+            hidden = self.model(input_ids, positions)
+        if not sampling_seqs:
+            return StepResult([], None)
+        logits = self.model.compute_logits(hidden[torch.tensor(logits_idx, device=self.device)])
+        batch = SamplingBatch.build(sampling_seqs, logits.shape[-1], self.device)
+        out = sample(logits, batch)
+        return StepResult(out.token_ids.tolist(), out if batch.want_logprobs else None)
+
+    @torch.inference_mode()
+    def forward_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits of every position of one prompt, through the paged path (for tests)."""
+        from miniinfer.engine.scheduler import ScheduledSeq
+        from miniinfer.engine.sequence import Sequence
+        from miniinfer.sampling_params import SamplingParams
+        n = len(token_ids)
+        seq = Sequence("logits", 0, list(token_ids), n, SamplingParams(max_tokens=1))
+        seq.block_table = list(range(-(-n // self.block_size)))
+        sched = SchedulerOutput([ScheduledSeq(seq, n, 0)])
+        input_ids, positions, meta, _, _ = self.prepare(sched)
+        with forward_context(meta):
+            hidden = self.model(input_ids, positions)
+        return self.model.compute_logits(hidden)

@@ -1,0 +1,150 @@
+"""Batched sampling on the logits' device: penalties, temperature, top-k / top-p / min-p,
+per-request seeds, and top-N logprobs of the raw logits. No per-row host syncs: the caller
+copies the sampled ids to the host once per step.
+
+Seeded rows draw their noise from their own ``torch.Generator`` so that a request samples the
+same tokens whatever else is in the batch (exponential-race sampling: argmax(p / E), E ~ Exp(1),
+picks token i with probability p_i)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from miniinfer.engine.sequence import Sequence
+
+
+@dataclass
+class SamplingBatch:
+    temperature: torch.Tensor  # [B] (greedy rows hold 1.0; see greedy)
+    greedy: torch.Tensor  # [B] bool
+    top_k: torch.Tensor | None  # [B] int64, vocab size where unused
+    top_p: torch.Tensor | None  # [B]
+    min_p: torch.Tensor | None  # [B]
+    repetition_penalty: torch.Tensor | None  # [B]
+    presence_penalty: torch.Tensor | None
+    frequency_penalty: torch.Tensor | None
+    prompt_mask: torch.Tensor | None  # [B, V] bool: token occurs in the prompt
+    output_counts: torch.Tensor | None  # [B, V] counts of generated tokens
+    generators: list[torch.Generator | None]
+    all_greedy: bool
+    want_logprobs: bool  # some row asked for logprobs
+    max_logprobs: int  # the largest top-N asked for (may be 0: the sampled token's only)
+    logprob_rows: list[int]  # rows that want logprobs
+
+    @classmethod
+    def build(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> "SamplingBatch":
+        params = [s.params for s in seqs]
+        f32 = dict(dtype=torch.float32, device=device)
+        greedy_list = [p.temperature == 0.0 for p in params]
+        temperature = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy_list, params)], **f32)
+        need_topk = any(p.top_k > 0 for p in params)
+        need_topp = any(p.top_p < 1.0 for p in params)
+        need_minp = any(p.min_p > 0.0 for p in params)
+        need_pen = any(p.needs_penalties for p in params)
+        prompt_mask = output_counts = rep = pres = freq = None
+        if need_pen:
+            rep = torch.tensor([p.repetition_penalty for p in params], **f32)
+            pres = torch.tensor([p.presence_penalty for p in params], **f32)
+            freq = torch.tensor([p.frequency_penalty for p in params], **f32)
+            b = len(seqs)
+            output_counts = torch.zeros(b, vocab_size, **f32)
+            prompt_mask = torch.zeros(b, vocab_size, dtype=torch.bool, device=device)
+            for i, s in enumerate(seqs):
+                if not s.params.needs_penalties:
+                    continue
+                out = torch.tensor(s.output_token_ids, dtype=torch.int64, device=device)
+                if out.numel():
+                    output_counts[i].index_add_(0, out, torch.ones_like(out, dtype=torch.float32))
+                prompt = torch.tensor(s.token_ids[:s.num_prompt_tokens], dtype=torch.int64, device=device)
+                prompt_mask[i, prompt] = True
+        lp = [p.logprobs for p in params]
+        return cls(
+            temperature=temperature,
+            greedy=torch.tensor(greedy_list, dtype=torch.bool, device=device),
+            top_k=torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params],
+                               dtype=torch.int64, device=device) if need_topk else None,
+            top_p=torch.tensor([p.top_p for p in params], **f32) if need_topp else None,
+            min_p=torch.tensor([p.min_p for p in params], **f32) if need_minp else None,
+            repetition_penalty=rep, presence_penalty=pres, frequency_penalty=freq,
+            prompt_mask=prompt_mask, output_counts=output_counts,
+            generators=[s.generator for s in seqs],
+            all_greedy=all(greedy_list),
+            want_logprobs=any(x is not None for x in lp),
+            max_logprobs=max((x for x in lp if x is not None), default=0),
+            logprob_rows=[i for i, x in enumerate(lp) if x is not None],
+        )
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [B] int64
+    # For rows that asked for logprobs (else None): the sampled token's logprob and rank, and
+    # the top-N ids and logprobs (N = the batch's largest request).
+    sampled_logprob: torch.Tensor | None = None  # [B]
+    sampled_rank: torch.Tensor | None = None  # [B]
+    top_ids: torch.Tensor | None = None  # [B, N]
+    top_logprobs: torch.Tensor | None = None  # [B, N]
+
+
+def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    seen = b.prompt_mask | (b.output_counts > 0)
+    rep = b.repetition_penalty[:, None]
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalized, logits)
+    logits = logits - b.frequency_penalty[:, None] * b.output_counts
+    logits = logits - b.presence_penalty[:, None] * (b.output_counts > 0).float()
+    return logits
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    if b.top_k is None and b.top_p is None and b.min_p is None:
+        return logits
+    if b.min_p is not None:
+        probs = logits.softmax(-1)
+        thresh = probs.amax(-1, keepdim=True) * b.min_p[:, None]
+        logits = logits.masked_fill(probs < thresh, float("-inf"))
+    if b.top_k is None and b.top_p is None:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if b.top_k is not None:
+        ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+        remove |= ranks >= b.top_k[:, None]
+    if b.top_p is not None:
+        probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(-1)
+        # drop a token when the mass strictly before it already reaches top_p
+        before = probs.cumsum(-1) - probs
+        remove |= before >= b.top_p[:, None]
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sample(logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
+    """logits: [B, V] float32, raw from the LM head."""
+    out = SamplerOutput(token_ids=torch.empty(0))
+    if b.want_logprobs:
+        logprobs = logits.log_softmax(-1)
+        top = logprobs.topk(b.max_logprobs, dim=-1)
+        out.top_logprobs, out.top_ids = top.values, top.indices
+
+    if b.repetition_penalty is not None:
+        logits = apply_penalties(logits, b)
+    greedy_ids = logits.argmax(-1)
+    if b.all_greedy:
+        out.token_ids = greedy_ids
+    else:
+        scaled = apply_top_k_top_p_min_p(logits / b.temperature[:, None], b)
+        probs = scaled.softmax(-1)
+        noise = torch.empty_like(probs).exponential_()
+        for i, g in enumerate(b.generators):
+            if g is not None:
+                noise[i].exponential_(generator=g)
+        sampled = (probs / noise).argmax(-1)
+        out.token_ids = torch.where(b.greedy, greedy_ids, sampled)
+
+    if b.want_logprobs:
+        chosen = logprobs.gather(-1, out.token_ids[:, None])
+        out.sampled_logprob = chosen.squeeze(-1)
+        out.sampled_rank = (logprobs > chosen).sum(-1) + 1
+    return out

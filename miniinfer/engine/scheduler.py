@@ -1,0 +1,153 @@
+"""Continuous batching with chunked prefill, prefix reuse and preemption by recompute.
+
+Each step the scheduler hands every running sequence the tokens it still lacks in the KV
+cache (one for a decode, a chunk for a prefill), under a per-step token budget, then admits
+waiting sequences FCFS while budget, sequence slots and KV blocks last. A sequence that can't
+get a block preempts the most recently admitted running one (its blocks are freed and it
+goes back to the front of the queue to be recomputed).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from miniinfer.config import EngineConfig
+from miniinfer.engine.kv_cache_manager import KVCacheManager
+from miniinfer.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+    start: int  # position of the first new token (== num_computed_tokens before the step)
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the end of the sequence's known tokens."""
+        return self.start + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)  # decodes (1 token) first
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, cfg: EngineConfig, kv: KVCacheManager, max_model_len: int):
+        self.cfg = cfg
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.cfg.max_num_batched_tokens
+        scheduled_ids: set[int] = set()
+
+        # 1. Running sequences, oldest first: decodes and unfinished prefill chunks.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n <= 0:
+                i += 1
+                continue
+            while not self.kv.allocate(seq.block_table, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break  # seq preempted itself: nothing later in the list is left either
+            out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens))
+            scheduled_ids.add(seq.seq_id)
+            budget -= n
+            i += 1
+
+        # 2. Waiting sequences, FCFS, unless this step already had to preempt.
+        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            fresh = not seq.block_table
+            if fresh:
+                # Reuse cached full pages; always leave at least one token to compute.
+                hit = self.kv.match_prefix(seq.token_ids, seq.num_tokens - 1)
+                seq.block_table.extend(hit)
+                seq.num_computed_tokens = len(hit) * self.kv.block_size
+                if seq.num_preemptions == 0:
+                    seq.num_cached_tokens = seq.num_computed_tokens
+                    self.kv.record_query(seq.num_prompt_tokens, seq.num_computed_tokens)
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            n = min(remaining, budget)
+            if n < remaining and not self.cfg.enable_chunked_prefill:
+                self._undo_admission(seq)
+                break
+            if not self.kv.allocate(seq.block_table, seq.num_computed_tokens + n):
+                self._undo_admission(seq)
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens))
+            budget -= n
+
+        out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # decodes first (stable)
+        for s in out.scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+        return out
+
+    def publish(self, seq: Sequence) -> None:
+        """Make the sequence's computed full pages findable by later prompts."""
+        seq.prefix_cursor = self.kv.insert(seq.token_ids, seq.block_table, seq.num_computed_tokens,
+                                           seq.prefix_cursor)
+
+    def _release(self, seq: Sequence) -> None:
+        self.kv.free(seq.block_table)
+        seq.num_computed_tokens = 0
+        seq.prefix_cursor = None
+
+    def _undo_admission(self, seq: Sequence) -> None:
+        self._release(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Release a finished (or aborted) sequence's blocks, publishing its pages first."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.publish(seq)
+        self._release(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def check_integrity(self) -> None:
+        tables = [s.block_table for s in self.running] + [s.block_table for s in self.waiting]
+        self.kv.check_integrity(tables)
+        for s in self.waiting:
+            assert not s.block_table and s.num_computed_tokens == 0, f"waiting {s} holds blocks"
+        for s in self.running:
+            assert len(s.block_table) * self.kv.block_size >= s.num_computed_tokens, f"{s} lacks blocks"

@@ -1,0 +1,108 @@
+"""Find a model (HF folder, GGUF file, preset or the embedded default) and build it."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from typing import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from miniinfer.attention import AttentionBackend
+from miniinfer.config import EngineConfig, ModelConfig
+from miniinfer.models.decoder import DecoderForCausalLM
+
+PRESETS = ("qwen2-0.5b", "qwen2-1.5b", "qwen2-7b", "qwen3-0.6b", "qwen3-8b", "llama-3-8b")
+
+
+@dataclass
+class ModelSource:
+    load_format: str  # safetensors | gguf | dummy
+    name: str  # what the server calls the model
+    hf_config: dict
+    weights_path: str | None  # folder (safetensors) or file (gguf); None for presets
+    tokenizer_path: str | None  # folder or .gguf file; None when there is none
+
+
+def preset_config(name: str) -> dict:
+    text = resources.files("miniinfer.loader").joinpath("presets", f"{name}.json").read_text()
+    return json.loads(text)
+
+
+def resolve_model(cfg: EngineConfig) -> ModelSource:
+    from miniinfer.loader.embedded import embedded_model_path
+    model = cfg.model if cfg.model is not None else embedded_model_path()
+    fmt = cfg.load_format
+    if model in PRESETS:
+        if fmt not in ("auto", "dummy"):
+            raise ValueError(f"model {model!r} is a preset: it only has random weights (load_format='dummy')")
+        return ModelSource("dummy", model, preset_config(model), None, cfg.tokenizer)
+    if model.endswith(".gguf"):
+        if not os.path.isfile(model):
+            raise ValueError(f"model path {model!r} does not exist")
+        from miniinfer.loader.gguf_loader import read_gguf_config
+        name = os.path.basename(model).removesuffix(".gguf")
+        return ModelSource("dummy" if fmt == "dummy" else "gguf", name, read_gguf_config(model), model,
+                           cfg.tokenizer or model)
+    if os.path.isdir(model) and os.path.isfile(os.path.join(model, "config.json")):
+        with open(os.path.join(model, "config.json")) as f:
+            hf_config = json.load(f)
+        has_tok = any(os.path.exists(os.path.join(model, n))
+                      for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+        tok = cfg.tokenizer or (model if has_tok else None)
+        name = os.path.basename(os.path.normpath(model))
+        if fmt == "dummy":
+            return ModelSource("dummy", name, hf_config, None, tok)
+        if not glob.glob(os.path.join(model, "*.safetensors")):
+            raise ValueError(f"model folder {model!r} has no *.safetensors files "
+                             "(use load_format='dummy' for random weights)")
+        return ModelSource("safetensors", name, hf_config, model, tok)
+    raise ValueError(f"model {model!r} is not a .gguf file, a folder with config.json, or a preset "
+                     f"({', '.join(PRESETS)})")
+
+
+def iter_safetensors(folder: str, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    for path in tqdm(files, desc="Loading safetensors", disable=not progress or len(files) < 2):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
+    """Random weights of a sensible scale (std 0.02; norms at 1) so activations stay finite."""
+    gen_device = next(model.parameters()).device
+    gen = torch.Generator(device=gen_device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.02, generator=gen)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+
+
+def build_model(source: ModelSource, model_config: ModelConfig, backend: AttentionBackend,
+                cfg: EngineConfig, max_positions: int, progress: bool = True) -> DecoderForCausalLM:
+    device, dtype = torch.device(cfg.device), cfg.torch_dtype
+    prev_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = DecoderForCausalLM(model_config, backend, max_positions, device)
+    finally:
+        torch.set_default_dtype(prev_dtype)
+    model.to_empty(device=device)
+    if source.load_format == "dummy":
+        init_dummy_weights(model, cfg.seed)
+    elif source.load_format == "gguf":
+        from miniinfer.loader.gguf_loader import iter_gguf_weights
+        model.load_weights(iter_gguf_weights(source.weights_path, dtype=dtype, progress=progress))
+    else:
+        model.load_weights(iter_safetensors(source.weights_path, progress))
+    return model.eval()

@@ -1,0 +1,174 @@
+"""One decoder-only transformer that covers Llama (incl. SmolLM2), Qwen2/Qwen2.5 and Qwen3.
+
+The families differ only in flags read from the config: Qwen2 adds a bias to q/k/v, Qwen3
+adds a per-head RMSNorm on q and k. Q/K/V and gate/up are fused into one matmul each; the
+weight loader writes each HF tensor into its slice of the fused weight.
+
+    hidden ─▶ [RMSNorm] ─▶ qkv_proj ─▶ (q/k norm) ─▶ RoPE ─▶ paged attention ─▶ o_proj ─┐
+       ▲ residual add (fused with the next norm)                                         │
+       └─────────────────────────────────────────────────────────────────────────────────┘
+    then [RMSNorm] ─▶ gate_up_proj ─▶ SiLU(gate) * up ─▶ down_proj, same residual pattern.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from miniinfer.attention import AttentionBackend
+from miniinfer.config import ModelConfig
+from miniinfer.engine.forward_context import get_attention_metadata
+from miniinfer.models import ops
+from miniinfer.models.rotary import build_cos_sin_cache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, cos_sin_cache: torch.Tensor):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.backend = backend
+        self.cos_sin_cache = cos_sin_cache  # shared by all layers, not a parameter
+        self.k_cache = self.v_cache = torch.empty(0)  # set by the model runner
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(t, self.num_heads, self.head_dim)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(t, self.num_kv_heads, self.head_dim)
+        q, k = ops.apply_rope(positions, q, k, self.cos_sin_cache, self.head_dim)
+        o = self.backend.forward(q, k, v, self.k_cache, self.v_cache, get_attention_metadata(), self.scale)
+        return self.o_proj(o.reshape(t, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, cos_sin_cache: torch.Tensor):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, backend, cos_sin_cache)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, positions, hidden, residual):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DecoderForCausalLM(nn.Module):
+    """``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM``."""
+
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, max_positions: int,
+                 device: torch.device | str = "cpu"):
+        super().__init__()
+        self.config = cfg
+        # float32 whatever the weights' dtype; shared by every layer; not a parameter.
+        cos_sin = build_cos_sin_cache(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
+        self.cos_sin_cache = cos_sin
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, backend, cos_sin) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.matmul(hidden, weight.t()).float()
+
+    # --- weights -------------------------------------------------------------------
+    def _fused_slices(self) -> dict[str, tuple[str, int, int]]:
+        cfg = self.config
+        q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+        return {
+            "q_proj": ("qkv_proj", 0, q), "k_proj": ("qkv_proj", q, kv), "v_proj": ("qkv_proj", q + kv, kv),
+            "gate_proj": ("gate_up_proj", 0, inter), "up_proj": ("gate_up_proj", inter, inter),
+        }
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into the (fused) parameters; raise if any is missing."""
+        params = dict(self.named_parameters())
+        slices = self._fused_slices()
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue
+            parts = name.split(".")
+            fused = slices.get(parts[-2]) if len(parts) >= 2 else None
+            if fused is not None:
+                target = ".".join(parts[:-2] + [fused[0], parts[-1]])
+                param = params[target]
+                with torch.no_grad():
+                    param.data[fused[1]:fused[1] + fused[2]].copy_(tensor)
+                loaded.add(f"{target}[{parts[-2]}]")
+                continue
+            if name not in params:
+                raise ValueError(f"unexpected weight {name!r} in checkpoint")
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(params[name].shape)}")
+            with torch.no_grad():
+                params[name].data.copy_(tensor)
+            loaded.add(name)
+        expected = set()
+        for pname in params:
+            parts = pname.split(".")
+            shards = [k for k, v in slices.items() if v[0] == parts[-2]]
+            if shards:
+                expected.update(f"{pname}[{s}]" for s in shards if not (parts[-1] == "bias" and s not in ("q_proj", "k_proj", "v_proj")))
+            else:
+                expected.add(pname)
+        missing = expected - loaded
+        if missing:
+            raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:8]}")

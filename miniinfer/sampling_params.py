@@ -1,0 +1,75 @@
+"""Per-request sampling options, shaped like vLLM's ``SamplingParams``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: no top-k
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16  # None: up to max_model_len
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-N logprobs per generated token
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, rule: str, value) -> ValueError:
+            return ValueError(f"{name} must be {rule}, got {value!r}")
+
+        if not isinstance(self.n, int) or self.n < 1:
+            raise bad("n", ">= 1", self.n)
+        if self.temperature < 0:
+            raise bad("temperature", ">= 0", self.temperature)
+        if not (0 < self.top_p <= 1):
+            raise bad("top_p", "in (0, 1]", self.top_p)
+        if not isinstance(self.top_k, int) or self.top_k == 0 or self.top_k < -1:
+            raise bad("top_k", "-1 (disabled) or >= 1", self.top_k)
+        if not (0 <= self.min_p <= 1):
+            raise bad("min_p", "in [0, 1]", self.min_p)
+        if self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "> 0", self.repetition_penalty)
+        if not (-2 <= self.presence_penalty <= 2):
+            raise bad("presence_penalty", "in [-2, 2]", self.presence_penalty)
+        if not (-2 <= self.frequency_penalty <= 2):
+            raise bad("frequency_penalty", "in [-2, 2]", self.frequency_penalty)
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise bad("max_tokens", ">= 1", self.max_tokens)
+        if self.min_tokens < 0:
+            raise bad("min_tokens", ">= 0", self.min_tokens)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", f"<= max_tokens ({self.max_tokens})", self.min_tokens)
+        if self.logprobs is not None and not (0 <= self.logprobs <= 20):
+            raise bad("logprobs", "in [0, 20]", self.logprobs)
+        if any(not isinstance(s, str) or s == "" for s in self.stop):
+            raise bad("stop", "a list of non-empty strings", self.stop)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
