@@ -1,0 +1,108 @@
+"""Tokenizer helpers: load an HF tokenizer (folder or GGUF), chat templates, stop tokens."""
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+_ROLES = ("system", "user", "assistant", "tool")
+# End-of-turn / end-of-text tokens that chat models emit; stopping on them mirrors the
+# eos lists in HF generation_config.json files (Qwen: im_end + endoftext; Llama 3: eot/eom).
+_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<|end_of_text|>")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(model_path: str, gguf_file: str | None = None):
+    """Load a transformers tokenizer.
+
+    * ``model_path`` is an HF folder: ``AutoTokenizer.from_pretrained(model_path)``
+      (or with ``gguf_file=`` when given, or when the folder has no tokenizer files
+      but exactly one ``.gguf``);
+    * ``model_path`` is a ``.gguf`` file: the tokenizer embedded in its metadata.
+    """
+    from transformers import AutoTokenizer
+
+    if not isinstance(model_path, (str, os.PathLike)):
+        raise ValueError(f"tokenizer path must be a string, got {model_path!r}")
+    model_path = os.fspath(model_path)
+    if os.path.isfile(model_path):
+        if not model_path.endswith(".gguf"):
+            raise ValueError(f"cannot load a tokenizer from {model_path!r}: expected an HF model "
+                             "folder or a .gguf file")
+        if gguf_file is not None and os.path.basename(gguf_file) != os.path.basename(model_path):
+            raise ValueError(f"gguf_file={gguf_file!r} conflicts with the .gguf path {model_path!r}")
+        folder, name = os.path.split(os.path.abspath(model_path))
+        return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if os.path.isdir(model_path):
+        if gguf_file is not None:
+            if not os.path.isfile(os.path.join(model_path, gguf_file)):
+                raise ValueError(f"gguf_file {gguf_file!r} not found in {model_path!r}")
+            return AutoTokenizer.from_pretrained(model_path, gguf_file=gguf_file)
+        if any(os.path.isfile(os.path.join(model_path, f)) for f in _TOKENIZER_FILES):
+            return AutoTokenizer.from_pretrained(model_path)
+        ggufs = sorted(glob.glob(os.path.join(model_path, "*.gguf")))
+        if len(ggufs) == 1:
+            return AutoTokenizer.from_pretrained(model_path, gguf_file=os.path.basename(ggufs[0]))
+        hint = ("; it holds several .gguf files, pass gguf_file= to pick one" if ggufs
+                else "; it has no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
+        raise ValueError(f"cannot load a tokenizer from folder {model_path!r}{hint}")
+    raise ValueError(f"tokenizer path {model_path!r} does not exist (expected an HF model folder "
+                     "or a .gguf file)")
+
+
+def _validate_messages(messages: Any) -> None:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(f"messages must be a non-empty list of dicts, got {type(messages).__name__}"
+                         + ("" if messages else " (empty)"))
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', "
+                             f"got {type(m).__name__}")
+        if "role" not in m:
+            raise ValueError(f"messages[{i}] is missing the 'role' field")
+        if m["role"] not in _ROLES:
+            raise ValueError(f"messages[{i}]['role'] must be one of {', '.join(_ROLES)}, "
+                             f"got {m['role']!r}")
+        if "content" not in m:
+            raise ValueError(f"messages[{i}] is missing the 'content' field")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"messages[{i}]['content'] must be a string, "
+                             f"got {type(m['content']).__name__}")
+
+
+def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """Render ``messages`` with the tokenizer's chat template and return the prompt text."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} "
+                         "has no chat template; pass a plain prompt instead of chat messages")
+    _validate_messages(messages)
+    out = tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                        add_generation_prompt=add_generation_prompt)
+    if not isinstance(out, str):  # some versions wrap a single conversation in a list
+        out = out[0] if isinstance(out, (list, tuple)) and len(out) == 1 else str(out)
+    return out
+
+
+def eos_token_ids(tokenizer, hf_config: dict | None) -> list[int]:
+    """Token ids that end generation: config eos id(s), the tokenizer's eos, and (for chat
+    models, i.e. with a chat template) the end-of-turn tokens present in the vocabulary."""
+    ids: list[int] = []
+
+    def add(x: Any) -> None:
+        if x is None:
+            return
+        if isinstance(x, (list, tuple)):
+            for y in x:
+                add(y)
+            return
+        x = int(x)
+        if x >= 0 and x not in ids:
+            ids.append(x)
+
+    add((hf_config or {}).get("eos_token_id"))
+    add(getattr(tokenizer, "eos_token_id", None))
+    if getattr(tokenizer, "chat_template", None):
+        vocab = tokenizer.get_vocab()
+        for tok in _END_OF_TURN_TOKENS:
+            add(vocab.get(tok))
+    return ids
