@@ -54,34 +54,27 @@ class TorchAttentionBackend:
 
     @staticmethod
     def _decode(q, k_cache, v_cache, block_tables, lens: list[int], scale, group):
-        b, h, d = q.shape
         max_len = max(lens)
         block_size = k_cache.shape[1]
         nblocks = (max_len + block_size - 1) // block_size
         kk = k_cache[block_tables[:, :nblocks]].flatten(1, 2)[:, :max_len]  # [B, L, Hkv, D]
         vv = v_cache[block_tables[:, :nblocks]].flatten(1, 2)[:, :max_len]
-        if group > 1:
-            kk = kk.repeat_interleave(group, dim=2)
-            vv = vv.repeat_interleave(group, dim=2)
         lens_t = torch.tensor(lens, device=q.device)
         mask = torch.arange(max_len, device=q.device)[None, :] < lens_t[:, None]  # [B, L]
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2), kk.transpose(1, 2), vv.transpose(1, 2),
-            attn_mask=mask[:, None, None, :], scale=scale)
+            attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=group > 1)
         return o.squeeze(2)
 
     @staticmethod
     def _extend(q, kk, vv, scale, group):
         n, L = q.shape[0], kk.shape[0]
-        if group > 1:
-            kk = kk.repeat_interleave(group, dim=1)
-            vv = vv.repeat_interleave(group, dim=1)
         qt, kt, vt = q.transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1)
         if n == L:
-            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=group > 1)
         else:
             # query i sits at position L - n + i and sees keys 0 .. L - n + i
             pos_q = torch.arange(L - n, L, device=q.device)[:, None]
             mask = torch.arange(L, device=q.device)[None, :] <= pos_q
-            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=group > 1)
         return o.transpose(0, 1)

@@ -59,6 +59,7 @@ class LLMEngine:
             from miniinfer.tokenizer import eos_token_ids
             self.eos_token_ids |= set(eos_token_ids(self.tokenizer, source.hf_config))
         self.runner = ModelRunner(config, self.model_config, source, self.max_model_len, progress)
+        self.runner.eos_token_ids = sorted(self.eos_token_ids)  # banned before min_tokens
         capacity = self.runner.num_blocks * config.block_size
         if self.max_model_len > capacity:
             log.warning("max_model_len lowered from %d to %d: the KV cache holds no more",
@@ -90,6 +91,7 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
         params = params or SamplingParams()
+        params.validate()  # fields may have been changed since construction
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if isinstance(prompt, str) and not prompt:

@@ -36,12 +36,24 @@ class ModelRunner:
         self.dtype = cfg.torch_dtype
         self.max_model_len = max_model_len
         self.block_size = cfg.block_size
+        self.eos_token_ids: list[int] = list(model_config.eos_token_ids)  # the engine may add more
         self.backend = get_backend(cfg.attention_backend, cfg.device)
         t0 = time.perf_counter()
         self.model = build_model(source, model_config, self.backend, cfg, max_model_len, progress)
         self.load_seconds = time.perf_counter() - t0
         self.num_blocks = self._num_kv_blocks()
         self._allocate_kv_cache(self.num_blocks)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.max_graph_bs = 0
+        self.graph_seconds = self.warmup_seconds = 0.0
+        if self.device.type == "cuda" and cfg.warmup:
+            t0 = time.perf_counter()
+            self.warmup()
+            self.warmup_seconds = time.perf_counter() - t0
+        if self.device.type == "cuda" and not cfg.enforce_eager:
+            t0 = time.perf_counter()
+            self.capture_cuda_graphs()
+            self.graph_seconds = time.perf_counter() - t0
 
     # --- KV cache ------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -161,12 +173,16 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
         input_ids, positions, meta, logits_idx, sampling_seqs = self.prepare(sched)
-        with forward_context(meta):
-            hidden = self.model(input_ids, positions)
-        if not sampling_seqs:
-            return StepResult([], None)
-        logits = self.model.compute_logits(hidden[torch.tensor(logits_idx, device=self.device)])
-        batch = SamplingBatch.build(sampling_seqs, logits.shape[-1], self.device)
+        n = len(sched.scheduled)
+        if self.graphs and meta.num_decodes == n and len(sampling_seqs) == n and n <= self.max_graph_bs:
+            logits = self._replay_graph(input_ids, positions, meta)
+        else:
+            with forward_context(meta):
+                hidden = self.model(input_ids, positions)
+            if not sampling_seqs:
+                return StepResult([], None)
+            logits = self.model.compute_logits(hidden[torch.tensor(logits_idx, device=self.device)])
+        batch = SamplingBatch.build(sampling_seqs, logits.shape[-1], self.device, self.eos_token_ids)
         out = sample(logits, batch)
         return StepResult(out.token_ids.tolist(), out if batch.want_logprobs else None)
 
@@ -177,10 +193,109 @@ class ModelRunner:
         from miniinfer.engine.sequence import Sequence
         from miniinfer.sampling_params import SamplingParams
         n = len(token_ids)
+        nblocks = -(-n // self.block_size)
         seq = Sequence("logits", 0, list(token_ids), n, SamplingParams(max_tokens=1))
-        seq.block_table = list(range(-(-n // self.block_size)))
+        seq.block_table = list(range(nblocks))
         sched = SchedulerOutput([ScheduledSeq(seq, n, 0)])
         input_ids, positions, meta, _, _ = self.prepare(sched)
-        with forward_context(meta):
-            hidden = self.model(input_ids, positions)
+        # The forward writes K/V into blocks 0..nblocks-1, which may hold cached prefix pages
+        # (or a live sequence's): put them back afterwards.
+        saved = self.kv_caches[:, :, :nblocks].clone()
+        try:
+            with forward_context(meta):
+                hidden = self.model(input_ids, positions)
+        finally:
+            self.kv_caches[:, :, :nblocks] = saved
         return self.model.compute_logits(hidden)
+
+    # --- CUDA graphs (pure-decode steps) --------------------------------------------------
+    def _graph_sizes(self) -> list[int]:
+        top = min(self.cfg.max_num_seqs, 512)
+        sizes = [b for b in (1, 2, 4, 8) if b <= top] + list(range(16, top + 1, 16))
+        if sizes[-1] != top:
+            sizes.append(top)
+        return sizes
+
+    def capture_cuda_graphs(self) -> None:
+        """Capture one graph per bucketed decode batch size (forward + LM head).
+
+        Static inputs live in ``self.g_*``; a replay copies the step's inputs into their first
+        rows and pads the rest (slot -1 = no KV write, seq_len 1 over block 0 = harmless read)."""
+        sizes = self._graph_sizes()
+        self.max_graph_bs = top = sizes[-1]
+        max_blocks = -(-self.max_model_len // self.block_size)
+        dev = self.device
+        self.g_input_ids = torch.zeros(top, dtype=torch.int64, device=dev)
+        self.g_positions = torch.zeros(top, dtype=torch.int64, device=dev)
+        self.g_slots = torch.full((top,), -1, dtype=torch.int64, device=dev)
+        self.g_seq_lens = torch.ones(top, dtype=torch.int32, device=dev)
+        self.g_block_tables = torch.zeros(top, max_blocks, dtype=torch.int32, device=dev)
+        self.g_qsl = torch.arange(top + 1, dtype=torch.int32, device=dev)
+        pool = None
+        with torch.inference_mode():
+            for bs in reversed(sizes):
+                meta = AttentionMetadata(
+                    num_decodes=bs, num_decode_tokens=bs, query_start_loc=self.g_qsl[:bs + 1],
+                    seq_lens=self.g_seq_lens[:bs], block_tables=self.g_block_tables[:bs],
+                    slot_mapping=self.g_slots[:bs], max_query_len=1, max_seq_len=self.max_model_len)
+                with forward_context(meta):  # eager run first: allocator and kernels warm
+                    self.model.compute_logits(self.model(self.g_input_ids[:bs], self.g_positions[:bs]))
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool), forward_context(meta):
+                    logits = self.model.compute_logits(self.model(self.g_input_ids[:bs], self.g_positions[:bs]))
+                if pool is None:
+                    pool = graph.pool()
+                self.graphs[bs] = (graph, logits)
+        torch.cuda.synchronize()
+
+    def _replay_graph(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+        n = input_ids.shape[0]
+        bs = next(b for b in sorted(self.graphs) if b >= n)
+        graph, logits = self.graphs[bs]
+        self.g_input_ids[:n].copy_(input_ids)
+        self.g_positions[:n].copy_(positions)
+        self.g_slots[:n].copy_(meta.slot_mapping)
+        self.g_slots[n:bs].fill_(-1)
+        self.g_seq_lens[:n].copy_(meta.seq_lens)
+        self.g_seq_lens[n:bs].fill_(1)
+        width = meta.block_tables.shape[1]
+        self.g_block_tables[:n, :width].copy_(meta.block_tables)
+        graph.replay()
+        return logits[:n]
+
+    # --- warmup ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """Compile every kernel before the first request: prefill/extend and decode shapes of
+        each specialization class, mixed steps, and each sampler path."""
+        from miniinfer.engine.scheduler import ScheduledSeq
+        from miniinfer.engine.sequence import Sequence
+        from miniinfer.sampling_params import SamplingParams
+        bs = self.block_size
+        plans = [  # (prompt lengths, new tokens per seq), chosen to hit Triton's int specializations
+            ([1], [1]), ([16], [16]), ([37], [37]), ([64, 37], [64, 37]), ([300, 17], [44, 1]),
+            ([33, 20, 9], [1, 1, 1]), ([129] * 5, [1] * 5),
+        ]
+        samplers = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, top_p=0.9, top_k=20, min_p=0.05),
+                    SamplingParams(temperature=1.0, repetition_penalty=1.1, presence_penalty=0.1, seed=1,
+                                   logprobs=2)]
+        for i, (lens, news) in enumerate(plans):
+            sched = SchedulerOutput()
+            next_block = 0
+            for ln, n in zip(lens, news):
+                ln = min(ln, self.max_model_len - 1)
+                seq = Sequence("warmup", 0, [1] * ln, ln, samplers[i % len(samplers)])
+                if seq.params.seed is not None:
+                    seq.generator = torch.Generator(device=self.device).manual_seed(0)
+                nb = -(-ln // bs)
+                if next_block + nb > self.num_blocks:
+                    break
+                seq.block_table = list(range(next_block, next_block + nb))
+                next_block += nb
+                sched.scheduled.append(ScheduledSeq(seq, min(n, ln), ln - min(n, ln)))
+            if sched.scheduled:
+                sched.scheduled.sort(key=lambda s: s.num_new_tokens != 1)
+                self.execute(sched)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()

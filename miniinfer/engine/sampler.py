@@ -31,10 +31,23 @@ class SamplingBatch:
     want_logprobs: bool  # some row asked for logprobs
     max_logprobs: int  # the largest top-N asked for (may be 0: the sampled token's only)
     logprob_rows: list[int]  # rows that want logprobs
+    # (row, token) pairs that may not be sampled: EOS / stop tokens before min_tokens
+    ban_rows: torch.Tensor | None = None
+    ban_cols: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> "SamplingBatch":
+    def build(cls, seqs: list[Sequence], vocab_size: int, device: torch.device,
+              eos_token_ids=()) -> "SamplingBatch":
         params = [s.params for s in seqs]
+        ban_rows: list[int] = []
+        ban_cols: list[int] = []
+        for i, s in enumerate(seqs):
+            p = s.params
+            if p.min_tokens and s.num_output_tokens < p.min_tokens:
+                banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
+                banned = sorted(t for t in banned if 0 <= t < vocab_size)
+                ban_rows += [i] * len(banned)
+                ban_cols += banned
         f32 = dict(dtype=torch.float32, device=device)
         greedy_list = [p.temperature == 0.0 for p in params]
         temperature = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy_list, params)], **f32)
@@ -73,6 +86,8 @@ class SamplingBatch:
             want_logprobs=any(x is not None for x in lp),
             max_logprobs=max((x for x in lp if x is not None), default=0),
             logprob_rows=[i for i, x in enumerate(lp) if x is not None],
+            ban_rows=torch.tensor(ban_rows, dtype=torch.int64, device=device) if ban_rows else None,
+            ban_cols=torch.tensor(ban_cols, dtype=torch.int64, device=device) if ban_rows else None,
         )
 
 
@@ -128,6 +143,8 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
         top = logprobs.topk(b.max_logprobs, dim=-1)
         out.top_logprobs, out.top_ids = top.values, top.indices
 
+    if b.ban_rows is not None:
+        logits = logits.index_put((b.ban_rows, b.ban_cols), torch.tensor(float("-inf"), device=logits.device))
     if b.repetition_penalty is not None:
         logits = apply_penalties(logits, b)
     greedy_ids = logits.argmax(-1)

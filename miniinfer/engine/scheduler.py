@@ -91,9 +91,6 @@ class Scheduler:
                 hit = self.kv.match_prefix(seq.token_ids, seq.num_tokens - 1)
                 seq.block_table.extend(hit)
                 seq.num_computed_tokens = len(hit) * self.kv.block_size
-                if seq.num_preemptions == 0:
-                    seq.num_cached_tokens = seq.num_computed_tokens
-                    self.kv.record_query(seq.num_prompt_tokens, seq.num_computed_tokens)
             remaining = seq.num_tokens - seq.num_computed_tokens
             n = min(remaining, budget)
             if n < remaining and not self.cfg.enable_chunked_prefill:
@@ -102,6 +99,10 @@ class Scheduler:
             if not self.kv.allocate(seq.block_table, seq.num_computed_tokens + n):
                 self._undo_admission(seq)
                 break
+            if fresh and seq.num_preemptions == 0:
+                # counted once, when admitted (a failed admission is retried next step)
+                seq.num_cached_tokens = seq.num_computed_tokens
+                self.kv.record_query(seq.num_prompt_tokens, seq.num_computed_tokens)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

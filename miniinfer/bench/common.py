@@ -1,0 +1,73 @@
+"""Shared pieces of the benchmarks: result files, devices, workloads, HF baselines."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    import platform
+    return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+def write_result(path: str | None, metrics: dict, name: str = "") -> dict:
+    result = {
+        "device": device_name(),
+        "date": datetime.date.today().isoformat(),
+        "command": "miniinfer bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+        "metrics": metrics,
+    }
+    print(json.dumps(result, indent=2))
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def random_workload(num: int, in_range: tuple[int, int], out_range: tuple[int, int], seed: int = 0,
+                    vocab: int = 10000) -> tuple[list[list[int]], list[int]]:
+    """Shared workload: random prompt ids in [0, vocab), uniform lengths and output lengths."""
+    rng = random.Random(seed)
+    prompts, outs = [], []
+    for _ in range(num):
+        n = rng.randint(*in_range)
+        prompts.append([rng.randrange(vocab) for _ in range(n)])
+        outs.append(rng.randint(*out_range))
+    return prompts, outs
+
+
+def median_time(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def hf_model_from_config(hf_config: dict, dtype: torch.dtype, device: str):
+    """A transformers model of the same shape (random weights) for speed baselines."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = dict(hf_config)
+    model_type = cfg.pop("model_type")
+    config = AutoConfig.for_model(model_type, **{k: v for k, v in cfg.items() if k != "architectures"})
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
