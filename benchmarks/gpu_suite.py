@@ -18,6 +18,7 @@ BENCH = [sys.executable, "-m", "miniinfer.entrypoints.cli", "bench"]
 STEPS = {
     "tests": ([sys.executable, "-m", "pytest", "-q", "-x", "tests/kernels", "tests/gpu", "-p", "no:cacheprovider",
                "--junitxml", f"{OUT}/gpu-tests.xml"], 420),
+    "profile": ([sys.executable, "benchmarks/profile_decode.py"], 240),
     "latency-0.5b": (BENCH + ["latency", "--model", "qwen2-0.5b", "--json", f"{OUT}/latency-qwen2-0.5b.json"], 300),
     "throughput-qwen3": (BENCH + ["throughput", "--model", "qwen3-0.6b", "--hf-num-requests", "64",
                                   "--json", f"{OUT}/throughput-qwen3-0.6b.json"], 420),

@@ -32,6 +32,7 @@ class Request:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
+    stream: bool = True  # False: step() reports the request only once it has finished
     seqs: list[Sequence] = field(default_factory=list)
 
     @property
@@ -89,7 +90,8 @@ class LLMEngine:
             return self.tokenizer.encode(prompt, add_special_tokens=False)
         return list(prompt)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    stream: bool = True) -> None:
         params = params or SamplingParams()
         params.validate()  # fields may have been changed since construction
         if request_id in self.requests:
@@ -107,7 +109,7 @@ class LLMEngine:
                              f"(the prompt must leave room for at least one generated token)")
         if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
             raise ValueError(f"logprobs must be <= {self.config.max_logprobs}, got {params.logprobs}")
-        req = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params)
+        req = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, stream)
         for i in range(params.n):
             seq = Sequence(request_id, i, list(ids), len(ids), params)
             if params.seed is not None:
@@ -144,7 +146,14 @@ class LLMEngine:
             if self.scheduler.waiting and not self.scheduler.running:
                 self._fail_unschedulable()
             return self._collect(set())
-        result = self.runner.execute(sched)
+        try:
+            result = self.runner.execute(sched)
+        except BaseException:
+            # The step's K/V may not have been written: roll the progress back so that an
+            # abort (which publishes computed pages) can't put unwritten pages in the cache.
+            for s in sched.scheduled:
+                s.seq.num_computed_tokens = s.start
+            raise
         return self._process(sched, result)
 
     def _fail_unschedulable(self) -> None:
@@ -231,8 +240,10 @@ class LLMEngine:
             req = self.requests.get(rid)
             if req is None:
                 continue
-            outputs.append(self._make_output(req))
-            if req.finished:
+            finished = req.finished
+            if finished or req.stream:
+                outputs.append(self._make_output(req))
+            if finished:
                 del self.requests[rid]
         return outputs
 

@@ -141,6 +141,7 @@ class ModelRunner:
         )
 
     def prepare(self, sched: SchedulerOutput):
+        """Flatten the batch into one host int64 buffer and copy it to the device once."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -149,25 +150,43 @@ class ModelRunner:
         num_decodes = 0
         for s in sched.scheduled:
             seq, n, start = s.seq, s.num_new_tokens, s.start
+            table = seq.block_table
+            end = start + n
             if n == 1:
                 num_decodes += 1
-            end = start + n
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+                input_ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                input_ids.extend(seq.token_ids[start:end])
+                positions.extend(range(start, end))
+                slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             q_lens.append(n)
             seq_lens.append(end)
             tables.append(table)
             if s.samples:
                 logits_idx.append(len(input_ids) - 1)
                 sampling_seqs.append(seq)
-        dev = self.device
-        meta = self._meta_from_lists(q_lens, seq_lens, tables,
-                                     torch.tensor(slots, dtype=torch.int64, device=dev), num_decodes)
-        return (torch.tensor(input_ids, dtype=torch.int64, device=dev),
-                torch.tensor(positions, dtype=torch.int64, device=dev),
-                meta, logits_idx, sampling_seqs)
+        qsl = [0]
+        for n in q_lens:
+            qsl.append(qsl[-1] + n)
+        width = max(map(len, tables))
+        flat_tables: list[int] = []
+        for t in tables:
+            flat_tables.extend(t)
+            flat_tables.extend([0] * (width - len(t)))
+        t_count, b = len(input_ids), len(q_lens)
+        host = torch.tensor(input_ids + positions + slots + logits_idx + qsl + seq_lens + flat_tables,
+                            dtype=torch.int64)
+        dev_buf = host.to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+        parts = torch.split(dev_buf, [t_count, t_count, t_count, len(logits_idx), b + 1, b, b * width])
+        meta = AttentionMetadata(
+            num_decodes=num_decodes, num_decode_tokens=num_decodes,
+            query_start_loc=parts[4].to(torch.int32), seq_lens=parts[5].to(torch.int32),
+            block_tables=parts[6].view(b, width).to(torch.int32), slot_mapping=parts[2],
+            max_query_len=max(q_lens), max_seq_len=max(seq_lens),
+            query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens)
+        return parts[0], parts[1], meta, parts[3], sampling_seqs
 
     # --- execution --------------------------------------------------------------------
     @torch.inference_mode()
@@ -181,7 +200,7 @@ class ModelRunner:
                 hidden = self.model(input_ids, positions)
             if not sampling_seqs:
                 return StepResult([], None)
-            logits = self.model.compute_logits(hidden[torch.tensor(logits_idx, device=self.device)])
+            logits = self.model.compute_logits(hidden[logits_idx])
         batch = SamplingBatch.build(sampling_seqs, logits.shape[-1], self.device, self.eos_token_ids)
         out = sample(logits, batch)
         return StepResult(out.token_ids.tolist(), out if batch.want_logprobs else None)

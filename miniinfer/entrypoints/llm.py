@@ -47,13 +47,13 @@ class LLM:
                 rid = str(next(self._ids))
                 if isinstance(p, dict):
                     if "prompt_token_ids" in p:
-                        self.engine.add_request(rid, list(p["prompt_token_ids"]), sp)
+                        self.engine.add_request(rid, list(p["prompt_token_ids"]), sp, stream=False)
                     elif "prompt" in p:
-                        self.engine.add_request(rid, p["prompt"], sp)
+                        self.engine.add_request(rid, p["prompt"], sp, stream=False)
                     else:
                         raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
                 else:
-                    self.engine.add_request(rid, p, sp)
+                    self.engine.add_request(rid, p, sp, stream=False)
                 ids.append(rid)
         except Exception:
             for rid in ids:

@@ -49,40 +49,32 @@ def pair(request, tmp_path_factory):
 
 
 def test_logits_match_hf_bf16(pair):
+    """bf16 tolerance, measured: our bf16 logits may be off the fp32 reference (same weights)
+    by at most about what HF's own bf16 forward is off it."""
+    import copy
     name, hf, llm = pair
     ids = torch.randint(0, 1000, (200,), generator=torch.Generator().manual_seed(1)).tolist()
+    x = torch.tensor([ids], device="cuda")
     ours = llm.engine.runner.forward_logits(ids).float()
     with torch.no_grad():
-        ref = hf(torch.tensor([ids], device="cuda")).logits[0].float()
-    err = (ours - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    assert err <= 0.05 * scale + 0.05, f"{name}: max |diff| {err} vs max |logit| {scale}"
-    # the argmax agrees on the vast majority of positions
+        hf16 = hf(x).logits[0].float()
+        ref = copy.deepcopy(hf).float()(x).logits[0].float()
+    err_ours = (ours - ref).abs().max().item()
+    err_hf = (hf16 - ref).abs().max().item()
+    assert err_ours <= 2 * err_hf + 0.02, f"{name}: ours {err_ours} vs HF bf16 {err_hf} off fp32"
     agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    assert agree > 0.9, f"{name}: argmax agreement {agree}"
-
-
-def test_batched_equals_alone(pair):
-    from miniinfer import SamplingParams
-    name, hf, llm = pair
-    g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(0, 1000, (int(n),), generator=g).tolist()
-               for n in torch.randint(5, 300, (24,), generator=g)]
-    p = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    together = [r.outputs[0].token_ids for r in llm.generate(prompts, p, use_tqdm=False)]
-    alone = [llm.generate([x], p, use_tqdm=False)[0].outputs[0].token_ids for x in prompts[:6]]
-    # bf16 batched matmuls may round differently; require the first tokens to agree exactly
-    for a, b in zip(alone, together[:6]):
-        assert a[:8] == b[:8]
-    llm.engine.check_integrity()
+    agree_hf = (hf16.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert agree >= agree_hf - 0.05, f"{name}: argmax agreement {agree} (HF bf16: {agree_hf})"
 
 
 def test_greedy_identical_fp32(tmp_path):
-    """fp32: token-identical greedy generations vs HF generate."""
+    """fp32: greedy generations run as one batch (chunked prefill + CUDA-graph decode) are
+    token-identical to HF generate run on each prompt alone."""
     from miniinfer import LLM, SamplingParams
     folder = str(tmp_path / "llama32")
     hf = _save_hf_model("llama-small", folder, torch.float32)
-    llm = LLM(folder, dtype="float32", max_model_len=1024, gpu_memory_utilization=0.3, progress=False)
+    llm = LLM(folder, dtype="float32", max_model_len=1024, gpu_memory_utilization=0.3,
+              max_num_batched_tokens=256, progress=False)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 32000, (int(n),), generator=g).tolist() for n in (7, 31, 64, 100, 150, 5, 77, 256)]
     p = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
@@ -92,3 +84,4 @@ def test_greedy_identical_fp32(tmp_path):
             ref = hf.generate(torch.tensor([x], device="cuda"), max_new_tokens=32, min_new_tokens=32,
                               do_sample=False, pad_token_id=0)[0, len(x):].tolist()
         assert o.outputs[0].token_ids == ref
+    llm.engine.check_integrity()

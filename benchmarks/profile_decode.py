@@ -1,0 +1,107 @@
+"""Profile a decode-heavy run: top GPU kernels, GPU idle fraction between steps, and where
+the host's time per step goes. Writes JSON (and a text table) under $OUT.
+
+    python benchmarks/profile_decode.py [--model qwen3-0.6b] [--batch 256] [--no-overlap]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from miniinfer import LLM, SamplingParams
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen3-0.6b")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--out-len", type=int, default=64)
+    ap.add_argument("--tag", default="")
+    a, _ = ap.parse_known_args()
+    out_dir = os.environ.get("OUT", "artifacts")
+    os.makedirs(out_dir, exist_ok=True)
+    llm = LLM(a.model, load_format="dummy", max_model_len=4096, progress=False)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(10000) for _ in range(a.prompt_len)] for _ in range(a.batch)]
+    p = SamplingParams(temperature=0.6, max_tokens=a.out_len, ignore_eos=True)
+    llm.generate(prompts[:8], SamplingParams(max_tokens=4), use_tqdm=False)
+
+    # host-side phase timers
+    eng = llm.engine
+    phases = defaultdict(float)
+
+    def timed(name, fn):
+        def wrap(*args, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                phases[name] += time.perf_counter() - t
+        return wrap
+
+    eng.scheduler.schedule = timed("schedule", eng.scheduler.schedule)
+    eng.runner.prepare = timed("prepare", eng.runner.prepare)
+    eng.runner.execute = timed("execute (incl. prepare, forward, sample, sync)", eng.runner.execute)
+    eng._process = timed("process outputs", eng._process)
+    steps = [0]
+    step = eng.step
+
+    def count_step():
+        steps[0] += 1
+        return step()
+    eng.step = count_step
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:  # GPU only: CPU tracing would slow the host
+        t = time.perf_counter()
+        res = llm.generate(prompts, p, use_tqdm=False)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    tokens = sum(len(r.outputs[0].token_ids) for r in res)
+
+    kernels = defaultdict(lambda: [0.0, 0])
+    intervals = []
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            dur = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            kernels[e.name][0] += dur
+            kernels[e.name][1] += 1
+            start = e.time_range.start
+            intervals.append((start, start + dur))
+    intervals.sort()
+    busy, cur_s, cur_e = 0.0, None, None
+    for s, e in intervals:
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                busy += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        busy += cur_e - cur_s
+    span = (intervals[-1][1] - intervals[0][0]) if intervals else 1.0
+    total = sum(v[0] for v in kernels.values()) or 1.0
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:15]
+    result = {
+        "device": torch.cuda.get_device_name(0), "model": a.model, "batch": a.batch,
+        "prompt_len": a.prompt_len, "out_len": a.out_len, "overlap": eng.config.overlap_scheduling,
+        "wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "steps": steps[0],
+        "gpu_busy_fraction": busy / span, "gpu_idle_fraction": 1 - busy / span,
+        "host_ms_per_step": {k: v / max(steps[0], 1) * 1e3 for k, v in phases.items()},
+        "top_kernels": [{"name": k[:90], "ms": v[0] / 1e3, "calls": v[1], "share": v[0] / total} for k, v in top],
+    }
+    print(json.dumps(result, indent=2))
+    with open(os.path.join(out_dir, f"profile-decode{a.tag}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

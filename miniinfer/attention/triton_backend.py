@@ -1,0 +1,52 @@
+"""Triton attention backend: paged KV store + split-KV decode + paged extend kernels.
+
+Per step (token layout: decodes first, then extend/prefill chunks; see forward_context):
+
+1. ``store_kv_cache`` writes the step's k/v into the paged cache at ``meta.slot_mapping``
+   (slot -1 is skipped, so padded CUDA-graph batches are fine);
+2. the first ``meta.num_decodes`` sequences (one token each) go through
+   ``paged_decode_attention`` with ``meta.max_seq_len`` as the split-count bound;
+3. the remaining sequences go through ``paged_extend_attention``. Its
+   ``query_start_loc`` holds absolute rows of ``q``, so ``meta.query_start_loc[num_decodes:]``
+   is passed as is (no re-basing op) together with the full ``q`` / ``out``.
+
+Nothing reads device tensors on the host, so a pure-decode step is CUDA-graph capturable
+(pass the capture-time upper bound as ``meta.max_seq_len``).
+"""
+from __future__ import annotations
+
+import torch
+
+from miniinfer.attention import register_backend
+from miniinfer.engine.forward_context import AttentionMetadata
+from miniinfer.kernels.decode_attention import paged_decode_attention
+from miniinfer.kernels.extend_attention import paged_extend_attention
+from miniinfer.kernels.kv_store import store_kv_cache
+
+
+@register_backend("triton")
+class TritonAttentionBackend:
+    name = "triton"
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        T, H, D = q.shape
+        store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+        num_seqs = meta.num_seqs
+        nd = meta.num_decodes
+        if meta.num_decode_tokens != nd:
+            nd = 0  # multi-token "decodes" (speculative): the extend kernel handles them
+        nd_tok = nd
+        if nd > 0:
+            paged_decode_attention(
+                q[:nd_tok], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
+                out=out[:nd_tok], max_seq_len=meta.max_seq_len,
+            )
+        if num_seqs > nd:
+            paged_extend_attention(
+                q, k_cache, v_cache, meta.block_tables[nd:], meta.query_start_loc[nd:],
+                meta.seq_lens[nd:], meta.max_query_len, scale, out=out,
+            )
+        return out

@@ -1,0 +1,208 @@
+"""Paged extend / prefill attention (FlashAttention-style, causal, GQA).
+
+Layout::
+
+    q               [T, H, D]     queries of all extend sequences (token/head strides free,
+                                  last dim contiguous)
+    k/v_cache       [num_blocks, block_size, Hkv, D]  holds the cached prefix AND this
+                                  step's new tokens (store them first)
+    block_tables    int32 [B, max_blocks]
+    query_start_loc int32 [B+1]   sequence b's queries are rows qsl[b] .. qsl[b+1]-1 of q
+                                  (absolute row indices: qsl[0] need not be 0)
+    seq_lens        int32 [B]     KV length of sequence b including its new tokens
+
+Query row ``i`` of sequence ``b`` sits at position ``seq_lens[b] - q_len_b + i`` and attends
+to kv positions ``<=`` its own. Grid ``(cdiv(max_query_len, BLOCK_M), H, B)``; each program
+walks the prefix every query of its tile can see without a mask, then the diagonal band
+with the causal mask. Online softmax in base 2 with fp32 accumulation. Rows of ``out``
+outside ``query_start_loc`` ranges are left untouched.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from miniinfer.kernels._common import dot_precision, dot_upcast, next_pow2
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attn_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, n0, lo_mask_end, pos_m, kvh,
+               stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, qk_scale,
+               offs_n, offs_d, mask_d,
+               PAGE: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    offs = n0 + offs_n
+    mask_n = offs < lo_mask_end
+    page = tl.load(bt_row + offs // PAGE, mask=mask_n, other=0).to(tl.int64)
+    within = offs % PAGE
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(kc_ptr + (page * stride_kb + within * stride_ks + kvh * stride_kh)[:, None]
+                + offs_d[None, :], mask=mask_nd, other=0.0)
+    v = tl.load(vc_ptr + (page * stride_vb + within * stride_vs + kvh * stride_vh)[:, None]
+                + offs_d[None, :], mask=mask_nd, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    if CAUSAL:
+        keep = mask_n[None, :] & (offs[None, :] <= pos_m[:, None])
+    else:
+        keep = mask_n[None, :]
+    qk = tl.where(keep, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _extend_kernel(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, sl_ptr, out_ptr,
+    qk_scale,
+    stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_bt,
+    stride_ot, stride_oh,
+    G: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    # Heaviest (last, most keys under the causal mask) query tiles are scheduled first.
+    mt = tl.num_programs(0) - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q_start
+    m_start = mt * BLOCK_M
+    if m_start >= q_len:
+        return
+    seq_len = tl.load(sl_ptr + b)
+    prefix = seq_len - q_len
+    kvh = h // G
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < q_len
+    mask_d = offs_d < D
+    mask_md = mask_m[:, None] & mask_d[None, :]
+    rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=mask_md, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    pos_m = prefix + offs_m
+
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Keys every query of this tile sees: positions [0, prefix + m_start).
+    full_end = prefix + m_start
+    for n0 in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _attn_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, n0, full_end, pos_m, kvh,
+                                   stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                   qk_scale, offs_n, offs_d, mask_d,
+                                   PAGE=PAGE, CAUSAL=False, UPCAST=UPCAST, PREC=PREC)
+    # Diagonal band: positions [prefix + m_start, min(prefix + m_start + BLOCK_M, seq_len)).
+    band_end = tl.minimum(full_end + BLOCK_M, seq_len)
+    for n0 in range(full_end, band_end, BLOCK_N):
+        acc, m_i, l_i = _attn_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, n0, band_end, pos_m, kvh,
+                                   stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                   qk_scale, offs_n, offs_d, mask_d,
+                                   PAGE=PAGE, CAUSAL=True, UPCAST=UPCAST, PREC=PREC)
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=mask_md)
+
+
+def _default_blocks(head_dim: int, max_query_len: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    # fp32 (exactness tests only) doubles the shared-memory tiles: use smaller query tiles.
+    block_m = 128 if (head_dim <= 128 and dtype != torch.float32) else 64
+    block_m = min(block_m, max(16, next_pow2(max_query_len)))
+    block_n = 64 if head_dim <= 128 else 32
+    num_warps = 8 if (block_m >= 128 and head_dim >= 128) else 4
+    return block_m, block_n, num_warps
+
+
+def paged_extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                           seq_lens: torch.Tensor, max_query_len: int, scale: float,
+                           out: torch.Tensor | None = None,
+                           block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its whole paged KV.
+
+    Returns ``out [T, H, D]`` (allocated if not given). ``max_query_len`` is a host-side
+    upper bound on ``qsl[b+1] - qsl[b]`` (query tiles beyond a sequence's length exit at
+    once). ``block_m``/``block_n`` override the tile sizes (tests).
+    """
+    T, H, D = q.shape
+    _, page, Hkv, Dk = k_cache.shape
+    assert Dk == D and v_cache.shape == k_cache.shape, (q.shape, k_cache.shape, v_cache.shape)
+    assert H % Hkv == 0, f"num_heads {H} must be a multiple of num_kv_heads {Hkv}"
+    assert page & (page - 1) == 0, "block_size must be a power of two"
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    B = seq_lens.shape[0]
+    assert query_start_loc.shape[0] >= B + 1 and block_tables.shape[0] >= B
+    assert block_tables.stride(1) == 1
+    if out is None:
+        out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    assert out.shape == (T, H, D) and out.stride(2) == 1
+    if B == 0 or T == 0 or max_query_len <= 0:
+        return out
+    bm, bn, num_warps = _default_blocks(D, max_query_len, q.dtype)
+    block_m = block_m or bm
+    block_n = block_n or bn
+    grid = (triton.cdiv(max_query_len, block_m), H, B)
+    _extend_kernel[grid](
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        G=H // Hkv, PAGE=page, D=D,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=next_pow2(D),
+        UPCAST=dot_upcast(q.dtype, q.device), PREC=dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=2,
+    )
+    return out
+
+
+def paged_extend_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                               seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per-sequence torch reference (fp32 math, host loop). Rows outside the query ranges
+    are zero."""
+    T, H, D = q.shape
+    page, Hkv = k_cache.shape[1], k_cache.shape[2]
+    G = H // Hkv
+    out = torch.zeros_like(q)
+    qsl = [int(x) for x in query_start_loc.tolist()]
+    for b in range(seq_lens.shape[0]):
+        L = int(seq_lens[b])
+        s, e = qsl[b], qsl[b + 1]
+        n = e - s
+        if n == 0:
+            continue
+        pages = block_tables[b, : math.ceil(L / page)].long()
+        k = k_cache[pages].reshape(-1, Hkv, D)[:L].float().repeat_interleave(G, dim=1)
+        v = v_cache[pages].reshape(-1, Hkv, D)[:L].float().repeat_interleave(G, dim=1)
+        scores = torch.einsum("qhd,lhd->hql", q[s:e].float(), k) * scale  # [H, n, L]
+        qpos = torch.arange(L - n, L, device=q.device)[:, None]
+        kpos = torch.arange(L, device=q.device)[None, :]
+        scores = scores.masked_fill(kpos > qpos, float("-inf"))
+        probs = scores.softmax(dim=-1)
+        out[s:e] = torch.einsum("hql,lhd->qhd", probs, v).to(q.dtype)
+    return out
