@@ -23,9 +23,8 @@ def _llm(model: str, **kw):
     return LLM(model, **kw)
 
 
-def _free(*objs) -> None:
-    for o in objs:
-        del o
+def _free() -> None:
+    """Return GPU memory after the caller has dropped its references (``del llm``)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -49,7 +48,8 @@ def throughput(model: str, num_requests: int = 256, hf_num_requests: int | None 
     hf_config = llm.engine.model_config.hf_config
     dtype = llm.engine.runner.dtype
     device = str(llm.engine.runner.device)
-    _free(llm)
+    del llm
+    _free()
     if hf:
         n = hf_num_requests or num_requests
         m[f"{prefix}offline_throughput_hf_tok_s"] = hf_throughput(hf_config, prompts[:n], outs[:n], dtype, device)
@@ -75,7 +75,8 @@ def hf_throughput(hf_config: dict, prompts, outs, dtype, device) -> float:
     except Exception as e:  # older transformers: fall back to padded static batches
         print(f"generate_batch unavailable ({e!r}); padded generate instead")
         total, wall = _hf_padded(model, prompts, mean_new, device, batch=32)
-    _free(model)
+    del model
+    _free()
     return total / wall
 
 
@@ -105,7 +106,8 @@ def hbm_bandwidth() -> float:
     for _ in range(3):
         b.copy_(a)
     t = median_time(lambda: [b.copy_(a) for _ in range(10)], repeats=3)
-    _free(a, b)
+    del a, b
+    _free()
     return 2 * n * 10 / t
 
 
@@ -136,7 +138,8 @@ def latency(model: str, hf: bool = True, prefix: str | None = None, **engine_kw)
     mc = llm.engine.model_config
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
     hf_config, dtype, device = mc.hf_config, llm.engine.runner.dtype, str(llm.engine.runner.device)
-    _free(llm)
+    del llm
+    _free()
     if torch.cuda.is_available():
         bw = hbm_bandwidth()
         m["hbm_bandwidth_gb_s"] = bw / 1e9
@@ -155,7 +158,8 @@ def latency(model: str, hf: bool = True, prefix: str | None = None, **engine_kw)
         m[f"{name}_hf_ttft_128_ms"] = hf_ttft
         m[f"{name}_hf_bs1_tpot_ms"] = (hf_e2e - hf_ttft) / 255
         m[f"{name}_bs1_tpot_ratio_vs_hf"] = m[f"{name}_hf_bs1_tpot_ms"] / tpot
-        _free(model_hf)
+        del model_hf
+        _free()
     return m
 
 
@@ -173,7 +177,8 @@ def sweep(model: str, sizes=(1, 8, 32, 64, 128, 256), prefix: str | None = None,
         llm.generate(prompts, p, use_tqdm=False)
         sync()
         m[f"{name}_sweep_bs{bs}_tok_s"] = bs * 128 / (time.perf_counter() - t)
-    _free(llm)
+    del llm
+    _free()
     return m
 
 
@@ -186,7 +191,7 @@ def prefix_cache(model: str, **engine_kw) -> dict:
     p = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     m = {}
     for on in (True, False):
-        llm = _llm(model, enable_prefix_caching=on, **engine_kw)
+        llm = _llm(model, enable_prefix_caching=on, max_model_len=4096, **engine_kw)
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
         sync()
         t = time.perf_counter()
@@ -199,7 +204,8 @@ def prefix_cache(model: str, **engine_kw) -> dict:
         m[f"prefix_{tag}_throughput_tok_s"] = 64 * 64 / wall
         if on:
             m["prefix_cached_tokens_mean"] = statistics.mean(r.num_cached_tokens for r in res)
-        _free(llm)
+        del llm, res
+        _free()
     m["prefix_ttft_speedup"] = m["prefix_off_mean_ttft_ms"] / m["prefix_on_mean_ttft_ms"]
     m["prefix_throughput_gain"] = m["prefix_on_throughput_tok_s"] / m["prefix_off_throughput_tok_s"]
     return m

@@ -107,6 +107,9 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt is {len(ids)} tokens long, but max_model_len is {self.max_model_len} "
                              f"(the prompt must leave room for at least one generated token)")
+        if not self.config.enable_chunked_prefill and len(ids) > self.config.max_num_batched_tokens:
+            raise ValueError(f"prompt is {len(ids)} tokens long, but max_num_batched_tokens is "
+                             f"{self.config.max_num_batched_tokens} and chunked prefill is disabled")
         if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
             raise ValueError(f"logprobs must be <= {self.config.max_logprobs}, got {params.logprobs}")
         req = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, stream)

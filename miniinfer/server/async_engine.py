@@ -1,0 +1,443 @@
+"""Run the synchronous ``LLMEngine`` in one background thread and serve it to asyncio.
+
+Threading model
+---------------
+* The **engine thread** owns the ``LLMEngine`` (which is not thread-safe): it loads it,
+  then loops: drain the command queue (add / abort), call ``step()`` while there is
+  work, and block on the queue when idle. Tokenization and chat templating of new
+  requests also run here, so the event loop never does CPU-heavy work.
+* The **event loop** never touches the engine. Each request gets a
+  :class:`RequestStream`; after every step the engine thread posts the step's outputs
+  with one ``loop.call_soon_threadsafe`` call, and the loop hands each output to its
+  stream. Outputs are cumulative, so a stream keeps only the latest one: a slow
+  consumer simply sees bigger deltas, memory stays bounded, and nobody waits on it.
+* A consumer that stops early (client disconnect, cancellation) aborts its request;
+  the engine frees its KV blocks at the next loop iteration.
+* If the engine thread dies, every in-flight request fails with
+  :class:`EngineDeadError` and ``healthy`` stays False.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Union
+
+from miniinfer.outputs import CompletionOutput, RequestOutput
+from miniinfer.sampling_params import SamplingParams
+
+logger = logging.getLogger("miniinfer.server")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread crashed (or failed to load); in-flight requests cannot finish."""
+
+
+class EngineNotReadyError(RuntimeError):
+    """The engine is still loading."""
+
+
+class InvalidPromptError(ValueError):
+    """A prompt the engine cannot accept; ``param`` names the request field to blame."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclasses.dataclass
+class ChatPrompt:
+    """Chat messages; the engine thread renders them with the chat template."""
+
+    messages: list[dict]
+
+
+Prompt = Union[str, list[int], ChatPrompt]
+
+_STOP = object()
+
+
+class RequestStream:
+    """Async iterator over one request's (cumulative) outputs. Lives on the event loop."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids: list[int] = []
+        self.finished = False  # the engine reported the final output
+        self.aborted = False
+        self._latest: RequestOutput | None = None
+        self._error: BaseException | None = None
+        self._event = asyncio.Event()
+        self._added: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    # called on the event loop
+    def _put(self, out: RequestOutput) -> None:
+        self._latest = out
+        if out.finished:
+            self.finished = True
+        self._event.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self._added.done():
+            self._added.set_exception(exc)
+            self._added.exception()  # mark retrieved
+        self._error = exc
+        self._event.set()
+
+    @property
+    def done(self) -> bool:
+        return self.finished or self.aborted or self._error is not None
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        while True:
+            if self._latest is not None:
+                out, self._latest = self._latest, None
+                return out
+            if self._error is not None:
+                raise self._error
+            if self.finished or self.aborted:
+                raise StopAsyncIteration
+            self._event.clear()
+            await self._event.wait()
+
+
+def _snapshot(out: RequestOutput) -> RequestOutput:
+    """Copy the mutable parts so the engine may keep mutating its own objects."""
+    return RequestOutput(
+        request_id=out.request_id,
+        prompt=out.prompt,
+        prompt_token_ids=out.prompt_token_ids,
+        outputs=[CompletionOutput(
+            index=c.index, text=c.text, token_ids=list(c.token_ids),
+            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+            logprobs=list(c.logprobs) if c.logprobs is not None else None,
+        ) for c in out.outputs],
+        finished=out.finished,
+        num_cached_tokens=out.num_cached_tokens,
+        metrics=dict(out.metrics or {}),
+    )
+
+
+_EMPTY_STATS = {
+    "num_running": 0, "num_waiting": 0, "kv_cache_usage": 0.0, "prompt_tokens_total": 0,
+    "generation_tokens_total": 0, "prefix_cache_queries": 0, "prefix_cache_hits": 0,
+    "num_preemptions": 0, "num_kv_blocks": 0, "num_free_kv_blocks": 0,
+}
+
+
+class AsyncEngine:
+    """Asyncio front of a synchronous engine running in a dedicated thread.
+
+    ``engine_factory`` builds the engine inside the engine thread (model loading may
+    take a while; ``state`` is "loading" until it returns).
+    """
+
+    def __init__(self, engine_factory: Callable[[], Any], stats_interval_s: float = 0.1) -> None:
+        self._factory = engine_factory
+        self._stats_interval = stats_interval_s
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._streams: dict[str, RequestStream] = {}  # event-loop side
+        self._engine: Any = None
+        self.state = "created"  # created | loading | ready | dead | stopped
+        self.error: str | None = None
+        self.model_name: str | None = None
+        self.max_model_len: int | None = None
+        self.load_time_s: float | None = None
+        self._stats: dict = dict(_EMPTY_STATS, time=time.monotonic())
+        self._last_stats_t = 0.0
+        self.on_request_finished: Callable[[RequestOutput], None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        if self._thread is not None:
+            return
+        self._loop = loop or asyncio.get_running_loop()
+        self.state = "loading"
+        self._thread = threading.Thread(target=self._thread_main, name="miniinfer-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._cmds.put(_STOP)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self.state != "dead":
+            self.state = "stopped"
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def healthy(self) -> bool:
+        return self.state == "ready" and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_active_streams(self) -> int:
+        return len(self._streams)
+
+    def stats(self) -> dict:
+        """The latest engine stats (refreshed by the engine thread; safe from any thread)."""
+        return self._stats
+
+    # ------------------------------------------------------------------ requests
+    async def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams) -> RequestStream:
+        """Queue a request; returns its stream once the engine accepted it.
+
+        Raises ``ValueError`` (incl. :class:`InvalidPromptError`) for prompts the engine
+        rejects, :class:`EngineNotReadyError` while loading, :class:`EngineDeadError`
+        after a crash.
+        """
+        if self.state == "dead":
+            raise EngineDeadError(self.error or "engine is dead")
+        if self.state != "ready":
+            raise EngineNotReadyError("the model is still loading")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream = RequestStream(request_id)
+        self._streams[request_id] = stream
+        self._cmds.put(("add", request_id, prompt, params, stream))
+        try:
+            stream.prompt_token_ids = await stream._added
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        return stream
+
+    async def generate(self, prompt: Prompt, params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield cumulative outputs until the request finishes; aborts it if the consumer stops."""
+        request_id = request_id or uuid.uuid4().hex
+        stream = await self.add_request(request_id, prompt, params)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            if not stream.finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (call on the event loop). Safe for unknown or finished ids."""
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.aborted = True
+            stream._event.set()
+        if self.state in ("ready", "loading"):
+            self._cmds.put(("abort", request_id))
+
+    # ------------------------------------------------------------------ event-loop side
+    def _post(self, fn: Callable, *args: Any) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # loop closed during shutdown
+            pass
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            stream._put(out)
+            if out.finished:
+                del self._streams[out.request_id]
+                if self.on_request_finished is not None:
+                    try:
+                        self.on_request_finished(out)
+                    except Exception:  # metrics must never break serving
+                        logger.exception("on_request_finished hook failed")
+
+    def _accepted(self, stream: RequestStream, prompt_token_ids: list[int]) -> None:
+        if not stream._added.done():
+            stream._added.set_result(prompt_token_ids)
+
+    def _rejected(self, stream: RequestStream, exc: BaseException) -> None:
+        if not stream._added.done():
+            stream._added.set_exception(exc)
+        self._streams.pop(stream.request_id, None)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        streams = list(self._streams.values())
+        self._streams.clear()
+        for s in streams:
+            s._fail(exc)
+
+    # ------------------------------------------------------------------ engine thread
+    def _thread_main(self) -> None:
+        t0 = time.monotonic()
+        try:
+            engine = self._factory()
+            self._engine = engine
+            self.model_name = getattr(engine, "model_name", None) or "miniinfer"
+            self.max_model_len = int(engine.max_model_len)
+        except BaseException as e:  # noqa: BLE001 - report any load failure
+            logger.error("engine failed to load: %s", traceback.format_exc())
+            self.error = f"engine failed to load: {type(e).__name__}: {e}"
+            self.state = "dead"
+            self._drain_rejecting(EngineDeadError(self.error))
+            return
+        self.load_time_s = time.monotonic() - t0
+        self._update_stats(force=True)
+        self.state = "ready"
+        logger.info("engine ready in %.1f s (model %s, max_model_len %d)",
+                    self.load_time_s, self.model_name, self.max_model_len)
+        try:
+            self._loop_forever(engine)
+        except BaseException as e:  # noqa: BLE001
+            logger.error("engine thread crashed: %s", traceback.format_exc())
+            self.error = f"engine crashed: {type(e).__name__}: {e}"
+            self.state = "dead"
+            exc = EngineDeadError(self.error)
+            self._post(self._fail_all, exc)
+            self._drain_rejecting(exc)
+
+    def _drain_rejecting(self, exc: BaseException) -> None:
+        """After death: fail queued adds now; later adds are refused by add_request()."""
+        while True:
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+            if cmd is not _STOP and cmd[0] == "add":
+                self._post(self._rejected, cmd[4], exc)
+
+    def _loop_forever(self, engine: Any) -> None:
+        self._active: set[str] = set()
+        while True:
+            if not engine.has_unfinished_requests():
+                self._update_stats(force=True)
+                cmd = self._cmds.get()  # idle: block until there is something to do
+                if cmd is _STOP or not self._handle(engine, cmd):
+                    return
+            while True:  # drain everything queued so far
+                try:
+                    cmd = self._cmds.get_nowait()
+                except queue.Empty:
+                    break
+                if cmd is _STOP or not self._handle(engine, cmd):
+                    return
+            if not engine.has_unfinished_requests():
+                continue
+            outputs = engine.step()
+            if outputs:
+                snaps = [_snapshot(o) for o in outputs]
+                for o in snaps:
+                    if o.finished:
+                        self._active.discard(o.request_id)
+                self._post(self._dispatch, snaps)
+            self._update_stats()
+
+    def _handle(self, engine: Any, cmd: tuple) -> bool:
+        kind = cmd[0]
+        if kind == "abort":
+            rid = cmd[1]
+            if rid in self._active:
+                self._active.discard(rid)
+                engine.abort_request(rid)
+            return True
+        if kind == "add":
+            _, rid, prompt, params, stream = cmd
+            try:
+                token_ids, params = self._preprocess(engine, prompt, params)
+                engine.add_request(rid, token_ids, params)
+            except (ValueError, TypeError) as e:
+                self._post(self._rejected, stream, e if isinstance(e, ValueError) else ValueError(str(e)))
+                return True
+            except Exception as e:  # noqa: BLE001 - template errors etc. are the request's fault
+                if type(e).__module__.startswith("jinja2"):
+                    self._post(self._rejected, stream, InvalidPromptError(f"chat template error: {e}", "messages"))
+                    return True
+                raise
+            self._active.add(rid)
+            self._post(self._accepted, stream, token_ids)
+            return True
+        raise RuntimeError(f"unknown engine command {kind!r}")
+
+    def _preprocess(self, engine: Any, prompt: Prompt, params: SamplingParams) -> tuple[list[int], SamplingParams]:
+        """Tokenize (rendering the chat template first) and check lengths against the context."""
+        field = "prompt"
+        if isinstance(prompt, ChatPrompt):
+            field = "messages"
+            token_ids = _tokenize(engine, engine.apply_chat_template(prompt.messages))
+        elif isinstance(prompt, str):
+            token_ids = _tokenize(engine, prompt)
+        else:
+            token_ids = [int(t) for t in prompt]
+            limit = _vocab_limit(engine)
+            bad = [t for t in token_ids if t < 0 or (limit is not None and t >= limit)]
+            if bad:
+                raise InvalidPromptError(
+                    f"prompt token ids must be in [0, {limit}), got {bad[0]}", "prompt")
+        n = len(token_ids)
+        max_len = self.max_model_len
+        if n == 0:
+            raise InvalidPromptError(f"the {field} is empty after tokenization", field)
+        if n >= max_len:
+            raise InvalidPromptError(
+                f"This model's maximum context length is {max_len} tokens. However, your {field} "
+                f"has {n} tokens, which leaves no room for the completion. Please shorten it.", field)
+        room = max_len - n
+        if params.max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=room)
+            if params.min_tokens > room:
+                raise InvalidPromptError(
+                    f"min_tokens ({params.min_tokens}) exceeds the remaining context: the model's "
+                    f"maximum context length is {max_len} tokens and the {field} has {n}", "min_tokens")
+        elif params.max_tokens > room:
+            raise InvalidPromptError(
+                f"This model's maximum context length is {max_len} tokens. However, you requested "
+                f"{n + params.max_tokens} tokens ({n} in the {field}, {params.max_tokens} for the "
+                f"completion). Please reduce the length of the {field} or max_tokens.", "max_tokens")
+        return token_ids, params
+
+    def _update_stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_stats_t < self._stats_interval:
+            return
+        self._last_stats_t = now
+        engine = self._engine
+        if engine is None:
+            return
+        s = dict(_EMPTY_STATS)
+        s.update(engine.stats())
+        s["time"] = now
+        self._stats = s  # atomic reference swap; readers never see a half-built dict
+
+
+def _tokenize(engine: Any, text: str) -> list[int]:
+    """The engine's own tokenization when it has one (so ids match ``LLM.generate``)."""
+    if hasattr(engine, "tokenize"):
+        return list(engine.tokenize(text))
+    if engine.tokenizer is None:
+        raise InvalidPromptError("this model has no tokenizer; send token ids as the prompt", "prompt")
+    return list(engine.tokenizer.encode(text, add_special_tokens=False))
+
+
+def _vocab_limit(engine: Any) -> int | None:
+    """Largest valid token id + 1 (the smaller of tokenizer and model vocabularies)."""
+    cands = []
+    for holder in (engine, getattr(engine, "model_config", None),
+                   getattr(getattr(engine, "config", None), "model_config", None)):
+        v = getattr(holder, "vocab_size", None) if holder is not None else None
+        if isinstance(v, int) and v > 0:
+            cands.append(v)
+    try:
+        cands.append(len(engine.tokenizer))
+    except TypeError:
+        pass
+    return min(cands) if cands else None

@@ -1,0 +1,409 @@
+"""OpenAI-compatible request / response models (pydantic v2) and the error type.
+
+Requests are validated in two stages:
+
+1. pydantic checks types (``n`` must be an int, ``messages`` a list of objects, ...);
+   a failure becomes a 400 whose ``param`` is the offending field's path;
+2. ``to_sampling_params`` checks values (ranges, limits) and builds the engine's
+   ``SamplingParams``; a failure raises :class:`APIError` (400) naming the field.
+
+Limits that need the prompt's token count (prompt vs. context length, ``max_tokens``
+vs. the remaining context) are checked later, after tokenization, in the engine thread.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from miniinfer.sampling_params import SamplingParams
+
+MAX_TOP_LOGPROBS = 20
+
+
+# --------------------------------------------------------------------------- errors
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    500: "internal_server_error",
+    503: "service_unavailable",
+}
+
+
+class APIError(Exception):
+    """An error that the server turns into an OpenAI-shaped JSON body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 type: str | None = None, code: str | int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.type = type or _ERROR_TYPES.get(status, "invalid_request_error")
+        self.code = code if code is not None else status
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type,
+                          "param": self.param, "code": self.code}}
+
+
+def invalid(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param)
+
+
+def validation_error_to_api_error(err: ValidationError) -> APIError:
+    """Map a pydantic error to a 400 naming the first offending field."""
+    first = err.errors(include_url=False)[0]
+    loc = [str(p) for p in first.get("loc", ()) if not str(p).startswith(("function-", "union["))]
+    # pydantic appends the union member type (e.g. 'str', 'list[int]') to the location
+    # of union fields; keep the request-level path only.
+    clean: list[str] = []
+    for p in loc:
+        if p in ("str", "int", "float", "bool") or p.startswith(("list[", "dict[", "tagged-union")):
+            break
+        clean.append(p)
+    param = ".".join(clean) or None
+    msg = first.get("msg", "invalid value")
+    return invalid(f"{param}: {msg}" if param else msg, param=param)
+
+
+def param_from_value_error(message: str) -> str | None:
+    """``SamplingParams`` errors start with the field name ('top_p must be in (0, 1] ...')."""
+    head = message.split(" ", 1)[0].strip("'\":,")
+    return head if head.isidentifier() else None
+
+
+# --------------------------------------------------------------------------- base
+
+class OpenAIBaseModel(BaseModel):
+    # Unknown fields are ignored (like the OpenAI API does for forward compatibility).
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: Optional[bool] = False
+
+
+class _SamplingFields(OpenAIBaseModel):
+    """Fields shared by chat and text completions (OpenAI + vLLM extras)."""
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    n: Optional[int] = 1
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    presence_penalty: Optional[float] = 0.0
+    frequency_penalty: Optional[float] = 0.0
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+    # vLLM-style extras
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    ignore_eos: Optional[bool] = False
+    min_tokens: Optional[int] = 0
+    skip_special_tokens: Optional[bool] = True
+    stop_token_ids: Optional[list[int]] = None
+    include_stop_str_in_output: Optional[bool] = False
+
+    def _max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def _num_logprobs(self) -> int | None:  # overridden
+        return None
+
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def to_sampling_params(self, max_n: int, max_model_len: int | None = None) -> SamplingParams:
+        n = 1 if self.n is None else self.n
+        if n < 1:
+            raise invalid(f"n must be >= 1, got {n}", "n")
+        if n > max_n:
+            raise invalid(f"n must be <= {max_n} (the server's limit), got {n}", "n")
+        max_tokens = self._max_tokens()
+        if max_tokens is not None:
+            if max_tokens < 1:
+                raise invalid(f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
+            if max_model_len is not None and max_tokens > max_model_len:
+                raise invalid(f"max_tokens must be <= the model's context length "
+                              f"({max_model_len} tokens), got {max_tokens}", "max_tokens")
+        temperature = 1.0 if self.temperature is None else self.temperature
+        if temperature < 0:
+            raise invalid(f"temperature must be >= 0, got {temperature}", "temperature")
+        if temperature > 100:
+            raise invalid(f"temperature must be <= 100, got {temperature}", "temperature")
+        top_p = 1.0 if self.top_p is None else self.top_p
+        if not (0 < top_p <= 1):
+            raise invalid(f"top_p must be in (0, 1], got {top_p}", "top_p")
+        top_k = -1 if self.top_k in (None, 0) else self.top_k
+        stop = self.stop
+        if isinstance(stop, list) and len(stop) > 32:
+            raise invalid(f"stop may hold at most 32 strings, got {len(stop)}", "stop")
+        try:
+            return SamplingParams(
+                n=n,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                min_p=0.0 if self.min_p is None else self.min_p,
+                repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                presence_penalty=self.presence_penalty or 0.0,
+                frequency_penalty=self.frequency_penalty or 0.0,
+                seed=self.seed,
+                max_tokens=max_tokens,  # None: filled with the remaining context after tokenizing
+                min_tokens=self.min_tokens or 0,
+                stop=stop,
+                stop_token_ids=self.stop_token_ids,
+                ignore_eos=bool(self.ignore_eos),
+                logprobs=self._num_logprobs(),
+                skip_special_tokens=True if self.skip_special_tokens is None else self.skip_special_tokens,
+                include_stop_str_in_output=bool(self.include_stop_str_in_output),
+            )
+        except (ValueError, TypeError) as e:
+            raise invalid(str(e), param_from_value_error(str(e))) from None
+
+
+# --------------------------------------------------------------------------- chat
+
+class ChatContentPart(OpenAIBaseModel):
+    type: str
+    text: Optional[str] = None
+
+
+class ChatMessage(OpenAIBaseModel):
+    role: str
+    content: Optional[Union[str, list[ChatContentPart]]] = None
+    name: Optional[str] = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage]
+    max_completion_tokens: Optional[int] = None
+    logprobs: Optional[bool] = False
+    top_logprobs: Optional[int] = None
+
+    def _max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def _num_logprobs(self) -> int | None:
+        if self.top_logprobs is not None:
+            if not (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):
+                raise invalid(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}",
+                              "top_logprobs")
+            if self.top_logprobs > 0 and not self.logprobs:
+                raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
+        if not self.logprobs:
+            return None
+        return self.top_logprobs or 0
+
+    def to_messages(self) -> list[dict]:
+        if not self.messages:
+            raise invalid("messages must be a non-empty list", "messages")
+        out = []
+        for i, m in enumerate(self.messages):
+            role = "system" if m.role == "developer" else m.role
+            content = m.content
+            if content is None:
+                content = ""
+            elif isinstance(content, list):
+                texts = []
+                for j, part in enumerate(content):
+                    if part.type != "text" or part.text is None:
+                        raise invalid(f"messages[{i}].content[{j}]: only text content parts are "
+                                      f"supported, got type {part.type!r}", f"messages.{i}.content")
+                    texts.append(part.text)
+                content = "".join(texts)
+            out.append({"role": role, "content": content})
+        return out
+
+
+class TopLogprob(OpenAIBaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class ChatLogprobToken(OpenAIBaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatChoiceLogprobs(OpenAIBaseModel):
+    content: Optional[list[ChatLogprobToken]] = None
+
+
+class ChatResponseMessage(OpenAIBaseModel):
+    role: str = "assistant"
+    content: Optional[str] = None
+
+
+class PromptTokensDetails(OpenAIBaseModel):
+    cached_tokens: int = 0
+
+
+class UsageInfo(OpenAIBaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
+
+
+class ChatCompletionChoice(OpenAIBaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: Optional[ChatChoiceLogprobs] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[Union[int, str]] = None
+
+
+class ChatCompletionResponse(OpenAIBaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+    system_fingerprint: Optional[str] = None
+
+
+class DeltaMessage(OpenAIBaseModel):
+    role: Optional[str] = None
+    content: Optional[str] = None
+
+
+class ChatCompletionStreamChoice(OpenAIBaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: Optional[ChatChoiceLogprobs] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[Union[int, str]] = None
+
+
+class ChatCompletionStreamResponse(OpenAIBaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionStreamChoice]
+    usage: Optional[UsageInfo] = None
+
+
+# --------------------------------------------------------------------------- completions
+
+PromptType = Union[list[int], list[list[int]], str, list[str]]
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: PromptType
+    logprobs: Optional[int] = None
+    echo: Optional[bool] = False
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+    def _num_logprobs(self) -> int | None:
+        if self.logprobs is None:
+            return None
+        if not (0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise invalid(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}", "logprobs")
+        return self.logprobs
+
+    def to_sampling_params(self, max_n: int, max_model_len: int | None = None) -> SamplingParams:
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise invalid("best_of is not supported (it must equal n when given)", "best_of")
+        if self.suffix:
+            raise invalid("suffix is not supported", "suffix")
+        if self.echo and self.logprobs is not None:
+            raise invalid("echo together with logprobs is not supported (no prompt logprobs)", "echo")
+        return super().to_sampling_params(max_n, max_model_len)
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """Normalize ``prompt`` to a list of prompts (each a string or a token-id list)."""
+        p = self.prompt
+        if isinstance(p, str):
+            items: list = [p]
+        elif not p:
+            raise invalid("prompt must not be empty", "prompt")
+        elif isinstance(p[0], int):
+            items = [list(p)]
+        else:
+            items = list(p)
+        if len(items) > 256:
+            raise invalid(f"at most 256 prompts per request, got {len(items)}", "prompt")
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                if item == "":
+                    raise invalid("prompt must not be empty", "prompt")
+            elif not item:
+                raise invalid(f"prompt[{i}] must not be an empty token list", "prompt")
+        return items
+
+
+class CompletionLogprobs(OpenAIBaseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[Optional[float]] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
+
+
+class CompletionChoice(OpenAIBaseModel):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[Union[int, str]] = None
+
+
+class CompletionResponse(OpenAIBaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+    system_fingerprint: Optional[str] = None
+
+
+class CompletionStreamResponse(OpenAIBaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[UsageInfo] = None
+
+
+# --------------------------------------------------------------------------- models
+
+class ModelCard(OpenAIBaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "miniinfer"
+    root: Optional[str] = None
+    max_model_len: Optional[int] = None
+
+
+class ModelList(OpenAIBaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard] = Field(default_factory=list)
+
+
+def parse_request(model_cls: type[OpenAIBaseModel], data: Any) -> Any:
+    if not isinstance(data, dict):
+        raise invalid("the request body must be a JSON object")
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        raise validation_error_to_api_error(e) from None
