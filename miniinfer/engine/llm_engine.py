@@ -16,7 +16,7 @@ import torch
 
 from miniinfer.config import EngineConfig, ModelConfig
 from miniinfer.engine.kv_cache_manager import KVCacheManager
-from miniinfer.engine.model_runner import ModelRunner, StepResult
+from miniinfer.engine.model_runner import InFlightStep, ModelRunner, StepResult
 from miniinfer.engine.scheduler import Scheduler, SchedulerOutput
 from miniinfer.engine.sequence import Sequence, SequenceStatus
 from miniinfer.loader.model_loader import resolve_model
@@ -69,6 +69,8 @@ class LLMEngine:
         self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv, self.max_model_len)
         self.requests: dict[str, Request] = {}
+        self.inflight: InFlightStep | None = None  # launched, not yet processed (overlap)
+        self._num_sync_requests = 0  # unfinished requests that disable overlap (penalties)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._device_generator_seed = config.seed
@@ -128,12 +130,20 @@ class LLMEngine:
             req.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = req
+        if params.needs_penalties:
+            self._num_sync_requests += 1
         self.prompt_tokens_total += len(ids)
 
+    def _forget(self, req: Request) -> None:
+        del self.requests[req.request_id]
+        if req.params.needs_penalties:
+            self._num_sync_requests -= 1
+
     def abort_request(self, request_id: str) -> None:
-        req = self.requests.pop(request_id, None)
+        req = self.requests.get(request_id)
         if req is None:
             return
+        self._forget(req)
         for seq in req.seqs:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
@@ -144,20 +154,46 @@ class LLMEngine:
 
     # --- the step -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch step N, then process step N-1 while the device runs N.
+
+        Overlap timeline (``overlap_scheduling=True``)::
+
+            host:   schedule N │ prepare+launch N │ process N-1 (detok, stops) │ schedule N+1 ...
+            device: ────── forward N-1 ──────────┼──────── forward N ────────────────┼─ ...
+
+        Tokens sampled by step N-1 are not on the host when step N is prepared: they are
+        placeholders in ``token_ids`` and the runner reads them from N-1's device tensor.
+        Requests that need every token on the host before sampling (penalties) run synchronously.
+        """
+        outputs: list[RequestOutput] = []
+        if self.inflight is not None and (not self.config.overlap_scheduling or self._num_sync_requests):
+            outputs += self._complete(self.inflight)
+            self.inflight = None
         sched = self.scheduler.schedule()
-        if sched.is_empty():
-            if self.scheduler.waiting and not self.scheduler.running:
-                self._fail_unschedulable()
-            return self._collect(set())
-        try:
-            result = self.runner.execute(sched)
-        except BaseException:
-            # The step's K/V may not have been written: roll the progress back so that an
-            # abort (which publishes computed pages) can't put unwritten pages in the cache.
-            for s in sched.scheduled:
-                s.seq.num_computed_tokens = s.start
-            raise
-        return self._process(sched, result)
+        launched = None
+        if not sched.is_empty():
+            try:
+                launched = self.runner.launch(sched, self.inflight)
+            except BaseException:
+                # The step's K/V may not have been written: roll the progress back so that an
+                # abort (which publishes computed pages) can't put unwritten pages in the cache.
+                for s in sched.scheduled:
+                    s.seq.num_computed_tokens = s.start
+                raise
+            for row, seq in enumerate(launched.sampling_seqs):
+                seq.add_pending(row)
+        elif self.inflight is None and self.scheduler.waiting and not self.scheduler.running:
+            self._fail_unschedulable()
+        if self.inflight is not None:
+            outputs += self._complete(self.inflight)
+        self.inflight = launched
+        if launched is not None and not self.config.overlap_scheduling:
+            outputs += self._complete(launched)
+            self.inflight = None
+        return outputs
+
+    def _complete(self, step: InFlightStep) -> list[RequestOutput]:
+        return self._process(step.sched, self.runner.collect(step))
 
     def _fail_unschedulable(self) -> None:
         # Nothing runs and the head of the queue still can't get blocks: it can never fit.
@@ -174,13 +210,17 @@ class LLMEngine:
             seq = s.seq
             touched.add(seq.request_id)
             if not s.samples:
-                self.scheduler.publish(seq)
+                if not seq.is_finished:
+                    self.scheduler.publish(seq)
                 continue
             token = result.token_ids[sample_i]
-            if seq.logprobs is not None:
-                seq.logprobs.append(self._logprob_entry(result, sample_i, token, seq.params.logprobs))
+            row = sample_i
             sample_i += 1
-            seq.token_ids.append(token)
+            if seq.is_finished:  # stopped or aborted while this step ran: drop the token
+                continue
+            if seq.logprobs is not None:
+                seq.logprobs.append(self._logprob_entry(result, row, token, seq.params.logprobs))
+            seq.resolve_pending(token)
             self.generation_tokens_total += 1
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -223,7 +263,7 @@ class LLMEngine:
                 seq.output_text = text[:cut]
         if reason is None and p.max_tokens is not None and n_out >= p.max_tokens:
             reason = "length"
-        if reason is None and seq.num_tokens >= self.max_model_len:
+        if reason is None and seq.num_tokens - seq.num_pending >= self.max_model_len:
             reason = "length"
         if reason is None:
             if seq.stop_checker is not None:
@@ -247,7 +287,7 @@ class LLMEngine:
             if finished or req.stream:
                 outputs.append(self._make_output(req))
             if finished:
-                del self.requests[rid]
+                self._forget(req)
         return outputs
 
     def _make_output(self, req: Request) -> RequestOutput:

@@ -21,6 +21,17 @@ log = logging.getLogger("miniinfer")
 
 
 @dataclass
+class InFlightStep:
+    """A step launched on the device whose sampled ids haven't been read on the host yet."""
+    sched: SchedulerOutput
+    sampling_seqs: list
+    token_ids: torch.Tensor | None  # [n] on the device
+    token_ids_host: torch.Tensor | None  # pinned copy, valid once `event` has completed
+    event: "torch.cuda.Event | None"
+    sampler_output: SamplerOutput | None
+
+
+@dataclass
 class StepResult:
     """Host-side results of one step, for the sequences that sampled (in scheduled order)."""
     token_ids: list[int]
@@ -146,6 +157,8 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         q_lens, seq_lens, tables, logits_idx, sampling_seqs = [], [], [], [], []
+        fill_at: list[int] = []  # flat positions whose input is a placeholder ...
+        fill_rows: list[int] = []  # ... and the row of the previous step's sampled ids to take
         bs = self.block_size
         num_decodes = 0
         for s in sched.scheduled:
@@ -154,7 +167,11 @@ class ModelRunner:
             end = start + n
             if n == 1:
                 num_decodes += 1
-                input_ids.append(seq.token_ids[start])
+                token = seq.token_ids[start]
+                if token < 0:
+                    fill_at.append(len(input_ids))
+                    fill_rows.append(seq.pending_row)
+                input_ids.append(token)
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
             else:
@@ -176,22 +193,45 @@ class ModelRunner:
             flat_tables.extend(t)
             flat_tables.extend([0] * (width - len(t)))
         t_count, b = len(input_ids), len(q_lens)
-        host = torch.tensor(input_ids + positions + slots + logits_idx + qsl + seq_lens + flat_tables,
-                            dtype=torch.int64)
+        host = torch.tensor(input_ids + positions + slots + logits_idx + qsl + seq_lens + flat_tables
+                            + fill_at + fill_rows, dtype=torch.int64)
         dev_buf = host.to(self.device, non_blocking=True) if self.device.type == "cuda" else host
-        parts = torch.split(dev_buf, [t_count, t_count, t_count, len(logits_idx), b + 1, b, b * width])
+        nf = len(fill_at)
+        parts = torch.split(dev_buf, [t_count, t_count, t_count, len(logits_idx), b + 1, b, b * width, nf, nf])
         meta = AttentionMetadata(
             num_decodes=num_decodes, num_decode_tokens=num_decodes,
             query_start_loc=parts[4].to(torch.int32), seq_lens=parts[5].to(torch.int32),
             block_tables=parts[6].view(b, width).to(torch.int32), slot_mapping=parts[2],
             max_query_len=max(q_lens), max_seq_len=max(seq_lens),
             query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens)
-        return parts[0], parts[1], meta, parts[3], sampling_seqs
+        fill = (parts[7], parts[8]) if nf else None
+        return parts[0], parts[1], meta, parts[3], sampling_seqs, fill
 
     # --- execution --------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
-        input_ids, positions, meta, logits_idx, sampling_seqs = self.prepare(sched)
+        """Launch and wait: one synchronous step."""
+        return self.collect(self.launch(sched, None))
+
+    def collect(self, step: InFlightStep) -> StepResult:
+        """Wait for a launched step's sampled ids (the step's only device-to-host sync)."""
+        if step.token_ids is None:
+            return StepResult([], None)
+        if step.event is not None:
+            step.event.synchronize()
+        return StepResult(step.token_ids_host.tolist(), step.sampler_output)
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput, prev: InFlightStep | None) -> InFlightStep:
+        """Queue the step's forward and sampling on the device without waiting for it.
+
+        Inputs that are placeholders (tokens sampled by ``prev``, still on the device) are
+        filled from ``prev``'s sampled-ids tensor on the device."""
+        input_ids, positions, meta, logits_idx, sampling_seqs, fill = self.prepare(sched)
+        if fill is not None:
+            if prev is None or prev.token_ids is None:
+                raise RuntimeError("a step input is a placeholder but no previous step is in flight")
+            input_ids[fill[0]] = prev.token_ids[fill[1]]
         n = len(sched.scheduled)
         if self.graphs and meta.num_decodes == n and len(sampling_seqs) == n and n <= self.max_graph_bs:
             logits = self._replay_graph(input_ids, positions, meta)
@@ -199,11 +239,20 @@ class ModelRunner:
             with forward_context(meta):
                 hidden = self.model(input_ids, positions)
             if not sampling_seqs:
-                return StepResult([], None)
+                return InFlightStep(sched, [], None, None, None, None)
             logits = self.model.compute_logits(hidden[logits_idx])
         batch = SamplingBatch.build(sampling_seqs, logits.shape[-1], self.device, self.eos_token_ids)
         out = sample(logits, batch)
-        return StepResult(out.token_ids.tolist(), out if batch.want_logprobs else None)
+        event = None
+        if self.device.type == "cuda":
+            host = torch.empty(out.token_ids.shape, dtype=out.token_ids.dtype, pin_memory=True)
+            host.copy_(out.token_ids, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = out.token_ids
+        return InFlightStep(sched, sampling_seqs, out.token_ids, host, event,
+                            out if batch.want_logprobs else None)
 
     @torch.inference_mode()
     def forward_logits(self, token_ids: list[int]) -> torch.Tensor:
@@ -216,7 +265,7 @@ class ModelRunner:
         seq = Sequence("logits", 0, list(token_ids), n, SamplingParams(max_tokens=1))
         seq.block_table = list(range(nblocks))
         sched = SchedulerOutput([ScheduledSeq(seq, n, 0)])
-        input_ids, positions, meta, _, _ = self.prepare(sched)
+        input_ids, positions, meta, _, _, _ = self.prepare(sched)
         # The forward writes K/V into blocks 0..nblocks-1, which may hold cached prefix pages
         # (or a live sequence's): put them back afterwards.
         saved = self.kv_caches[:, :, :nblocks].clone()

@@ -43,14 +43,18 @@ class SamplingBatch:
         ban_cols: list[int] = []
         for i, s in enumerate(seqs):
             p = s.params
-            if p.min_tokens and s.num_output_tokens < p.min_tokens:
+            if p.min_tokens and s.num_output_tokens + s.num_pending < p.min_tokens:
                 banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
                 banned = sorted(t for t in banned if 0 <= t < vocab_size)
                 ban_rows += [i] * len(banned)
                 ban_cols += banned
         f32 = dict(dtype=torch.float32, device=device)
+
+        def dev(values, dtype):  # host list -> device without a stream sync
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
         greedy_list = [p.temperature == 0.0 for p in params]
-        temperature = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy_list, params)], **f32)
+        temperature = dev([1.0 if g else p.temperature for g, p in zip(greedy_list, params)], torch.float32)
         need_topk = any(p.top_k > 0 for p in params)
         need_topp = any(p.top_p < 1.0 for p in params)
         need_minp = any(p.min_p > 0.0 for p in params)
@@ -74,11 +78,10 @@ class SamplingBatch:
         lp = [p.logprobs for p in params]
         return cls(
             temperature=temperature,
-            greedy=torch.tensor(greedy_list, dtype=torch.bool, device=device),
-            top_k=torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params],
-                               dtype=torch.int64, device=device) if need_topk else None,
-            top_p=torch.tensor([p.top_p for p in params], **f32) if need_topp else None,
-            min_p=torch.tensor([p.min_p for p in params], **f32) if need_minp else None,
+            greedy=dev(greedy_list, torch.bool),
+            top_k=dev([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64) if need_topk else None,
+            top_p=dev([p.top_p for p in params], torch.float32) if need_topp else None,
+            min_p=dev([p.min_p for p in params], torch.float32) if need_minp else None,
             repetition_penalty=rep, presence_penalty=pres, frequency_penalty=freq,
             prompt_mask=prompt_mask, output_counts=output_counts,
             generators=[s.generator for s in seqs],
@@ -86,8 +89,8 @@ class SamplingBatch:
             want_logprobs=any(x is not None for x in lp),
             max_logprobs=max((x for x in lp if x is not None), default=0),
             logprob_rows=[i for i, x in enumerate(lp) if x is not None],
-            ban_rows=torch.tensor(ban_rows, dtype=torch.int64, device=device) if ban_rows else None,
-            ban_cols=torch.tensor(ban_cols, dtype=torch.int64, device=device) if ban_rows else None,
+            ban_rows=dev(ban_rows, torch.int64) if ban_rows else None,
+            ban_cols=dev(ban_cols, torch.int64) if ban_rows else None,
         )
 
 
@@ -144,7 +147,7 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
         out.top_logprobs, out.top_ids = top.values, top.indices
 
     if b.ban_rows is not None:
-        logits = logits.index_put((b.ban_rows, b.ban_cols), torch.tensor(float("-inf"), device=logits.device))
+        logits = logits.index_put((b.ban_rows, b.ban_cols), torch.full((), float("-inf"), device=logits.device))
     if b.repetition_penalty is not None:
         logits = apply_penalties(logits, b)
     greedy_ids = logits.argmax(-1)

@@ -21,11 +21,10 @@ class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int
     start: int  # position of the first new token (== num_computed_tokens before the step)
+    samples: bool = field(init=False)  # the step reaches the end of the tokens: sample one more
 
-    @property
-    def samples(self) -> bool:
-        """True when this step reaches the end of the sequence's known tokens."""
-        return self.start + self.num_new_tokens == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        self.samples = self.start + self.num_new_tokens == self.seq.num_tokens
 
 
 @dataclass
@@ -66,7 +65,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if n <= 0:
+            if n <= 0 or self._surely_finishing(seq):
                 i += 1
                 continue
             while not self.kv.allocate(seq.block_table, seq.num_computed_tokens + n):
@@ -124,6 +123,14 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.prefix_cursor = None
 
+    def _surely_finishing(self, seq: Sequence) -> bool:
+        """A pending token (overlap) will end this sequence by length: don't compute past it."""
+        if not seq.num_pending:
+            return False
+        n_out = seq.num_tokens - seq.num_prompt_tokens
+        max_tokens = seq.params.max_tokens
+        return (max_tokens is not None and n_out >= max_tokens) or seq.num_tokens >= self.max_model_len
+
     def _undo_admission(self, seq: Sequence) -> None:
         self._release(seq)
 
@@ -141,6 +148,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
+        seq.drop_pending()
         self.publish(seq)
         self._release(seq)
         seq.status = SequenceStatus.FINISHED

@@ -12,6 +12,7 @@ from miniinfer.outputs import Logprob
 from miniinfer.sampling_params import SamplingParams
 
 _seq_counter = itertools.count()
+PLACEHOLDER = -1  # a sampled token not yet copied back from the device
 
 
 class SequenceStatus(enum.Enum):
@@ -44,6 +45,11 @@ class Sequence:
     stop_checker: object | None = None
     num_preemptions: int = 0
     prefix_cursor: object | None = None  # KVCacheManager.insert's resume point
+    # Overlap scheduling: tokens sampled by a step still running on the device sit at the end
+    # of token_ids as PLACEHOLDER until that step is processed; pending_row is the row of the
+    # newest one in its step's sampled-ids tensor.
+    num_pending: int = 0
+    pending_row: int = -1
 
     @property
     def num_tokens(self) -> int:
@@ -51,11 +57,27 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        """Generated tokens known on the host (pending ones excluded)."""
+        return len(self.token_ids) - self.num_prompt_tokens - self.num_pending
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens:len(self.token_ids) - self.num_pending]
+
+    def add_pending(self, row: int) -> None:
+        self.token_ids.append(PLACEHOLDER)
+        self.num_pending += 1
+        self.pending_row = row
+
+    def resolve_pending(self, token: int) -> None:
+        """The oldest pending token became known."""
+        self.token_ids[len(self.token_ids) - self.num_pending] = token
+        self.num_pending -= 1
+
+    def drop_pending(self) -> None:
+        if self.num_pending:
+            del self.token_ids[-self.num_pending:]
+            self.num_pending = 0
 
     @property
     def is_finished(self) -> bool:

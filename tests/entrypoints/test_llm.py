@@ -176,20 +176,20 @@ def test_error_mid_run_leaves_engine_usable(tiny_llm):
     expect = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
     llm.engine.kv.reset_prefix_cache()
     runner = llm.engine.runner
-    orig, calls = runner.execute, [0]
+    orig, calls = runner.launch, [0]
 
-    def flaky(sched):
+    def flaky(sched, prev):
         calls[0] += 1
         if calls[0] == 3:
             raise KeyboardInterrupt
-        return orig(sched)
+        return orig(sched, prev)
 
-    runner.execute = flaky
+    runner.launch = flaky
     try:
         with pytest.raises(KeyboardInterrupt):
             llm.generate(prompts, GREEDY, use_tqdm=False)
     finally:
-        runner.execute = orig
+        runner.launch = orig
     check_clean(llm)
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expect
