@@ -59,11 +59,11 @@ def alone(prompts, tiny_llm):
     return _alone(tiny_llm("llama", enable_prefix_caching=False), prompts)
 
 
-@pytest.mark.parametrize("block_size", [16, 4])
-def test_batch_equals_alone_under_pressure(prompts, alone, tiny_llm, block_size):
+@pytest.mark.parametrize("block_size,overlap", [(16, True), (4, True), (16, False)])
+def test_batch_equals_alone_under_pressure(prompts, alone, tiny_llm, block_size, overlap):
     # 256 tokens of KV for 36 sequences of up to ~166 tokens: preemption is certain
     llm = tiny_llm("llama", max_num_batched_tokens=64, num_kv_blocks=256 // block_size,
-                   block_size=block_size, enable_prefix_caching=False)
+                   block_size=block_size, enable_prefix_caching=False, overlap_scheduling=overlap)
     steps = _record_steps(llm)
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o.prompt_token_ids for o in outs] == prompts  # input order
@@ -121,10 +121,10 @@ def shared_alone(shared_prefix_prompts, tiny_llm):
     return _alone(tiny_llm("qwen2", enable_prefix_caching=False), shared_prefix_prompts)
 
 
-@pytest.mark.parametrize("caching", [True, False])
-def test_shared_prefixes_under_kv_pressure(caching, shared_prefix_prompts, shared_alone, tiny_llm):
+@pytest.mark.parametrize("caching,overlap", [(True, True), (False, True), (True, False), (False, False)])
+def test_shared_prefixes_under_kv_pressure(caching, overlap, shared_prefix_prompts, shared_alone, tiny_llm):
     llm = tiny_llm("qwen2", max_num_batched_tokens=64, num_kv_blocks=48, block_size=8,
-                   enable_prefix_caching=caching)
+                   enable_prefix_caching=caching, overlap_scheduling=overlap)
     evictions = _count_evictions(llm)
     outs = llm.generate(shared_prefix_prompts, GREEDY, use_tqdm=False)
     assert [o.prompt_token_ids for o in outs] == shared_prefix_prompts
@@ -182,3 +182,40 @@ def test_forward_logits_leaves_cache_intact(tiny_llm):
     second = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
     assert second.num_cached_tokens == 48
     assert second.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_overlap_keeps_one_step_in_flight(tiny_llm):
+    """With overlap on, step() returns while its own step's tokens are still placeholders and
+    hands back the previous step's results; penalties force the synchronous path."""
+    from miniinfer import SamplingParams
+    for overlap in (True, False):
+        llm = tiny_llm("llama", overlap_scheduling=overlap)
+        eng = llm.engine
+        eng.add_request("a", [5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=6))
+        first = eng.step()  # prefill launched
+        seq = eng.requests["a"].seqs[0]
+        if overlap:
+            assert first == [] and eng.inflight is not None and seq.num_pending == 1
+            assert seq.token_ids[-1] < 0 and seq.output_token_ids == []
+        else:
+            assert eng.inflight is None and seq.num_pending == 0 and len(first[0].outputs[0].token_ids) == 1
+        while eng.has_unfinished_requests():
+            eng.step()
+        assert seq.num_pending == 0 and all(t >= 0 for t in seq.token_ids)
+        assert len(seq.output_token_ids) == 6
+        check_clean(llm)
+    # penalties: every step is launched with all of its sequences' tokens known on the host
+    llm = tiny_llm("llama", overlap_scheduling=True)
+    eng = llm.engine
+    launch, pending_at_launch = eng.runner.launch, []
+
+    def spy(sched, prev):
+        pending_at_launch.extend(s.seq.num_pending for s in sched.scheduled)
+        return launch(sched, prev)
+
+    eng.runner.launch = spy
+    eng.add_request("p", [5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=4, repetition_penalty=1.3))
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert len(pending_at_launch) == 4 and not any(pending_at_launch)
+    check_clean(llm)
