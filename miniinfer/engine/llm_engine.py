@@ -182,6 +182,9 @@ class LLMEngine:
                 raise
             for row, seq in enumerate(launched.sampling_seqs):
                 seq.add_pending(row)
+            if self.kv.enable_prefix_caching:
+                for s in sched.scheduled:  # later steps may reuse these pages at once
+                    self.scheduler.publish(s.seq)
         elif self.inflight is None and self.scheduler.waiting and not self.scheduler.running:
             self._fail_unschedulable()
         if self.inflight is not None:

@@ -82,6 +82,7 @@ class Scheduler:
             i += 1
 
         # 2. Waiting sequences, FCFS, unless this step already had to preempt.
+        in_progress = self._pages_in_progress(out.scheduled) if self.kv.enable_prefix_caching else None
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
             fresh = not seq.block_table
@@ -90,6 +91,11 @@ class Scheduler:
                 hit = self.kv.match_prefix(seq.token_ids, seq.num_tokens - 1)
                 seq.block_table.extend(hit)
                 seq.num_computed_tokens = len(hit) * self.kv.block_size
+                if in_progress and self._next_page_key(seq, len(hit)) in in_progress:
+                    # Another sequence is computing this very prefix now: wait one step and
+                    # reuse its pages instead of computing them twice.
+                    self._undo_admission(seq)
+                    break
             remaining = seq.num_tokens - seq.num_computed_tokens
             n = min(remaining, budget)
             if n < remaining and not self.cfg.enable_chunked_prefill:
@@ -107,6 +113,8 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens))
             budget -= n
+            if in_progress is not None:
+                in_progress |= self._pages_in_progress(out.scheduled[-1:])
 
         out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # decodes first (stable)
         for s in out.scheduled:
@@ -114,14 +122,33 @@ class Scheduler:
         return out
 
     def publish(self, seq: Sequence) -> None:
-        """Make the sequence's computed full pages findable by later prompts."""
-        seq.prefix_cursor = self.kv.insert(seq.token_ids, seq.block_table, seq.num_computed_tokens,
-                                           seq.prefix_cursor)
+        """Make the sequence's computed (or launched: the device runs steps in order) full pages
+        findable by later prompts, up to its first token still unknown on the host."""
+        known = min(seq.num_computed_tokens, seq.num_tokens - seq.num_pending)
+        seq.prefix_cursor = self.kv.insert(seq.token_ids, seq.block_table, known, seq.prefix_cursor)
 
     def _release(self, seq: Sequence) -> None:
         self.kv.free(seq.block_table)
         seq.num_computed_tokens = 0
         seq.prefix_cursor = None
+
+    def _next_page_key(self, seq: Sequence, page: int) -> tuple | None:
+        bs = self.kv.block_size
+        if (page + 1) * bs > seq.num_tokens - 1:
+            return None
+        return (page, tuple(seq.token_ids[page * bs:(page + 1) * bs]))
+
+    def _pages_in_progress(self, scheduled: list[ScheduledSeq]) -> set[tuple]:
+        """(page index, page tokens) of the full pages that this step's prefill chunks compute."""
+        bs = self.kv.block_size
+        keys: set[tuple] = set()
+        for s in scheduled:
+            if s.num_new_tokens == 1:
+                continue
+            last = min((s.start + s.num_new_tokens - 1) // bs, s.seq.num_tokens // bs - 1)
+            for page in range(s.start // bs, last + 1):
+                keys.add((page, tuple(s.seq.token_ids[page * bs:(page + 1) * bs])))
+        return keys
 
     def _surely_finishing(self, seq: Sequence) -> bool:
         """A pending token (overlap) will end this sequence by length: don't compute past it."""

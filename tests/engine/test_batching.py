@@ -219,3 +219,26 @@ def test_overlap_keeps_one_step_in_flight(tiny_llm):
         eng.step()
     assert len(pending_at_launch) == 4 and not any(pending_at_launch)
     check_clean(llm)
+
+
+def test_shared_prefix_computed_once_when_submitted_together(tiny_llm):
+    """Requests that arrive together with one long common prefix: the first computes it, the
+    others wait a step and reuse its pages instead of computing them again."""
+    from miniinfer import SamplingParams
+    llm = tiny_llm("qwen2", block_size=8, max_num_batched_tokens=512)
+    prefix = random_prompts(1, seed=7, min_len=64, max_len=64)[0]
+    tails = random_prompts(8, seed=8, min_len=10, max_len=10)
+    prompts = [prefix + t for t in tails]
+    computed = []
+    launch = llm.engine.runner.launch
+
+    def spy(sched, prev):
+        computed.append(sched.num_tokens)
+        return launch(sched, prev)
+
+    llm.engine.runner.launch = spy
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    assert [o.num_cached_tokens for o in outs] == [0] + [64] * 7
+    assert computed[0] == 74  # only the first request's prompt in the first step
+    assert sum(computed) == 74 + 7 * 10 + 8 * 3  # prompts once, tails, then decodes
+    check_clean(llm)
