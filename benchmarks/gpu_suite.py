@@ -18,7 +18,13 @@ BENCH = [sys.executable, "-m", "miniinfer.entrypoints.cli", "bench"]
 STEPS = {
     "tests": ([sys.executable, "-m", "pytest", "-q", "-x", "tests/kernels", "tests/gpu", "-p", "no:cacheprovider",
                "--junitxml", f"{OUT}/gpu-tests.xml"], 420),
+    "gpu-correctness": ([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                         "tests/gpu/test_gpu_parity.py::test_greedy_identical_fp32",
+                         "tests/kernels/test_kernel_triton_backend.py"], 240),
+    "overlap": (BENCH + ["overlap", "--json", f"{OUT}/overlap-ablation.json"], 300),
     "profile": ([sys.executable, "benchmarks/profile_decode.py"], 240),
+    "profile-no-overlap": ([sys.executable, "benchmarks/profile_decode.py", "--no-overlap", "--tag", "-no-overlap"],
+                           240),
     "latency-0.5b": (BENCH + ["latency", "--model", "qwen2-0.5b", "--json", f"{OUT}/latency-qwen2-0.5b.json"], 300),
     "throughput-qwen3": (BENCH + ["throughput", "--model", "qwen3-0.6b", "--hf-num-requests", "64",
                                   "--json", f"{OUT}/throughput-qwen3-0.6b.json"], 420),

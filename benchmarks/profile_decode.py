@@ -25,10 +25,11 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--out-len", type=int, default=64)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--no-overlap", dest="overlap", action="store_false")
     a, _ = ap.parse_known_args()
     out_dir = os.environ.get("OUT", "artifacts")
     os.makedirs(out_dir, exist_ok=True)
-    llm = LLM(a.model, load_format="dummy", max_model_len=4096, progress=False)
+    llm = LLM(a.model, load_format="dummy", max_model_len=4096, overlap_scheduling=a.overlap, progress=False)
     rng = random.Random(0)
     prompts = [[rng.randrange(10000) for _ in range(a.prompt_len)] for _ in range(a.batch)]
     p = SamplingParams(temperature=0.6, max_tokens=a.out_len, ignore_eos=True)
@@ -49,7 +50,8 @@ def main() -> None:
 
     eng.scheduler.schedule = timed("schedule", eng.scheduler.schedule)
     eng.runner.prepare = timed("prepare", eng.runner.prepare)
-    eng.runner.execute = timed("execute (incl. prepare, forward, sample, sync)", eng.runner.execute)
+    eng.runner.launch = timed("launch (incl. prepare)", eng.runner.launch)
+    eng.runner.collect = timed("collect (wait for the device)", eng.runner.collect)
     eng._process = timed("process outputs", eng._process)
     steps = [0]
     step = eng.step

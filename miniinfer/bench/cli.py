@@ -36,6 +36,9 @@ def main(argv: list[str]) -> int:
         m = offline.sweep(a.model or "qwen2-0.5b", **kw)
     elif a.name == "prefix":
         m = offline.prefix_cache(a.model or "qwen2-0.5b", **kw)
+    elif a.name == "overlap":
+        kw.pop("overlap_scheduling")
+        m = offline.overlap_ablation(a.model or "qwen3-0.6b", **kw)
     elif a.name == "startup":
         from miniinfer.bench.startup import startup
         m = startup(a.model or "qwen2-0.5b")

@@ -270,3 +270,24 @@ def cpu(max_tokens: int = 64, hf: bool = True, **engine_kw) -> dict:
                   "cpu_hf_wall_s": hf_wall})
         m["cpu_throughput_ratio_vs_hf"] = m["cpu_throughput_tok_s"] / m["cpu_hf_throughput_tok_s"]
     return m
+
+
+# --- §6 overlap scheduling ablation ---------------------------------------------------------
+def overlap_ablation(throughput_model: str = "qwen3-0.6b", latency_model: str = "qwen2-0.5b",
+                     num_requests: int = 256, **engine_kw) -> dict:
+    """Workloads 1 and 2 with overlap scheduling on and off, in the same process."""
+    engine_kw.pop("overlap_scheduling", None)
+    m: dict = {}
+    for on in (True, False):
+        tag = "" if on else "_no_overlap"
+        t = throughput(throughput_model, num_requests, hf=False, overlap_scheduling=on, **engine_kw)
+        m[f"offline_throughput_tok_s{tag}"] = t["offline_throughput_tok_s"]
+        lat = latency(latency_model, hf=False, overlap_scheduling=on, **engine_kw)
+        for k, v in lat.items():
+            if k.startswith("hbm") or "roofline" in k:
+                continue
+            m[f"{k}{tag}"] = v
+    name = latency_model.replace("-", "_")
+    m["overlap_throughput_gain"] = m["offline_throughput_tok_s"] / m["offline_throughput_tok_s_no_overlap"]
+    m["overlap_tpot_gain"] = m[f"{name}_bs1_tpot_ms_no_overlap"] / m[f"{name}_bs1_tpot_ms"]
+    return m

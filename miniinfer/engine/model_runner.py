@@ -54,7 +54,8 @@ class ModelRunner:
         self.load_seconds = time.perf_counter() - t0
         self.num_blocks = self._num_kv_blocks()
         self._allocate_kv_cache(self.num_blocks)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple] = {}  # decode batch size -> (replay, logits)
+        self.prefill_graphs: dict[int, tuple] = {}  # prefill token bucket -> (replay, logits)
         self.max_graph_bs = 0
         self.graph_seconds = self.warmup_seconds = 0.0
         if self.device.type == "cuda" and cfg.warmup:
@@ -235,6 +236,9 @@ class ModelRunner:
         n = len(sched.scheduled)
         if self.graphs and meta.num_decodes == n and len(sampling_seqs) == n and n <= self.max_graph_bs:
             logits = self._replay_graph(input_ids, positions, meta)
+        elif (n == 1 and sampling_seqs and self.prefill_graphs
+              and self._prefill_graph_for(input_ids.shape[0]) is not None):
+            logits = self._replay_prefill_graph(input_ids, positions, meta, logits_idx)
         else:
             with forward_context(meta):
                 hidden = self.model(input_ids, positions)
@@ -276,7 +280,15 @@ class ModelRunner:
             self.kv_caches[:, :, :nblocks] = saved
         return self.model.compute_logits(hidden)
 
-    # --- CUDA graphs (pure-decode steps) --------------------------------------------------
+    # --- CUDA graphs ---------------------------------------------------------------------
+    # Two families, sharing one memory pool and replayed one at a time:
+    #   decode graphs:  B sequences x 1 token (B bucketed), forward + LM head of every row;
+    #   prefill graphs: one sequence's chunk of n <= T tokens (T bucketed), LM head of row n-1.
+    # Replays copy the step's inputs into static buffers. Padding rows write no K/V (slot -1)
+    # and are never read: decode pads attend over one token of block 0; prefill pads lie
+    # outside the sequence's query range (rows are independent everywhere else).
+    PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+
     def _graph_sizes(self) -> list[int]:
         top = min(self.cfg.max_num_seqs, 512)
         sizes = [b for b in (1, 2, 4, 8) if b <= top] + list(range(16, top + 1, 16))
@@ -284,43 +296,71 @@ class ModelRunner:
             sizes.append(top)
         return sizes
 
-    def capture_cuda_graphs(self) -> None:
-        """Capture one graph per bucketed decode batch size (forward + LM head).
+    def _capture(self, fn, pool):
+        """Capture ``fn`` (returning a tensor) as a CUDA graph; returns (replay, output, pool).
+        Off CUDA (tests of the padding logic) the "graph" just reruns ``fn`` into the output."""
+        with torch.inference_mode():
+            fn()  # eager run first: allocator and kernels warm
+            if self.device.type != "cuda":
+                out = fn()
+                return (lambda: out.copy_(fn())), out, pool
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = fn()
+            return graph.replay, out, pool if pool is not None else graph.pool()
 
-        Static inputs live in ``self.g_*``; a replay copies the step's inputs into their first
-        rows and pads the rest (slot -1 = no KV write, seq_len 1 over block 0 = harmless read)."""
+    def capture_cuda_graphs(self) -> None:
         sizes = self._graph_sizes()
         self.max_graph_bs = top = sizes[-1]
         max_blocks = -(-self.max_model_len // self.block_size)
         dev = self.device
-        self.g_input_ids = torch.zeros(top, dtype=torch.int64, device=dev)
-        self.g_positions = torch.zeros(top, dtype=torch.int64, device=dev)
-        self.g_slots = torch.full((top,), -1, dtype=torch.int64, device=dev)
-        self.g_seq_lens = torch.ones(top, dtype=torch.int32, device=dev)
-        self.g_block_tables = torch.zeros(top, max_blocks, dtype=torch.int32, device=dev)
-        self.g_qsl = torch.arange(top + 1, dtype=torch.int32, device=dev)
+        i64, i32 = dict(dtype=torch.int64, device=dev), dict(dtype=torch.int32, device=dev)
+        ntok = max(top, max(self.PREFILL_GRAPH_TOKENS))
+        self.g_input_ids = torch.zeros(ntok, **i64)
+        self.g_positions = torch.zeros(ntok, **i64)
+        self.g_slots = torch.full((ntok,), -1, **i64)
+        self.g_seq_lens = torch.ones(top, **i32)
+        self.g_block_tables = torch.zeros(top, max_blocks, **i32)
+        self.g_qsl = torch.arange(top + 1, **i32)
+        self.g_prefill_qsl = torch.zeros(2, **i32)
+        self.g_logit_row = torch.zeros(1, **i64)
         pool = None
-        with torch.inference_mode():
-            for bs in reversed(sizes):
-                meta = AttentionMetadata(
-                    num_decodes=bs, num_decode_tokens=bs, query_start_loc=self.g_qsl[:bs + 1],
-                    seq_lens=self.g_seq_lens[:bs], block_tables=self.g_block_tables[:bs],
-                    slot_mapping=self.g_slots[:bs], max_query_len=1, max_seq_len=self.max_model_len)
-                with forward_context(meta):  # eager run first: allocator and kernels warm
-                    self.model.compute_logits(self.model(self.g_input_ids[:bs], self.g_positions[:bs]))
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool), forward_context(meta):
-                    logits = self.model.compute_logits(self.model(self.g_input_ids[:bs], self.g_positions[:bs]))
-                if pool is None:
-                    pool = graph.pool()
-                self.graphs[bs] = (graph, logits)
-        torch.cuda.synchronize()
+        model = self.model
+        for bs in reversed(sizes):
+            meta = AttentionMetadata(
+                num_decodes=bs, num_decode_tokens=bs, query_start_loc=self.g_qsl[:bs + 1],
+                seq_lens=self.g_seq_lens[:bs], block_tables=self.g_block_tables[:bs],
+                slot_mapping=self.g_slots[:bs], max_query_len=1, max_seq_len=self.max_model_len)
+
+            def decode(bs=bs, meta=meta):
+                with forward_context(meta):
+                    return model.compute_logits(model(self.g_input_ids[:bs], self.g_positions[:bs]))
+            replay, logits, pool = self._capture(decode, pool)
+            self.graphs[bs] = (replay, logits)
+        self.prefill_graphs = {}
+        for t in sorted((t for t in self.PREFILL_GRAPH_TOKENS if t < self.max_model_len), reverse=True):
+            meta = AttentionMetadata(
+                num_decodes=0, num_decode_tokens=0, query_start_loc=self.g_prefill_qsl,
+                seq_lens=self.g_seq_lens[:1], block_tables=self.g_block_tables[:1],
+                slot_mapping=self.g_slots[:t], max_query_len=t, max_seq_len=self.max_model_len)
+            self.g_prefill_qsl[1] = t
+            self.g_seq_lens[0] = t
+
+            def prefill(t=t, meta=meta):
+                with forward_context(meta):
+                    hidden = model(self.g_input_ids[:t], self.g_positions[:t])
+                    return model.compute_logits(hidden[self.g_logit_row])
+            replay, logits, pool = self._capture(prefill, pool)
+            self.prefill_graphs[t] = (replay, logits)
+        self.g_seq_lens.fill_(1)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
     def _replay_graph(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
         n = input_ids.shape[0]
         bs = next(b for b in sorted(self.graphs) if b >= n)
-        graph, logits = self.graphs[bs]
+        replay, logits = self.graphs[bs]
         self.g_input_ids[:n].copy_(input_ids)
         self.g_positions[:n].copy_(positions)
         self.g_slots[:n].copy_(meta.slot_mapping)
@@ -329,8 +369,31 @@ class ModelRunner:
         self.g_seq_lens[n:bs].fill_(1)
         width = meta.block_tables.shape[1]
         self.g_block_tables[:n, :width].copy_(meta.block_tables)
-        graph.replay()
+        replay()
         return logits[:n]
+
+    def _prefill_graph_for(self, n: int):
+        for t in sorted(self.prefill_graphs):
+            if t >= n:
+                return t
+        return None
+
+    def _replay_prefill_graph(self, input_ids, positions, meta: AttentionMetadata, logits_idx) -> torch.Tensor:
+        n = input_ids.shape[0]
+        t = self._prefill_graph_for(n)
+        replay, logits = self.prefill_graphs[t]
+        self.g_input_ids[:n].copy_(input_ids)
+        self.g_positions[:n].copy_(positions)
+        self.g_slots[:n].copy_(meta.slot_mapping)
+        self.g_slots[n:t].fill_(-1)
+        self.g_prefill_qsl.copy_(meta.query_start_loc)
+        self.g_seq_lens[:1].copy_(meta.seq_lens)
+        width = meta.block_tables.shape[1]
+        self.g_block_tables[:1, :width].copy_(meta.block_tables)
+        self.g_logit_row.copy_(logits_idx)
+        replay()
+        self.g_seq_lens[:1].fill_(1)
+        return logits
 
     # --- warmup ---------------------------------------------------------------------------
     @torch.inference_mode()

@@ -1,0 +1,39 @@
+"""The model runner's graph paths, exercised on CPU: ``capture_cuda_graphs`` off CUDA keeps
+the same static buffers and padding but reruns the forward instead of a captured graph, so
+the input copying and padding logic is checked here; the GPU suite checks the real graphs."""
+from __future__ import annotations
+
+from helpers import check_clean, random_prompts
+
+from miniinfer import SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+
+
+def test_graph_padding_paths_match_eager(tiny_llm):
+    prompts = random_prompts(12, seed=21, min_len=3, max_len=90)
+    eager = tiny_llm("qwen3", max_num_batched_tokens=48, max_model_len=256)
+    want = [o.outputs[0].token_ids for o in eager.generate(prompts, GREEDY, use_tqdm=False)]
+    want_alone = [eager.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in prompts[:3]]
+
+    graphed = tiny_llm("qwen3", max_num_batched_tokens=48, max_model_len=256, max_num_seqs=20)
+    runner = graphed.engine.runner
+    runner.capture_cuda_graphs()
+    assert sorted(runner.graphs) == [1, 2, 4, 8, 16, 20]
+    assert sorted(runner.prefill_graphs) == [16, 32, 64, 128]
+    used = {"decode": 0, "prefill": 0}
+    for name, attr in (("decode", "_replay_graph"), ("prefill", "_replay_prefill_graph")):
+        orig = getattr(runner, attr)
+
+        def counted(*a, _orig=orig, _name=name):
+            used[_name] += 1
+            return _orig(*a)
+        setattr(runner, attr, counted)
+
+    got = [o.outputs[0].token_ids for o in graphed.generate(prompts, GREEDY, use_tqdm=False)]
+    assert got == want
+    # one request at a time: its prefill (n <= 128 tokens) takes a prefill graph
+    alone = [graphed.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in prompts[:3]]
+    assert alone == want_alone
+    assert used["decode"] > 0 and used["prefill"] >= 3
+    check_clean(graphed)
