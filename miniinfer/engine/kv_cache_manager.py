@@ -13,6 +13,7 @@ that block's id; a path from the root spells a cached token prefix.
 """
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class KVCacheManager:
         self.root = RadixNode((), -1, None)
         self.node_of_block: dict[int, RadixNode] = {}  # blocks held by the tree
         self.num_evictable = 0  # tree blocks with ref 0
+        self._lru: list[tuple[int, int]] = []  # lazy heap of evictable leaves, see _evict_one
         self._clock = itertools.count(1)
         self.prefix_queries = 0  # prompt tokens looked up
         self.prefix_hits = 0  # prompt tokens found
@@ -82,8 +84,11 @@ class KVCacheManager:
             self.ref_count[b] -= 1
             assert self.ref_count[b] >= 0, f"block {b} freed twice"
             if self.ref_count[b] == 0:
-                if b in self.node_of_block:
+                node = self.node_of_block.get(b)
+                if node is not None:
                     self.num_evictable += 1
+                    if not node.children:
+                        heapq.heappush(self._lru, (node.last_access, b))
                 else:
                     self.free_blocks.append(b)
         block_table.clear()
@@ -155,17 +160,29 @@ class KVCacheManager:
         return cursor
 
     def _evict_one(self) -> None:
-        """Free the least recently used unreferenced leaf."""
-        best = None
-        for b, node in self.node_of_block.items():
-            if self.ref_count[b] == 0 and not node.children:
-                if best is None or node.last_access < best.last_access:
-                    best = node
-        assert best is not None, "no evictable block although num_evictable > 0"
-        del best.parent.children[best.tokens]
-        del self.node_of_block[best.block_id]
+        """Free the least recently used unreferenced leaf.
+
+        ``_lru`` is a lazy heap of (last_access, block): entries go stale when the block is
+        referenced again, gains children or is touched; stale ones are skipped, and if the
+        heap runs dry the candidates are collected afresh."""
+        while True:
+            if not self._lru:
+                self._lru = [(n.last_access, b) for b, n in self.node_of_block.items()
+                             if self.ref_count[b] == 0 and not n.children]
+                heapq.heapify(self._lru)
+                assert self._lru, "no evictable block although num_evictable > 0"
+            access, b = heapq.heappop(self._lru)
+            node = self.node_of_block.get(b)
+            if (node is not None and self.ref_count[b] == 0 and not node.children
+                    and node.last_access == access):
+                break
+        parent = node.parent
+        del parent.children[node.tokens]
+        del self.node_of_block[b]
         self.num_evictable -= 1
-        self.free_blocks.append(best.block_id)
+        self.free_blocks.append(b)
+        if parent is not self.root and not parent.children and self.ref_count[parent.block_id] == 0:
+            heapq.heappush(self._lru, (parent.last_access, parent.block_id))
 
     def reset_prefix_cache(self) -> None:
         for b, node in list(self.node_of_block.items()):
@@ -174,6 +191,7 @@ class KVCacheManager:
         self.node_of_block.clear()
         self.root = RadixNode((), -1, None)
         self.num_evictable = 0
+        self._lru = []
 
     # --- invariants -----------------------------------------------------------------
     def check_integrity(self, block_tables: list[list[int]]) -> None:
