@@ -128,6 +128,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | torch | triton
     enforce_eager: bool = False  # no CUDA graphs
     warmup: bool = True
+    check_integrity_when_idle: bool = True  # verify KV bookkeeping whenever the engine goes idle
     max_logprobs: int = 20
     tensor_parallel_size: int = 1
     trust_remote_code: bool = False  # accepted for API parity; never executes remote code

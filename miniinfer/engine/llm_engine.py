@@ -325,3 +325,20 @@ class LLMEngine:
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
+
+    def on_idle(self, raise_errors: bool = True) -> None:
+        """Front ends call this when no request is left: drop a stale in-flight step and verify
+        the KV bookkeeping (O(blocks), cheap next to a step)."""
+        if self.requests:
+            return
+        if self.inflight is not None:
+            self._complete(self.inflight)
+            self.inflight = None
+        if not self.config.check_integrity_when_idle:
+            return
+        try:
+            self.check_integrity()
+        except AssertionError:
+            log.exception("KV-cache integrity check failed")
+            if raise_errors:
+                raise

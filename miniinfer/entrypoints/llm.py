@@ -76,6 +76,7 @@ class LLM:
             raise
         finally:
             bar.close()
+        self.engine.on_idle()
         return [done[rid] for rid in ids]
 
     def chat(self, messages, sampling_params: SamplingParams | None = None,

@@ -321,6 +321,8 @@ class AsyncEngine:
         while True:
             if not engine.has_unfinished_requests():
                 self._update_stats(force=True)
+                if hasattr(engine, "on_idle"):
+                    engine.on_idle(raise_errors=False)
                 cmd = self._cmds.get()  # idle: block until there is something to do
                 if cmd is _STOP or not self._handle(engine, cmd):
                     return
