@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--out-len", type=int, default=64)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--overlap", dest="overlap", action="store_true")
     ap.add_argument("--no-overlap", dest="overlap", action="store_false")
     a, _ = ap.parse_known_args()
     out_dir = os.environ.get("OUT", "artifacts")

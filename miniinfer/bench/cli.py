@@ -17,6 +17,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--hf-num-requests", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--overlap", dest="overlap_scheduling", action="store_true")
     p.add_argument("--no-overlap", dest="overlap_scheduling", action="store_false")
     if argv[:1] == ["serve"]:
         from miniinfer.bench.serve import main as serve_main

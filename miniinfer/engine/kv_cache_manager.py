@@ -194,6 +194,12 @@ class KVCacheManager:
         self._lru = []
 
     # --- invariants -----------------------------------------------------------------
+    def check_idle(self) -> None:
+        """O(1) check for an engine with no sequence: every block is free or cached."""
+        assert self.num_evictable == len(self.node_of_block), "a cached block is still referenced"
+        assert len(self.free_blocks) + self.num_evictable == self.num_blocks, (
+            f"{self.num_blocks - len(self.free_blocks) - self.num_evictable} blocks leaked")
+
     def check_integrity(self, block_tables: list[list[int]]) -> None:
         """Every block is free, cached or referenced, exactly once; ref counts equal the number
         of tables holding the block. Raises AssertionError on the first violation."""

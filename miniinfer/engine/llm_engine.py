@@ -337,7 +337,9 @@ class LLMEngine:
         if not self.config.check_integrity_when_idle:
             return
         try:
-            self.check_integrity()
+            self.kv.check_idle()
+            if self.kv.num_blocks <= 8192:  # the full walk is O(blocks): only for small caches
+                self.check_integrity()
         except AssertionError:
             log.exception("KV-cache integrity check failed")
             if raise_errors:

@@ -27,6 +27,8 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = False) 
     g.add_argument("--kv-cache-memory-gb", type=float, default=None, help="CPU KV-cache budget")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    g.add_argument("--overlap", dest="overlap_scheduling", action="store_true",
+                   help="overlap scheduling (CPU prepares step N+1 while the GPU runs step N)")
     g.add_argument("--no-overlap", dest="overlap_scheduling", action="store_false")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     g.add_argument("--no-warmup", dest="warmup", action="store_false")

@@ -1,0 +1,364 @@
+"""Plot the measured benchmark results: ``benchmarks/results/*.json`` -> ``docs/img/*.png``.
+
+    python benchmarks/plot.py [--results benchmarks/results] [--out docs/img]
+
+Writes, for whatever results exist (a missing file or metric only drops its bar/line/plot):
+
+* ``decode_sweep.png``     §3: output tok/s against decode batch size, one line per model;
+* ``headline_targets.png`` the headline metrics against their targets (green: met, red: missed);
+* ``vs_hf.png``            MiniInfer / HF transformers ratios measured in the same run;
+* ``prefix_cache.png``     §5: mean TTFT and throughput with prefix caching on and off;
+* ``profile_kernels.png``  top GPU kernels of the decode-heavy profile (``*profile-decode*.json``);
+* ``overlap.png``          §6: overlap scheduling on vs off (only once its JSON exists).
+
+Result files follow ../shared/BENCHMARKS.md: ``{"device", "date", "command", "metrics"}``
+(the profile file has its fields at the top level instead).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GREEN, RED, GREY, BLUE = "#2e7d32", "#c62828", "#9e9e9e", "#1565c0"
+
+
+@dataclass
+class Result:
+    path: str
+    kind: str  # file name without the date and .json: "latency-qwen2-0.5b-run1"
+    device: str
+    date: str
+    model: str | None
+    metrics: dict = field(default_factory=dict)
+    raw: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.kind
+
+
+def _model_of(data: dict, kind: str) -> str | None:
+    m = re.search(r"--model\s+(\S+)", data.get("command", ""))
+    if m:
+        return m.group(1)
+    if data.get("model"):
+        return data["model"]
+    m = re.search(r"(qwen\d-[\d.]+b|llama-3-8b)", kind)
+    return m.group(1) if m else None
+
+
+def load_results(folder: str) -> list[Result]:
+    out = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            print(f"skip {path}: {e}", file=sys.stderr)
+            continue
+        if not isinstance(data, dict):
+            continue
+        stem = os.path.basename(path)[:-len(".json")]
+        kind = re.sub(r"^\d{4}-\d{2}-\d{2}-", "", stem)
+        metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else {}
+        out.append(Result(path, kind, data.get("device", "?"), data.get("date", "?"), _model_of(data, kind),
+                          {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, data))
+    return out
+
+
+def _name(model: str | None) -> str:
+    return (model or "?").replace("-", "_")
+
+
+def values(results: list[Result], key: str, kinds: tuple[str, ...] = ()) -> list[tuple[str, float, str]]:
+    """(file label, value, device) of ``key`` in every result (of the given kinds, by prefix)."""
+    out = []
+    for r in results:
+        if kinds and not r.kind.startswith(kinds):
+            continue
+        if key in r.metrics:
+            out.append((r.label, float(r.metrics[key]), r.device))
+    return out
+
+
+def offline_throughput(results: list[Result], model: str) -> list[tuple[str, float, str]]:
+    """§1 throughput of ``model``: the spec names it ``offline_throughput_tok_s`` for Qwen3-0.6B and
+    ``<model>_offline_throughput_tok_s`` otherwise; ``bench throughput`` always writes the former."""
+    out = []
+    for r in results:
+        if not r.kind.startswith("throughput") or r.model != model:
+            continue
+        for key in (f"{_name(model)}_offline_throughput_tok_s", "offline_throughput_tok_s"):
+            if key in r.metrics:
+                out.append((r.label, float(r.metrics[key]), r.device))
+                break
+    return out
+
+
+def _save(fig, out_dir: str, name: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {os.path.relpath(path, ROOT)}")
+    return path
+
+
+def _devices(rows) -> str:
+    devs = sorted({d for *_, d in rows})
+    return ", ".join(devs)
+
+
+# --- (a) decode batch sweep -------------------------------------------------------------
+def plot_sweep(results: list[Result], out_dir: str) -> str | None:
+    pat = re.compile(r"^(.+)_sweep_bs(\d+)_tok_s$")
+    series: dict[str, list[tuple[int, float]]] = {}
+    devices = set()
+    for r in results:
+        for k, v in r.metrics.items():
+            m = pat.match(k)
+            if m:
+                series.setdefault(f"{m.group(1)} ({r.label})", []).append((int(m.group(2)), float(v)))
+                devices.add(r.device)
+    if not series:
+        print("no sweep results: skipping decode_sweep.png")
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(xs, ys, marker="o", label=name)
+        for x, y in pts:
+            ax.annotate(f"{y:,.0f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({p[0] for pts in series.values() for p in pts}))
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("decode batch size (prompt 128, output 128)")
+    ax.set_ylabel("output tokens / s")
+    ax.set_title(f"§3 decode batch sweep — {', '.join(sorted(devices))}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir, "decode_sweep.png")
+
+
+# --- (b) headline metrics against targets -----------------------------------------------
+@dataclass
+class Target:
+    title: str
+    unit: str
+    value: float
+    higher_is_better: bool
+    rows: list  # (label, value, device)
+    reference: tuple[str, float] | None = None  # a published number to draw for context
+
+
+def headline_targets(results: list[Result]) -> list[Target]:
+    lat = ("latency",)
+    return [
+        Target("Offline throughput, Qwen3-0.6B (§1)", "tok/s", 23000, True,
+               offline_throughput(results, "qwen3-0.6b"), ("vLLM, H200: 22,900", 22900)),
+        Target("bs1 TPOT, Qwen2-0.5B (§2)", "ms", 1.0, False, values(results, "qwen2_0.5b_bs1_tpot_ms", lat)),
+        Target("bs1 roofline ratio, Qwen2-7B (§2)", "TPOT / roofline", 1.1, False,
+               values(results, "qwen2_7b_bs1_roofline_ratio", lat)),
+        Target("TTFT, 128-token prompt, Qwen2-0.5B (§2)", "ms", 3.0, False,
+               values(results, "qwen2_0.5b_ttft_128_ms", lat)),
+        Target("TTFT, 1024-token prompt, Qwen2-0.5B (§2)", "ms", 5.0, False,
+               values(results, "qwen2_0.5b_ttft_1024_ms", lat)),
+        Target("First / steady request (§7, warmup on)", "ratio", 1.1, False,
+               values(results, "first_over_steady", ("startup",))),
+        Target("Startup to ready, Qwen2-0.5B (§7)", "s", 20.0, False,
+               values(results, "qwen2_0.5b_startup_s", ("startup",))),
+        Target("Startup to ready, Qwen2-7B (§7)", "s", 20.0, False,
+               values(results, "qwen2_7b_startup_s", ("startup",))),
+    ]
+
+
+def met(t: Target, v: float) -> bool:
+    return v >= t.value if t.higher_is_better else v <= t.value
+
+
+def plot_targets(results: list[Result], out_dir: str) -> str | None:
+    targets = [t for t in headline_targets(results) if t.rows]
+    if not targets:
+        print("no headline metrics: skipping headline_targets.png")
+        return None
+    cols = 4 if len(targets) > 4 else len(targets)
+    nrows = -(-len(targets) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.3 * cols, 3.3 * nrows), squeeze=False)
+    for ax in axes.flat[len(targets):]:
+        ax.axis("off")
+    for ax, t in zip(axes.flat, targets):
+        labels = [lbl for lbl, _, _ in t.rows]
+        vals = [v for _, v, _ in t.rows]
+        colors = [GREEN if met(t, v) else RED for v in vals]
+        xs = range(len(vals))
+        ax.bar(xs, vals, color=colors, width=0.6)
+        for x, v in zip(xs, vals):
+            ax.annotate(f"{v:,.3g}" if v < 100 else f"{v:,.0f}", (x, v), textcoords="offset points",
+                        xytext=(0, 3), ha="center", fontsize=8)
+        ax.axhline(t.value, color="black", ls="--", lw=1)
+        ax.annotate(f"target {'≥' if t.higher_is_better else '≤'} {t.value:,g}", (1.0, t.value),
+                    xycoords=("axes fraction", "data"), textcoords="offset points", xytext=(-2, 3),
+                    ha="right", fontsize=7)
+        top = max(vals + [t.value])
+        if t.reference is not None:
+            ax.axhline(t.reference[1], color=GREY, ls=":", lw=1)
+            ax.annotate(t.reference[0], (0.0, t.reference[1]), xycoords=("axes fraction", "data"),
+                        textcoords="offset points", xytext=(2, -9), fontsize=7, color="#555")
+            top = max(top, t.reference[1])
+        ax.set_ylim(0, top * 1.3)
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=7)
+        ax.set_title(t.title, fontsize=8.5)
+        ax.set_ylabel(t.unit, fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+    devs = sorted({d for t in targets for *_, d in t.rows})
+    fig.suptitle(f"Headline metrics vs targets (green: met, red: missed) — {', '.join(devs)}", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_dir, "headline_targets.png")
+
+
+# --- (c) MiniInfer vs HF transformers ---------------------------------------------------
+def _pretty(metric: str) -> str:
+    for a, b in (("_bs1_tpot", " bs1 TPOT"), ("_ttft_128", " TTFT (128)"), ("offline_throughput", "offline throughput"),
+                 ("cpu_throughput", "CPU throughput")):
+        metric = metric.replace(a, b)
+    return metric
+
+
+def vs_hf_rows(results: list[Result]) -> list[tuple[str, float, str]]:
+    """(description, speedup over HF, device): > 1 means MiniInfer is faster."""
+    rows = []
+    for r in results:
+        m = r.metrics
+        for k, v in sorted(m.items()):
+            if k.endswith("ratio_vs_hf"):
+                rows.append((f"{_pretty(k.removesuffix('_ratio_vs_hf'))} [{r.label}]", float(v), r.device))
+        for k in sorted(m):  # TTFT: the latency bench records both sides but no ratio
+            mt = re.match(r"^(.+)_hf_ttft_128_ms$", k)
+            if mt and f"{mt.group(1)}_ttft_128_ms" in m and m[f"{mt.group(1)}_ttft_128_ms"] > 0:
+                rows.append((f"{_pretty(mt.group(1) + '_ttft_128')} [{r.label}]", m[k] / m[f"{mt.group(1)}_ttft_128_ms"],
+                             r.device))
+    return rows
+
+
+def plot_vs_hf(results: list[Result], out_dir: str) -> str | None:
+    rows = vs_hf_rows(results)
+    if not rows:
+        print("no HF baselines: skipping vs_hf.png")
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(rows) + 1.4))
+    ys = range(len(rows))
+    vals = [v for _, v, _ in rows]
+    ax.barh(ys, vals, color=[BLUE if v >= 1 else RED for v in vals])
+    for y, v in zip(ys, vals):
+        ax.annotate(f"{v:.1f}×", (v, y), textcoords="offset points", xytext=(3, -3), fontsize=8)
+    ax.axvline(1.0, color="black", lw=1)
+    ax.set_xscale("log")
+    ax.set_yticks(list(ys))
+    ax.set_yticklabels([d for d, _, _ in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0.5, max(vals) * 2)
+    ax.set_xlabel("MiniInfer speed / HF transformers speed, same run (log scale; > 1: MiniInfer faster)")
+    ax.set_title(f"MiniInfer vs HF transformers — {_devices(rows)}", fontsize=10)
+    ax.grid(axis="x", alpha=0.3, which="both")
+    return _save(fig, out_dir, "vs_hf.png")
+
+
+# --- §5 prefix cache, §6 overlap, profile -------------------------------------------------
+def plot_prefix(results: list[Result], out_dir: str) -> str | None:
+    r = next((r for r in reversed(results) if "prefix_on_mean_ttft_ms" in r.metrics
+              and "prefix_off_mean_ttft_ms" in r.metrics), None)
+    if r is None:
+        print("no prefix results: skipping prefix_cache.png")
+        return None
+    m = r.metrics
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(7, 3.2))
+    for ax, key, unit in ((a1, "mean_ttft_ms", "mean TTFT (ms)"), (a2, "throughput_tok_s", "output tok/s")):
+        vals = [m.get(f"prefix_on_{key}", 0.0), m.get(f"prefix_off_{key}", 0.0)]
+        ax.bar(["caching on", "caching off"], vals, color=[BLUE, GREY], width=0.55)
+        for x, v in enumerate(vals):
+            ax.annotate(f"{v:,.0f}", (x, v), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+        ax.set_ylabel(unit)
+        ax.set_ylim(0, max(vals) * 1.2 or 1)
+    fig.suptitle(f"§5 shared 2048-token prefix, 64 requests ({r.model}, {r.device})", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_dir, "prefix_cache.png")
+
+
+def plot_overlap(results: list[Result], out_dir: str) -> str | None:
+    r = next((r for r in reversed(results) if "overlap_throughput_gain" in r.metrics), None)
+    if r is None:
+        print("no overlap ablation results yet: skipping overlap.png")
+        return None
+    m = r.metrics
+    tpot = sorted(k for k in m if k.endswith("_bs1_tpot_ms"))
+    panels = [("offline throughput (tok/s)", "offline_throughput_tok_s")] + [(f"{k} (ms)", k) for k in tpot]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.2), squeeze=False)
+    for ax, (title, key) in zip(axes.flat, panels):
+        vals = [m.get(key, 0.0), m.get(f"{key}_no_overlap", 0.0)]
+        ax.bar(["overlap on", "overlap off"], vals, color=[BLUE, GREY], width=0.55)
+        for x, v in enumerate(vals):
+            ax.annotate(f"{v:,.3g}", (x, v), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylim(0, max(vals) * 1.2 or 1)
+    fig.suptitle(f"§6 overlap ablation: throughput gain {m['overlap_throughput_gain']:.2f}×, "
+                 f"TPOT gain {m.get('overlap_tpot_gain', float('nan')):.2f}× ({r.device})", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_dir, "overlap.png")
+
+
+def plot_profile(results: list[Result], out_dir: str) -> str | None:
+    profiles = [r for r in results if "profile-decode" in r.kind and r.raw.get("top_kernels")]
+    if not profiles:
+        print("no decode profile: skipping profile_kernels.png")
+        return None
+    fig, axes = plt.subplots(1, len(profiles), figsize=(7.5 * len(profiles), 4.6), squeeze=False)
+    for ax, r in zip(axes.flat, profiles):
+        p = r.raw
+        top = p["top_kernels"][:10]
+        names = [k["name"] if len(k["name"]) <= 48 else k["name"][:45] + "..." for k in top]
+        shares = [100 * k["share"] for k in top]
+        ax.barh(range(len(top)), shares, color=BLUE)
+        for y, (v, k) in enumerate(zip(shares, top)):
+            ax.annotate(f"{v:.1f}%  ({k['ms']:.0f} ms, {k['calls']} calls)", (v, y), textcoords="offset points",
+                        xytext=(3, -3), fontsize=7)
+        ax.set_yticks(range(len(top)))
+        ax.set_yticklabels(names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, max(shares) * 1.6)
+        ax.set_xlabel("share of GPU kernel time (%)")
+        ax.set_title(f"{r.kind}: {p.get('model')} batch {p.get('batch')}, prompt {p.get('prompt_len')}, "
+                     f"output {p.get('out_len')}\nGPU idle {100 * p.get('gpu_idle_fraction', float('nan')):.0f}% "
+                     f"of the run, {p.get('tok_s', 0):,.0f} tok/s ({r.device})", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out_dir, "profile_kernels.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "img"))
+    a = ap.parse_args(argv)
+    results = load_results(a.results)
+    if not results:
+        print(f"no result files in {a.results}", file=sys.stderr)
+        return 1
+    for fn in (plot_sweep, plot_targets, plot_vs_hf, plot_prefix, plot_overlap, plot_profile):
+        fn(results, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
