@@ -54,6 +54,10 @@ class ModelRunner:
         self.load_seconds = time.perf_counter() - t0
         self.num_blocks = self._num_kv_blocks()
         self._allocate_kv_cache(self.num_blocks)
+        if self.device.type == "cuda":
+            n = max(cfg.max_num_seqs, 1)
+            self._pinned = [torch.empty(n, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            self._pinned_turn = 0
         self.graphs: dict[int, tuple] = {}  # decode batch size -> (replay, logits)
         self.prefill_graphs: dict[int, tuple] = {}  # prefill token bucket -> (replay, logits)
         self.max_graph_bs = 0
@@ -249,7 +253,10 @@ class ModelRunner:
         out = sample(logits, batch)
         event = None
         if self.device.type == "cuda":
-            host = torch.empty(out.token_ids.shape, dtype=out.token_ids.dtype, pin_memory=True)
+            # Two preallocated pinned buffers, alternating: at most one step is in flight while
+            # the next is launched, and a fresh pinned allocation per step could stall the device.
+            self._pinned_turn ^= 1
+            host = self._pinned[self._pinned_turn][:out.token_ids.shape[0]]
             host.copy_(out.token_ids, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
