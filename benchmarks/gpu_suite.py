@@ -1,6 +1,6 @@
 """One entry point for the GPU machine: GPU tests, then every GPU benchmark, JSON to $OUT.
 
-    python benchmarks/gpu_suite.py [--quick] [--only a,b]    (OUT defaults to ./artifacts/gpu)
+    python benchmarks/gpu_suite.py [--only a,b] [--skip c,d]    (OUT defaults to ./artifacts/gpu)
 
 Each step runs in its own process with a time limit, so one failure doesn't stop the rest."""
 from __future__ import annotations

@@ -92,6 +92,19 @@ def values(results: list[Result], key: str, kinds: tuple[str, ...] = ()) -> list
     return out
 
 
+def ablation(results: list[Result], key: str) -> list[tuple[str, float, str]]:
+    """``key`` as measured by the §6 overlap ablation, with overlap on and off (the ablation
+    runs workload 1 on Qwen3-0.6B and workload 2 on Qwen2-0.5B)."""
+    out = []
+    for r in results:
+        if "overlap_throughput_gain" not in r.metrics:
+            continue
+        for suffix, tag in (("", "overlap on"), ("_no_overlap", "overlap off")):
+            if key + suffix in r.metrics:
+                out.append((f"{r.label}: {tag}", float(r.metrics[key + suffix]), r.device))
+    return out
+
+
 def offline_throughput(results: list[Result], model: str) -> list[tuple[str, float, str]]:
     """§1 throughput of ``model``: the spec names it ``offline_throughput_tok_s`` for Qwen3-0.6B and
     ``<model>_offline_throughput_tok_s`` otherwise; ``bench throughput`` always writes the former."""
@@ -165,16 +178,19 @@ class Target:
 
 def headline_targets(results: list[Result]) -> list[Target]:
     lat = ("latency",)
+
+    def latency(key: str) -> list:
+        return values(results, key, lat) + ablation(results, key)
+
     return [
         Target("Offline throughput, Qwen3-0.6B (§1)", "tok/s", 23000, True,
-               offline_throughput(results, "qwen3-0.6b"), ("vLLM, H200: 22,900", 22900)),
-        Target("bs1 TPOT, Qwen2-0.5B (§2)", "ms", 1.0, False, values(results, "qwen2_0.5b_bs1_tpot_ms", lat)),
+               offline_throughput(results, "qwen3-0.6b") + ablation(results, "offline_throughput_tok_s"),
+               ("vLLM, H200: 22,900", 22900)),
+        Target("bs1 TPOT, Qwen2-0.5B (§2)", "ms", 1.0, False, latency("qwen2_0.5b_bs1_tpot_ms")),
         Target("bs1 roofline ratio, Qwen2-7B (§2)", "TPOT / roofline", 1.1, False,
-               values(results, "qwen2_7b_bs1_roofline_ratio", lat)),
-        Target("TTFT, 128-token prompt, Qwen2-0.5B (§2)", "ms", 3.0, False,
-               values(results, "qwen2_0.5b_ttft_128_ms", lat)),
-        Target("TTFT, 1024-token prompt, Qwen2-0.5B (§2)", "ms", 5.0, False,
-               values(results, "qwen2_0.5b_ttft_1024_ms", lat)),
+               latency("qwen2_7b_bs1_roofline_ratio")),
+        Target("TTFT, 128-token prompt, Qwen2-0.5B (§2)", "ms", 3.0, False, latency("qwen2_0.5b_ttft_128_ms")),
+        Target("TTFT, 1024-token prompt, Qwen2-0.5B (§2)", "ms", 5.0, False, latency("qwen2_0.5b_ttft_1024_ms")),
         Target("First / steady request (§7, warmup on)", "ratio", 1.1, False,
                values(results, "first_over_steady", ("startup",))),
         Target("Startup to ready, Qwen2-0.5B (§7)", "s", 20.0, False,
@@ -278,21 +294,28 @@ def plot_vs_hf(results: list[Result], out_dir: str) -> str | None:
 
 # --- §5 prefix cache, §6 overlap, profile -------------------------------------------------
 def plot_prefix(results: list[Result], out_dir: str) -> str | None:
-    r = next((r for r in reversed(results) if "prefix_on_mean_ttft_ms" in r.metrics
-              and "prefix_off_mean_ttft_ms" in r.metrics), None)
-    if r is None:
+    runs = [r for r in results if "prefix_on_mean_ttft_ms" in r.metrics and "prefix_off_mean_ttft_ms" in r.metrics]
+    if not runs:
         print("no prefix results: skipping prefix_cache.png")
         return None
-    m = r.metrics
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(7, 3.2))
-    for ax, key, unit in ((a1, "mean_ttft_ms", "mean TTFT (ms)"), (a2, "throughput_tok_s", "output tok/s")):
-        vals = [m.get(f"prefix_on_{key}", 0.0), m.get(f"prefix_off_{key}", 0.0)]
-        ax.bar(["caching on", "caching off"], vals, color=[BLUE, GREY], width=0.55)
-        for x, v in enumerate(vals):
-            ax.annotate(f"{v:,.0f}", (x, v), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 2.2 * len(runs), 3.6))
+    width = 0.38
+    for ax, key, unit in ((axes[0], "mean_ttft_ms", "mean TTFT (ms)"), (axes[1], "throughput_tok_s", "output tok/s")):
+        top = 0.0
+        for i, r in enumerate(runs):
+            for j, (tag, color) in enumerate((("on", BLUE), ("off", GREY))):
+                v = r.metrics.get(f"prefix_{tag}_{key}", 0.0)
+                x = i + (j - 0.5) * width
+                ax.bar(x, v, width=width, color=color, label=f"caching {tag}" if i == 0 else None)
+                ax.annotate(f"{v:,.0f}", (x, v), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
+                top = max(top, v)
+        ax.set_xticks(range(len(runs)))
+        ax.set_xticklabels([r.label for r in runs], rotation=15, ha="right", fontsize=7)
         ax.set_ylabel(unit)
-        ax.set_ylim(0, max(vals) * 1.2 or 1)
-    fig.suptitle(f"§5 shared 2048-token prefix, 64 requests ({r.model}, {r.device})", fontsize=10)
+        ax.set_ylim(0, top * 1.2 or 1)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"§5 shared 2048-token prefix, 64 requests, Qwen2-0.5B ({_devices([(0, 0, r.device) for r in runs])})",
+                 fontsize=10)
     fig.tight_layout()
     return _save(fig, out_dir, "prefix_cache.png")
 
@@ -304,13 +327,14 @@ def plot_overlap(results: list[Result], out_dir: str) -> str | None:
         return None
     m = r.metrics
     tpot = sorted(k for k in m if k.endswith("_bs1_tpot_ms"))
-    panels = [("offline throughput (tok/s)", "offline_throughput_tok_s")] + [(f"{k} (ms)", k) for k in tpot]
+    panels = [("offline throughput, §1 workload (tok/s)", "offline_throughput_tok_s")] + [(f"{k} (ms)", k) for k in tpot]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.2), squeeze=False)
     for ax, (title, key) in zip(axes.flat, panels):
         vals = [m.get(key, 0.0), m.get(f"{key}_no_overlap", 0.0)]
         ax.bar(["overlap on", "overlap off"], vals, color=[BLUE, GREY], width=0.55)
         for x, v in enumerate(vals):
-            ax.annotate(f"{v:,.3g}", (x, v), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+            ax.annotate(f"{v:,.0f}" if v >= 100 else f"{v:.3g}", (x, v), textcoords="offset points",
+                        xytext=(0, 3), ha="center", fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.set_ylim(0, max(vals) * 1.2 or 1)
     fig.suptitle(f"§6 overlap ablation: throughput gain {m['overlap_throughput_gain']:.2f}×, "
@@ -324,7 +348,7 @@ def plot_profile(results: list[Result], out_dir: str) -> str | None:
     if not profiles:
         print("no decode profile: skipping profile_kernels.png")
         return None
-    fig, axes = plt.subplots(1, len(profiles), figsize=(7.5 * len(profiles), 4.6), squeeze=False)
+    fig, axes = plt.subplots(len(profiles), 1, figsize=(8, 4.4 * len(profiles)), squeeze=False)
     for ax, r in zip(axes.flat, profiles):
         p = r.raw
         top = p["top_kernels"][:10]
@@ -339,8 +363,8 @@ def plot_profile(results: list[Result], out_dir: str) -> str | None:
         ax.invert_yaxis()
         ax.set_xlim(0, max(shares) * 1.6)
         ax.set_xlabel("share of GPU kernel time (%)")
-        ax.set_title(f"{r.kind}: {p.get('model')} batch {p.get('batch')}, prompt {p.get('prompt_len')}, "
-                     f"output {p.get('out_len')}\nGPU idle {100 * p.get('gpu_idle_fraction', float('nan')):.0f}% "
+        ax.set_title(f"{r.kind}: {p.get('model')}, batch {p.get('batch')}, "
+                     f"prompt {p.get('prompt_len')}, output {p.get('out_len')}\nGPU idle {100 * p.get('gpu_idle_fraction', float('nan')):.0f}% "
                      f"of the run, {p.get('tok_s', 0):,.0f} tok/s ({r.device})", fontsize=9)
     fig.tight_layout()
     return _save(fig, out_dir, "profile_kernels.png")

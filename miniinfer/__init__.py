@@ -11,3 +11,21 @@ def __getattr__(name):
         from miniinfer.entrypoints.llm import LLM
         return LLM
     raise AttributeError(name)
+
+
+def _setup_logging() -> None:
+    """Like vLLM: engine start-up facts (KV blocks, graphs, load time) go to stderr at INFO
+    unless the application configured the ``miniinfer`` logger itself."""
+    import logging
+    import os
+    logger = logging.getLogger("miniinfer")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s miniinfer: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(os.environ.get("MINIINFER_LOG_LEVEL", "INFO"))
+    logger.propagate = False
+
+
+_setup_logging()

@@ -43,6 +43,8 @@ class TorchAttentionBackend:
             qsl, lens = meta.query_start_loc.tolist(), meta.seq_lens.tolist()
 
         nd = meta.num_decodes
+        if meta.num_decode_tokens != nd:
+            nd = 0  # multi-token "decodes" (speculative verify): the extend path handles them
         if nd:
             out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta.block_tables[:nd], lens[:nd], scale, group)
         for i in range(nd, len(lens)):
