@@ -148,9 +148,12 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ValueError(f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
-        if self.tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size must be 1 (tensor parallelism is not implemented yet), "
-                             f"got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1:
+            # v1 of tensor parallelism: synchronous eager steps (no overlap, no CUDA graphs)
+            self.overlap_scheduling = False
+            self.enforce_eager = True
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -21,6 +21,7 @@ from miniinfer.engine.scheduler import Scheduler, SchedulerOutput
 from miniinfer.engine.sequence import Sequence, SequenceStatus
 from miniinfer.loader.model_loader import resolve_model
 from miniinfer.outputs import CompletionOutput, Logprob, RequestOutput
+from miniinfer.parallel import TPGroup
 from miniinfer.sampling_params import SamplingParams
 
 log = logging.getLogger("miniinfer")
@@ -59,7 +60,14 @@ class LLMEngine:
         if self.tokenizer is not None:
             from miniinfer.tokenizer import eos_token_ids
             self.eos_token_ids |= set(eos_token_ids(self.tokenizer, source.hf_config))
-        self.runner = ModelRunner(config, self.model_config, source, self.max_model_len, progress)
+        self.tp_procs: list = []
+        tp = TPGroup()
+        if config.tensor_parallel_size > 1:
+            from miniinfer.engine.tp_workers import start_workers
+            tp, self.tp_procs = start_workers(config, self.model_config, source, self.max_model_len)
+            import atexit
+            atexit.register(self.shutdown)
+        self.runner = ModelRunner(config, self.model_config, source, self.max_model_len, progress, tp)
         self.runner.eos_token_ids = sorted(self.eos_token_ids)  # banned before min_tokens
         capacity = self.runner.num_blocks * config.block_size
         if self.max_model_len > capacity:
@@ -325,6 +333,13 @@ class LLMEngine:
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (idempotent; also runs at interpreter exit)."""
+        if self.tp_procs:
+            from miniinfer.engine.tp_workers import stop_workers
+            procs, self.tp_procs = self.tp_procs, []
+            stop_workers(self.runner, procs)
 
     def on_idle(self, raise_errors: bool = True) -> None:
         """Front ends call this when no request is left: drop a stale in-flight step and verify

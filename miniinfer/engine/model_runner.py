@@ -16,8 +16,10 @@ from miniinfer.engine.forward_context import AttentionMetadata, forward_context
 from miniinfer.engine.sampler import SamplerOutput, SamplingBatch, sample
 from miniinfer.engine.scheduler import SchedulerOutput
 from miniinfer.loader.model_loader import ModelSource, build_model
+from miniinfer.parallel import TPGroup
 
 log = logging.getLogger("miniinfer")
+STEP, STOP = 1, 0  # first word of the header rank 0 broadcasts to tensor-parallel workers
 
 
 @dataclass
@@ -40,8 +42,9 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, model_config: ModelConfig, source: ModelSource,
-                 max_model_len: int, progress: bool = True):
+                 max_model_len: int, progress: bool = True, tp: TPGroup = TPGroup()):
         self.cfg = cfg
+        self.tp = tp
         self.model_config = model_config
         self.device = torch.device(cfg.device)
         self.dtype = cfg.torch_dtype
@@ -50,9 +53,15 @@ class ModelRunner:
         self.eos_token_ids: list[int] = list(model_config.eos_token_ids)  # the engine may add more
         self.backend = get_backend(cfg.attention_backend, cfg.device)
         t0 = time.perf_counter()
-        self.model = build_model(source, model_config, self.backend, cfg, max_model_len, progress)
+        self.model = build_model(source, model_config, self.backend, cfg, max_model_len,
+                                 progress and tp.rank == 0, tp)
+        self.num_local_kv_heads = self.model.layers[0].self_attn.num_kv_heads
         self.load_seconds = time.perf_counter() - t0
         self.num_blocks = self._num_kv_blocks()
+        if tp.enabled:  # every rank must hold the same number of blocks
+            n = torch.tensor([self.num_blocks], device=self.device)
+            torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+            self.num_blocks = int(n.item())
         self._allocate_kv_cache(self.num_blocks)
         if self.device.type == "cuda":
             n = max(cfg.max_num_seqs, 1)
@@ -62,11 +71,11 @@ class ModelRunner:
         self.prefill_graphs: dict[int, tuple] = {}  # prefill token bucket -> (replay, logits)
         self.max_graph_bs = 0
         self.graph_seconds = self.warmup_seconds = 0.0
-        if self.device.type == "cuda" and cfg.warmup:
+        if self.device.type == "cuda" and cfg.warmup and not tp.enabled:
             t0 = time.perf_counter()
             self.warmup()
             self.warmup_seconds = time.perf_counter() - t0
-        if self.device.type == "cuda" and not cfg.enforce_eager:
+        if self.device.type == "cuda" and not cfg.enforce_eager and not tp.enabled:
             t0 = time.perf_counter()
             self.capture_cuda_graphs()
             self.graph_seconds = time.perf_counter() - t0
@@ -75,7 +84,7 @@ class ModelRunner:
     def kv_bytes_per_block(self) -> int:
         m = self.model_config
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * elem
+        return 2 * m.num_layers * self.block_size * self.num_local_kv_heads * m.head_dim * elem
 
     def _num_kv_blocks(self) -> int:
         if self.cfg.num_kv_blocks is not None:
@@ -128,7 +137,7 @@ class ModelRunner:
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         m = self.model_config
-        shape = (2, m.num_layers, num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+        shape = (2, m.num_layers, num_blocks, self.block_size, self.num_local_kv_heads, m.head_dim)
         self.kv_caches = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.k_cache = self.kv_caches[0, i]
@@ -197,20 +206,55 @@ class ModelRunner:
         for t in tables:
             flat_tables.extend(t)
             flat_tables.extend([0] * (width - len(t)))
-        t_count, b = len(input_ids), len(q_lens)
         host = torch.tensor(input_ids + positions + slots + logits_idx + qsl + seq_lens + flat_tables
                             + fill_at + fill_rows, dtype=torch.int64)
+        header = [STEP, len(input_ids), len(logits_idx), len(q_lens), width, len(fill_at), num_decodes,
+                  max(q_lens), max(seq_lens)]
         dev_buf = host.to(self.device, non_blocking=True) if self.device.type == "cuda" else host
-        nf = len(fill_at)
-        parts = torch.split(dev_buf, [t_count, t_count, t_count, len(logits_idx), b + 1, b, b * width, nf, nf])
+        if self.tp.enabled:  # the other ranks run the same forward on the same inputs
+            self.tp.broadcast(torch.tensor(header, dtype=torch.int64).to(self.device))
+            self.tp.broadcast(dev_buf)
+        input_ids_t, positions_t, meta, logits_idx_t, fill = self._unpack(dev_buf, header)
+        meta.query_start_loc_cpu, meta.seq_lens_cpu = qsl, seq_lens
+        return input_ids_t, positions_t, meta, logits_idx_t, sampling_seqs, fill
+
+    @staticmethod
+    def _unpack(buf: torch.Tensor, header: list[int]):
+        """Inverse of the packing in ``prepare``: views into the one device buffer."""
+        _, t, nl, b, width, nf, num_decodes, max_q, max_len = header
+        parts = torch.split(buf, [t, t, t, nl, b + 1, b, b * width, nf, nf])
         meta = AttentionMetadata(
             num_decodes=num_decodes, num_decode_tokens=num_decodes,
             query_start_loc=parts[4].to(torch.int32), seq_lens=parts[5].to(torch.int32),
             block_tables=parts[6].view(b, width).to(torch.int32), slot_mapping=parts[2],
-            max_query_len=max(q_lens), max_seq_len=max(seq_lens),
-            query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens)
+            max_query_len=max_q, max_seq_len=max_len)
         fill = (parts[7], parts[8]) if nf else None
-        return parts[0], parts[1], meta, parts[3], sampling_seqs, fill
+        return parts[0], parts[1], meta, parts[3], fill
+
+    # --- tensor-parallel workers (ranks > 0) ------------------------------------------------
+    def serve_worker(self) -> None:
+        """Ranks > 0: run every forward rank 0 broadcasts, until it broadcasts STOP."""
+        header_t = torch.empty(9, dtype=torch.int64, device=self.device)
+        with torch.inference_mode():
+            while True:
+                self.tp.broadcast(header_t)
+                header = header_t.tolist()
+                if header[0] == STOP:
+                    return
+                t, nl, b, width, nf = header[1:6]
+                buf = torch.empty(3 * t + nl + 2 * b + 1 + b * width + 2 * nf, dtype=torch.int64,
+                                  device=self.device)
+                self.tp.broadcast(buf)
+                input_ids, positions, meta, logits_idx, _ = self._unpack(buf, header)
+                with forward_context(meta):
+                    hidden = self.model(input_ids, positions)
+                if nl:
+                    self.model.compute_logits(hidden[logits_idx])
+
+    def stop_workers(self) -> None:
+        if self.tp.enabled and self.tp.rank == 0:
+            header = [STOP] + [0] * 8
+            self.tp.broadcast(torch.tensor(header, dtype=torch.int64).to(self.device))
 
     # --- execution --------------------------------------------------------------------
     @torch.inference_mode()

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from miniinfer.attention import AttentionBackend
 from miniinfer.config import EngineConfig, ModelConfig
 from miniinfer.models.decoder import DecoderForCausalLM
+from miniinfer.parallel import TPGroup
 
 PRESETS = ("qwen2-0.5b", "qwen2-1.5b", "qwen2-7b", "qwen3-0.6b", "qwen3-8b", "llama-3-8b")
 
@@ -88,13 +89,14 @@ def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
 
 
 def build_model(source: ModelSource, model_config: ModelConfig, backend: AttentionBackend,
-                cfg: EngineConfig, max_positions: int, progress: bool = True) -> DecoderForCausalLM:
+                cfg: EngineConfig, max_positions: int, progress: bool = True,
+                tp: TPGroup = TPGroup()) -> DecoderForCausalLM:
     device, dtype = torch.device(cfg.device), cfg.torch_dtype
     prev_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = DecoderForCausalLM(model_config, backend, max_positions, device)
+            model = DecoderForCausalLM(model_config, backend, max_positions, device, tp)
     finally:
         torch.set_default_dtype(prev_dtype)
     model.to_empty(device=device)

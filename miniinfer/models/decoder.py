@@ -21,6 +21,7 @@ from miniinfer.config import ModelConfig
 from miniinfer.engine.forward_context import get_attention_metadata
 from miniinfer.models import ops
 from miniinfer.models.rotary import build_cos_sin_cache
+from miniinfer.parallel import TPGroup
 
 
 class RMSNorm(nn.Module):
@@ -36,9 +37,15 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, cos_sin_cache: torch.Tensor):
+    """This rank's heads of the attention block (all of them without tensor parallelism)."""
+
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, cos_sin_cache: torch.Tensor,
+                 tp: TPGroup):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.tp = tp
+        self.num_heads = tp.split(cfg.num_heads, "num_attention_heads")
+        self.num_kv_heads, _ = tp.kv_heads(cfg.num_kv_heads)
+        self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
@@ -62,26 +69,29 @@ class Attention(nn.Module):
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(t, self.num_kv_heads, self.head_dim)
         q, k = ops.apply_rope(positions, q, k, self.cos_sin_cache, self.head_dim)
         o = self.backend.forward(q, k, v, self.k_cache, self.v_cache, get_attention_metadata(), self.scale)
-        return self.o_proj(o.reshape(t, self.q_size))
+        return self.tp.all_reduce(self.o_proj(o.reshape(t, self.q_size)))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.tp = tp
+        inter = tp.split(cfg.intermediate_size, "intermediate_size")
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter, bias=False)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.tp.all_reduce(self.down_proj(ops.silu_and_mul(self.gate_up_proj(x))))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, cos_sin_cache: torch.Tensor):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, cos_sin_cache: torch.Tensor,
+                 tp: TPGroup):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, backend, cos_sin_cache)
+        self.self_attn = Attention(cfg, backend, cos_sin_cache, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp)
 
     def forward(self, positions, hidden, residual):
         if residual is None:
@@ -98,22 +108,33 @@ class DecoderForCausalLM(nn.Module):
     """``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM``."""
 
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, max_positions: int,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", tp: TPGroup = TPGroup()):
         super().__init__()
         self.config = cfg
+        self.tp = tp
+        self.vocab_local = tp.split(cfg.vocab_size, "vocab_size")
+        self.vocab_start = tp.rank * self.vocab_local
         # float32 whatever the weights' dtype; shared by every layer; not a parameter.
         cos_sin = build_cos_sin_cache(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
         self.cos_sin_cache = cos_sin
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, backend, cos_sin) for _ in range(cfg.num_layers))
+        self.embed_tokens = nn.Embedding(self.vocab_local, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, backend, cos_sin, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = nn.Linear(cfg.hidden_size, self.vocab_local, bias=False)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self.tp.enabled:
+            return self.embed_tokens(input_ids)
+        local = input_ids - self.vocab_start
+        mine = (local >= 0) & (local < self.vocab_local)
+        hidden = self.embed_tokens(local.clamp(0, self.vocab_local - 1)) * mine.unsqueeze(-1)
+        return self.tp.all_reduce(hidden)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
+        hidden = self.embed(input_ids)
         residual = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
@@ -122,19 +143,37 @@ class DecoderForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.matmul(hidden, weight.t()).float()
+        return self.tp.all_gather_last_dim(torch.matmul(hidden, weight.t()).float())
 
     # --- weights -------------------------------------------------------------------
-    def _fused_slices(self) -> dict[str, tuple[str, int, int]]:
-        cfg = self.config
-        q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    def _fused_slices(self) -> dict[str, tuple[str, int, int, int]]:
+        """HF name -> (fused parameter, offset in it, rows, first row of this rank's source slice)."""
+        cfg, tp = self.config, self.tp
+        d = cfg.head_dim
+        heads = tp.split(cfg.num_heads, "num_attention_heads")
+        kv, kv_start = tp.kv_heads(cfg.num_kv_heads)
+        inter = tp.split(cfg.intermediate_size, "intermediate_size")
+        q, k = heads * d, kv * d
         return {
-            "q_proj": ("qkv_proj", 0, q), "k_proj": ("qkv_proj", q, kv), "v_proj": ("qkv_proj", q + kv, kv),
-            "gate_proj": ("gate_up_proj", 0, inter), "up_proj": ("gate_up_proj", inter, inter),
+            "q_proj": ("qkv_proj", 0, q, tp.rank * q), "k_proj": ("qkv_proj", q, k, kv_start * d),
+            "v_proj": ("qkv_proj", q + k, k, kv_start * d),
+            "gate_proj": ("gate_up_proj", 0, inter, tp.rank * inter),
+            "up_proj": ("gate_up_proj", inter, inter, tp.rank * inter),
         }
 
+    def _shard(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a non-fused HF tensor."""
+        if not self.tp.enabled:
+            return tensor
+        if name in ("embed_tokens.weight", "lm_head.weight"):
+            return tensor[self.vocab_start:self.vocab_start + self.vocab_local]
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            cols = tensor.shape[1] // self.tp.size
+            return tensor[:, self.tp.rank * cols:(self.tp.rank + 1) * cols]
+        return tensor  # norms: replicated
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into the (fused) parameters; raise if any is missing."""
+        """Copy HF-named tensors into the (fused, sharded) parameters; raise if any is missing."""
         params = dict(self.named_parameters())
         slices = self._fused_slices()
         loaded: set[str] = set()
@@ -149,12 +188,14 @@ class DecoderForCausalLM(nn.Module):
             if fused is not None:
                 target = ".".join(parts[:-2] + [fused[0], parts[-1]])
                 param = params[target]
+                _, offset, rows, src = fused
                 with torch.no_grad():
-                    param.data[fused[1]:fused[1] + fused[2]].copy_(tensor)
+                    param.data[offset:offset + rows].copy_(tensor[src:src + rows])
                 loaded.add(f"{target}[{parts[-2]}]")
                 continue
             if name not in params:
                 raise ValueError(f"unexpected weight {name!r} in checkpoint")
+            tensor = self._shard(name, tensor)
             if params[name].shape != tensor.shape:
                 raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(params[name].shape)}")
