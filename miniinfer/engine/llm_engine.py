@@ -81,7 +81,6 @@ class LLMEngine:
         self._num_sync_requests = 0  # unfinished requests that disable overlap (penalties)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
-        self._device_generator_seed = config.seed
         torch.manual_seed(config.seed)
         log.info("KV cache: %d blocks x %d tokens = %d tokens", self.runner.num_blocks, config.block_size,
                  self.runner.num_blocks * config.block_size)

@@ -30,7 +30,6 @@ class SamplingBatch:
     all_greedy: bool
     want_logprobs: bool  # some row asked for logprobs
     max_logprobs: int  # the largest top-N asked for (may be 0: the sampled token's only)
-    logprob_rows: list[int]  # rows that want logprobs
     # (row, token) pairs that may not be sampled: EOS / stop tokens before min_tokens
     ban_rows: torch.Tensor | None = None
     ban_cols: torch.Tensor | None = None
@@ -88,7 +87,6 @@ class SamplingBatch:
             all_greedy=all(greedy_list),
             want_logprobs=any(x is not None for x in lp),
             max_logprobs=max((x for x in lp if x is not None), default=0),
-            logprob_rows=[i for i, x in enumerate(lp) if x is not None],
             ban_rows=dev(ban_rows, torch.int64) if ban_rows else None,
             ban_cols=dev(ban_cols, torch.int64) if ban_rows else None,
         )

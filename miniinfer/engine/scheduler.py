@@ -58,7 +58,6 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.cfg.max_num_batched_tokens
-        scheduled_ids: set[int] = set()
 
         # 1. Running sequences, oldest first: decodes and unfinished prefill chunks.
         i = 0
@@ -77,7 +76,6 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 break  # seq preempted itself: nothing later in the list is left either
             out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens))
-            scheduled_ids.add(seq.seq_id)
             budget -= n
             i += 1
 
