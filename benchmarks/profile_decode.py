@@ -1,7 +1,15 @@
-"""Profile a decode-heavy run: top GPU kernels, GPU idle fraction between steps, and where
-the host's time per step goes. Writes JSON (and a text table) under $OUT.
+"""Profile a run: top GPU kernels, GPU idle fraction between steps, and where the host's
+time per step goes. Writes JSON under $OUT.
 
     python benchmarks/profile_decode.py [--model qwen3-0.6b] [--batch 256] [--no-overlap]
+        [--workload decode|throughput] [--timer cupti|events]
+
+``--timer cupti`` traces every kernel with the torch profiler (kernel table; tracing slows
+launches a little). ``--timer events`` brackets each step's device work with two CUDA events
+and no tracer: the GPU idle fraction is 1 - (sum of step spans) / wall, where a step's span
+runs from its first queued op starting to its last finishing (a step that the host feeds
+slower than the GPU runs counts as busy: this measures the gaps *between* steps).
+``--workload throughput`` is shared/BENCHMARKS.md §1 (256 requests, 100-1024 in and out).
 """
 from __future__ import annotations
 
@@ -27,13 +35,20 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     ap.add_argument("--overlap", dest="overlap", action="store_true")
     ap.add_argument("--no-overlap", dest="overlap", action="store_false")
+    ap.add_argument("--workload", choices=["decode", "throughput"], default="decode")
+    ap.add_argument("--timer", choices=["cupti", "events"], default="cupti")
     a, _ = ap.parse_known_args()
     out_dir = os.environ.get("OUT", "artifacts")
     os.makedirs(out_dir, exist_ok=True)
     llm = LLM(a.model, load_format="dummy", max_model_len=4096, overlap_scheduling=a.overlap, progress=False)
     rng = random.Random(0)
-    prompts = [[rng.randrange(10000) for _ in range(a.prompt_len)] for _ in range(a.batch)]
-    p = SamplingParams(temperature=0.6, max_tokens=a.out_len, ignore_eos=True)
+    if a.workload == "throughput":
+        from miniinfer.bench.common import random_workload
+        prompts, outs = random_workload(256, (100, 1024), (100, 1024), seed=0)
+        p = [SamplingParams(temperature=0.6, max_tokens=o, ignore_eos=True) for o in outs]
+    else:
+        prompts = [[rng.randrange(10000) for _ in range(a.prompt_len)] for _ in range(a.batch)]
+        p = SamplingParams(temperature=0.6, max_tokens=a.out_len, ignore_eos=True)
     llm.generate(prompts[:8], SamplingParams(max_tokens=4), use_tqdm=False)
 
     # host-side phase timers
@@ -51,6 +66,17 @@ def main() -> None:
 
     eng.scheduler.schedule = timed("schedule", eng.scheduler.schedule)
     eng.runner.prepare = timed("prepare", eng.runner.prepare)
+    spans = []  # (start event, end event, decode-only step?)
+    launch = eng.runner.launch
+    if a.timer == "events":
+        def launch_with_events(sched, prev):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            out = launch(sched, prev)
+            e1.record()
+            spans.append((e0, e1, all(s.num_new_tokens == 1 for s in sched.scheduled)))
+            return out
+        eng.runner.launch = launch_with_events
     eng.runner.launch = timed("launch (incl. prepare)", eng.runner.launch)
     eng.runner.collect = timed("collect (wait for the device)", eng.runner.collect)
     eng._process = timed("process outputs", eng._process)
@@ -63,6 +89,29 @@ def main() -> None:
     eng.step = count_step
 
     torch.cuda.synchronize()
+    if a.timer == "events":
+        t = time.perf_counter()
+        res = llm.generate(prompts, p, use_tqdm=False)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+        tokens = sum(len(r.outputs[0].token_ids) for r in res)
+        dec = [e0.elapsed_time(e1) for e0, e1, d in spans if d]
+        mix = [e0.elapsed_time(e1) for e0, e1, d in spans if not d]
+        busy = (sum(dec) + sum(mix)) / 1e3
+        result = {
+            "device": torch.cuda.get_device_name(0), "model": a.model, "workload": a.workload,
+            "timer": "events", "overlap": eng.config.overlap_scheduling,
+            "wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "steps": steps[0],
+            "gpu_busy_fraction": busy / wall, "gpu_idle_fraction": 1 - busy / wall,
+            "decode_steps": len(dec), "decode_step_gpu_ms_mean": sum(dec) / max(len(dec), 1),
+            "mixed_steps": len(mix), "mixed_step_gpu_ms_mean": sum(mix) / max(len(mix), 1),
+            "wall_ms_per_step": wall / max(steps[0], 1) * 1e3,
+            "host_ms_per_step": {k: v / max(steps[0], 1) * 1e3 for k, v in phases.items()},
+        }
+        print(json.dumps(result, indent=2))
+        with open(os.path.join(out_dir, f"profile-{a.workload}{a.tag}.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        return
     with profile(activities=[ProfilerActivity.CUDA]) as prof:  # GPU only: CPU tracing would slow the host
         t = time.perf_counter()
         res = llm.generate(prompts, p, use_tqdm=False)

@@ -13,6 +13,7 @@ import torch
 from miniinfer.attention import get_backend
 from miniinfer.config import EngineConfig, ModelConfig
 from miniinfer.engine.forward_context import AttentionMetadata, forward_context
+from miniinfer.engine.host_staging import PinnedStaging
 from miniinfer.engine.sampler import SamplerOutput, SamplingBatch, sample
 from miniinfer.engine.scheduler import SchedulerOutput
 from miniinfer.loader.model_loader import ModelSource, build_model
@@ -63,6 +64,7 @@ class ModelRunner:
             torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
             self.num_blocks = int(n.item())
         self._allocate_kv_cache(self.num_blocks)
+        self.staging = PinnedStaging(self.device)
         if self.device.type == "cuda":
             n = max(cfg.max_num_seqs, 1)
             self._pinned = [torch.empty(n, dtype=torch.int64, pin_memory=True) for _ in range(2)]
@@ -167,6 +169,7 @@ class ModelRunner:
 
     def prepare(self, sched: SchedulerOutput):
         """Flatten the batch into one host int64 buffer and copy it to the device once."""
+        self.staging.begin_step()
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -206,11 +209,11 @@ class ModelRunner:
         for t in tables:
             flat_tables.extend(t)
             flat_tables.extend([0] * (width - len(t)))
-        host = torch.tensor(input_ids + positions + slots + logits_idx + qsl + seq_lens + flat_tables
-                            + fill_at + fill_rows, dtype=torch.int64)
         header = [STEP, len(input_ids), len(logits_idx), len(q_lens), width, len(fill_at), num_decodes,
                   max(q_lens), max(seq_lens)]
-        dev_buf = host.to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+        dev_buf = self.staging.to_device(input_ids + positions + slots + logits_idx + qsl + seq_lens
+                                         + flat_tables + fill_at + fill_rows, torch.int64)
+        self.staging.end_step()
         if self.tp.enabled:  # the other ranks run the same forward on the same inputs
             self.tp.broadcast(torch.tensor(header, dtype=torch.int64).to(self.device))
             self.tp.broadcast(dev_buf)
@@ -293,7 +296,9 @@ class ModelRunner:
             if not sampling_seqs:
                 return InFlightStep(sched, [], None, None, None, None)
             logits = self.model.compute_logits(hidden[logits_idx])
-        batch = SamplingBatch.build(sampling_seqs, logits.shape[-1], self.device, self.eos_token_ids)
+        batch = SamplingBatch.build(sampling_seqs, logits.shape[-1], self.device, self.eos_token_ids,
+                                    to_device=self.staging.to_device)
+        self.staging.end_step()
         out = sample(logits, batch)
         event = None
         if self.device.type == "cuda":

@@ -36,7 +36,9 @@ class SamplingBatch:
 
     @classmethod
     def build(cls, seqs: list[Sequence], vocab_size: int, device: torch.device,
-              eos_token_ids=()) -> "SamplingBatch":
+              eos_token_ids=(), to_device=None) -> "SamplingBatch":
+        """``to_device(values, dtype)`` copies a host list to the device without a sync
+        (the runner passes its pinned staging); default: a plain copy."""
         params = [s.params for s in seqs]
         ban_rows: list[int] = []
         ban_cols: list[int] = []
@@ -49,8 +51,10 @@ class SamplingBatch:
                 ban_cols += banned
         f32 = dict(dtype=torch.float32, device=device)
 
-        def dev(values, dtype):  # host list -> device without a stream sync
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+        def dev(values, dtype):
+            if to_device is not None:
+                return to_device(values, dtype)
+            return torch.tensor(values, dtype=dtype).to(device)
 
         greedy_list = [p.temperature == 0.0 for p in params]
         temperature = dev([1.0 if g else p.temperature for g, p in zip(greedy_list, params)], torch.float32)

@@ -9,18 +9,17 @@ Layout::
 
 Stage 1: grid ``(B, Hkv, num_splits)``. Each program owns one KV head and *all* of its
 ``G = H / Hkv`` query heads (so ``tl.dot`` has M = G padded to 16) and one partition of
-``partition_size`` tokens, walking it in tiles of ``BLOCK_N`` tokens gathered through the
+the context (sized on the device, see below), walking it in tiles of ``BLOCK_N`` tokens gathered through the
 block table; online softmax with fp32 accumulation. It writes a normalised partial output
 and its log-sum-exp (base 2) into fp32 workspaces. Stage 2 (grid ``(B, H)``) merges the
 partitions. With a single split, stage 1 writes the output directly and stage 2 is skipped.
 
-CUDA graphs: nothing here reads device memory on the host. The split count and partition
-size depend only on host ints (``B``, ``Hkv``, ``max_seq_len``, the SM count), so a capture
-with ``max_seq_len`` = the capture-time upper bound replays correctly for any shorter
-context. Correctness does not depend on the bound: the last split absorbs any tokens past
-``num_splits * partition_size`` (it is only slower). Workspaces and the output can be passed
-in (see :func:`decode_workspace_shapes`), otherwise they are allocated with ``torch.empty``
-(fine inside capture too: the allocation comes from the graph's pool).
+CUDA graphs: nothing here reads device memory on the host. The split count (the grid's
+third dimension) depends only on host ints (``B``, ``Hkv``, an upper bound on the context,
+the SM count); each program derives its partition from the sequence's *actual* length on
+the device, ``partition = ceil(ceil(seq_len / BLOCK_N) / num_splits) * BLOCK_N`` tokens. So
+a graph captured with a loose bound (``max_model_len``) still spreads a short context over
+many programs instead of handing it all to the first split, and any bound is correct.
 """
 from __future__ import annotations
 
@@ -49,7 +48,7 @@ def _decode_stage1_kernel(
     stride_mob, stride_moh, stride_mos,
     stride_mlb, stride_mlh,
     stride_ob, stride_oh,
-    partition_size, num_splits,
+    num_splits,
     G: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
@@ -58,9 +57,9 @@ def _decode_stage1_kernel(
     kvh = tl.program_id(1)
     s = tl.program_id(2)
     seq_len = tl.load(sl_ptr + b)
-    start = s * partition_size
-    end = tl.minimum(seq_len, start + partition_size)
-    end = tl.where(s == num_splits - 1, seq_len, end)
+    part = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits) * BLOCK_N
+    start = s * part
+    end = tl.minimum(seq_len, start + part)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -121,14 +120,15 @@ def _decode_stage2_kernel(
     stride_mob, stride_moh, stride_mos,
     stride_mlb, stride_mlh,
     stride_ob, stride_oh,
-    partition_size, num_splits,
-    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    num_splits,
+    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Merge the non-empty partitions, BLOCK_S at a time, with a running log-sum-exp.
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(sl_ptr + b)
-    n_valid = tl.minimum((seq_len + partition_size - 1) // partition_size, num_splits)
+    part = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits) * BLOCK_N  # as in stage 1
+    n_valid = tl.minimum(tl.cdiv(seq_len, tl.maximum(part, 1)), num_splits)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     ml_row = ml_ptr + b.to(tl.int64) * stride_mlb + h * stride_mlh
@@ -159,11 +159,13 @@ def _default_block_n(head_dim: int) -> int:
 
 def decode_split_config(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
                         num_splits: int | None = None, block_n: int | None = None,
-                        head_dim: int = 128) -> tuple[int, int]:
-    """``(num_splits, partition_size)`` the kernel will use; depends only on host ints."""
+                        head_dim: int = 128) -> int:
+    """The number of KV partitions per (sequence, KV head); depends only on host ints.
+
+    Enough programs to fill the SMs about eight times over, but no more splits than there
+    are ``_MIN_PARTITION``-token pieces in the bound (stage 2 would cost more than it saves)."""
     block_n = block_n or _default_block_n(head_dim)
     max_seq_len = max(int(max_seq_len), 1)
-    max_tiles = triton.cdiv(max_seq_len, block_n)
     if num_splits is None:
         programs = max(batch * num_kv_heads, 1)
         target = 2 * num_sms(device)
@@ -172,10 +174,7 @@ def decode_split_config(batch: int, num_kv_heads: int, max_seq_len: int, device:
         else:
             num_splits = min(triton.cdiv(target * 4, programs),
                              triton.cdiv(max_seq_len, _MIN_PARTITION), _MAX_SPLITS)
-    num_splits = max(1, min(int(num_splits), max_tiles))
-    partition_size = triton.cdiv(max_tiles, num_splits) * block_n
-    num_splits = triton.cdiv(max_tiles * block_n, partition_size)  # drop splits that would be empty
-    return num_splits, partition_size
+    return max(1, min(int(num_splits), triton.cdiv(max_seq_len, block_n)))
 
 
 def decode_workspace_shapes(batch: int, num_heads: int, head_dim: int,
@@ -190,11 +189,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            max_seq_len: int | None = None,
                            mid_out: torch.Tensor | None = None,
                            mid_lse: torch.Tensor | None = None,
-                           block_n: int | None = None) -> torch.Tensor:
+                           block_n: int | None = None, num_warps: int | None = None,
+                           num_stages: int = 2) -> torch.Tensor:
     """Attention of one query token per sequence over its paged KV; returns ``out [B, H, D]``.
 
-    ``max_seq_len`` (host int) is an upper bound on ``seq_lens`` used to pick the split
-    count; default: ``max_blocks * block_size`` (always a bound, never syncs).
+    ``max_seq_len`` (host int) bounds ``seq_lens`` for picking the split count (a loose or
+    even wrong bound only costs speed); default: ``max_blocks * block_size`` (never syncs).
     ``num_splits`` forces a split count. ``mid_out``/``mid_lse`` are optional fp32
     workspaces (shapes from :func:`decode_workspace_shapes`, split dim may be larger).
     """
@@ -215,7 +215,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * page
     block_n = block_n or _default_block_n(D)
-    splits, part = decode_split_config(B, Hkv, max_seq_len, q.device, num_splits, block_n, D)
+    splits = decode_split_config(B, Hkv, max_seq_len, q.device, num_splits, block_n, D)
     block_d = next_pow2(D)
     block_g = max(16, next_pow2(G))
     direct = splits == 1
@@ -236,7 +236,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         mo, ml = mid_out, mid_lse
         mo_strides = (mid_out.stride(0), mid_out.stride(1), mid_out.stride(2))
         ml_strides = (mid_lse.stride(0), mid_lse.stride(1))
-    num_warps = 8 if (block_d > 64 and block_g > 16) else 4
+    if num_warps is None:
+        num_warps = 8 if (block_d > 64 and block_g > 16) else 4
     _decode_stage1_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, mo, ml, out,
         scale * _LOG2E,
@@ -246,18 +247,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_tables.stride(0),
         *mo_strides, *ml_strides,
         out.stride(0), out.stride(1),
-        part, splits,
+        splits,
         G=G, PAGE=page, D=D, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n,
         DIRECT=direct, UPCAST=dot_upcast(q.dtype, q.device), PREC=dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
         _decode_stage2_kernel[(B, H)](
             mo, ml, seq_lens, out,
             *mo_strides, *ml_strides,
             out.stride(0), out.stride(1),
-            part, splits,
-            D=D, BLOCK_S=_STAGE2_BLOCK_S, BLOCK_D=block_d, num_warps=2,
+            splits,
+            D=D, BLOCK_S=_STAGE2_BLOCK_S, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=2,
         )
     return out
 

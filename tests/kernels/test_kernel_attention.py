@@ -43,7 +43,7 @@ def test_paged_decode_attention(device, dtype, seq_lens, H, Hkv, D, bs, splits, 
 
 
 def test_decode_bound_violation_and_empty(device):
-    """max_seq_len below the real context (last split absorbs the rest), a zero-length
+    """max_seq_len below the real context (partitions follow the real length), a zero-length
     sequence (zeros out), strided q, and caller-provided out / workspaces."""
     from miniinfer.kernels.decode_attention import (decode_split_config, decode_workspace_shapes,
                                                     paged_decode_attention, paged_decode_attention_ref)
@@ -53,8 +53,8 @@ def test_decode_bound_violation_and_empty(device):
     kv = PagedKV(seq_lens, Hkv, D, bs, dtype, device)
     q = torch.randn(len(seq_lens), 2 * H, D, device=device)[:, ::2]  # head stride 2*D
     scale = 0.1
-    splits, part = decode_split_config(3, Hkv, 32, torch.device(device), num_splits=2, block_n=16)
-    assert (splits, part) == (2, 16)
+    splits = decode_split_config(3, Hkv, 32, torch.device(device), num_splits=2, block_n=16)
+    assert splits == 2
     mo_shape, ml_shape = decode_workspace_shapes(3, H, D, splits + 2)
     mid_out = torch.empty(mo_shape, device=device)
     mid_lse = torch.empty(ml_shape, device=device)
@@ -68,19 +68,33 @@ def test_decode_bound_violation_and_empty(device):
     assert torch.equal(out[1], torch.zeros_like(out[1]))
 
 
+def test_decode_loose_bound_spreads_short_contexts(device):
+    """A CUDA-graph-style bound far above the real contexts: the many splits chosen for it
+    share the short contexts out (most programs find an empty partition) and stay exact."""
+    from miniinfer.kernels.decode_attention import (decode_split_config, paged_decode_attention,
+                                                    paged_decode_attention_ref)
+
+    H, Hkv, D, bs = 4, 2, 64, 16
+    seq_lens = [130, 1, 64]
+    assert decode_split_config(3, Hkv, 131072, torch.device(device), block_n=16) >= 6
+    kv = PagedKV(seq_lens, Hkv, D, bs, torch.float32, device)
+    q = _decode_q(seq_lens, H, D, torch.float32, device)
+    out = paged_decode_attention(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens_t, 0.125,
+                                 max_seq_len=131072, block_n=16)
+    assert_close(out, paged_decode_attention_ref(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens_t, 0.125))
+
+
 def test_decode_split_config_is_host_only():
     from miniinfer.kernels.decode_attention import decode_split_config
 
     cpu = torch.device("cpu")
-    # few programs and a long bound: split, partitions are whole tiles
-    s, p = decode_split_config(1, 2, 4096, cpu, block_n=64)
-    assert s > 1 and p % 64 == 0 and s * p >= 4096
+    # few programs and a long bound: split, at most one split per 128 tokens of the bound
+    s = decode_split_config(1, 2, 4096, cpu, block_n=64)
+    assert 1 < s <= 4096 // 128
     # the split count never exceeds the number of tiles
-    s, p = decode_split_config(1, 1, 10, cpu, num_splits=8, block_n=16)
-    assert (s, p) == (1, 16)
+    assert decode_split_config(1, 1, 10, cpu, num_splits=8, block_n=16) == 1
     # plenty of programs: no split
-    s, _ = decode_split_config(64, 8, 4096, cpu)
-    assert s == 1
+    assert decode_split_config(64, 8, 4096, cpu) == 1
 
 
 # ---------------------------------------------------------------- extend
