@@ -28,7 +28,7 @@ STEPS = {
     "profile-tp": ([sys.executable, "benchmarks/profile_decode.py", "--workload=throughput", "--timer=events",
                     "--no-overlap"], 240),
     "profile-tp-overlap": ([sys.executable, "benchmarks/profile_decode.py", "--workload=throughput",
-                            "--timer=events", "--overlap", "--tag=-overlap"], 240),
+                            "--timer=events", "--overlap", "--tag=-overlap", "--window=400:410"], 240),
     "overlap": (BENCH + ["overlap", "--json", f"{OUT}/overlap-ablation.json"], 300),
     "profile": ([sys.executable, "benchmarks/profile_decode.py"], 240),
     "profile-overlap": ([sys.executable, "benchmarks/profile_decode.py", "--overlap", "--tag=-overlap"], 240),

@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--no-overlap", dest="overlap", action="store_false")
     ap.add_argument("--workload", choices=["decode", "throughput"], default="decode")
     ap.add_argument("--timer", choices=["cupti", "events"], default="cupti")
+    ap.add_argument("--window", default="", help="events timer: also trace steps A:B with the profiler")
     a, _ = ap.parse_known_args()
     out_dir = os.environ.get("OUT", "artifacts")
     os.makedirs(out_dir, exist_ok=True)
@@ -83,11 +84,28 @@ def main() -> None:
     steps = [0]
     step = eng.step
 
+    window = [int(x) for x in a.window.split(":")] if a.window else None
+    window_prof = profile(activities=[ProfilerActivity.CUDA]) if window else None
+
     def count_step():
         steps[0] += 1
-        return step()
+        if window and steps[0] == window[0]:
+            window_prof.start()
+        out = step()
+        if window and steps[0] == window[1]:
+            torch.cuda.synchronize()
+            window_prof.stop()
+        return out
     eng.step = count_step
 
+    # Any Triton compile from here on is a specialization the engine's warmup missed.
+    import triton
+    late_compiles: list[str] = []
+
+    def on_compile(*, repr, **_):
+        late_compiles.append(repr[:160])
+        return False
+    triton.knobs.runtime.jit_cache_hook = on_compile
     torch.cuda.synchronize()
     if a.timer == "events":
         t = time.perf_counter()
@@ -107,7 +125,12 @@ def main() -> None:
             "mixed_steps": len(mix), "mixed_step_gpu_ms_mean": sum(mix) / max(len(mix), 1),
             "wall_ms_per_step": wall / max(steps[0], 1) * 1e3,
             "host_ms_per_step": {k: v / max(steps[0], 1) * 1e3 for k, v in phases.items()},
+            "late_triton_compiles": late_compiles,
         }
+        if window:
+            n = window[1] - window[0]
+            result["window_steps"] = a.window
+            result["window_busy_fraction"], result["window_kernels_ms_per_step"] = kernel_table(window_prof, n)
         print(json.dumps(result, indent=2))
         with open(os.path.join(out_dir, f"profile-{a.workload}{a.tag}.json"), "w") as f:
             json.dump(result, f, indent=2)
@@ -119,6 +142,22 @@ def main() -> None:
         wall = time.perf_counter() - t
     tokens = sum(len(r.outputs[0].token_ids) for r in res)
 
+    busy_frac, top = kernel_table(prof)
+    result = {
+        "device": torch.cuda.get_device_name(0), "model": a.model, "batch": a.batch,
+        "prompt_len": a.prompt_len, "out_len": a.out_len, "overlap": eng.config.overlap_scheduling,
+        "wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "steps": steps[0],
+        "gpu_busy_fraction": busy_frac, "gpu_idle_fraction": 1 - busy_frac,
+        "host_ms_per_step": {k: v / max(steps[0], 1) * 1e3 for k, v in phases.items()},
+        "top_kernels": top,
+    }
+    print(json.dumps(result, indent=2))
+    with open(os.path.join(out_dir, f"profile-decode{a.tag}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+
+
+def kernel_table(prof, per: int = 1) -> tuple[float, list[dict]]:
+    """(busy fraction of the traced span, top kernels by time; ``ms`` divided by ``per``)."""
     kernels = defaultdict(lambda: [0.0, 0])
     intervals = []
     for e in prof.events():
@@ -141,18 +180,9 @@ def main() -> None:
         busy += cur_e - cur_s
     span = (intervals[-1][1] - intervals[0][0]) if intervals else 1.0
     total = sum(v[0] for v in kernels.values()) or 1.0
-    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:15]
-    result = {
-        "device": torch.cuda.get_device_name(0), "model": a.model, "batch": a.batch,
-        "prompt_len": a.prompt_len, "out_len": a.out_len, "overlap": eng.config.overlap_scheduling,
-        "wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "steps": steps[0],
-        "gpu_busy_fraction": busy / span, "gpu_idle_fraction": 1 - busy / span,
-        "host_ms_per_step": {k: v / max(steps[0], 1) * 1e3 for k, v in phases.items()},
-        "top_kernels": [{"name": k[:90], "ms": v[0] / 1e3, "calls": v[1], "share": v[0] / total} for k, v in top],
-    }
-    print(json.dumps(result, indent=2))
-    with open(os.path.join(out_dir, f"profile-decode{a.tag}.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:20]
+    return busy / span, [{"name": k[:90], "ms": v[0] / 1e3 / per, "calls": v[1] / per, "share": v[0] / total}
+                         for k, v in top]
 
 
 if __name__ == "__main__":

@@ -124,9 +124,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
-    # Off by default until the H100 regression on prefill-heavy steps is understood (see
-    # docs/BENCHMARKS.md, overlap ablation): it helps bs-1 TPOT but costs throughput today.
-    overlap_scheduling: bool = False
+    overlap_scheduling: bool = True  # the host prepares step N+1 while the device runs step N
     attention_backend: str = "auto"  # auto | torch | triton
     enforce_eager: bool = False  # no CUDA graphs
     warmup: bool = True

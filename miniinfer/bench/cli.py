@@ -19,6 +19,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--overlap", dest="overlap_scheduling", action="store_true")
     p.add_argument("--no-overlap", dest="overlap_scheduling", action="store_false")
+    p.set_defaults(overlap_scheduling=True)
     if argv[:1] == ["serve"]:
         from miniinfer.bench.serve import main as serve_main
         return serve_main(argv[1:])

@@ -5,6 +5,7 @@ Owns the model, the KV-cache tensors and (on CUDA) the captured decode graphs.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass
 
@@ -65,6 +66,7 @@ class ModelRunner:
             self.num_blocks = int(n.item())
         self._allocate_kv_cache(self.num_blocks)
         self.staging = PinnedStaging(self.device)
+        self.sample_rng = random.Random(cfg.seed)  # seeds of unseeded rows (fused sampler, CUDA)
         if self.device.type == "cuda":
             n = max(cfg.max_num_seqs, 1)
             self._pinned = [torch.empty(n, dtype=torch.int64, pin_memory=True) for _ in range(2)]
@@ -297,7 +299,7 @@ class ModelRunner:
                 return InFlightStep(sched, [], None, None, None, None)
             logits = self.model.compute_logits(hidden[logits_idx])
         batch = SamplingBatch.build(sampling_seqs, logits.shape[-1], self.device, self.eos_token_ids,
-                                    to_device=self.staging.to_device)
+                                    to_device=self.staging.to_device, rng=self.sample_rng)
         self.staging.end_step()
         out = sample(logits, batch)
         event = None

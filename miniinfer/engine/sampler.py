@@ -2,11 +2,17 @@
 per-request seeds, and top-N logprobs of the raw logits. No per-row host syncs: the caller
 copies the sampled ids to the host once per step.
 
-Seeded rows draw their noise from their own ``torch.Generator`` so that a request samples the
-same tokens whatever else is in the batch (exponential-race sampling: argmax(p / E), E ~ Exp(1),
-picks token i with probability p_i)."""
+Two noise sources, one rule (a row's draw depends on its own seed only, so a seeded request
+samples the same tokens whatever else is in the batch):
+
+- CUDA: the fused Triton kernel (``kernels/sampling.py``) adds Gumbel noise from Philox keyed by
+  a per-row seed, derived from the request's seed and the output position, to logits / T and
+  takes the argmax in one pass over the logits (no softmax).
+- elsewhere: exponential-race sampling, argmax(p / E) with E ~ Exp(1) drawn from the row's own
+  ``torch.Generator`` (same distribution; the two devices draw different streams)."""
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -33,10 +39,12 @@ class SamplingBatch:
     # (row, token) pairs that may not be sampled: EOS / stop tokens before min_tokens
     ban_rows: torch.Tensor | None = None
     ban_cols: torch.Tensor | None = None
+    # CUDA only: per-row Philox seeds for the fused sampling kernel (see module doc)
+    seeds: torch.Tensor | None = None
 
     @classmethod
     def build(cls, seqs: list[Sequence], vocab_size: int, device: torch.device,
-              eos_token_ids=(), to_device=None) -> "SamplingBatch":
+              eos_token_ids=(), to_device=None, rng: random.Random | None = None) -> "SamplingBatch":
         """``to_device(values, dtype)`` copies a host list to the device without a sync
         (the runner passes its pinned staging); default: a plain copy."""
         params = [s.params for s in seqs]
@@ -79,6 +87,11 @@ class SamplingBatch:
                 prompt = torch.tensor(s.token_ids[:s.num_prompt_tokens], dtype=torch.int64, device=device)
                 prompt_mask[i, prompt] = True
         lp = [p.logprobs for p in params]
+        seeds = None
+        if device.type == "cuda" and not all(greedy_list):
+            rng = rng or random.Random()
+            seeds = dev([_row_seed(p.seed + s.index, s.num_output_tokens + s.num_pending) if p.seed is not None
+                         else rng.getrandbits(31) for p, s in zip(params, seqs)], torch.int64)
         return cls(
             temperature=temperature,
             greedy=dev(greedy_list, torch.bool),
@@ -93,7 +106,19 @@ class SamplingBatch:
             max_logprobs=max((x for x in lp if x is not None), default=0),
             ban_rows=dev(ban_rows, torch.int64) if ban_rows else None,
             ban_cols=dev(ban_cols, torch.int64) if ban_rows else None,
+            seeds=seeds,
         )
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _row_seed(base: int, position: int) -> int:
+    """A 31-bit Philox seed for (request seed + choice index, output position): splitmix64."""
+    x = (base * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) & 0x7FFFFFFF
 
 
 @dataclass
@@ -152,10 +177,18 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
         logits = logits.index_put((b.ban_rows, b.ban_cols), torch.full((), float("-inf"), device=logits.device))
     if b.repetition_penalty is not None:
         logits = apply_penalties(logits, b)
-    greedy_ids = logits.argmax(-1)
     if b.all_greedy:
-        out.token_ids = greedy_ids
+        out.token_ids = logits.argmax(-1)
+    elif b.seeds is not None:
+        from miniinfer.kernels.sampling import fused_sample
+        if b.top_k is None and b.top_p is None and b.min_p is None:
+            temps = torch.where(b.greedy, 0.0, b.temperature)
+            out.token_ids = fused_sample(logits, temps, b.seeds)
+        else:  # filter logits / T, then the same noise and argmax (greedy rows: T = 1, no noise)
+            scaled = apply_top_k_top_p_min_p(logits / b.temperature[:, None], b)
+            out.token_ids = fused_sample(scaled, (~b.greedy).float(), b.seeds)
     else:
+        greedy_ids = logits.argmax(-1)
         scaled = apply_top_k_top_p_min_p(logits / b.temperature[:, None], b)
         probs = scaled.softmax(-1)
         noise = torch.empty_like(probs).exponential_()

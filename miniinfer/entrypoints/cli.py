@@ -30,6 +30,7 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = False) 
     g.add_argument("--overlap", dest="overlap_scheduling", action="store_true",
                    help="overlap scheduling (CPU prepares step N+1 while the GPU runs step N)")
     g.add_argument("--no-overlap", dest="overlap_scheduling", action="store_false")
+    p.set_defaults(overlap_scheduling=True)
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     g.add_argument("--no-warmup", dest="warmup", action="store_false")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])

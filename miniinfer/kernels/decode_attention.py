@@ -37,7 +37,13 @@ _MAX_SPLITS = 128
 _STAGE2_BLOCK_S = 16  # partitions merged per step (fixed: no recompiles as contexts grow)
 
 
-@triton.jit
+# Ints that vary from step to step (block-table width, split count and the workspace strides
+# that follow it) are not specialized: a new "== 1" / "multiple of 16" variant would compile
+# a fresh kernel in the middle of serving, after warmup.
+_VARYING = ["stride_bt", "stride_mob", "stride_moh", "stride_mlb", "stride_mlh", "num_splits"]
+
+
+@triton.jit(do_not_specialize=_VARYING)
 def _decode_stage1_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, sl_ptr, mo_ptr, ml_ptr, out_ptr,
     qk_scale,
@@ -114,7 +120,7 @@ def _decode_stage1_kernel(
         tl.store(ml_ptr + b.to(tl.int64) * stride_mlb + heads * stride_mlh + s, lse, mask=mask_g & valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING[1:])
 def _decode_stage2_kernel(
     mo_ptr, ml_ptr, sl_ptr, out_ptr,
     stride_mob, stride_moh, stride_mos,

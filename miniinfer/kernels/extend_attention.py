@@ -61,7 +61,7 @@ def _attn_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, n0, lo_mask_end, pos_m,
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the block-table width varies per step
 def _extend_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, sl_ptr, out_ptr,
     qk_scale,

@@ -17,7 +17,7 @@ from miniinfer.kernels._common import next_pow2
 _MAX_N = 65536
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "inner"])  # row counts vary per step
 def _rms_norm_kernel(
     x_ptr, w_ptr, out_ptr,
     num_rows, inner, stride_x0, stride_x1, stride_o0, stride_o1,
@@ -44,7 +44,7 @@ def _rms_norm_kernel(
              y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def _fused_add_rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, num_rows, stride_x, stride_r, N, eps,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,

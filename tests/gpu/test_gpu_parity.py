@@ -85,3 +85,27 @@ def test_greedy_identical_fp32(tmp_path):
                               do_sample=False, pad_token_id=0)[0, len(x):].tolist()
         assert o.outputs[0].token_ids == ref
     llm.engine.check_integrity()
+
+
+def test_seeded_sampling_on_gpu_ignores_batch_mates():
+    """The fused CUDA sampler: a seeded request draws the same tokens alone and in a crowd
+    (unseeded, other temperatures, top-p rows forcing the filtered path), overlap on."""
+    from miniinfer import LLM, SamplingParams
+    llm = LLM("qwen2-0.5b", load_format="dummy", max_model_len=1024, gpu_memory_utilization=0.3, progress=False)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 10000, (int(n),), generator=g).tolist() for n in (40, 9, 130, 66, 12, 300)]
+    target = SamplingParams(temperature=0.9, seed=77, max_tokens=24, ignore_eos=True)
+    alone = llm.generate([prompts[0]], target, use_tqdm=False)[0].outputs[0].token_ids
+    mates = [SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True),
+             SamplingParams(temperature=0.5, top_p=0.8, max_tokens=30, ignore_eos=True),
+             SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+             SamplingParams(temperature=1.2, seed=5, top_k=50, max_tokens=24, ignore_eos=True),
+             SamplingParams(temperature=0.7, max_tokens=24, ignore_eos=True)]
+    crowd = llm.generate(prompts, [target] + mates, use_tqdm=False)
+    assert crowd[0].outputs[0].token_ids == alone
+    again = llm.generate([prompts[0]], target, use_tqdm=False)[0].outputs[0].token_ids
+    assert again == alone
+    # unseeded rows differ between runs (overwhelmingly likely over 24 tokens)
+    u = [llm.generate([prompts[1]], mates[0], use_tqdm=False)[0].outputs[0].token_ids for _ in range(2)]
+    assert u[0] != u[1]
+    llm.engine.check_integrity()
