@@ -135,6 +135,7 @@ def latency(model: str, hf: bool = True, prefix: str | None = None, **engine_kw)
     e2e = median_time(lambda: llm.generate([fresh(128)], greedy256, use_tqdm=False)) * 1e3
     tpot = (e2e - t128) / 255
     m[f"{name}_bs1_tpot_ms"] = tpot
+    m.update(graph_times(llm.engine.runner, name))
     mc = llm.engine.model_config
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
     hf_config, dtype, device = mc.hf_config, llm.engine.runner.dtype, str(llm.engine.runner.device)
@@ -160,6 +161,34 @@ def latency(model: str, hf: bool = True, prefix: str | None = None, **engine_kw)
         m[f"{name}_bs1_tpot_ratio_vs_hf"] = m[f"{name}_hf_bs1_tpot_ms"] / tpot
         del model_hf
         _free()
+    return m
+
+
+def graph_times(runner, name: str) -> dict:
+    """Device time of one replay of the bs-1 decode graph (context 256) and of the 128/1024-token
+    prefill graphs: the GPU's share of TPOT / TTFT, the rest being host work."""
+    if not torch.cuda.is_available() or not runner.graphs:
+        return {}
+
+    def device_ms(replay, n=50):
+        replay()
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for _ in range(n):
+            replay()
+        e1.record()
+        torch.cuda.synchronize()
+        return e0.elapsed_time(e1) / n
+
+    m = {}
+    runner.g_seq_lens[:1].fill_(256)
+    m[f"{name}_bs1_decode_graph_ms"] = device_ms(runner.graphs[1][0])
+    for t in (128, 1024):
+        if t in runner.prefill_graphs:
+            runner.g_prefill_qsl[1] = t
+            runner.g_seq_lens[:1].fill_(t)
+            m[f"{name}_prefill_{t}_graph_ms"] = device_ms(runner.prefill_graphs[t][0])
+    runner.g_seq_lens[:1].fill_(1)
     return m
 
 

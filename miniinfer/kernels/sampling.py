@@ -38,7 +38,7 @@ def _sample_chunk_kernel(logits_ptr, stride_l, temp_ptr, seed_ptr, best_val_ptr,
     t = tl.load(temp_ptr + row)
     seed = tl.load(seed_ptr + row)
     greedy = t <= 0.0
-    inv_t = tl.where(greedy, 1.0, 1.0 / tl.where(greedy, 1.0, t))
+    t = tl.where(greedy, 1.0, t)
     noise_scale = tl.where(greedy, 0.0, 1.0)
     best_val = tl.full([BLOCK], float("-inf"), tl.float32)
     best_idx = tl.full([BLOCK], 2147483647, tl.int32)
@@ -48,7 +48,9 @@ def _sample_chunk_kernel(logits_ptr, stride_l, temp_ptr, seed_ptr, best_val_ptr,
         offs = v0 + tl.arange(0, BLOCK)
         mask = offs < V
         x = tl.load(base + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        score = x * inv_t + noise_scale * _gumbel(seed, offs)
+        # correctly rounded x / t, as torch divides: the filtered path (logits / T in torch,
+        # then T = 1 here) scores exactly like this one
+        score = tl.math.div_rn(x, t) + noise_scale * _gumbel(seed, offs)
         score = tl.where(mask, score, float("-inf"))
         better = score > best_val  # strict: each lane keeps its first (lowest) index on ties
         best_val = tl.where(better, score, best_val)
