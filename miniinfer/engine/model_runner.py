@@ -464,6 +464,7 @@ class ModelRunner:
         bs = self.block_size
         plans = [  # (prompt lengths, new tokens per seq), chosen to hit Triton's int specializations
             ([1], [1]), ([16], [16]), ([37], [37]), ([64, 37], [64, 37]), ([300, 17], [44, 1]),
+            ([200, 150, 9], [1, 130, 9]),  # >64 new tokens: the largest extend query tile
             ([33, 20, 9], [1, 1, 1]), ([129] * 5, [1] * 5),
         ]
         samplers = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, top_p=0.9, top_k=20, min_p=0.05),

@@ -61,7 +61,10 @@ def _attn_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, n0, lo_mask_end, pos_m,
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["stride_bt"])  # the block-table width varies per step
+# The block-table width varies per step, and the metadata pointers are row slices (``[nd:]``,
+# after the decodes) whose 16-byte alignment varies with the number of decodes: specializing
+# on either would compile fresh variants mid-run, after warmup.
+@triton.jit(do_not_specialize=["stride_bt"], do_not_specialize_on_alignment=["bt_ptr", "qsl_ptr", "sl_ptr"])
 def _extend_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, sl_ptr, out_ptr,
     qk_scale,
