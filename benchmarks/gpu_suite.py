@@ -34,7 +34,7 @@ STEPS = {
     "profile": ([sys.executable, "benchmarks/profile_decode.py"], 240),
     "profile-overlap": ([sys.executable, "benchmarks/profile_decode.py", "--overlap", "--tag=-overlap"], 240),
     "latency-0.5b": (BENCH + ["latency", "--model", "qwen2-0.5b", "--json", f"{OUT}/latency-qwen2-0.5b.json"], 300),
-    "throughput-qwen3": (BENCH + ["throughput", "--model", "qwen3-0.6b", "--hf-num-requests", "64",
+    "throughput-qwen3": (BENCH + ["throughput", "--model", "qwen3-0.6b", "--hf-num-requests", "16",
                                   "--json", f"{OUT}/throughput-qwen3-0.6b.json"], 420),
     "throughput-qwen2": (BENCH + ["throughput", "--model", "qwen2-0.5b", "--no-hf",
                                   "--json", f"{OUT}/throughput-qwen2-0.5b.json"], 300),

@@ -35,8 +35,17 @@ class TorchAttentionBackend:
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        # CPU SDPA is several times slower in bf16/fp16 than in fp32 (no fused low-precision
+        # kernel): attend in fp32 there (gathered K/V are copies anyway).
+        if q.device.type == "cpu" and q.dtype != torch.float32:
+            out = torch.empty_like(q)
+            out.copy_(self._attend(q.float(), k_cache, v_cache, meta, scale, torch.float32))
+            return out
+        return self._attend(q, k_cache, v_cache, meta, scale, None)
+
+    def _attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, upcast):
         out = torch.empty_like(q)
-        group = q.shape[1] // k.shape[1]
+        group = q.shape[1] // k_cache.shape[2]
         qsl = meta.query_start_loc_cpu
         lens = meta.seq_lens_cpu
         if qsl is None or lens is None:
@@ -46,21 +55,26 @@ class TorchAttentionBackend:
         if meta.num_decode_tokens != nd:
             nd = 0  # multi-token "decodes" (speculative verify): the extend path handles them
         if nd:
-            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta.block_tables[:nd], lens[:nd], scale, group)
+            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta.block_tables[:nd], lens[:nd], scale, group,
+                                    upcast)
         for i in range(nd, len(lens)):
             s, e, L = qsl[i], qsl[i + 1], lens[i]
             kk = _gather(k_cache, meta.block_tables[i], L)
             vv = _gather(v_cache, meta.block_tables[i], L)
+            if upcast is not None:
+                kk, vv = kk.to(upcast), vv.to(upcast)
             out[s:e] = self._extend(q[s:e], kk, vv, scale, group)
         return out
 
     @staticmethod
-    def _decode(q, k_cache, v_cache, block_tables, lens: list[int], scale, group):
+    def _decode(q, k_cache, v_cache, block_tables, lens: list[int], scale, group, upcast=None):
         max_len = max(lens)
         block_size = k_cache.shape[1]
         nblocks = (max_len + block_size - 1) // block_size
         kk = k_cache[block_tables[:, :nblocks]].flatten(1, 2)[:, :max_len]  # [B, L, Hkv, D]
         vv = v_cache[block_tables[:, :nblocks]].flatten(1, 2)[:, :max_len]
+        if upcast is not None:
+            kk, vv = kk.to(upcast), vv.to(upcast)
         lens_t = torch.tensor(lens, device=q.device)
         mask = torch.arange(max_len, device=q.device)[None, :] < lens_t[:, None]  # [B, L]
         o = F.scaled_dot_product_attention(
