@@ -35,7 +35,9 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     ap.add_argument("--overlap", dest="overlap", action="store_true")
     ap.add_argument("--no-overlap", dest="overlap", action="store_false")
-    ap.add_argument("--workload", choices=["decode", "throughput"], default="decode")
+    ap.set_defaults(overlap=True)
+    ap.add_argument("--workload", choices=["decode", "throughput", "prefix", "ttft1024"], default="decode")
+    ap.add_argument("--trace-steps", type=int, default=0, help="events timer: per-step detail of the first N steps")
     ap.add_argument("--timer", choices=["cupti", "events"], default="cupti")
     ap.add_argument("--window", default="", help="events timer: also trace steps A:B with the profiler")
     a, _ = ap.parse_known_args()
@@ -43,14 +45,23 @@ def main() -> None:
     os.makedirs(out_dir, exist_ok=True)
     llm = LLM(a.model, load_format="dummy", max_model_len=4096, overlap_scheduling=a.overlap, progress=False)
     rng = random.Random(0)
-    if a.workload == "throughput":
+    if a.workload == "prefix":  # shared/BENCHMARKS.md §5 (Qwen2-0.5B in the bench)
+        system = [rng.randrange(10000) for _ in range(2048)]
+        prompts = [system + [rng.randrange(10000) for _ in range(64)] for _ in range(64)]
+        p = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    elif a.workload == "ttft1024":
+        prompts = [[rng.randrange(10000) for _ in range(1024)]]
+        p = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    elif a.workload == "throughput":
         from miniinfer.bench.common import random_workload
         prompts, outs = random_workload(256, (100, 1024), (100, 1024), seed=0)
         p = [SamplingParams(temperature=0.6, max_tokens=o, ignore_eos=True) for o in outs]
     else:
         prompts = [[rng.randrange(10000) for _ in range(a.prompt_len)] for _ in range(a.batch)]
         p = SamplingParams(temperature=0.6, max_tokens=a.out_len, ignore_eos=True)
-    llm.generate(prompts[:8], SamplingParams(max_tokens=4), use_tqdm=False)
+    warm = [[rng.randrange(10000) for _ in range(300)] for _ in range(8)]
+    llm.generate(warm, SamplingParams(max_tokens=4), use_tqdm=False)
+    llm.generate([[rng.randrange(10000) for _ in range(1024)]], SamplingParams(max_tokens=1), use_tqdm=False)
 
     # host-side phase timers
     eng = llm.engine
@@ -68,19 +79,35 @@ def main() -> None:
     eng.scheduler.schedule = timed("schedule", eng.scheduler.schedule)
     eng.runner.prepare = timed("prepare", eng.runner.prepare)
     spans = []  # (start event, end event, decode-only step?)
+    trace: list[dict] = []
+    t_gen = [0.0]
+    gen_start = torch.cuda.Event(enable_timing=True)
     launch = eng.runner.launch
     if a.timer == "events":
         def launch_with_events(sched, prev):
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            h0 = time.perf_counter()
             e0.record()
             out = launch(sched, prev)
             e1.record()
             spans.append((e0, e1, all(s.num_new_tokens == 1 for s in sched.scheduled)))
+            if len(trace) < a.trace_steps:
+                trace.append({"host_start_ms": (h0 - t_gen[0]) * 1e3, "launch_ms": (time.perf_counter() - h0) * 1e3,
+                              "decodes": sum(1 for s in sched.scheduled if s.num_new_tokens == 1),
+                              "prefill_seqs": sum(1 for s in sched.scheduled if s.num_new_tokens > 1),
+                              "tokens": sum(s.num_new_tokens for s in sched.scheduled), "events": (e0, e1)})
             return out
         eng.runner.launch = launch_with_events
     eng.runner.launch = timed("launch (incl. prepare)", eng.runner.launch)
     eng.runner.collect = timed("collect (wait for the device)", eng.runner.collect)
-    eng._process = timed("process outputs", eng._process)
+    process = eng._process
+    processed_at: list[float] = []
+
+    def process_logged(*args, **kw):
+        if len(processed_at) < a.trace_steps:
+            processed_at.append(round((time.perf_counter() - t_gen[0]) * 1e3, 3))
+        return process(*args, **kw)
+    eng._process = timed("process outputs", process_logged)
     steps = [0]
     step = eng.step
 
@@ -108,7 +135,8 @@ def main() -> None:
     triton.knobs.runtime.jit_cache_hook = on_compile
     torch.cuda.synchronize()
     if a.timer == "events":
-        t = time.perf_counter()
+        t = t_gen[0] = time.perf_counter()
+        gen_start.record()
         res = llm.generate(prompts, p, use_tqdm=False)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
@@ -127,6 +155,18 @@ def main() -> None:
             "host_ms_per_step": {k: v / max(steps[0], 1) * 1e3 for k, v in phases.items()},
             "late_triton_compiles": late_compiles,
         }
+        firsts = [r.metrics["first_token_time"] - r.metrics["arrival_time"] for r in res
+                  if r.metrics.get("first_token_time") is not None]
+        if firsts:
+            result["mean_ttft_ms"] = sum(firsts) / len(firsts) * 1e3
+            result["min_ttft_ms"] = min(firsts) * 1e3
+        for row in trace:
+            e0, e1 = row.pop("events")
+            row["gpu_start_ms"] = gen_start.elapsed_time(e0)
+            row["gpu_end_ms"] = gen_start.elapsed_time(e1)
+        if trace:
+            result["trace"] = trace
+            result["process_started_at_ms"] = processed_at
         if window:
             n = window[1] - window[0]
             result["window_steps"] = a.window
