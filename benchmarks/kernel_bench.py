@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from miniinfer.bench.common import device_ms
 from miniinfer.kernels.decode_attention import decode_split_config, paged_decode_attention
 
 SHAPES = [  # name, batch, context, H, Hkv, D, max_seq_len bound used for the split count
@@ -27,15 +28,7 @@ CONFIGS = list(itertools.product((32, 64, 128), (4, 8), (2, 3, 4)))  # block_n, 
 
 
 def timed(fn, iters: int = 30) -> float:
-    fn()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(iters):
-        fn()
-    e1.record()
-    torch.cuda.synchronize()
-    return e0.elapsed_time(e1) / iters  # ms
+    return device_ms(fn, iters)
 
 
 def copy_bandwidth() -> float:

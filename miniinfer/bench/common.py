@@ -39,6 +39,20 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def device_ms(fn, iters: int = 20) -> float:
+    """Mean device milliseconds of ``fn`` over ``iters`` back-to-back calls (CUDA events;
+    one untimed call first). Host-bound callables measure their launch rate instead."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
 def random_workload(num: int, in_range: tuple[int, int], out_range: tuple[int, int], seed: int = 0,
                     vocab: int = 10000) -> tuple[list[list[int]], list[int]]:
     """Shared workload: random prompt ids in [0, vocab), uniform lengths and output lengths."""

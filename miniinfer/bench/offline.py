@@ -170,24 +170,15 @@ def graph_times(runner, name: str) -> dict:
     if not torch.cuda.is_available() or not runner.graphs:
         return {}
 
-    def device_ms(replay, n=50):
-        replay()
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        for _ in range(n):
-            replay()
-        e1.record()
-        torch.cuda.synchronize()
-        return e0.elapsed_time(e1) / n
-
+    from miniinfer.bench.common import device_ms
     m = {}
     runner.g_seq_lens[:1].fill_(256)
-    m[f"{name}_bs1_decode_graph_ms"] = device_ms(runner.graphs[1][0])
+    m[f"{name}_bs1_decode_graph_ms"] = device_ms(runner.graphs[1][0], 50)
     for t in (128, 1024):
         if t in runner.prefill_graphs:
             runner.g_prefill_qsl[1] = t
             runner.g_seq_lens[:1].fill_(t)
-            m[f"{name}_prefill_{t}_graph_ms"] = device_ms(runner.prefill_graphs[t][0])
+            m[f"{name}_prefill_{t}_graph_ms"] = device_ms(runner.prefill_graphs[t][0], 50)
     runner.g_seq_lens[:1].fill_(1)
     return m
 

@@ -10,15 +10,8 @@ pytestmark = [pytest.mark.gpu,
 
 
 def _time_ms(fn, iters=20):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+    from miniinfer.bench.common import device_ms
+    return device_ms(fn, iters)
 
 
 def _paged(B, ctx, Hkv, D, bs, dtype):
