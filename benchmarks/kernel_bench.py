@@ -27,14 +27,10 @@ SHAPES = [  # name, batch, context, H, Hkv, D, max_seq_len bound used for the sp
 CONFIGS = list(itertools.product((32, 64, 128), (4, 8), (2, 3, 4)))  # block_n, warps, stages
 
 
-def timed(fn, iters: int = 30) -> float:
-    return device_ms(fn, iters)
-
-
 def copy_bandwidth() -> float:
     x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
-    ms = timed(lambda: y.copy_(x), 10)
+    ms = device_ms(lambda: y.copy_(x), 10)
     return 2 * x.numel() / ms / 1e6  # GB/s (read + write)
 
 
@@ -60,7 +56,7 @@ def main() -> None:
         results = []
         for block_n, warps, stages in CONFIGS:
             try:
-                ms = timed(lambda: paged_decode_attention(q, k, v, tables, lens, D ** -0.5, out=out,
+                ms = device_ms(lambda: paged_decode_attention(q, k, v, tables, lens, D ** -0.5, out=out,
                                                           max_seq_len=bound, block_n=block_n,
                                                           num_warps=warps, num_stages=stages))
             except Exception as e:  # a config may not fit in shared memory
@@ -70,7 +66,7 @@ def main() -> None:
             results.append(r)
             if best is None or r["us"] < best["us"]:
                 best = r
-        default_us = timed(lambda: paged_decode_attention(q, k, v, tables, lens, D ** -0.5, out=out,
+        default_us = device_ms(lambda: paged_decode_attention(q, k, v, tables, lens, D ** -0.5, out=out,
                                                           max_seq_len=bound)) * 1e3
         row = {"shape": name, "splits": splits, "kv_GB": gb, "default_us": default_us,
                "default_GB_s": gb / default_us * 1e6, "best": best, "all": results}

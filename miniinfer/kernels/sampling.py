@@ -74,11 +74,11 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.T
     ``temperature <= 0`` get ``argmax(logits)``. logits [B, V] (last dim contiguous)."""
     B, V = logits.shape
     assert logits.stride(1) == 1 and temperature.shape[0] >= B and seeds.shape[0] >= B
+    if B == 0:
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
     chunks = triton.cdiv(V, _CHUNK)
     best_val = torch.empty(B, chunks, dtype=torch.float32, device=logits.device)
     best_idx = torch.empty(B, chunks, dtype=torch.int32, device=logits.device)
-    if B == 0:
-        return torch.empty(0, dtype=torch.int64, device=logits.device)
     _sample_chunk_kernel[(B, chunks)](logits, logits.stride(0), temperature, seeds, best_val, best_idx, V,
                                       chunks, CHUNK=_CHUNK, BLOCK=_BLOCK, num_warps=4)
     # first chunk holding the maximum (argmax returns the first): lowest index on ties
