@@ -156,6 +156,8 @@ class AsyncEngine:
         self.load_time_s: float | None = None
         self._stats: dict = dict(_EMPTY_STATS, time=time.monotonic())
         self._last_stats_t = 0.0
+        self._active: set[str] = set()  # engine-thread side: accepted, not yet finished
+        self._active_at_last_stats = 0
         self.on_request_finished: Callable[[RequestOutput], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -317,7 +319,6 @@ class AsyncEngine:
                 self._post(self._rejected, cmd[4], exc)
 
     def _loop_forever(self, engine: Any) -> None:
-        self._active: set[str] = set()
         while True:
             if not engine.has_unfinished_requests():
                 self._update_stats(force=True)
@@ -342,7 +343,9 @@ class AsyncEngine:
                     if o.finished:
                         self._active.discard(o.request_id)
                 self._post(self._dispatch, snaps)
-            self._update_stats()
+            # Stats are throttled, except when the set of requests changed (added, finished,
+            # aborted): a reader must never see an idle snapshot while a request streams.
+            self._update_stats(force=len(self._active) != self._active_at_last_stats)
 
     def _handle(self, engine: Any, cmd: tuple) -> bool:
         kind = cmd[0]
@@ -418,6 +421,7 @@ class AsyncEngine:
         s = dict(_EMPTY_STATS)
         s.update(engine.stats())
         s["time"] = now
+        self._active_at_last_stats = len(self._active)
         self._stats = s  # atomic reference swap; readers never see a half-built dict
 
 
