@@ -1,8 +1,12 @@
 """Torch-native attention over the paged KV cache: correct everywhere, used on CPU.
 
 Decodes are batched into one SDPA call over K/V gathered through the block tables
-(padded to the longest sequence and masked); each prefill / extend chunk runs its own
-causal SDPA against its gathered prefix plus its new tokens.
+(padded to the longest sequence and masked; the gather indices and the mask are built
+once per step and shared by all layers); each prefill / extend chunk runs its own causal
+SDPA against its gathered prefix plus its new tokens.
+
+On CPU the math runs in fp32 whatever the model dtype (CPU SDPA is several times slower
+in bf16/fp16), and the model runner keeps the CPU cache in fp32 so gathers need no upcast.
 """
 from __future__ import annotations
 
@@ -18,8 +22,8 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     keep = slot_mapping >= 0
     if not bool(keep.all()):
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -29,21 +33,37 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torc
     return cache[block_table[:nblocks]].flatten(0, 1)[:length]
 
 
+def _decode_plan(meta: AttentionMetadata, nd: int, lens: list[int], block_size: int, device):
+    """Cache slots [nd * L] of every decode sequence's context (padded to the longest, L)
+    and the additive mask [nd, 1, 1, L] hiding the padding; built once per step. (Metadata
+    without host lists is reused across replays, as graphs do: no caching there.)"""
+    plan = meta.per_step.get("torch_decode") if meta.seq_lens_cpu is not None else None
+    if plan is None:
+        max_len = max(lens[:nd])
+        pos = torch.arange(max_len, device=device)
+        tables = meta.block_tables[:nd].long()
+        slots = tables[:, pos // block_size] * block_size + pos % block_size  # [nd, L]
+        lens_t = torch.tensor(lens[:nd], device=device)
+        hidden = pos[None, :] >= lens_t[:, None]
+        mask = torch.zeros(nd, max_len, device=device).masked_fill_(hidden, float("-inf"))
+        plan = (slots.flatten(), mask[:, None, None, :], max_len)
+        if meta.seq_lens_cpu is not None:
+            meta.per_step["torch_decode"] = plan
+    return plan
+
+
 @register_backend("torch")
 class TorchAttentionBackend:
     name = "torch"
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        # CPU SDPA is several times slower in bf16/fp16 than in fp32 (no fused low-precision
-        # kernel): attend in fp32 there (gathered K/V are copies anyway).
-        if q.device.type == "cpu" and q.dtype != torch.float32:
-            out = torch.empty_like(q)
-            out.copy_(self._attend(q.float(), k_cache, v_cache, meta, scale, torch.float32))
-            return out
-        return self._attend(q, k_cache, v_cache, meta, scale, None)
+        work = torch.float32 if q.device.type == "cpu" else k_cache.dtype
+        if q.dtype != work:
+            return self._attend(q.to(work), k_cache, v_cache, meta, scale, work).to(q.dtype)
+        return self._attend(q, k_cache, v_cache, meta, scale, work)
 
-    def _attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, upcast):
+    def _attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, work: torch.dtype):
         out = torch.empty_like(q)
         group = q.shape[1] // k_cache.shape[2]
         qsl = meta.query_start_loc_cpu
@@ -55,31 +75,24 @@ class TorchAttentionBackend:
         if meta.num_decode_tokens != nd:
             nd = 0  # multi-token "decodes" (speculative verify): the extend path handles them
         if nd:
-            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta.block_tables[:nd], lens[:nd], scale, group,
-                                    upcast)
+            slots, mask, max_len = _decode_plan(meta, nd, lens, k_cache.shape[1], q.device)
+            out[:nd] = self._decode(q[:nd], k_cache, v_cache, slots, mask, max_len, scale, group, work)
         for i in range(nd, len(lens)):
             s, e, L = qsl[i], qsl[i + 1], lens[i]
-            kk = _gather(k_cache, meta.block_tables[i], L)
-            vv = _gather(v_cache, meta.block_tables[i], L)
-            if upcast is not None:
-                kk, vv = kk.to(upcast), vv.to(upcast)
+            kk = _gather(k_cache, meta.block_tables[i], L).to(work)
+            vv = _gather(v_cache, meta.block_tables[i], L).to(work)
             out[s:e] = self._extend(q[s:e], kk, vv, scale, group)
         return out
 
     @staticmethod
-    def _decode(q, k_cache, v_cache, block_tables, lens: list[int], scale, group, upcast=None):
-        max_len = max(lens)
-        block_size = k_cache.shape[1]
-        nblocks = (max_len + block_size - 1) // block_size
-        kk = k_cache[block_tables[:, :nblocks]].flatten(1, 2)[:, :max_len]  # [B, L, Hkv, D]
-        vv = v_cache[block_tables[:, :nblocks]].flatten(1, 2)[:, :max_len]
-        if upcast is not None:
-            kk, vv = kk.to(upcast), vv.to(upcast)
-        lens_t = torch.tensor(lens, device=q.device)
-        mask = torch.arange(max_len, device=q.device)[None, :] < lens_t[:, None]  # [B, L]
+    def _decode(q, k_cache, v_cache, slots, mask, max_len: int, scale, group, work):
+        b, hkv, d = q.shape[0], k_cache.shape[2], k_cache.shape[3]
+        # index_select on [slots, Hkv * D] rows: one contiguous copy per token
+        kk = k_cache.view(-1, hkv * d).index_select(0, slots).view(b, max_len, hkv, d).to(work)
+        vv = v_cache.view(-1, hkv * d).index_select(0, slots).view(b, max_len, hkv, d).to(work)
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2), kk.transpose(1, 2), vv.transpose(1, 2),
-            attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=group > 1)
+            attn_mask=mask, scale=scale, enable_gqa=group > 1)
         return o.squeeze(2)
 
     @staticmethod

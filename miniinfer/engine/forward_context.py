@@ -16,7 +16,7 @@ to every cached token before them and causally to each other.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -35,6 +35,9 @@ class AttentionMetadata:
     # Host copies, for backends that loop per sequence (the torch path on CPU).
     query_start_loc_cpu: list[int] | None = None
     seq_lens_cpu: list[int] | None = None
+    # What a backend derives from the above once per step and reuses in every layer
+    # (e.g. the torch path's gather indices and mask). Dies with the step.
+    per_step: dict = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:

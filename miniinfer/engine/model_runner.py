@@ -50,6 +50,9 @@ class ModelRunner:
         self.model_config = model_config
         self.device = torch.device(cfg.device)
         self.dtype = cfg.torch_dtype
+        # The torch attention path (CPU) computes in fp32 whatever the model dtype: keeping the
+        # CPU cache in fp32 saves an upcast copy of every gathered K/V in every layer.
+        self.kv_dtype = self.dtype if self.device.type == "cuda" else torch.float32
         self.max_model_len = max_model_len
         self.block_size = cfg.block_size
         self.eos_token_ids: list[int] = list(model_config.eos_token_ids)  # the engine may add more
@@ -87,7 +90,7 @@ class ModelRunner:
     # --- KV cache ------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
         m = self.model_config
-        elem = torch.tensor([], dtype=self.dtype).element_size()
+        elem = torch.tensor([], dtype=self.kv_dtype).element_size()
         return 2 * m.num_layers * self.block_size * self.num_local_kv_heads * m.head_dim * elem
 
     def _num_kv_blocks(self) -> int:
@@ -145,7 +148,7 @@ class ModelRunner:
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         m = self.model_config
         shape = (2, m.num_layers, num_blocks, self.block_size, self.num_local_kv_heads, m.head_dim)
-        self.kv_caches = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.k_cache = self.kv_caches[0, i]
             layer.self_attn.v_cache = self.kv_caches[1, i]

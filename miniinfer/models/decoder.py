@@ -57,17 +57,22 @@ class Attention(nn.Module):
         self.cos_sin_cache = cos_sin_cache  # shared by all layers, not a parameter
         self.k_cache = self.v_cache = torch.empty(0)  # set by the model runner
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, rope: ops.RopeTables | None) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = self.q_norm(q.reshape(-1, self.head_dim)).view(t, self.num_heads, self.head_dim)
-            k = self.k_norm(k.reshape(-1, self.head_dim)).view(t, self.num_kv_heads, self.head_dim)
-        q, k = ops.apply_rope(positions, q, k, self.cos_sin_cache, self.head_dim)
+        if rope is not None and self.q_norm is None:
+            # torch path: q and k sit side by side in qkv; rotate them as one [T, H + Hkv, D]
+            qk = ops.rotate(qkv[:, :self.q_size + self.kv_size].view(t, -1, self.head_dim), rope)
+            q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
+        else:
+            q = q.view(t, self.num_heads, self.head_dim)
+            k = k.view(t, self.num_kv_heads, self.head_dim)
+            if self.q_norm is not None:
+                q = self.q_norm(q.reshape(-1, self.head_dim)).view(t, self.num_heads, self.head_dim)
+                k = self.k_norm(k.reshape(-1, self.head_dim)).view(t, self.num_kv_heads, self.head_dim)
+            q, k = ops.apply_rope(positions, q, k, self.cos_sin_cache, self.head_dim, rope)
         o = self.backend.forward(q, k, v, self.k_cache, self.v_cache, get_attention_metadata(), self.scale)
         return self.tp.all_reduce(self.o_proj(o.reshape(t, self.q_size)))
 
@@ -93,13 +98,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, tp)
 
-    def forward(self, positions, hidden, residual):
+    def forward(self, positions, hidden, residual, rope: ops.RopeTables | None = None):
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
+        hidden = self.self_attn(positions, hidden, rope)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -136,8 +141,9 @@ class DecoderForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed(input_ids)
         residual = None
+        rope = ops.rope_tables(positions, self.cos_sin_cache)  # None on the Triton path
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
+            hidden, residual = layer(positions, hidden, residual, rope)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,23 +50,41 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def rope_tables(positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> RopeTables | None:
+    """The step's cos/sin rows for the torch path, gathered once and shared by every layer
+    (``None`` where the Triton kernel reads the cache itself)."""
+    if _use_triton(positions):
+        return None
+    cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)  # [T, rot/2] each
+    # laid out as [T, 1 (heads), 2 (halves), rot/2] to rotate x viewed the same way
+    return RopeTables(torch.stack((cos, cos), 1).unsqueeze(1), torch.stack((-sin, sin), 1).unsqueeze(1))
+
+
+class RopeTables(NamedTuple):
+    cos: torch.Tensor  # [T, 1, 2, rot/2]: cos in both halves
+    sin: torch.Tensor  # [T, 1, 2, rot/2]: -sin in the first half, sin in the second
+
+
+def rotate(x: torch.Tensor, tables: RopeTables) -> torch.Tensor:
+    """NeoX rotation of x [T, heads, D] (its first rot_dim dims) into a new tensor:
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), computed in fp32."""
+    t, heads, d = x.shape
+    half = tables.cos.shape[-1]
+    xr = x[..., :2 * half].float().view(t, heads, 2, half)
+    out = (xr * tables.cos + xr.flip(-2) * tables.sin).view(t, heads, 2 * half).to(x.dtype)
+    if 2 * half == d:
+        return out
+    return torch.cat((out, x[..., 2 * half:]), dim=-1)
+
+
 def apply_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-               cos_sin_cache: torch.Tensor, rot_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """NeoX-style rotary embedding on q [T, H, D] and k [T, Hkv, D]."""
+               cos_sin_cache: torch.Tensor, rot_dim: int,
+               tables: RopeTables | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """NeoX-style rotary embedding on q [T, H, D] and k [T, Hkv, D] (in place on CUDA)."""
     if _use_triton(q):
         from miniinfer.kernels.rope import apply_rope_ as kern
         kern(positions, q, k, cos_sin_cache, rot_dim)
         return q, k
-    cos_sin = cos_sin_cache[positions]  # [T, rot]
-    cos, sin = cos_sin.chunk(2, dim=-1)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        xr = x[..., :rot_dim].float()
-        x1, x2 = xr.chunk(2, dim=-1)
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-        if rot_dim == x.shape[-1]:
-            return out
-        return torch.cat((out, x[..., rot_dim:]), dim=-1)
-
-    return rotate(q), rotate(k)
+    if tables is None:
+        tables = rope_tables(positions, cos_sin_cache)
+    return rotate(q, tables), rotate(k, tables)
