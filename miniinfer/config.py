@@ -127,6 +127,7 @@ class EngineConfig:
     overlap_scheduling: bool = True  # the host prepares step N+1 while the device runs step N
     attention_backend: str = "auto"  # auto | torch | triton
     enforce_eager: bool = False  # no CUDA graphs
+    cpu_packed_weights: bool = True  # CPU fp32: weights pre-packed for oneDNN (~1.3x faster steps)
     warmup: bool = True
     check_integrity_when_idle: bool = True  # verify KV bookkeeping whenever the engine goes idle
     max_logprobs: int = 20

@@ -258,11 +258,15 @@ def _cpu_run(max_tokens: int, **engine_kw) -> tuple[dict, object]:
 
 
 def cpu(max_tokens: int = 64, hf: bool = True, bf16: bool = True, **engine_kw) -> dict:
-    """Ours in fp32 (the CPU default; HF transformers loads the GGUF in fp32 too) and, as an
-    opt-in mode, in bf16 (``dtype="bfloat16"``: ~2x faster matmuls on CPUs with AVX512-BF16,
+    """Ours in fp32 (the CPU default; HF transformers loads the GGUF in fp32 too; also with the
+    oneDNN weight packing switched off) and, as an opt-in mode, in bf16 (``dtype="bfloat16"``: ~2x faster matmuls on CPUs with AVX512-BF16,
     but the 4-bit model's greedy answers change)."""
     engine_kw.setdefault("dtype", "float32")
     m, llm = _cpu_run(max_tokens, **engine_kw)
+    if engine_kw.get("cpu_packed_weights", True):  # ablation: plain (MKL sgemm) weights
+        m_plain, _ = _cpu_run(max_tokens, **{**engine_kw, "cpu_packed_weights": False})
+        m["cpu_unpacked_throughput_tok_s"] = m_plain["cpu_throughput_tok_s"]
+        m["cpu_packed_weights_gain"] = m["cpu_throughput_tok_s"] / m_plain["cpu_throughput_tok_s"]
     if bf16:
         m16, _ = _cpu_run(max_tokens, **{**engine_kw, "dtype": "bfloat16"})
         m["cpu_bf16_throughput_tok_s"] = m16["cpu_throughput_tok_s"]

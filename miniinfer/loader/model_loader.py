@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from miniinfer.attention import AttentionBackend
 from miniinfer.config import EngineConfig, ModelConfig
 from miniinfer.models.decoder import DecoderForCausalLM
+from miniinfer.models.packed_linear import packing_available
 from miniinfer.parallel import TPGroup
 
 PRESETS = ("qwen2-0.5b", "qwen2-1.5b", "qwen2-7b", "qwen3-0.6b", "qwen3-8b", "llama-3-8b")
@@ -107,4 +108,6 @@ def build_model(source: ModelSource, model_config: ModelConfig, backend: Attenti
         model.load_weights(iter_gguf_weights(source.weights_path, dtype=dtype, progress=progress))
     else:
         model.load_weights(iter_safetensors(source.weights_path, progress))
+    if cfg.cpu_packed_weights and packing_available(device, dtype):
+        model.pack_for_cpu()
     return model.eval()

@@ -129,6 +129,7 @@ class DecoderForCausalLM(nn.Module):
             self.lm_head = None
         else:
             self.lm_head = nn.Linear(cfg.hidden_size, self.vocab_local, bias=False)
+        self.packed_lm_head: nn.Module | None = None  # a tied head's CPU copy (pack_for_cpu)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if not self.tp.enabled:
@@ -148,8 +149,21 @@ class DecoderForCausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return self.tp.all_gather_last_dim(torch.matmul(hidden, weight.t()).float())
+        if self.lm_head is not None:
+            logits = self.lm_head(hidden)
+        elif self.packed_lm_head is not None:
+            logits = self.packed_lm_head(hidden)
+        else:
+            logits = torch.matmul(hidden, self.embed_tokens.weight.t())
+        return self.tp.all_gather_last_dim(logits.float())
+
+    def pack_for_cpu(self) -> None:
+        """CPU fp32: lay every projection (and the LM head; a tied one gets its own packed
+        copy, the embedding lookup keeps the plain table) out for oneDNN."""
+        from miniinfer.models.packed_linear import PackedLinear, pack_linears
+        pack_linears(self)
+        if self.lm_head is None:
+            self.packed_lm_head = PackedLinear(self.embed_tokens.weight, None)
 
     # --- weights -------------------------------------------------------------------
     def _fused_slices(self) -> dict[str, tuple[str, int, int, int]]:

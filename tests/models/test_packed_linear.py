@@ -1,0 +1,49 @@
+"""oneDNN-packed CPU linears: same results as nn.Linear, swapped in only for CPU fp32."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from miniinfer.models.packed_linear import PackedLinear, pack_linears, packing_available
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 48), (7, 48), (2, 5, 48)])
+def test_packed_equals_linear(bias, shape):
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 40, bias=bias)
+    packed = PackedLinear.from_linear(lin)
+    x = torch.randn(*shape)
+    y = packed(x)
+    assert y.shape == (*shape[:-1], 40) and y.dtype == torch.float32 and not y.is_mkldnn
+    torch.testing.assert_close(y, lin(x), rtol=1e-5, atol=1e-5)
+
+
+def test_pack_linears_swaps_every_linear():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 4, bias=False)))
+    x = torch.randn(3, 8)
+    ref = model(x)
+    assert pack_linears(model) == 2
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_only_cpu_fp32():
+    assert packing_available(torch.device("cpu"), torch.float32)
+    assert not packing_available(torch.device("cpu"), torch.bfloat16)
+    assert not packing_available(torch.device("cuda"), torch.float32)
+
+
+def test_engine_packs_on_cpu_fp32_and_can_opt_out(tiny_llm):
+    on, off = tiny_llm("qwen2"), tiny_llm("qwen2", cpu_packed_weights=False)  # qwen2: biased qkv
+    assert isinstance(on.engine.runner.model.layers[0].self_attn.qkv_proj, PackedLinear)
+    assert isinstance(off.engine.runner.model.layers[0].self_attn.qkv_proj, nn.Linear)
+    assert isinstance(tiny_llm("qwen2", dtype="bfloat16").engine.runner.model.layers[0].mlp.down_proj,
+                      nn.Linear)
+    ids = list(range(5, 45))
+    a, b = on.engine.runner.forward_logits(ids), off.engine.runner.forward_logits(ids)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
