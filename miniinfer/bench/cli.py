@@ -16,6 +16,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--hf-num-requests", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="cpu: interleaved timed runs of ours and HF")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--overlap", dest="overlap_scheduling", action="store_true")
     p.add_argument("--no-overlap", dest="overlap_scheduling", action="store_false")
@@ -29,7 +30,7 @@ def main(argv: list[str]) -> int:
     kw = dict(device=a.device, enforce_eager=a.enforce_eager, overlap_scheduling=a.overlap_scheduling)
     if a.name == "cpu":
         kw["device"] = "cpu"
-        m = offline.cpu(max_tokens=a.max_tokens, hf=a.hf, **kw)
+        m = offline.cpu(max_tokens=a.max_tokens, hf=a.hf, repeats=a.repeats, **kw)
     elif a.name == "throughput":
         m = offline.throughput(a.model or "qwen3-0.6b", a.num_requests, a.hf_num_requests, a.hf, **kw)
     elif a.name == "latency":

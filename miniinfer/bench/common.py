@@ -16,7 +16,13 @@ def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     import platform
-    return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    model = ""
+    try:  # Linux: the CPU's marketing name, as results from different CPUs don't compare
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"cpu ({os.cpu_count()} cores, {model or platform.processor() or platform.machine()})"
 
 
 def write_result(path: str | None, metrics: dict, name: str = "") -> dict:

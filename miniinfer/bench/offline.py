@@ -244,65 +244,94 @@ CPU_QUESTIONS = [
 ]
 
 
-def _cpu_run(max_tokens: int, **engine_kw) -> tuple[dict, object]:
+def _cpu_engine(**engine_kw):
+    """Our engine on the embedded model with the §8 prompts, warmed up by one short request."""
     from miniinfer import LLM
     llm = LLM(None, progress=False, **engine_kw)
     prompts = [llm.engine.apply_chat_template([{"role": "user", "content": q}]) for q in CPU_QUESTIONS]
-    p = SamplingParams(temperature=0, max_tokens=max_tokens)
     llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    return llm, prompts
+
+
+def _cpu_time(llm, prompts, max_tokens: int) -> tuple[int, float]:
     t = time.perf_counter()
-    res = llm.generate(prompts, p, use_tqdm=False)
-    wall = time.perf_counter() - t
-    ours = sum(len(r.outputs[0].token_ids) for r in res)
-    return {"cpu_throughput_tok_s": ours / wall, "cpu_output_tokens": ours, "cpu_wall_s": wall}, llm
+    res = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False)
+    return sum(len(r.outputs[0].token_ids) for r in res), time.perf_counter() - t
 
 
-def cpu(max_tokens: int = 64, hf: bool = True, bf16: bool = True, **engine_kw) -> dict:
-    """Ours in fp32 (the CPU default; HF transformers loads the GGUF in fp32 too; also with the
-    oneDNN weight packing switched off) and, as an opt-in mode, in bf16 (``dtype="bfloat16"``: ~2x faster matmuls on CPUs with AVX512-BF16,
-    but the 4-bit model's greedy answers change)."""
-    engine_kw.setdefault("dtype", "float32")
-    m, llm = _cpu_run(max_tokens, **engine_kw)
-    if engine_kw.get("cpu_packed_weights", True):  # ablation: plain (MKL sgemm) weights
-        m_plain, _ = _cpu_run(max_tokens, **{**engine_kw, "cpu_packed_weights": False})
-        m["cpu_unpacked_throughput_tok_s"] = m_plain["cpu_throughput_tok_s"]
-        m["cpu_packed_weights_gain"] = m["cpu_throughput_tok_s"] / m_plain["cpu_throughput_tok_s"]
-    if bf16:
-        m16, _ = _cpu_run(max_tokens, **{**engine_kw, "dtype": "bfloat16"})
-        m["cpu_bf16_throughput_tok_s"] = m16["cpu_throughput_tok_s"]
-    prompts = [llm.engine.apply_chat_template([{"role": "user", "content": q}]) for q in CPU_QUESTIONS]
-    if hf:
-        import importlib.util
+class _HFCPU:
+    """HF transformers on the same GGUF in fp32, batched ``generate`` with left padding."""
+
+    def __init__(self, llm, prompts):
+        import os
         from transformers import AutoModelForCausalLM
         from miniinfer.loader.embedded import embedded_model_path
         path = embedded_model_path()
-        import os
-        model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                     dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
         tok = llm.engine.tokenizer
         ids = [tok.encode(x, add_special_tokens=False) for x in prompts]
-        width = max(map(len, ids))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        inp = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-        eos = sorted(llm.engine.eos_token_ids)
+        self.width = max(map(len, ids))
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.inp = torch.tensor([[self.pad] * (self.width - len(x)) + x for x in ids])
+        self.mask = torch.tensor([[0] * (self.width - len(x)) + [1] * len(x) for x in ids])
+        self.eos = sorted(llm.engine.eos_token_ids)
         with torch.no_grad():
-            model.generate(input_ids=inp[:1], attention_mask=mask[:1], max_new_tokens=4, do_sample=False)
+            self.model.generate(input_ids=self.inp[:1], attention_mask=self.mask[:1], max_new_tokens=4,
+                                do_sample=False)
+
+    def time(self, max_tokens: int) -> tuple[int, float]:
+        with torch.no_grad():
             t = time.perf_counter()
-            out = model.generate(input_ids=inp, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
-                                 eos_token_id=eos, pad_token_id=pad)
-            hf_wall = time.perf_counter() - t
-        gen = out[:, width:]
-        hf_tokens = 0
-        for row in gen.tolist():  # count up to and including the first EOS, as our engine does
+            out = self.model.generate(input_ids=self.inp, attention_mask=self.mask, max_new_tokens=max_tokens,
+                                      do_sample=False, eos_token_id=self.eos, pad_token_id=self.pad)
+            wall = time.perf_counter() - t
+        tokens = 0
+        for row in out[:, self.width:].tolist():  # up to and including the first EOS, as we count
             n = 0
             for tkn in row:
                 n += 1
-                if tkn in eos:
+                if tkn in self.eos:
                     break
-            hf_tokens += n
+            tokens += n
+        return tokens, wall
+
+
+def cpu(max_tokens: int = 64, hf: bool = True, bf16: bool = True, repeats: int = 3, **engine_kw) -> dict:
+    """§8: ours in fp32 (the CPU default; HF transformers loads the GGUF in fp32 too) against
+    HF ``generate``, timed alternately ``repeats`` times (this shared 2-core machine drifts by
+    tens of percent within a minute; medians of interleaved runs keep the ratio honest).
+    Ablations, one run each: oneDNN weight packing off, and the opt-in bf16 mode (~2x faster
+    matmuls on AVX512-BF16, but the 4-bit model's answers degrade)."""
+    engine_kw.setdefault("dtype", "float32")
+    llm, prompts = _cpu_engine(**engine_kw)
+    base = _HFCPU(llm, prompts) if hf else None
+    ours, theirs = [], []
+    for _ in range(repeats):
+        ours.append(_cpu_time(llm, prompts, max_tokens))
+        if base is not None:
+            theirs.append(base.time(max_tokens))
+    tokens = ours[0][0]
+    wall = statistics.median(w for _, w in ours)
+    m = {"cpu_throughput_tok_s": tokens / wall, "cpu_output_tokens": tokens, "cpu_wall_s": wall,
+         "cpu_wall_s_min": min(w for _, w in ours), "cpu_wall_s_max": max(w for _, w in ours)}
+    if engine_kw.get("cpu_packed_weights", True):
+        plain, p = _cpu_engine(**{**engine_kw, "cpu_packed_weights": False})
+        n, w = _cpu_time(plain, p, max_tokens)
+        m["cpu_unpacked_throughput_tok_s"] = n / w
+        m["cpu_packed_weights_gain"] = m["cpu_throughput_tok_s"] / m["cpu_unpacked_throughput_tok_s"]
+        del plain
+    if bf16:
+        half, p = _cpu_engine(**{**engine_kw, "dtype": "bfloat16"})
+        n, w = _cpu_time(half, p, max_tokens)
+        m["cpu_bf16_throughput_tok_s"] = n / w
+        del half
+    if base is not None:
+        hf_tokens = theirs[0][0]
+        hf_wall = statistics.median(w for _, w in theirs)
         m.update({"cpu_hf_throughput_tok_s": hf_tokens / hf_wall, "cpu_hf_output_tokens": hf_tokens,
-                  "cpu_hf_wall_s": hf_wall})
+                  "cpu_hf_wall_s": hf_wall, "cpu_hf_wall_s_min": min(w for _, w in theirs),
+                  "cpu_hf_wall_s_max": max(w for _, w in theirs)})
         m["cpu_throughput_ratio_vs_hf"] = m["cpu_throughput_tok_s"] / m["cpu_hf_throughput_tok_s"]
         if "cpu_bf16_throughput_tok_s" in m:
             m["cpu_bf16_throughput_ratio_vs_hf"] = m["cpu_bf16_throughput_tok_s"] / m["cpu_hf_throughput_tok_s"]
