@@ -125,9 +125,10 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     overlap_scheduling: bool = True  # the host prepares step N+1 while the device runs step N
-    attention_backend: str = "auto"  # auto | torch | triton
+    attention_backend: str = "auto"  # auto | torch | cpu (torch + C decode kernel) | triton
     enforce_eager: bool = False  # no CUDA graphs
-    cpu_packed_weights: bool = True  # CPU fp32: weights pre-packed for oneDNN (~1.3x faster steps)
+    cpu_packed_weights: bool = True  # CPU fp32: weights pre-packed for oneDNN (~2x faster GEMMs)
+    cpu_q4_1_kernel: bool = True  # CPU fp32, GGUF Q4_1: weights stay 4-bit, AVX-512 kernel (gcc at first use)
     warmup: bool = True
     check_integrity_when_idle: bool = True  # verify KV bookkeeping whenever the engine goes idle
     max_logprobs: int = 20

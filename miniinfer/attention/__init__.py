@@ -38,9 +38,15 @@ def register_backend(name: str):
 
 def get_backend(name: str, device: str) -> AttentionBackend:
     if name == "auto":
-        name = "triton" if device.startswith("cuda") else "torch"
+        if device.startswith("cuda"):
+            name = "triton"
+        else:
+            from miniinfer.kernels import cpu_kernels
+            name = "cpu" if cpu_kernels.available() else "torch"
     if name == "triton":
         from miniinfer.attention import triton_backend  # noqa: F401  (registers itself)
+    elif name == "cpu":
+        from miniinfer.attention import cpu_backend  # noqa: F401
     else:
         from miniinfer.attention import torch_backend  # noqa: F401
     if name not in _REGISTRY:

@@ -75,14 +75,18 @@ class TorchAttentionBackend:
         if meta.num_decode_tokens != nd:
             nd = 0  # multi-token "decodes" (speculative verify): the extend path handles them
         if nd:
-            slots, mask, max_len = _decode_plan(meta, nd, lens, k_cache.shape[1], q.device)
-            out[:nd] = self._decode(q[:nd], k_cache, v_cache, slots, mask, max_len, scale, group, work)
+            out[:nd] = self._decode_batch(q[:nd], k_cache, v_cache, meta, lens, scale, group, work)
         for i in range(nd, len(lens)):
             s, e, L = qsl[i], qsl[i + 1], lens[i]
             kk = _gather(k_cache, meta.block_tables[i], L).to(work)
             vv = _gather(v_cache, meta.block_tables[i], L).to(work)
             out[s:e] = self._extend(q[s:e], kk, vv, scale, group)
         return out
+
+    def _decode_batch(self, q, k_cache, v_cache, meta: AttentionMetadata, lens: list[int], scale, group, work):
+        """The first ``len(q)`` sequences, one new token each."""
+        slots, mask, max_len = _decode_plan(meta, q.shape[0], lens, k_cache.shape[1], q.device)
+        return self._decode(q, k_cache, v_cache, slots, mask, max_len, scale, group, work)
 
     @staticmethod
     def _decode(q, k_cache, v_cache, slots, mask, max_len: int, scale, group, work):

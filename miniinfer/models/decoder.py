@@ -157,6 +157,31 @@ class DecoderForCausalLM(nn.Module):
             logits = torch.matmul(hidden, self.embed_tokens.weight.t())
         return self.tp.all_gather_last_dim(logits.float())
 
+    def use_q4_1_weights(self, rows: dict[str, torch.Tensor]) -> int:
+        """CPU: swap every projection whose HF parts all came as GGUF Q4_1 (``rows``: HF name ->
+        raw blocks) for a :class:`Q4_1Linear` over them (fused parts concatenated by rows, in
+        the order of ``_fused_slices``). Returns how many were swapped; the rest stay dense."""
+        from miniinfer.models.packed_linear import Q4_1Linear, q4_1_fits
+        if self.tp.enabled:
+            return 0
+        rows = {k.removeprefix("model."): v for k, v in rows.items()}
+        parts = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
+                 "o_proj": ("o_proj",), "down_proj": ("down_proj",)}
+        swapped = 0
+        for i, layer in enumerate(self.layers):
+            for parent, prefix in ((layer.self_attn, f"layers.{i}.self_attn"), (layer.mlp, f"layers.{i}.mlp")):
+                for fused, names in parts.items():
+                    dense = getattr(parent, fused, None)
+                    blocks = [rows.get(f"{prefix}.{n}.weight") for n in names]
+                    if not isinstance(dense, nn.Linear) or any(b is None for b in blocks):
+                        continue
+                    cat = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+                    if cat.shape[0] != dense.out_features or not q4_1_fits(cat.shape[0], dense.in_features):
+                        continue
+                    setattr(parent, fused, Q4_1Linear(cat, dense.in_features, dense.bias))
+                    swapped += 1
+        return swapped
+
     def pack_for_cpu(self) -> None:
         """CPU fp32: lay every projection (and the LM head; a tied one gets its own packed
         copy, the embedding lookup keeps the plain table) out for oneDNN."""

@@ -196,13 +196,17 @@ def test_abort_on_disconnect(srv, model):
                       json={"model": model, "prompt": "Tell me a very long story.", "max_tokens": 1500,
                             "ignore_eos": True, "stream": True}) as r:
         assert r.status_code == 200
-        for line in r.iter_lines():
+        lines = r.iter_lines()
+        for line in lines:
             if line.startswith("data: ") and '"text"' in line:
                 got += 1
                 if got >= 3:
                     break
+        # still connected (the line iterator is alive): the request must be in the engine.
+        # (Dropping the iterator closes the stream: the server may abort before we ask.)
         s = stats(srv)
         assert s["num_requests_running"] + s["num_requests_waiting"] >= 1
+        lines.close()
     # the connection is closed: the request must be aborted and its KV blocks freed at once
     s = wait_idle(srv, timeout=20)
     assert s["num_free_kv_blocks"] == s["num_kv_blocks"]

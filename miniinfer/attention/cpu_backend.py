@@ -1,0 +1,24 @@
+"""The CPU backend: the torch path, with decodes attended by a C kernel straight over the
+paged fp32 cache (``kernels/cpu_kernels.c``) instead of gathering K/V and calling SDPA.
+``auto`` picks it on CPU when the kernels build there; prefill/extend chunks stay torch."""
+from __future__ import annotations
+
+import torch
+
+from miniinfer.attention import register_backend
+from miniinfer.attention.torch_backend import TorchAttentionBackend
+from miniinfer.engine.forward_context import AttentionMetadata
+from miniinfer.kernels import cpu_kernels
+
+
+@register_backend("cpu")
+class CPUAttentionBackend(TorchAttentionBackend):
+    name = "cpu"
+
+    def _decode_batch(self, q, k_cache, v_cache, meta: AttentionMetadata, lens: list[int], scale, group, work):
+        if (q.device.type != "cpu" or k_cache.dtype != torch.float32 or not k_cache.is_contiguous()
+                or not v_cache.is_contiguous() or q.shape[-1] % 16):
+            return super()._decode_batch(q, k_cache, v_cache, meta, lens, scale, group, work)
+        nd = q.shape[0]
+        return cpu_kernels.paged_decode_attention(
+            q.float(), k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], max(lens[:nd]), scale)

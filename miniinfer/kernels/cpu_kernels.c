@@ -1,0 +1,209 @@
+// MiniInfer's CPU kernels (x86-64 with AVX-512), built at run time by cpu_kernels.py
+// (gcc -O3 -march=native -fopenmp) and called through ctypes:
+//   q4_1_gemm               Y[M, N] = X[M, K] @ W[N, K]^T, W in GGUF's Q4_1 kept 4-bit, fp32 X, Y
+//   paged_decode_attention  one query token per sequence against its paged fp32 K/V cache
+//
+// Q4_1: blocks of 32 weights along K; w = d * q + m with fp16 d, m and q in 0..15.
+// The weights are regrouped once at load time so that one 512-bit register holds the
+// nibbles of 16 output rows (one 32-bit lane per row); a "record" covers 16 rows x one
+// 32-wide block of K, 320 bytes:
+//
+//     bytes [0, 32)            d of rows 0..15 (fp16)
+//     bytes [32, 64)           m of rows 0..15 (fp16)
+//     bytes [64 + 64h, +64)    lane l = row l's nibble bytes 4h..4h+3   (h = 0..3)
+//
+// A nibble byte j holds weight j (low nibble) and weight j + 16 (high nibble), so nibble s
+// (0..7) of lane l in group h is weight 4h + s/2 (+16 when s is odd). The product is
+//
+//     y[n] = sum_b ( d[n,b] * sum_j q[n,b,j] x[32b+j] + m[n,b] * sum_j x[32b+j] )
+//
+// with every sum in fp32: the same arithmetic as an fp32 GEMM over the dequantized
+// weights, in another order. Each lane accumulates one output row: no horizontal sums.
+#include <immintrin.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <math.h>
+
+#if !defined(__AVX512F__)
+#error "cpu_kernels.c needs AVX-512F"
+#endif
+
+#define ROWS 16        // output rows per record / per vector
+#define RECORD 320     // bytes per record
+#define TILE_M 6       // activation rows per register tile
+#define CHUNK_M 96     // activation rows kept hot in cache per pass over the weights
+
+#define INLINE static inline __attribute__((always_inline))
+
+// One record group (16 rows, all K blocks) times mr activation rows starting at m0.
+INLINE void tile(const uint8_t* rec, const float* X, const float* xsum, float* Y,
+                 int N, int K, int n0, int m0, const int mr) {
+    const int nb = K / 32;
+    const int chains = mr == 1 ? 4 : (mr == 2 ? 2 : 1);  // independent FMA chains at small mr
+    const __m512 nibble_value = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 acc[TILE_M];
+    for (int i = 0; i < mr; i++) acc[i] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++, rec += RECORD) {
+        __m512 part[TILE_M][4];
+        for (int i = 0; i < mr; i++)
+            for (int c = 0; c < chains; c++) part[i][c] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+        for (int h = 0; h < 4; h++) {
+            const __m512i nib = _mm512_loadu_si512(rec + 64 + 64 * h);
+#pragma GCC unroll 8
+            for (int s = 0; s < 8; s++) {
+                // low 4 bits of each lane index the 0..15 table: nibble -> float
+                const __m512 q = _mm512_permutexvar_ps(s ? _mm512_srli_epi32(nib, 4 * s) : nib, nibble_value);
+                const int k = 32 * b + 4 * h + (s >> 1) + ((s & 1) ? 16 : 0);
+                const int c = (8 * h + s) % chains;
+#pragma GCC unroll 6
+                for (int i = 0; i < mr; i++)
+                    part[i][c] = _mm512_fmadd_ps(q, _mm512_set1_ps(X[(size_t)(m0 + i) * K + k]), part[i][c]);
+            }
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)rec));
+        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(rec + 32)));
+#pragma GCC unroll 6
+        for (int i = 0; i < mr; i++) {
+            __m512 p = part[i][0];
+            for (int c = 1; c < chains; c++) p = _mm512_add_ps(p, part[i][c]);
+            acc[i] = _mm512_fmadd_ps(d, p, acc[i]);
+            acc[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(xsum[(size_t)(m0 + i) * nb + b]), acc[i]);
+        }
+    }
+    for (int i = 0; i < mr; i++) _mm512_storeu_ps(Y + (size_t)(m0 + i) * N + n0, acc[i]);
+}
+
+static void group_rows(const uint8_t* rec, const float* X, const float* xsum, float* Y,
+                       int N, int K, int n0, int m_begin, int m_end) {
+    int m = m_begin;
+    for (; m + TILE_M <= m_end; m += TILE_M) tile(rec, X, xsum, Y, N, K, n0, m, TILE_M);
+    switch (m_end - m) {  // constant mr per call: the compiler unrolls each
+        case 5: tile(rec, X, xsum, Y, N, K, n0, m, 5); break;
+        case 4: tile(rec, X, xsum, Y, N, K, n0, m, 4); break;
+        case 3: tile(rec, X, xsum, Y, N, K, n0, m, 3); break;
+        case 2: tile(rec, X, xsum, Y, N, K, n0, m, 2); break;
+        case 1: tile(rec, X, xsum, Y, N, K, n0, m, 1); break;
+        default: break;
+    }
+}
+
+// packed: N/16 * K/32 records; X: [M, K]; xsum: scratch of M * K/32 floats; Y: [M, N].
+// N must be a multiple of 16 and K of 32 (the Python side checks).
+void q4_1_gemm(const uint8_t* packed, const float* X, float* xsum, float* Y, int M, int N, int K) {
+    const int nb = K / 32, groups = N / ROWS;
+    for (int j = 0; j < M * nb; j++) {
+        const __m512 a = _mm512_loadu_ps(X + (size_t)j * 32), c = _mm512_loadu_ps(X + (size_t)j * 32 + 16);
+        xsum[j] = _mm512_reduce_add_ps(_mm512_add_ps(a, c));
+    }
+#pragma omp parallel
+    for (int mc = 0; mc < M; mc += CHUNK_M) {
+        const int me = mc + CHUNK_M < M ? mc + CHUNK_M : M;
+#pragma omp for schedule(static)
+        for (int g = 0; g < groups; g++)
+            group_rows(packed + (size_t)g * nb * RECORD, X, xsum, Y, N, K, g * ROWS, mc, me);
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// exp(x) for x <= 0, 16 lanes: 2^k * p(r) with k = round(x / ln 2), r = x - k ln 2 (ln 2 split
+// in two for accuracy), p a degree-6 Taylor polynomial: relative error ~1e-7 on |r| <= ln2/2.
+// (libm's scalar expf made the softmax the slowest part of decode attention.)
+INLINE __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));  // exp(-87) ~ 1.6e-38: underflow to ~0
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, k);
+}
+
+// s[t] <- exp(s[t] - mx) for t < n; returns their sum.
+static float exp_minus_max(float* s, int n, float mx) {
+    const __m512 m = _mm512_set1_ps(mx);
+    __m512 total = _mm512_setzero_ps();
+    int t = 0;
+    for (; t + 16 <= n; t += 16) {
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + t), m));
+        _mm512_storeu_ps(s + t, e);
+        total = _mm512_add_ps(total, e);
+    }
+    if (t < n) {
+        const __mmask16 live = (__mmask16)((1u << (n - t)) - 1);
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t), m));
+        _mm512_mask_storeu_ps(s + t, live, e);
+        total = _mm512_mask_add_ps(total, live, total, e);
+    }
+    return _mm512_reduce_add_ps(total);
+}
+
+// ------------------------------------------------------------------------------------------
+// Decode attention over the paged cache: q [B, H, D], caches [blocks, block_size, Hkv, D],
+// block_tables [B, bt_stride], seq_lens [B] (tokens to attend, including the new one, whose
+// K/V are already stored), out [B, H, D]; scores: scratch of B * H * max_len floats.
+// Query head j of sequence b reads KV head j / (H / Hkv). fp32 softmax with the max
+// subtracted. One (sequence, KV head) pair per task: its K/V rows are read once for all the
+// query heads that share them.
+void paged_decode_attention(const float* q, const float* k_cache, const float* v_cache,
+                            const int32_t* block_tables, int bt_stride, const int32_t* seq_lens,
+                            float* out, float* scores, int B, int H, int Hkv, int D, int block_size,
+                            int max_len, float scale) {
+    // D is a multiple of 16 (checked in Python): head vectors are whole zmm registers.
+    const int group = H / Hkv;
+    const size_t token_stride = (size_t)Hkv * D;  // floats between consecutive tokens of a block
+#pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (int b = 0; b < B; b++) {
+        for (int kvh = 0; kvh < Hkv; kvh++) {
+            const int L = seq_lens[b];
+            const int32_t* table = block_tables + (size_t)b * bt_stride;
+            const float* qh = q + ((size_t)b * H + (size_t)kvh * group) * D;
+            float* s = scores + ((size_t)b * H + (size_t)kvh * group) * max_len;
+            float* oh = out + ((size_t)b * H + (size_t)kvh * group) * D;
+            // scores: each K row is loaded once for the group's query heads
+            for (int t0 = 0, blk = 0; t0 < L; t0 += block_size, blk++) {
+                const int n = L - t0 < block_size ? L - t0 : block_size;
+                const float* kb = k_cache + ((size_t)table[blk] * block_size * Hkv + kvh) * D;
+                for (int i = 0; i < n; i++) {
+                    const float* kv = kb + i * token_stride;
+                    for (int j = 0; j < group; j++) {
+                        const float* qv = qh + (size_t)j * D;
+                        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qv), _mm512_loadu_ps(kv));
+                        for (int d = 16; d < D; d += 16)
+                            acc = _mm512_fmadd_ps(_mm512_loadu_ps(qv + d), _mm512_loadu_ps(kv + d), acc);
+                        s[(size_t)j * max_len + t0 + i] = _mm512_reduce_add_ps(acc) * scale;
+                    }
+                }
+            }
+            for (int j = 0; j < group; j++) {
+                float* sj = s + (size_t)j * max_len;
+                float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+                for (int t = 0; t < L; t++) mx = sj[t] > mx ? sj[t] : mx;
+                const float inv = 1.0f / exp_minus_max(sj, L, mx);
+                for (int t = 0; t < L; t++) sj[t] *= inv;
+                for (int d = 0; d < D; d += 16) _mm512_storeu_ps(oh + (size_t)j * D + d, _mm512_setzero_ps());
+            }
+            // weighted sum of V rows, each loaded once for the group
+            for (int t0 = 0, blk = 0; t0 < L; t0 += block_size, blk++) {
+                const int n = L - t0 < block_size ? L - t0 : block_size;
+                const float* vb = v_cache + ((size_t)table[blk] * block_size * Hkv + kvh) * D;
+                for (int i = 0; i < n; i++) {
+                    const float* vv = vb + i * token_stride;
+                    for (int j = 0; j < group; j++) {
+                        const __m512 p = _mm512_set1_ps(s[(size_t)j * max_len + t0 + i]);
+                        float* o = oh + (size_t)j * D;
+                        for (int d = 0; d < D; d += 16)
+                            _mm512_storeu_ps(o + d, _mm512_fmadd_ps(p, _mm512_loadu_ps(vv + d), _mm512_loadu_ps(o + d)));
+                    }
+                }
+            }
+        }
+    }
+}

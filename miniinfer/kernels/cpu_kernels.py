@@ -1,0 +1,156 @@
+"""CPU kernels in C (``cpu_kernels.c``): GGUF Q4_1 weights kept 4-bit and multiplied by fp32
+activations, and decode attention straight over the paged fp32 KV cache.
+
+The C file is compiled on first use with the machine's gcc (``-O3 -march=native -fopenmp``)
+into a per-user cache and loaded with ctypes. Where that is impossible (no gcc, no AVX-512,
+not x86-64) :func:`available` says so and the model keeps its dense weights.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("miniinfer")
+
+BLOCK = 32  # weights per Q4_1 block
+BLOCK_BYTES = 20  # fp16 d, fp16 m, 16 bytes of nibbles
+ROWS = 16  # output rows per packed record
+_SOURCE = os.path.join(os.path.dirname(__file__), "cpu_kernels.c")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if platform.machine() not in ("x86_64", "AMD64") or "avx512f" not in _cpu_flags():
+        return None
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        return None
+    with open(_SOURCE, "rb") as f:
+        source = f.read()
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    key = hashlib.sha256(source + " ".join(flags).encode() + " ".join(sorted(_cpu_flags())).encode())
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "miniinfer")
+    path = os.path.join(cache, f"cpu_kernels-{key.hexdigest()[:16]}.so")
+    if not os.path.exists(path):
+        os.makedirs(cache, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        try:
+            subprocess.run([cc, *flags, _SOURCE, "-o", tmp], check=True, capture_output=True, timeout=300)
+            os.replace(tmp, path)  # atomic: concurrent builders never load a half-written file
+        except (OSError, subprocess.SubprocessError) as e:
+            err = getattr(e, "stderr", b"") or b""
+            logger.warning("Q4_1 CPU kernel not built (%s): %s", e, err.decode(errors="replace")[-500:])
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            return None
+    lib = ctypes.CDLL(path)
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.q4_1_gemm.argtypes = [p, p, p, p, i, i, i]
+    lib.q4_1_gemm.restype = None
+    lib.paged_decode_attention.argtypes = [p, p, p, p, i, p, p, p, i, i, i, i, i, i, ctypes.c_float]
+    lib.paged_decode_attention.restype = None
+    return lib
+
+
+def available() -> bool:
+    """True when the kernel is built (or buildable) and loads on this machine."""
+    return _library() is not None
+
+
+def repack(blocks: torch.Tensor, in_features: int) -> torch.Tensor:
+    """GGUF Q4_1 rows ``uint8 [N, K/32 * 20]`` -> the kernel's 16-row records (see the C file)."""
+    n, k = blocks.shape[0], in_features
+    if n % ROWS or k % BLOCK or blocks.shape[1] != k // BLOCK * BLOCK_BYTES:
+        raise ValueError(f"Q4_1 weight [{n}, {k}] does not fit the kernel (rows % {ROWS}, cols % {BLOCK})")
+    nb = k // BLOCK
+    b = blocks.numpy().reshape(n // ROWS, ROWS, nb, BLOCK_BYTES).transpose(0, 2, 1, 3)  # [g, b, l, 20]
+    out = np.empty((n // ROWS, nb, 320), dtype=np.uint8)
+    out[:, :, 0:32] = b[:, :, :, 0:2].reshape(n // ROWS, nb, 32)  # d of the 16 rows
+    out[:, :, 32:64] = b[:, :, :, 2:4].reshape(n // ROWS, nb, 32)  # m of the 16 rows
+    qs = b[:, :, :, 4:20].reshape(n // ROWS, nb, ROWS, 4, 4).transpose(0, 1, 3, 2, 4)  # [g, b, h, l, 4]
+    out[:, :, 64:] = qs.reshape(n // ROWS, nb, 256)
+    return torch.from_numpy(out.reshape(-1))
+
+
+def dequantize(blocks: torch.Tensor, in_features: int) -> torch.Tensor:
+    """fp32 ``[N, K]`` of GGUF Q4_1 rows (the reference the kernel is tested against)."""
+    n, nb = blocks.shape[0], in_features // BLOCK
+    b = blocks.numpy().reshape(n, nb, BLOCK_BYTES)
+    d = b[:, :, 0:2].copy().view(np.float16).astype(np.float32)  # [n, nb, 1]
+    m = b[:, :, 2:4].copy().view(np.float16).astype(np.float32)
+    qs = b[:, :, 4:]
+    q = np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.float32)  # weights 0..15, 16..31
+    return torch.from_numpy((d * q + m).reshape(n, in_features))
+
+
+def gemm(x: torch.Tensor, packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """``x [M, K] fp32 @ W.T`` for a weight packed by :func:`repack`."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the Q4_1 CPU kernel is not available on this machine")
+    x = x.contiguous()
+    if x.dtype != torch.float32 or x.shape[-1] != in_features:
+        raise ValueError(f"expected fp32 [M, {in_features}], got {x.dtype} {tuple(x.shape)}")
+    m = x.shape[0]
+    y = torch.empty(m, out_features, dtype=torch.float32)
+    if m == 0:
+        return y
+    xsum = torch.empty(m * (in_features // BLOCK), dtype=torch.float32)
+    lib.q4_1_gemm(packed.data_ptr(), x.data_ptr(), xsum.data_ptr(), y.data_ptr(), m, out_features, in_features)
+    return y
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int,
+                           scale: float) -> torch.Tensor:
+    """One query token per sequence (q ``[B, H, D]`` fp32) against its first ``seq_lens[b]``
+    cached tokens (fp32 caches ``[blocks, block_size, Hkv, D]``, int32 block tables)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the CPU kernels are not available on this machine")
+    b, h, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    if q.dtype != torch.float32 or k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32:
+        raise ValueError("paged_decode_attention takes fp32 q and caches")
+    if d % 16 or h % hkv:
+        raise ValueError(f"head_dim must be a multiple of 16 and heads of KV heads, got D={d}, H={h}, Hkv={hkv}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the caches must be contiguous")
+    q = q.contiguous()
+    tables = block_tables.to(torch.int32).contiguous()
+    lens = seq_lens.to(torch.int32).contiguous()
+    # the C code trusts these: check them here (cheap at decode sizes) rather than crash
+    if tables.shape[0] != b or lens.shape[0] != b:
+        raise ValueError(f"{b} queries but {tables.shape[0]} block tables and {lens.shape[0]} lengths")
+    if b and (int(lens.min()) < 1 or int(lens.max()) > min(max_len, tables.shape[1] * block_size)):
+        raise ValueError(f"seq_lens must be in [1, {min(max_len, tables.shape[1] * block_size)}]")
+    if tables.numel() and (int(tables.min()) < 0 or int(tables.max()) >= k_cache.shape[0]):
+        raise ValueError(f"block table entries must be in [0, {k_cache.shape[0]})")
+    out = torch.empty_like(q)
+    scores = torch.empty(b * h * max(max_len, 1), dtype=torch.float32)
+    lib.paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+                               tables.stride(0), lens.data_ptr(), out.data_ptr(), scores.data_ptr(),
+                               b, h, hkv, d, block_size, max_len, scale)
+    return out

@@ -1,0 +1,87 @@
+"""The C CPU kernels: Q4_1 GEMM against the dequantized weights, paged decode attention
+against SDPA over the gathered context, and their input checks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from miniinfer.kernels import cpu_kernels
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs x86-64 with AVX-512 and gcc")
+
+
+def _q4_1_blocks(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Random GGUF Q4_1 rows: fp16 scale and min per 32 weights, then 16 nibble bytes."""
+    rng = np.random.default_rng(seed)
+    nb = k // 32
+    d = rng.uniform(0.002, 0.02, (n, nb)).astype(np.float16)
+    m = (-8 * d.astype(np.float32) * rng.uniform(0.8, 1.2, (n, nb))).astype(np.float16)
+    b = np.empty((n, nb, 20), np.uint8)
+    b[:, :, 0:2] = d.view(np.uint8).reshape(n, nb, 2)
+    b[:, :, 2:4] = m.view(np.uint8).reshape(n, nb, 2)
+    b[:, :, 4:] = rng.integers(0, 256, (n, nb, 16), dtype=np.uint8)
+    return torch.from_numpy(b.reshape(n, nb * 20))
+
+
+def test_dequantize_matches_gguf():
+    gguf_quants = pytest.importorskip("gguf.quants")
+    from gguf import GGMLQuantizationType
+    blocks = _q4_1_blocks(32, 96)
+    ref = gguf_quants.dequantize(blocks.numpy(), GGMLQuantizationType.Q4_1).reshape(32, 96)
+    assert np.array_equal(cpu_kernels.dequantize(blocks, 96).numpy(), ref)
+
+
+@pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (960, 576), (576, 1536)])
+@pytest.mark.parametrize("m", [1, 2, 5, 6, 7, 16, 100])
+def test_q4_1_gemm_matches_dequantized(n, k, m):
+    blocks = _q4_1_blocks(n, k, seed=n + k)
+    w = cpu_kernels.dequantize(blocks, k).double()
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    y = cpu_kernels.gemm(x, cpu_kernels.repack(blocks, k), n, k)
+    ref = x.double() @ w.t()
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_q4_1_shape_checks():
+    with pytest.raises(ValueError, match="rows % 16"):
+        cpu_kernels.repack(_q4_1_blocks(8, 32), 32)
+    packed = cpu_kernels.repack(_q4_1_blocks(16, 64), 64)
+    with pytest.raises(ValueError, match=r"expected fp32 \[M, 64\]"):
+        cpu_kernels.gemm(torch.randn(2, 32), packed, 16, 64)
+
+
+def _paged_case(seed=0, B=5, H=6, HKV=2, D=64, BS=4, nblocks=64):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, 30, (B,), generator=g)
+    width = int((lens.max() + BS - 1) // BS)
+    tables = torch.stack([torch.randperm(nblocks, generator=g)[:width] for _ in range(B)]).int()
+    kc = torch.randn(nblocks, BS, HKV, D, generator=g)
+    vc = torch.randn(nblocks, BS, HKV, D, generator=g)
+    q = torch.randn(B, H, D, generator=g)
+    return q, kc, vc, tables, lens
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_paged_decode_attention_matches_sdpa(seed):
+    q, kc, vc, tables, lens = _paged_case(seed)
+    out = cpu_kernels.paged_decode_attention(q, kc, vc, tables, lens, int(lens.max()), 0.125)
+    for b in range(q.shape[0]):
+        L = int(lens[b])
+        slots = [int(tables[b, t // 4]) * 4 + t % 4 for t in range(L)]
+        k = kc.flatten(0, 1)[slots].transpose(0, 1)  # [Hkv, L, D]
+        v = vc.flatten(0, 1)[slots].transpose(0, 1)
+        ref = F.scaled_dot_product_attention(q[b].unsqueeze(1), k, v, scale=0.125, enable_gqa=True)
+        torch.testing.assert_close(out[b], ref.squeeze(1), rtol=1e-5, atol=1e-5)
+
+
+def test_paged_decode_attention_rejects_what_would_crash():
+    q, kc, vc, tables, lens = _paged_case()
+    with pytest.raises(ValueError, match="block table entries"):
+        cpu_kernels.paged_decode_attention(q, kc, vc, tables + 1000, lens, int(lens.max()), 0.125)
+    with pytest.raises(ValueError, match="seq_lens"):
+        cpu_kernels.paged_decode_attention(q, kc, vc, tables, lens + 1000, int(lens.max()) + 1000, 0.125)
+    with pytest.raises(ValueError, match="fp32"):
+        cpu_kernels.paged_decode_attention(q, kc.bfloat16(), vc, tables, lens, int(lens.max()), 0.125)
