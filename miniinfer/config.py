@@ -128,7 +128,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | torch | cpu (torch + C decode kernel) | triton
     enforce_eager: bool = False  # no CUDA graphs
     cpu_packed_weights: bool = True  # CPU fp32: weights pre-packed for oneDNN (~2x faster GEMMs)
-    cpu_q4_1_kernel: bool = True  # CPU fp32, GGUF Q4_1: weights stay 4-bit, AVX-512 kernel (gcc at first use)
+    cpu_gguf_kernels: bool = True  # CPU fp32, GGUF Q4_1/Q8_0: weights stay quantized, AVX-512 kernels
     warmup: bool = True
     check_integrity_when_idle: bool = True  # verify KV bookkeeping whenever the engine goes idle
     max_logprobs: int = 20

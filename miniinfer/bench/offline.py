@@ -301,7 +301,7 @@ def cpu(max_tokens: int = 64, hf: bool = True, bf16: bool = True, repeats: int =
     """§8: ours in fp32 (the CPU default; HF transformers loads the GGUF in fp32 too) against
     HF ``generate``, timed alternately ``repeats`` times (this shared 2-core machine drifts by
     tens of percent within a minute; medians of interleaved runs keep the ratio honest).
-    Ablations, one run each: the Q4_1 kernel off (dequantized weights, oneDNN-packed), all
+    Ablations, one run each: the GGUF kernels off (dequantized weights, oneDNN-packed), all
     weight packing off (plain MKL sgemm), and the opt-in bf16 mode (the 4-bit model's answers
     degrade in bf16)."""
     engine_kw.setdefault("dtype", "float32")
@@ -316,14 +316,14 @@ def cpu(max_tokens: int = 64, hf: bool = True, bf16: bool = True, repeats: int =
     wall = statistics.median(w for _, w in ours)
     m = {"cpu_throughput_tok_s": tokens / wall, "cpu_output_tokens": tokens, "cpu_wall_s": wall,
          "cpu_wall_s_min": min(w for _, w in ours), "cpu_wall_s_max": max(w for _, w in ours)}
-    if engine_kw.get("cpu_q4_1_kernel", True):  # ablation: Q4_1 dequantized, oneDNN-packed fp32
-        dense, p = _cpu_engine(**{**engine_kw, "cpu_q4_1_kernel": False})
+    if engine_kw.get("cpu_gguf_kernels", True):  # ablation: weights dequantized, oneDNN-packed fp32
+        dense, p = _cpu_engine(**{**engine_kw, "cpu_gguf_kernels": False})
         n, w = _cpu_time(dense, p, max_tokens)
-        m["cpu_q4_1_off_throughput_tok_s"] = n / w
-        m["cpu_q4_1_kernel_gain"] = m["cpu_throughput_tok_s"] / m["cpu_q4_1_off_throughput_tok_s"]
+        m["cpu_gguf_kernels_off_throughput_tok_s"] = n / w
+        m["cpu_gguf_kernels_gain"] = m["cpu_throughput_tok_s"] / m["cpu_gguf_kernels_off_throughput_tok_s"]
         del dense
     if engine_kw.get("cpu_packed_weights", True):  # ablation: plain weights, MKL sgemm
-        plain, p = _cpu_engine(**{**engine_kw, "cpu_packed_weights": False, "cpu_q4_1_kernel": False})
+        plain, p = _cpu_engine(**{**engine_kw, "cpu_packed_weights": False, "cpu_gguf_kernels": False})
         n, w = _cpu_time(plain, p, max_tokens)
         m["cpu_unpacked_throughput_tok_s"] = n / w
         m["cpu_packed_weights_gain"] = m["cpu_throughput_tok_s"] / m["cpu_unpacked_throughput_tok_s"]

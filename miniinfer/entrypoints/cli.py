@@ -35,8 +35,8 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = False) 
     g.add_argument("--no-warmup", dest="warmup", action="store_false")
     g.add_argument("--no-cpu-packed-weights", dest="cpu_packed_weights", action="store_false",
                    help="CPU fp32: keep plain weights (MKL sgemm) instead of oneDNN-packed ones")
-    g.add_argument("--no-cpu-q4-1-kernel", dest="cpu_q4_1_kernel", action="store_false",
-                   help="CPU, GGUF Q4_1: dequantize the weights instead of multiplying them 4-bit")
+    g.add_argument("--no-cpu-gguf-kernels", dest="cpu_gguf_kernels", action="store_false",
+                   help="CPU, GGUF Q4_1/Q8_0: dequantize the weights instead of multiplying them quantized
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
     g.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     g.add_argument("--seed", type=int, default=0)
@@ -50,7 +50,7 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         kv_cache_memory_gb=a.kv_cache_memory_gb, gpu_memory_utilization=a.gpu_memory_utilization,
         enable_prefix_caching=a.enable_prefix_caching, overlap_scheduling=a.overlap_scheduling,
         enforce_eager=a.enforce_eager, warmup=a.warmup, attention_backend=a.attention_backend,
-        cpu_packed_weights=a.cpu_packed_weights, cpu_q4_1_kernel=a.cpu_q4_1_kernel, tensor_parallel_size=a.tensor_parallel_size, seed=a.seed)
+        cpu_packed_weights=a.cpu_packed_weights, cpu_gguf_kernels=a.cpu_gguf_kernels, tensor_parallel_size=a.tensor_parallel_size, seed=a.seed)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

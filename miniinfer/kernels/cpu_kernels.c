@@ -1,6 +1,7 @@
 // MiniInfer's CPU kernels (x86-64 with AVX-512), built at run time by cpu_kernels.py
 // (gcc -O3 -march=native -fopenmp) and called through ctypes:
 //   q4_1_gemm               Y[M, N] = X[M, K] @ W[N, K]^T, W in GGUF's Q4_1 kept 4-bit, fp32 X, Y
+//   q8_0_gemm               the same for GGUF's Q8_0 (w = d * q, q int8; e.g. a tied LM head)
 //   paged_decode_attention  one query token per sequence against its paged fp32 K/V cache
 //
 // Q4_1: blocks of 32 weights along K; w = d * q + m with fp16 d, m and q in 0..15.
@@ -28,33 +29,44 @@
 #error "cpu_kernels.c needs AVX-512F"
 #endif
 
-#define ROWS 16        // output rows per record / per vector
-#define RECORD 320     // bytes per record
-#define TILE_M 6       // activation rows per register tile
-#define CHUNK_M 96     // activation rows kept hot in cache per pass over the weights
+#define ROWS 16          // output rows per record / per vector
+#define RECORD_Q4_1 320  // bytes per Q4_1 record: 16 d, 16 m (fp16), 16 x 16 nibble bytes
+#define RECORD_Q8_0 544  // bytes per Q8_0 record: 16 d (fp16), 16 x 32 int8
+#define TILE_M 6         // activation rows per register tile
+#define CHUNK_M 96       // activation rows kept hot in cache per pass over the weights
 
 #define INLINE static inline __attribute__((always_inline))
 
 // One record group (16 rows, all K blocks) times mr activation rows starting at m0.
+// q8 = 0: Q4_1 records (see the top of the file). q8 = 1: Q8_0 records, w = d * q with q
+// int8: bytes [0, 32) the 16 fp16 d, then for h = 0..7 a 64-byte group whose lane l holds
+// row l's weights 4h..4h+3.
 INLINE void tile(const uint8_t* rec, const float* X, const float* xsum, float* Y,
-                 int N, int K, int n0, int m0, const int mr) {
+                 int N, int K, int n0, int m0, const int mr, const int q8) {
     const int nb = K / 32;
+    const int record = q8 ? RECORD_Q8_0 : RECORD_Q4_1;
     const int chains = mr == 1 ? 4 : (mr == 2 ? 2 : 1);  // independent FMA chains at small mr
     const __m512 nibble_value = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     __m512 acc[TILE_M];
     for (int i = 0; i < mr; i++) acc[i] = _mm512_setzero_ps();
-    for (int b = 0; b < nb; b++, rec += RECORD) {
+    for (int b = 0; b < nb; b++, rec += record) {
         __m512 part[TILE_M][4];
         for (int i = 0; i < mr; i++)
             for (int c = 0; c < chains; c++) part[i][c] = _mm512_setzero_ps();
-#pragma GCC unroll 4
-        for (int h = 0; h < 4; h++) {
-            const __m512i nib = _mm512_loadu_si512(rec + 64 + 64 * h);
 #pragma GCC unroll 8
-            for (int s = 0; s < 8; s++) {
-                // low 4 bits of each lane index the 0..15 table: nibble -> float
-                const __m512 q = _mm512_permutexvar_ps(s ? _mm512_srli_epi32(nib, 4 * s) : nib, nibble_value);
-                const int k = 32 * b + 4 * h + (s >> 1) + ((s & 1) ? 16 : 0);
+        for (int h = 0; h < (q8 ? 8 : 4); h++) {
+            const __m512i packed = _mm512_loadu_si512(rec + (q8 ? 32 : 64) + 64 * h);
+#pragma GCC unroll 8
+            for (int s = 0; s < (q8 ? 4 : 8); s++) {
+                __m512 q;
+                int k;
+                if (q8) {  // byte s of each lane, sign-extended
+                    q = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(packed, 24 - 8 * s), 24));
+                    k = 32 * b + 4 * h + s;
+                } else {  // nibble s: its low 4 bits index the 0..15 table
+                    q = _mm512_permutexvar_ps(s ? _mm512_srli_epi32(packed, 4 * s) : packed, nibble_value);
+                    k = 32 * b + 4 * h + (s >> 1) + ((s & 1) ? 16 : 0);
+                }
                 const int c = (8 * h + s) % chains;
 #pragma GCC unroll 6
                 for (int i = 0; i < mr; i++)
@@ -62,37 +74,38 @@ INLINE void tile(const uint8_t* rec, const float* X, const float* xsum, float* Y
             }
         }
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)rec));
-        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(rec + 32)));
+        const __m512 m = q8 ? _mm512_setzero_ps() : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(rec + 32)));
 #pragma GCC unroll 6
         for (int i = 0; i < mr; i++) {
             __m512 p = part[i][0];
             for (int c = 1; c < chains; c++) p = _mm512_add_ps(p, part[i][c]);
             acc[i] = _mm512_fmadd_ps(d, p, acc[i]);
-            acc[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(xsum[(size_t)(m0 + i) * nb + b]), acc[i]);
+            if (!q8) acc[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(xsum[(size_t)(m0 + i) * nb + b]), acc[i]);
         }
     }
     for (int i = 0; i < mr; i++) _mm512_storeu_ps(Y + (size_t)(m0 + i) * N + n0, acc[i]);
 }
 
 static void group_rows(const uint8_t* rec, const float* X, const float* xsum, float* Y,
-                       int N, int K, int n0, int m_begin, int m_end) {
+                       int N, int K, int n0, int m_begin, int m_end, const int q8) {
     int m = m_begin;
-    for (; m + TILE_M <= m_end; m += TILE_M) tile(rec, X, xsum, Y, N, K, n0, m, TILE_M);
+    for (; m + TILE_M <= m_end; m += TILE_M) tile(rec, X, xsum, Y, N, K, n0, m, TILE_M, q8);
     switch (m_end - m) {  // constant mr per call: the compiler unrolls each
-        case 5: tile(rec, X, xsum, Y, N, K, n0, m, 5); break;
-        case 4: tile(rec, X, xsum, Y, N, K, n0, m, 4); break;
-        case 3: tile(rec, X, xsum, Y, N, K, n0, m, 3); break;
-        case 2: tile(rec, X, xsum, Y, N, K, n0, m, 2); break;
-        case 1: tile(rec, X, xsum, Y, N, K, n0, m, 1); break;
+        case 5: tile(rec, X, xsum, Y, N, K, n0, m, 5, q8); break;
+        case 4: tile(rec, X, xsum, Y, N, K, n0, m, 4, q8); break;
+        case 3: tile(rec, X, xsum, Y, N, K, n0, m, 3, q8); break;
+        case 2: tile(rec, X, xsum, Y, N, K, n0, m, 2, q8); break;
+        case 1: tile(rec, X, xsum, Y, N, K, n0, m, 1, q8); break;
         default: break;
     }
 }
 
-// packed: N/16 * K/32 records; X: [M, K]; xsum: scratch of M * K/32 floats; Y: [M, N].
-// N must be a multiple of 16 and K of 32 (the Python side checks).
-void q4_1_gemm(const uint8_t* packed, const float* X, float* xsum, float* Y, int M, int N, int K) {
-    const int nb = K / 32, groups = N / ROWS;
-    for (int j = 0; j < M * nb; j++) {
+// packed: N/16 * K/32 records; X: [M, K]; xsum: scratch of M * K/32 floats (Q4_1 only);
+// Y: [M, N]. N must be a multiple of 16 and K of 32 (the Python side checks).
+static void gemm(const uint8_t* packed, const float* X, float* xsum, float* Y, int M, int N, int K,
+                 const int q8) {
+    const int nb = K / 32, groups = N / ROWS, record = q8 ? RECORD_Q8_0 : RECORD_Q4_1;
+    for (int j = 0; !q8 && j < M * nb; j++) {
         const __m512 a = _mm512_loadu_ps(X + (size_t)j * 32), c = _mm512_loadu_ps(X + (size_t)j * 32 + 16);
         xsum[j] = _mm512_reduce_add_ps(_mm512_add_ps(a, c));
     }
@@ -101,8 +114,16 @@ void q4_1_gemm(const uint8_t* packed, const float* X, float* xsum, float* Y, int
         const int me = mc + CHUNK_M < M ? mc + CHUNK_M : M;
 #pragma omp for schedule(static)
         for (int g = 0; g < groups; g++)
-            group_rows(packed + (size_t)g * nb * RECORD, X, xsum, Y, N, K, g * ROWS, mc, me);
+            group_rows(packed + (size_t)g * nb * record, X, xsum, Y, N, K, g * ROWS, mc, me, q8);
     }
+}
+
+void q4_1_gemm(const uint8_t* packed, const float* X, float* xsum, float* Y, int M, int N, int K) {
+    gemm(packed, X, xsum, Y, M, N, K, 0);
+}
+
+void q8_0_gemm(const uint8_t* packed, const float* X, float* Y, int M, int N, int K) {
+    gemm(packed, X, 0, Y, M, N, K, 1);
 }
 
 // ------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""CPU kernels in C (``cpu_kernels.c``): GGUF Q4_1 weights kept 4-bit and multiplied by fp32
-activations, and decode attention straight over the paged fp32 KV cache.
+"""CPU kernels in C (``cpu_kernels.c``): GGUF Q4_1 / Q8_0 weights kept quantized and multiplied
+by fp32 activations, and decode attention straight over the paged fp32 KV cache.
 
 The C file is compiled on first use with the machine's gcc (``-O3 -march=native -fopenmp``)
 into a per-user cache and loaded with ctypes. Where that is impossible (no gcc, no AVX-512,
@@ -22,8 +22,9 @@ import torch
 
 logger = logging.getLogger("miniinfer")
 
-BLOCK = 32  # weights per Q4_1 block
-BLOCK_BYTES = 20  # fp16 d, fp16 m, 16 bytes of nibbles
+BLOCK = 32  # weights per block (both formats)
+BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # Q4_1: fp16 d, fp16 m, 16 nibble bytes; Q8_0: fp16 d, 32 int8
+FORMATS = tuple(BLOCK_BYTES)
 ROWS = 16  # output rows per packed record
 _SOURCE = os.path.join(os.path.dirname(__file__), "cpu_kernels.c")
 
@@ -69,6 +70,8 @@ def _library() -> ctypes.CDLL | None:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.q4_1_gemm.argtypes = [p, p, p, p, i, i, i]
     lib.q4_1_gemm.restype = None
+    lib.q8_0_gemm.argtypes = [p, p, p, i, i, i]
+    lib.q8_0_gemm.restype = None
     lib.paged_decode_attention.argtypes = [p, p, p, p, i, p, p, p, i, i, i, i, i, i, ctypes.c_float]
     lib.paged_decode_attention.restype = None
     return lib
@@ -79,46 +82,68 @@ def available() -> bool:
     return _library() is not None
 
 
-def repack(blocks: torch.Tensor, in_features: int) -> torch.Tensor:
-    """GGUF Q4_1 rows ``uint8 [N, K/32 * 20]`` -> the kernel's 16-row records (see the C file)."""
+def _check(blocks: torch.Tensor, in_features: int, fmt: str) -> tuple[int, int]:
+    if fmt not in BLOCK_BYTES:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     n, k = blocks.shape[0], in_features
-    if n % ROWS or k % BLOCK or blocks.shape[1] != k // BLOCK * BLOCK_BYTES:
-        raise ValueError(f"Q4_1 weight [{n}, {k}] does not fit the kernel (rows % {ROWS}, cols % {BLOCK})")
-    nb = k // BLOCK
-    b = blocks.numpy().reshape(n // ROWS, ROWS, nb, BLOCK_BYTES).transpose(0, 2, 1, 3)  # [g, b, l, 20]
-    out = np.empty((n // ROWS, nb, 320), dtype=np.uint8)
-    out[:, :, 0:32] = b[:, :, :, 0:2].reshape(n // ROWS, nb, 32)  # d of the 16 rows
-    out[:, :, 32:64] = b[:, :, :, 2:4].reshape(n // ROWS, nb, 32)  # m of the 16 rows
-    qs = b[:, :, :, 4:20].reshape(n // ROWS, nb, ROWS, 4, 4).transpose(0, 1, 3, 2, 4)  # [g, b, h, l, 4]
-    out[:, :, 64:] = qs.reshape(n // ROWS, nb, 256)
+    if n % ROWS or k % BLOCK or blocks.shape[1] != k // BLOCK * BLOCK_BYTES[fmt]:
+        raise ValueError(f"{fmt} weight [{n}, {k}] does not fit the kernel (rows % {ROWS}, cols % {BLOCK})")
+    return n, k // BLOCK
+
+
+def repack(blocks: torch.Tensor, in_features: int, fmt: str = "Q4_1") -> torch.Tensor:
+    """GGUF rows ``uint8 [N, K/32 * block bytes]`` -> the kernel's 16-row records (see the C file)."""
+    n, nb = _check(blocks, in_features, fmt)
+    g = n // ROWS
+    b = blocks.numpy().reshape(g, ROWS, nb, BLOCK_BYTES[fmt]).transpose(0, 2, 1, 3)  # [g, b, l, bytes]
+    if fmt == "Q4_1":
+        out = np.empty((g, nb, 320), dtype=np.uint8)
+        out[:, :, 0:32] = b[:, :, :, 0:2].reshape(g, nb, 32)  # d of the 16 rows
+        out[:, :, 32:64] = b[:, :, :, 2:4].reshape(g, nb, 32)  # m of the 16 rows
+        qs = b[:, :, :, 4:20].reshape(g, nb, ROWS, 4, 4).transpose(0, 1, 3, 2, 4)  # [g, b, h, l, 4]
+        out[:, :, 64:] = qs.reshape(g, nb, 256)
+    else:
+        out = np.empty((g, nb, 544), dtype=np.uint8)
+        out[:, :, 0:32] = b[:, :, :, 0:2].reshape(g, nb, 32)
+        qs = b[:, :, :, 2:34].reshape(g, nb, ROWS, 8, 4).transpose(0, 1, 3, 2, 4)  # [g, b, h, l, 4]
+        out[:, :, 32:] = qs.reshape(g, nb, 512)
     return torch.from_numpy(out.reshape(-1))
 
 
-def dequantize(blocks: torch.Tensor, in_features: int) -> torch.Tensor:
-    """fp32 ``[N, K]`` of GGUF Q4_1 rows (the reference the kernel is tested against)."""
+def dequantize(blocks: torch.Tensor, in_features: int, fmt: str = "Q4_1") -> torch.Tensor:
+    """fp32 ``[N, K]`` of GGUF rows (the reference the kernels are tested against)."""
     n, nb = blocks.shape[0], in_features // BLOCK
-    b = blocks.numpy().reshape(n, nb, BLOCK_BYTES)
+    b = blocks.numpy().reshape(n, nb, BLOCK_BYTES[fmt])
     d = b[:, :, 0:2].copy().view(np.float16).astype(np.float32)  # [n, nb, 1]
+    if fmt == "Q8_0":
+        q = b[:, :, 2:].copy().view(np.int8).astype(np.float32)
+        return torch.from_numpy((d * q).reshape(n, in_features))
     m = b[:, :, 2:4].copy().view(np.float16).astype(np.float32)
     qs = b[:, :, 4:]
     q = np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.float32)  # weights 0..15, 16..31
     return torch.from_numpy((d * q + m).reshape(n, in_features))
 
 
-def gemm(x: torch.Tensor, packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+def gemm(x: torch.Tensor, packed: torch.Tensor, out_features: int, in_features: int,
+         fmt: str = "Q4_1") -> torch.Tensor:
     """``x [M, K] fp32 @ W.T`` for a weight packed by :func:`repack`."""
     lib = _library()
     if lib is None:
-        raise RuntimeError("the Q4_1 CPU kernel is not available on this machine")
+        raise RuntimeError("the CPU kernels are not available on this machine")
     x = x.contiguous()
-    if x.dtype != torch.float32 or x.shape[-1] != in_features:
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[-1] != in_features:
         raise ValueError(f"expected fp32 [M, {in_features}], got {x.dtype} {tuple(x.shape)}")
     m = x.shape[0]
     y = torch.empty(m, out_features, dtype=torch.float32)
     if m == 0:
         return y
-    xsum = torch.empty(m * (in_features // BLOCK), dtype=torch.float32)
-    lib.q4_1_gemm(packed.data_ptr(), x.data_ptr(), xsum.data_ptr(), y.data_ptr(), m, out_features, in_features)
+    if fmt == "Q4_1":
+        xsum = torch.empty(m * (in_features // BLOCK), dtype=torch.float32)
+        lib.q4_1_gemm(packed.data_ptr(), x.data_ptr(), xsum.data_ptr(), y.data_ptr(), m, out_features, in_features)
+    elif fmt == "Q8_0":
+        lib.q8_0_gemm(packed.data_ptr(), x.data_ptr(), y.data_ptr(), m, out_features, in_features)
+    else:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     return y
 
 

@@ -399,14 +399,15 @@ def _unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def iter_gguf_weights(path: str, dtype: torch.dtype = torch.float32, progress: bool = True,
-                      q4_1_rows: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                      quantized_rows: dict[str, tuple[str, torch.Tensor]] | None = None
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, tensor)`` for every weight of a GGUF model, dequantized to ``dtype``.
 
     Tensors come out in HF's ``[out, in]`` layout; llama-arch q/k projections are
     un-permuted back to HF's rotary convention.  Every tensor's type is checked before
-    any is dequantized, so an unsupported quantization fails fast.  With ``q4_1_rows``,
-    the raw blocks of every Q4_1 matrix are also stored there (``uint8 [out, in/32 * 20]``,
-    rows un-permuted the same way) for the CPU kernel that multiplies them directly.
+    any is dequantized, so an unsupported quantization fails fast.  With ``quantized_rows``,
+    every Q4_1 / Q8_0 matrix is also stored there as ``(type, raw blocks uint8 [out, bytes])``
+    (rows un-permuted the same way) for the CPU kernels that multiply them directly.
     """
     from tqdm.auto import tqdm
 
@@ -431,7 +432,7 @@ def iter_gguf_weights(path: str, dtype: torch.dtype = torch.float32, progress: b
                 continue
             w = _to_torch(g, t, dtype)
             raw = None
-            if q4_1_rows is not None and t.type_name == "Q4_1" and len(t.hf_shape) == 2:
+            if quantized_rows is not None and t.type_name in ("Q4_1", "Q8_0") and len(t.hf_shape) == 2:
                 raw = torch.from_numpy(g.raw(t).copy())
             if permute and ".attn_q." in t.name:
                 w = _unpermute_rotary(w, heads)
@@ -440,7 +441,7 @@ def iter_gguf_weights(path: str, dtype: torch.dtype = torch.float32, progress: b
                 w = _unpermute_rotary(w, kv_heads)
                 raw = None if raw is None else _unpermute_rotary(raw, kv_heads)
             if raw is not None:
-                q4_1_rows[hf_name] = raw
+                quantized_rows[hf_name] = (t.type_name, raw)
             yield hf_name, w
         bar.close()
     finally:

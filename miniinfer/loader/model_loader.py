@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from miniinfer.attention import AttentionBackend
 from miniinfer.config import EngineConfig, ModelConfig
 from miniinfer.models.decoder import DecoderForCausalLM
-from miniinfer.models.packed_linear import packing_available, q4_1_kernel_available
+from miniinfer.models.packed_linear import packing_available, gguf_kernels_available
 from miniinfer.parallel import TPGroup
 
 PRESETS = ("qwen2-0.5b", "qwen2-1.5b", "qwen2-7b", "qwen3-0.6b", "qwen3-8b", "llama-3-8b")
@@ -105,11 +105,11 @@ def build_model(source: ModelSource, model_config: ModelConfig, backend: Attenti
         init_dummy_weights(model, cfg.seed)
     elif source.load_format == "gguf":
         from miniinfer.loader.gguf_loader import iter_gguf_weights
-        q4_1 = {} if cfg.cpu_q4_1_kernel and q4_1_kernel_available(device, dtype, tp) else None
+        quantized = {} if cfg.cpu_gguf_kernels and gguf_kernels_available(device, dtype, tp) else None
         model.load_weights(iter_gguf_weights(source.weights_path, dtype=dtype, progress=progress,
-                                             q4_1_rows=q4_1))
-        if q4_1:
-            model.use_q4_1_weights(q4_1)
+                                             quantized_rows=quantized))
+        if quantized:
+            model.use_quantized_weights(quantized)
     else:
         model.load_weights(iter_safetensors(source.weights_path, progress))
     if cfg.cpu_packed_weights and packing_available(device, dtype):

@@ -157,37 +157,54 @@ class DecoderForCausalLM(nn.Module):
             logits = torch.matmul(hidden, self.embed_tokens.weight.t())
         return self.tp.all_gather_last_dim(logits.float())
 
-    def use_q4_1_weights(self, rows: dict[str, torch.Tensor]) -> int:
-        """CPU: swap every projection whose HF parts all came as GGUF Q4_1 (``rows``: HF name ->
-        raw blocks) for a :class:`Q4_1Linear` over them (fused parts concatenated by rows, in
-        the order of ``_fused_slices``). Returns how many were swapped; the rest stay dense."""
-        from miniinfer.models.packed_linear import Q4_1Linear, q4_1_fits
+    def use_quantized_weights(self, rows: dict[str, tuple[str, torch.Tensor]]) -> int:
+        """CPU: swap every projection whose HF parts all came in one GGUF format the kernels
+        take (``rows``: HF name -> (format, raw blocks)) for a :class:`QuantizedLinear` (fused
+        parts concatenated by rows, in the order of ``_fused_slices``); a tied LM head over a
+        quantized embedding gets one too. Returns how many were swapped; the rest stay dense."""
+        from miniinfer.models.packed_linear import QuantizedLinear, kernel_fits
         if self.tp.enabled:
             return 0
         rows = {k.removeprefix("model."): v for k, v in rows.items()}
         parts = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
                  "o_proj": ("o_proj",), "down_proj": ("down_proj",)}
+
+        def quantized(names: list[str], dense: nn.Linear) -> QuantizedLinear | None:
+            got = [rows.get(n) for n in names]
+            if any(g is None for g in got) or len({fmt for fmt, _ in got}) != 1:
+                return None
+            blocks = torch.cat([b for _, b in got]) if len(got) > 1 else got[0][1]
+            if blocks.shape[0] != dense.out_features or not kernel_fits(blocks.shape[0], dense.in_features):
+                return None
+            return QuantizedLinear(blocks, dense.in_features, dense.bias, got[0][0])
+
         swapped = 0
         for i, layer in enumerate(self.layers):
             for parent, prefix in ((layer.self_attn, f"layers.{i}.self_attn"), (layer.mlp, f"layers.{i}.mlp")):
                 for fused, names in parts.items():
                     dense = getattr(parent, fused, None)
-                    blocks = [rows.get(f"{prefix}.{n}.weight") for n in names]
-                    if not isinstance(dense, nn.Linear) or any(b is None for b in blocks):
-                        continue
-                    cat = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
-                    if cat.shape[0] != dense.out_features or not q4_1_fits(cat.shape[0], dense.in_features):
-                        continue
-                    setattr(parent, fused, Q4_1Linear(cat, dense.in_features, dense.bias))
-                    swapped += 1
+                    if isinstance(dense, nn.Linear):
+                        q = quantized([f"{prefix}.{n}.weight" for n in names], dense)
+                        if q is not None:
+                            setattr(parent, fused, q)
+                            swapped += 1
+        head_name = "embed_tokens.weight" if self.lm_head is None else "lm_head.weight"
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        q = quantized([head_name], nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta"))
+        if q is not None:
+            if self.lm_head is None:
+                self.packed_lm_head = q
+            else:
+                self.lm_head = q
+            swapped += 1
         return swapped
 
     def pack_for_cpu(self) -> None:
-        """CPU fp32: lay every projection (and the LM head; a tied one gets its own packed
-        copy, the embedding lookup keeps the plain table) out for oneDNN."""
+        """CPU fp32: lay every projection still dense (and the LM head; a tied one gets its own
+        packed copy, the embedding lookup keeps the plain table) out for oneDNN."""
         from miniinfer.models.packed_linear import PackedLinear, pack_linears
         pack_linears(self)
-        if self.lm_head is None:
+        if self.lm_head is None and self.packed_lm_head is None:
             self.packed_lm_head = PackedLinear(self.embed_tokens.weight, None)
 
     # --- weights -------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """CPU fp32 linears with weights laid out for fast kernels: oneDNN's blocked fp32 layout,
-or GGUF Q4_1 blocks kept 4-bit for ``kernels/cpu_kernels.c``.
+or GGUF Q4_1 / Q8_0 blocks kept quantized for ``kernels/cpu_kernels.c``.
 
 At decode batch sizes a CPU step streams every weight once; plain ``x @ W.T`` (MKL sgemm)
 uses a fraction of the memory bandwidth there, while oneDNN with the weight laid out ahead
@@ -18,8 +18,8 @@ def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def q4_1_kernel_available(device: torch.device, dtype: torch.dtype, tp=None) -> bool:
-    """Q4_1 kept 4-bit: CPU, fp32 activations, one rank, and the kernel builds here."""
+def gguf_kernels_available(device: torch.device, dtype: torch.dtype, tp=None) -> bool:
+    """GGUF weights kept quantized: CPU, fp32 activations, one rank, and the kernels build here."""
     if device.type != "cpu" or dtype != torch.float32 or (tp is not None and tp.enabled):
         return False
     from miniinfer.kernels import cpu_kernels
@@ -50,28 +50,29 @@ class PackedLinear(nn.Module):
         return y.view(*lead, self.out_features)
 
 
-class Q4_1Linear(nn.Module):
-    """``y = x @ W.T + b`` with W kept in GGUF Q4_1 (0.625 bytes a weight instead of 4), for
-    the AVX-512 kernel; fp32 activations and sums, so results match an fp32 GEMM over the
-    dequantized weights up to summation order."""
+class QuantizedLinear(nn.Module):
+    """``y = x @ W.T + b`` with W kept in its GGUF format (Q4_1: 0.625 bytes a weight, Q8_0:
+    1.06, instead of 4) for the AVX-512 kernels; fp32 activations and sums, so results match
+    an fp32 GEMM over the dequantized weights up to summation order."""
 
-    def __init__(self, blocks: torch.Tensor, in_features: int, bias: torch.Tensor | None):
+    def __init__(self, blocks: torch.Tensor, in_features: int, bias: torch.Tensor | None, fmt: str):
         super().__init__()
         from miniinfer.kernels import cpu_kernels
-        self.in_features, self.out_features = in_features, blocks.shape[0]
-        self.register_buffer("packed", cpu_kernels.repack(blocks, in_features), persistent=False)
+        self.in_features, self.out_features, self.fmt = in_features, blocks.shape[0], fmt
+        self.register_buffer("packed", cpu_kernels.repack(blocks, in_features, fmt), persistent=False)
         self.bias = None if bias is None else bias.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from miniinfer.kernels import cpu_kernels
         lead = x.shape[:-1]
-        y = cpu_kernels.gemm(x.reshape(-1, self.in_features), self.packed, self.out_features, self.in_features)
+        y = cpu_kernels.gemm(x.reshape(-1, self.in_features), self.packed, self.out_features,
+                             self.in_features, self.fmt)
         if self.bias is not None:
             y += self.bias
         return y.view(*lead, self.out_features)
 
 
-def q4_1_fits(rows: int, in_features: int) -> bool:
+def kernel_fits(rows: int, in_features: int) -> bool:
     from miniinfer.kernels import cpu_kernels
     return rows % cpu_kernels.ROWS == 0 and in_features % cpu_kernels.BLOCK == 0
 

@@ -25,29 +25,47 @@ def _q4_1_blocks(n: int, k: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(b.reshape(n, nb * 20))
 
 
-def test_dequantize_matches_gguf():
+def _q8_0_blocks(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Random GGUF Q8_0 rows: fp16 scale per 32 weights, then 32 int8."""
+    rng = np.random.default_rng(seed)
+    nb = k // 32
+    d = rng.uniform(0.0005, 0.005, (n, nb)).astype(np.float16)
+    b = np.empty((n, nb, 34), np.uint8)
+    b[:, :, 0:2] = d.view(np.uint8).reshape(n, nb, 2)
+    b[:, :, 2:] = rng.integers(0, 256, (n, nb, 32), dtype=np.uint8)
+    return torch.from_numpy(b.reshape(n, nb * 34))
+
+
+BLOCKS = {"Q4_1": _q4_1_blocks, "Q8_0": _q8_0_blocks}
+
+
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0"])
+def test_dequantize_matches_gguf(fmt):
     gguf_quants = pytest.importorskip("gguf.quants")
     from gguf import GGMLQuantizationType
-    blocks = _q4_1_blocks(32, 96)
-    ref = gguf_quants.dequantize(blocks.numpy(), GGMLQuantizationType.Q4_1).reshape(32, 96)
-    assert np.array_equal(cpu_kernels.dequantize(blocks, 96).numpy(), ref)
+    blocks = BLOCKS[fmt](32, 96)
+    ref = gguf_quants.dequantize(blocks.numpy(), GGMLQuantizationType[fmt]).reshape(32, 96)
+    assert np.array_equal(cpu_kernels.dequantize(blocks, 96, fmt).numpy(), ref)
 
 
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (960, 576), (576, 1536)])
 @pytest.mark.parametrize("m", [1, 2, 5, 6, 7, 16, 100])
-def test_q4_1_gemm_matches_dequantized(n, k, m):
-    blocks = _q4_1_blocks(n, k, seed=n + k)
-    w = cpu_kernels.dequantize(blocks, k).double()
+def test_gemm_matches_dequantized(fmt, n, k, m):
+    blocks = BLOCKS[fmt](n, k, seed=n + k)
+    w = cpu_kernels.dequantize(blocks, k, fmt).double()
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-    y = cpu_kernels.gemm(x, cpu_kernels.repack(blocks, k), n, k)
+    y = cpu_kernels.gemm(x, cpu_kernels.repack(blocks, k, fmt), n, k, fmt)
     ref = x.double() @ w.t()
     assert y.shape == (m, n) and y.dtype == torch.float32
     assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
 
 
-def test_q4_1_shape_checks():
+def test_shape_checks():
     with pytest.raises(ValueError, match="rows % 16"):
         cpu_kernels.repack(_q4_1_blocks(8, 32), 32)
+    with pytest.raises(ValueError, match="format must be one of"):
+        cpu_kernels.repack(_q4_1_blocks(16, 32), 32, "Q5_K")
     packed = cpu_kernels.repack(_q4_1_blocks(16, 64), 64)
     with pytest.raises(ValueError, match=r"expected fp32 \[M, 64\]"):
         cpu_kernels.gemm(torch.randn(2, 32), packed, 16, 64)

@@ -49,20 +49,23 @@ def test_engine_packs_on_cpu_fp32_and_can_opt_out(tiny_llm):
     assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
-def test_smollm2_q4_1_weights_stay_4bit_and_match_dequantized(smol_llm):
-    """The embedded GGUF's projections run on the Q4_1 kernel (so the HF parity tests on it
-    exercise that kernel); its logits match the dequantized-weights engine."""
+def test_smollm2_gguf_weights_stay_quantized_and_match_dequantized(smol_llm):
+    """The embedded GGUF's projections (Q4_1) and tied LM head (Q8_0) run on the C kernels (so
+    the HF parity tests on it exercise them); its logits match the dequantized-weights engine."""
     from miniinfer import LLM
     from miniinfer.kernels import cpu_kernels
-    from miniinfer.models.packed_linear import Q4_1Linear
+    from miniinfer.models.packed_linear import QuantizedLinear
     if not cpu_kernels.available():
         pytest.skip("needs x86-64 with AVX-512 and gcc")
-    layer = smol_llm.engine.runner.model.layers[3]
+    model = smol_llm.engine.runner.model
+    layer = model.layers[3]
     for mod in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
-        assert isinstance(mod, Q4_1Linear)
+        assert isinstance(mod, QuantizedLinear) and mod.fmt == "Q4_1"
     assert layer.mlp.gate_up_proj.packed.numel() == 2 * 1536 * 576 * 20 // 32  # 0.625 bytes a weight
-    dense = LLM(None, dtype="float32", max_model_len=2048, progress=False, cpu_q4_1_kernel=False)
+    assert isinstance(model.packed_lm_head, QuantizedLinear) and model.packed_lm_head.fmt == "Q8_0"
+    dense = LLM(None, dtype="float32", max_model_len=2048, progress=False, cpu_gguf_kernels=False)
     assert isinstance(dense.engine.runner.model.layers[3].mlp.down_proj, PackedLinear)
+    assert isinstance(dense.engine.runner.model.packed_lm_head, PackedLinear)
     ids = list(range(100, 160))
     a, b = smol_llm.engine.runner.forward_logits(ids), dense.engine.runner.forward_logits(ids)
     torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
