@@ -36,7 +36,7 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = False) 
     g.add_argument("--no-cpu-packed-weights", dest="cpu_packed_weights", action="store_false",
                    help="CPU fp32: keep plain weights (MKL sgemm) instead of oneDNN-packed ones")
     g.add_argument("--no-cpu-gguf-kernels", dest="cpu_gguf_kernels", action="store_false",
-                   help="CPU, GGUF Q4_1/Q8_0: dequantize the weights instead of multiplying them quantized
+                   help="CPU, GGUF Q4_1/Q8_0: dequantize the weights instead of multiplying them quantized")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
     g.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     g.add_argument("--seed", type=int, default=0)
@@ -72,8 +72,9 @@ def sampling_params_from_args(a: argparse.Namespace):
                           stop=a.stop)
 
 
-def stream_one(engine, prompt: str, params, out=sys.stdout) -> str:
+def stream_one(engine, prompt: str, params, out=None) -> str:
     """Run one request through the engine, printing text as it is produced."""
+    out = out or sys.stdout  # looked up now: callers (and tests) may have redirected it
     rid = uuid.uuid4().hex
     engine.add_request(rid, prompt, params)
     shown = 0
