@@ -40,6 +40,28 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def _build(cc: str) -> str:
+    """Compile the C file into the per-user cache (once per source, flags and CPU); its path."""
+    with open(_SOURCE, "rb") as f:
+        source = f.read()
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    key = hashlib.sha256(source + " ".join(flags).encode() + " ".join(sorted(_cpu_flags())).encode())
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "miniinfer")
+    path = os.path.join(cache, f"cpu_kernels-{key.hexdigest()[:16]}.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(cache, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *flags, _SOURCE, "-o", tmp], check=True, capture_output=True, timeout=300)
+        os.replace(tmp, path)  # atomic: concurrent builders never load a half-written file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     if platform.machine() not in ("x86_64", "AMD64") or "avx512f" not in _cpu_flags():
@@ -47,26 +69,13 @@ def _library() -> ctypes.CDLL | None:
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         return None
-    with open(_SOURCE, "rb") as f:
-        source = f.read()
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-    key = hashlib.sha256(source + " ".join(flags).encode() + " ".join(sorted(_cpu_flags())).encode())
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "miniinfer")
-    path = os.path.join(cache, f"cpu_kernels-{key.hexdigest()[:16]}.so")
-    if not os.path.exists(path):
-        os.makedirs(cache, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-        os.close(fd)
-        try:
-            subprocess.run([cc, *flags, _SOURCE, "-o", tmp], check=True, capture_output=True, timeout=300)
-            os.replace(tmp, path)  # atomic: concurrent builders never load a half-written file
-        except (OSError, subprocess.SubprocessError) as e:
-            err = getattr(e, "stderr", b"") or b""
-            logger.warning("Q4_1 CPU kernel not built (%s): %s", e, err.decode(errors="replace")[-500:])
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            return None
-    lib = ctypes.CDLL(path)
+    try:
+        lib = ctypes.CDLL(_build(cc))
+    except (OSError, subprocess.SubprocessError) as e:
+        err = getattr(e, "stderr", b"") or b""
+        logger.warning("CPU kernels not built, using the torch/oneDNN path (%s): %s", e,
+                       err.decode(errors="replace")[-500:])
+        return None
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.q4_1_gemm.argtypes = [p, p, p, p, i, i, i]
     lib.q4_1_gemm.restype = None

@@ -103,3 +103,21 @@ def test_paged_decode_attention_rejects_what_would_crash():
         cpu_kernels.paged_decode_attention(q, kc, vc, tables, lens + 1000, int(lens.max()) + 1000, 0.125)
     with pytest.raises(ValueError, match="fp32"):
         cpu_kernels.paged_decode_attention(q, kc.bfloat16(), vc, tables, lens, int(lens.max()), 0.125)
+
+
+def test_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
+    """A compiler that fails (or a cache that can't be written) means no kernels, not a crash."""
+    import subprocess
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing cached there: must compile
+    cpu_kernels._library.cache_clear()
+
+    def failing_run(*args, **kwargs):
+        raise subprocess.CalledProcessError(1, args[0], stderr=b"cc1: error: bad flag")
+
+    monkeypatch.setattr(cpu_kernels.subprocess, "run", failing_run)
+    try:
+        assert not cpu_kernels.available()
+        assert "CPU kernels not built" in caplog.text and "bad flag" in caplog.text
+        assert not list(tmp_path.rglob("*.so"))  # no half-written library left behind
+    finally:
+        cpu_kernels._library.cache_clear()  # later callers build (or find) the real library

@@ -70,3 +70,17 @@ def test_smollm2_gguf_weights_stay_quantized_and_match_dequantized(smol_llm):
     a, b = smol_llm.engine.runner.forward_logits(ids), dense.engine.runner.forward_logits(ids)
     torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
     assert (a.argmax(-1) == b.argmax(-1)).all()
+
+
+def test_engine_without_the_c_kernels(monkeypatch):
+    """Where the C kernels can't build (no gcc, no AVX-512), the GGUF model runs dequantized
+    on oneDNN-packed weights with the torch attention backend, and still answers right."""
+    from miniinfer import LLM, SamplingParams
+    from miniinfer.kernels import cpu_kernels
+    monkeypatch.setattr(cpu_kernels, "_library", lambda: None)
+    llm = LLM(None, dtype="float32", max_model_len=512, progress=False)
+    assert llm.engine.runner.backend.name == "torch"
+    assert isinstance(llm.engine.runner.model.layers[0].mlp.down_proj, PackedLinear)
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    assert "Paris" in out[0].outputs[0].text
