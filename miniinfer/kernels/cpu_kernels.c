@@ -3,6 +3,7 @@
 //   q4_1_gemm               Y[M, N] = X[M, K] @ W[N, K]^T, W in GGUF's Q4_1 kept 4-bit, fp32 X, Y
 //   q8_0_gemm               the same for GGUF's Q8_0 (w = d * q, q int8; e.g. a tied LM head)
 //   paged_decode_attention  one query token per sequence against its paged fp32 K/V cache
+//   rms_norm, silu_and_mul  a decoder layer's element-wise ops (fp32), one call each
 //
 // Q4_1: blocks of 32 weights along K; w = d * q + m with fp16 d, m and q in 0..15.
 // The weights are regrouped once at load time so that one 512-bit register holds the
@@ -225,6 +226,58 @@ void paged_decode_attention(const float* q, const float* k_cache, const float* v
                     }
                 }
             }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Element-wise ops of a decoder layer, fp32, rows of length n (a multiple of 16).
+
+static float sum_of_squares(const float* x, int n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i);
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+// out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight; with residual != 0, first
+// residual[r] += x[r] and the norm is taken of the sum (x is not modified; out may be x).
+void rms_norm(const float* x, float* residual, const float* weight, float* out, int rows, int n, float eps) {
+#pragma omp parallel for schedule(static) if (rows >= 64)
+    for (int r = 0; r < rows; r++) {
+        const float* src = x + (size_t)r * n;
+        if (residual) {
+            float* res = residual + (size_t)r * n;
+            for (int i = 0; i < n; i += 16)
+                _mm512_storeu_ps(res + i, _mm512_add_ps(_mm512_loadu_ps(res + i), _mm512_loadu_ps(src + i)));
+            src = res;
+        }
+        const __m512 scale = _mm512_set1_ps(1.0f / sqrtf(sum_of_squares(src, n) / (float)n + eps));
+        float* dst = out + (size_t)r * n;
+        for (int i = 0; i < n; i += 16)
+            _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(src + i), scale),
+                                                    _mm512_loadu_ps(weight + i)));
+    }
+}
+
+// out[r, i] = silu(x[r, i]) * x[r, n + i] for x [rows, 2n], out [rows, n].
+// silu(g) = g * sigmoid(g), sigmoid from e = exp(-|g|) <= 1 (no overflow either side).
+void silu_and_mul(const float* x, float* out, int rows, int n) {
+#pragma omp parallel for schedule(static) if (rows >= 64)
+    for (int r = 0; r < rows; r++) {
+        const float* gate = x + (size_t)r * 2 * n;
+        const float* up = gate + n;
+        float* dst = out + (size_t)r * n;
+        for (int i = 0; i < n; i += 16) {
+            const __m512 g = _mm512_loadu_ps(gate + i);
+            const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
+            const __m512 one = _mm512_set1_ps(1.0f);
+            const __mmask16 positive = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_GE_OQ);
+            const __m512 num = _mm512_mask_blend_ps(positive, e, one);  // g >= 0: 1, else e
+            const __m512 sig = _mm512_div_ps(num, _mm512_add_ps(one, e));
+            _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_mul_ps(g, sig), _mm512_loadu_ps(up + i)));
         }
     }
 }

@@ -83,6 +83,10 @@ def _library() -> ctypes.CDLL | None:
     lib.q8_0_gemm.restype = None
     lib.paged_decode_attention.argtypes = [p, p, p, p, i, p, p, p, i, i, i, i, i, i, ctypes.c_float]
     lib.paged_decode_attention.restype = None
+    lib.rms_norm.argtypes = [p, p, p, p, i, i, ctypes.c_float]
+    lib.rms_norm.restype = None
+    lib.silu_and_mul.argtypes = [p, p, i, i]
+    lib.silu_and_mul.restype = None
     return lib
 
 
@@ -187,4 +191,30 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     lib.paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
                                tables.stride(0), lens.data_ptr(), out.data_ptr(), scores.data_ptr(),
                                b, h, hkv, d, block_size, max_len, scale)
+    return out
+
+
+def elementwise_ok(x: torch.Tensor) -> bool:
+    """The element-wise kernels take contiguous fp32 CPU rows whose length is a multiple of 16."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+            and x.shape[-1] % 16 == 0 and _library() is not None)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """``rms_norm(x) * weight`` into a new tensor; with ``residual``, first ``residual += x``
+    (in place) and normalize the sum. Rows are the last dimension."""
+    n = x.shape[-1]
+    out = torch.empty_like(x)
+    w = weight.contiguous()
+    _library().rms_norm(x.data_ptr(), 0 if residual is None else residual.data_ptr(), w.data_ptr(),
+                        out.data_ptr(), x.numel() // n, n, eps)
+    return out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :n]) * x[..., n:]`` for ``x [..., 2n]``."""
+    n = x.shape[-1] // 2
+    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+    _library().silu_and_mul(x.data_ptr(), out.data_ptr(), x.numel() // (2 * n), n)
     return out

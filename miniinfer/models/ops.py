@@ -1,5 +1,6 @@
-"""Elementwise ops the models use, with a torch path (CPU, reference) and a Triton path
-(CUDA). Each function picks the Triton kernel for CUDA tensors when Triton is present."""
+"""Elementwise ops the models use, with a torch path (reference), a Triton path (CUDA) and,
+for fp32 CPU tensors, the C kernels of ``kernels/cpu_kernels.c`` where they build. Each
+function picks Triton for CUDA tensors when Triton is present, C for CPU ones when it can."""
 from __future__ import annotations
 
 import functools
@@ -22,10 +23,21 @@ def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and _triton_available()
 
 
+def _use_cpu_kernels(x: torch.Tensor) -> bool:
+    """fp32 CPU rows the C element-wise kernels take (kernels/cpu_kernels.c), when they build."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    from miniinfer.kernels import cpu_kernels
+    return cpu_kernels.elementwise_ok(x)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if _use_triton(x):
         from miniinfer.kernels.norm import rms_norm as k
         return k(x, weight, eps)
+    if _use_cpu_kernels(x) and weight.dtype == torch.float32:
+        from miniinfer.kernels import cpu_kernels
+        return cpu_kernels.rms_norm(x, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (xf * weight.float()).to(x.dtype)
@@ -38,6 +50,10 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
         from miniinfer.kernels.norm import fused_add_rms_norm_ as k
         k(x, residual, weight, eps)
         return x, residual
+    if (_use_cpu_kernels(x) and _use_cpu_kernels(residual) and weight.dtype == torch.float32
+            and x.shape == residual.shape):
+        from miniinfer.kernels import cpu_kernels
+        return cpu_kernels.rms_norm(x, weight, eps, residual=residual), residual  # residual in place
     residual = x + residual
     return rms_norm(residual, weight, eps), residual
 
@@ -46,6 +62,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if _use_triton(x):
         from miniinfer.kernels.activation import silu_and_mul as k
         return k(x)
+    if _use_cpu_kernels(x) and x.shape[-1] % 32 == 0:
+        from miniinfer.kernels import cpu_kernels
+        return cpu_kernels.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
 

@@ -121,3 +121,23 @@ def test_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
         assert not list(tmp_path.rglob("*.so"))  # no half-written library left behind
     finally:
         cpu_kernels._library.cache_clear()  # later callers build (or find) the real library
+
+
+@pytest.mark.parametrize("rows", [1, 16, 100])
+def test_rms_norm_and_fused_add_match_torch(rows):
+    g = torch.Generator().manual_seed(rows)
+    x, res, w = torch.randn(rows, 576, generator=g) * 3, torch.randn(rows, 576, generator=g), torch.rand(576) + 0.5
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    torch.testing.assert_close(cpu_kernels.rms_norm(x, w, 1e-5), ref, rtol=1e-5, atol=1e-5)
+    summed = x + res
+    out = cpu_kernels.rms_norm(x, w, 1e-5, residual=res)
+    assert torch.equal(res, summed)  # the residual is updated in place
+    torch.testing.assert_close(out, summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + 1e-5) * w,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_silu_and_mul_matches_torch_including_extremes():
+    g = torch.randn(7, 2 * 64) * 6
+    g[0, :16] = torch.tensor([-100., -20., -1., 0., 1., 20., 100., -0.5, 88., -88., 1e-8, -1e-8, 3., -3., 50., -50.])
+    ref = F.silu(g[:, :64]) * g[:, 64:]
+    torch.testing.assert_close(cpu_kernels.silu_and_mul(g), ref, rtol=1e-5, atol=1e-6)
