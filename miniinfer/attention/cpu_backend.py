@@ -17,7 +17,7 @@ class CPUAttentionBackend(TorchAttentionBackend):
 
     def _decode_batch(self, q, k_cache, v_cache, meta: AttentionMetadata, lens: list[int], scale, group, work):
         if (q.device.type != "cpu" or k_cache.dtype != torch.float32 or not k_cache.is_contiguous()
-                or not v_cache.is_contiguous() or q.shape[-1] % 16):
+                or not v_cache.is_contiguous() or q.shape[-1] % 16 or q.shape[-1] > 128):
             return super()._decode_batch(q, k_cache, v_cache, meta, lens, scale, group, work)
         nd = q.shape[0]
         return cpu_kernels.paged_decode_attention(

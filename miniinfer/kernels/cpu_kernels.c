@@ -173,58 +173,64 @@ static float exp_minus_max(float* s, int n, float mx) {
 // Query head j of sequence b reads KV head j / (H / Hkv). fp32 softmax with the max
 // subtracted. One (sequence, KV head) pair per task: its K/V rows are read once for all the
 // query heads that share them.
+// One (sequence, KV head) task with head_dim = 16 * dv: each query head of the group in turn,
+// its q (QK) or its output (PV) held in dv registers while the sequence's rows stream by
+// (they stay in L1/L2 between the group's heads).
+INLINE void attend_task(const float* qh, const float* k_cache, const float* v_cache, const int32_t* table,
+                        int L, float* s, int max_len, float* oh, int group, int Hkv, int kvh, int D,
+                        int block_size, float scale, const int dv) {
+    const size_t token_stride = (size_t)Hkv * D;  // floats between consecutive tokens of a block
+    for (int j = 0; j < group; j++) {
+        __m512 qv[8];
+        for (int c = 0; c < dv; c++) qv[c] = _mm512_loadu_ps(qh + (size_t)j * D + 16 * c);
+        float* sj = s + (size_t)j * max_len;
+        for (int t0 = 0, blk = 0; t0 < L; t0 += block_size, blk++) {
+            const int n = L - t0 < block_size ? L - t0 : block_size;
+            const float* kb = k_cache + ((size_t)table[blk] * block_size * Hkv + kvh) * D;
+            for (int i = 0; i < n; i++) {
+                const float* kv = kb + i * token_stride;
+                __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kv));
+                for (int c = 1; c < dv; c++) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kv + 16 * c), acc);
+                sj[t0 + i] = _mm512_reduce_add_ps(acc) * scale;
+            }
+        }
+        float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+        for (int t = 0; t < L; t++) mx = sj[t] > mx ? sj[t] : mx;
+        const __m512 inv = _mm512_set1_ps(1.0f / exp_minus_max(sj, L, mx));
+        __m512 o[8];
+        for (int c = 0; c < dv; c++) o[c] = _mm512_setzero_ps();
+        for (int t0 = 0, blk = 0; t0 < L; t0 += block_size, blk++) {
+            const int n = L - t0 < block_size ? L - t0 : block_size;
+            const float* vb = v_cache + ((size_t)table[blk] * block_size * Hkv + kvh) * D;
+            for (int i = 0; i < n; i++) {
+                const float* vv = vb + i * token_stride;
+                const __m512 pr = _mm512_set1_ps(sj[t0 + i]);
+                for (int c = 0; c < dv; c++) o[c] = _mm512_fmadd_ps(pr, _mm512_loadu_ps(vv + 16 * c), o[c]);
+            }
+        }
+        for (int c = 0; c < dv; c++) _mm512_storeu_ps(oh + (size_t)j * D + 16 * c, _mm512_mul_ps(o[c], inv));
+    }
+}
+
 void paged_decode_attention(const float* q, const float* k_cache, const float* v_cache,
                             const int32_t* block_tables, int bt_stride, const int32_t* seq_lens,
                             float* out, float* scores, int B, int H, int Hkv, int D, int block_size,
                             int max_len, float scale) {
-    // D is a multiple of 16 (checked in Python): head vectors are whole zmm registers.
+    // D is a multiple of 16 and at most 128 (checked in Python): head vectors fit in registers.
     const int group = H / Hkv;
-    const size_t token_stride = (size_t)Hkv * D;  // floats between consecutive tokens of a block
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
     for (int b = 0; b < B; b++) {
         for (int kvh = 0; kvh < Hkv; kvh++) {
-            const int L = seq_lens[b];
+            const size_t first = (size_t)b * H + (size_t)kvh * group;  // first query head of the group
             const int32_t* table = block_tables + (size_t)b * bt_stride;
-            const float* qh = q + ((size_t)b * H + (size_t)kvh * group) * D;
-            float* s = scores + ((size_t)b * H + (size_t)kvh * group) * max_len;
-            float* oh = out + ((size_t)b * H + (size_t)kvh * group) * D;
-            // scores: each K row is loaded once for the group's query heads
-            for (int t0 = 0, blk = 0; t0 < L; t0 += block_size, blk++) {
-                const int n = L - t0 < block_size ? L - t0 : block_size;
-                const float* kb = k_cache + ((size_t)table[blk] * block_size * Hkv + kvh) * D;
-                for (int i = 0; i < n; i++) {
-                    const float* kv = kb + i * token_stride;
-                    for (int j = 0; j < group; j++) {
-                        const float* qv = qh + (size_t)j * D;
-                        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qv), _mm512_loadu_ps(kv));
-                        for (int d = 16; d < D; d += 16)
-                            acc = _mm512_fmadd_ps(_mm512_loadu_ps(qv + d), _mm512_loadu_ps(kv + d), acc);
-                        s[(size_t)j * max_len + t0 + i] = _mm512_reduce_add_ps(acc) * scale;
-                    }
-                }
-            }
-            for (int j = 0; j < group; j++) {
-                float* sj = s + (size_t)j * max_len;
-                float mx = -INFINITY;
-#pragma omp simd reduction(max : mx)
-                for (int t = 0; t < L; t++) mx = sj[t] > mx ? sj[t] : mx;
-                const float inv = 1.0f / exp_minus_max(sj, L, mx);
-                for (int t = 0; t < L; t++) sj[t] *= inv;
-                for (int d = 0; d < D; d += 16) _mm512_storeu_ps(oh + (size_t)j * D + d, _mm512_setzero_ps());
-            }
-            // weighted sum of V rows, each loaded once for the group
-            for (int t0 = 0, blk = 0; t0 < L; t0 += block_size, blk++) {
-                const int n = L - t0 < block_size ? L - t0 : block_size;
-                const float* vb = v_cache + ((size_t)table[blk] * block_size * Hkv + kvh) * D;
-                for (int i = 0; i < n; i++) {
-                    const float* vv = vb + i * token_stride;
-                    for (int j = 0; j < group; j++) {
-                        const __m512 p = _mm512_set1_ps(s[(size_t)j * max_len + t0 + i]);
-                        float* o = oh + (size_t)j * D;
-                        for (int d = 0; d < D; d += 16)
-                            _mm512_storeu_ps(o + d, _mm512_fmadd_ps(p, _mm512_loadu_ps(vv + d), _mm512_loadu_ps(o + d)));
-                    }
-                }
+            const float* qh = q + first * D;
+            float* s = scores + first * max_len;
+            float* oh = out + first * D;
+            switch (D / 16) {  // a constant register count per call: the loops over it unroll
+                case 4: attend_task(qh, k_cache, v_cache, table, seq_lens[b], s, max_len, oh, group, Hkv, kvh, D, block_size, scale, 4); break;
+                case 8: attend_task(qh, k_cache, v_cache, table, seq_lens[b], s, max_len, oh, group, Hkv, kvh, D, block_size, scale, 8); break;
+                default: attend_task(qh, k_cache, v_cache, table, seq_lens[b], s, max_len, oh, group, Hkv, kvh, D, block_size, scale, D / 16); break;
             }
         }
     }

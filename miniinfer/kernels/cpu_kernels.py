@@ -172,8 +172,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _, block_size, hkv, _ = k_cache.shape
     if q.dtype != torch.float32 or k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32:
         raise ValueError("paged_decode_attention takes fp32 q and caches")
-    if d % 16 or h % hkv:
-        raise ValueError(f"head_dim must be a multiple of 16 and heads of KV heads, got D={d}, H={h}, Hkv={hkv}")
+    if d % 16 or d > 128 or h % hkv:
+        raise ValueError(f"head_dim must be a multiple of 16 up to 128 and heads a multiple of KV heads, "
+                         f"got D={d}, H={h}, Hkv={hkv}")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("the caches must be contiguous")
     q = q.contiguous()

@@ -82,9 +82,9 @@ def _paged_case(seed=0, B=5, H=6, HKV=2, D=64, BS=4, nblocks=64):
     return q, kc, vc, tables, lens
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_paged_decode_attention_matches_sdpa(seed):
-    q, kc, vc, tables, lens = _paged_case(seed)
+@pytest.mark.parametrize("seed,D", [(0, 64), (1, 64), (2, 128), (3, 32), (4, 80)])
+def test_paged_decode_attention_matches_sdpa(seed, D):
+    q, kc, vc, tables, lens = _paged_case(seed, D=D)
     out = cpu_kernels.paged_decode_attention(q, kc, vc, tables, lens, int(lens.max()), 0.125)
     for b in range(q.shape[0]):
         L = int(lens[b])
@@ -103,6 +103,9 @@ def test_paged_decode_attention_rejects_what_would_crash():
         cpu_kernels.paged_decode_attention(q, kc, vc, tables, lens + 1000, int(lens.max()) + 1000, 0.125)
     with pytest.raises(ValueError, match="fp32"):
         cpu_kernels.paged_decode_attention(q, kc.bfloat16(), vc, tables, lens, int(lens.max()), 0.125)
+    q, kc, vc, tables, lens = _paged_case(D=144)
+    with pytest.raises(ValueError, match="head_dim"):
+        cpu_kernels.paged_decode_attention(q, kc, vc, tables, lens, int(lens.max()), 0.125)
 
 
 def test_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
