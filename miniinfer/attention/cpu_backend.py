@@ -15,6 +15,14 @@ from miniinfer.kernels import cpu_kernels
 class CPUAttentionBackend(TorchAttentionBackend):
     name = "cpu"
 
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+        fp32 = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k, v, k_cache, v_cache))
+        rows = all(t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] for t in (k, v))  # [Hkv, D] blocks
+        if not (fp32 and rows and k_cache.is_contiguous() and v_cache.is_contiguous()):
+            return super().forward(q, k, v, k_cache, v_cache, meta, scale)
+        cpu_kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self._attend(q, k_cache, v_cache, meta, scale, torch.float32)
+
     def _decode_batch(self, q, k_cache, v_cache, meta: AttentionMetadata, lens: list[int], scale, group, work):
         if (q.device.type != "cpu" or k_cache.dtype != torch.float32 or not k_cache.is_contiguous()
                 or not v_cache.is_contiguous() or q.shape[-1] % 16 or q.shape[-1] > 128):

@@ -4,6 +4,7 @@
 //   q8_0_gemm               the same for GGUF's Q8_0 (w = d * q, q int8; e.g. a tied LM head)
 //   paged_decode_attention  one query token per sequence against its paged fp32 K/V cache
 //   rms_norm, silu_and_mul  a decoder layer's element-wise ops (fp32), one call each
+//   rope_neox, store_kv     RoPE on q and k together; the new K/V rows into their cache slots
 //
 // Q4_1: blocks of 32 weights along K; w = d * q + m with fp16 d, m and q in 0..15.
 // The weights are regrouped once at load time so that one 512-bit register holds the
@@ -24,6 +25,7 @@
 #include <immintrin.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include <math.h>
 
 #if !defined(__AVX512F__)
@@ -285,5 +287,38 @@ void silu_and_mul(const float* x, float* out, int rows, int n) {
             const __m512 sig = _mm512_div_ps(num, _mm512_add_ps(one, e));
             _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_mul_ps(g, sig), _mm512_loadu_ps(up + i)));
         }
+    }
+}
+
+// NeoX RoPE: out[t, h] = rotate(x[t, h]) for the first `rot` of D dims (the rest copied);
+// x rows are `row_stride` floats apart (q and k side by side in the qkv output), out is
+// [T, heads, D]; cos_sin rows: cos for rot/2 dims, then sin.
+void rope_neox(const float* x, long row_stride, int T, int heads, int D, int rot,
+               const int64_t* positions, const float* cos_sin, float* out) {
+    const int half = rot / 2;
+    for (int t = 0; t < T; t++) {
+        const float* cs = cos_sin + (size_t)positions[t] * rot;
+        for (int h = 0; h < heads; h++) {
+            const float* src = x + (size_t)t * row_stride + (size_t)h * D;
+            float* dst = out + ((size_t)t * heads + h) * D;
+            for (int i = 0; i < half; i++) {
+                const float c = cs[i], s = cs[half + i], x1 = src[i], x2 = src[half + i];
+                dst[i] = x1 * c - x2 * s;
+                dst[half + i] = x2 * c + x1 * s;
+            }
+            for (int i = rot; i < D; i++) dst[i] = src[i];
+        }
+    }
+}
+
+// Copy the step's new K and V rows (width floats each, rows `k_stride` / `v_stride` apart)
+// into their cache slots; slot -1 is skipped.
+void store_kv(const float* k, long k_stride, const float* v, long v_stride, const int64_t* slots,
+              float* k_cache, float* v_cache, int T, int width) {
+    for (int t = 0; t < T; t++) {
+        const int64_t slot = slots[t];
+        if (slot < 0) continue;
+        memcpy(k_cache + (size_t)slot * width, k + (size_t)t * k_stride, sizeof(float) * width);
+        memcpy(v_cache + (size_t)slot * width, v + (size_t)t * v_stride, sizeof(float) * width);
     }
 }

@@ -87,6 +87,11 @@ def _library() -> ctypes.CDLL | None:
     lib.rms_norm.restype = None
     lib.silu_and_mul.argtypes = [p, p, i, i]
     lib.silu_and_mul.restype = None
+    lg = ctypes.c_long
+    lib.rope_neox.argtypes = [p, lg, i, i, i, i, p, p, p]
+    lib.rope_neox.restype = None
+    lib.store_kv.argtypes = [p, lg, p, lg, p, p, p, i, i]
+    lib.store_kv.restype = None
     return lib
 
 
@@ -219,3 +224,34 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
     _library().silu_and_mul(x.data_ptr(), out.data_ptr(), x.numel() // (2 * n), n)
     return out
+
+
+def rope_neox(x: torch.Tensor, heads: int, head_dim: int, positions: torch.Tensor,
+              cos_sin_cache: torch.Tensor) -> torch.Tensor:
+    """NeoX RoPE of ``heads`` heads laid side by side at the start of each row of ``x [T, ...]``
+    (row stride free, last dimension contiguous), into a new ``[T, heads, head_dim]``."""
+    t = x.shape[0]
+    rot = cos_sin_cache.shape[-1]
+    if x.stride(-1) != 1 or x.dtype != torch.float32 or rot > head_dim or rot % 2:
+        raise ValueError("rope_neox takes fp32 rows with a contiguous last dimension")
+    pos = positions.to(torch.int64).contiguous()
+    if t and (int(pos.min()) < 0 or int(pos.max()) >= cos_sin_cache.shape[0]):
+        raise ValueError(f"positions must be in [0, {cos_sin_cache.shape[0]})")
+    out = torch.empty(t, heads, head_dim, dtype=torch.float32)
+    cache = cos_sin_cache.contiguous()
+    _library().rope_neox(x.data_ptr(), x.stride(0), t, heads, head_dim, rot, pos.data_ptr(), cache.data_ptr(),
+                         out.data_ptr())
+    return out
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """``k_cache[slot] = k[t]`` (and v) for every token whose slot is >= 0. k, v: ``[T, Hkv, D]``
+    fp32 with contiguous rows (any row stride); caches contiguous fp32."""
+    t, width = k.shape[0], k.shape[1] * k.shape[2]
+    slots = slot_mapping.to(torch.int64).contiguous()
+    n_slots = k_cache.numel() // width
+    if t and (int(slots.max()) >= n_slots or int(slots.min()) < -1):
+        raise ValueError(f"slot_mapping entries must be in [-1, {n_slots})")
+    _library().store_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(),
+                        k_cache.data_ptr(), v_cache.data_ptr(), t, width)

@@ -64,7 +64,8 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if rope is not None and self.q_norm is None:
             # torch path: q and k sit side by side in qkv; rotate them as one [T, H + Hkv, D]
-            qk = ops.rotate(qkv[:, :self.q_size + self.kv_size].view(t, -1, self.head_dim), rope)
+            qk = ops.rotate_leading_heads(qkv, self.num_heads + self.num_kv_heads, self.head_dim, positions,
+                                          self.cos_sin_cache, rope)
             q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         else:
             q = q.view(t, self.num_heads, self.head_dim)

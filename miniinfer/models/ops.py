@@ -96,6 +96,16 @@ def rotate(x: torch.Tensor, tables: RopeTables) -> torch.Tensor:
     return torch.cat((out, x[..., 2 * half:]), dim=-1)
 
 
+def rotate_leading_heads(x: torch.Tensor, heads: int, head_dim: int, positions: torch.Tensor,
+                         cos_sin_cache: torch.Tensor, tables: RopeTables) -> torch.Tensor:
+    """NeoX rotation of the first ``heads`` heads of each row of ``x [T, ...]`` (q and k side by
+    side in the qkv output) into a new ``[T, heads, head_dim]``: C on fp32 CPU, else torch."""
+    if _use_cpu_kernels(x):
+        from miniinfer.kernels import cpu_kernels
+        return cpu_kernels.rope_neox(x, heads, head_dim, positions, cos_sin_cache)
+    return rotate(x[:, :heads * head_dim].view(x.shape[0], heads, head_dim), tables)
+
+
 def apply_rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                cos_sin_cache: torch.Tensor, rot_dim: int,
                tables: RopeTables | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -144,3 +144,32 @@ def test_silu_and_mul_matches_torch_including_extremes():
     g[0, :16] = torch.tensor([-100., -20., -1., 0., 1., 20., 100., -0.5, 88., -88., 1e-8, -1e-8, 3., -3., 50., -50.])
     ref = F.silu(g[:, :64]) * g[:, 64:]
     torch.testing.assert_close(cpu_kernels.silu_and_mul(g), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rot,D", [(64, 64), (32, 64)])
+def test_rope_neox_matches_torch_on_strided_rows(rot, D):
+    from miniinfer.kernels.rope import apply_rope_ref
+    from miniinfer.models.rotary import build_cos_sin_cache
+    cache = build_cos_sin_cache(rot, 200, 10000.0, None)
+    qkv = torch.randn(9, (4 + 2 + 2) * D)  # q: 4 heads, k: 2, v: 2, side by side per row
+    pos = torch.randint(0, 200, (9,))
+    out = cpu_kernels.rope_neox(qkv, 6, D, pos, cache)
+    q_ref, k_ref = apply_rope_ref(pos, qkv[:, :4 * D].reshape(9, 4, D).clone(),
+                                  qkv[:, 4 * D:6 * D].reshape(9, 2, D).clone(), cache, rot)
+    torch.testing.assert_close(out, torch.cat([q_ref, k_ref], 1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="positions"):
+        cpu_kernels.rope_neox(qkv, 6, D, pos + 200, cache)
+
+
+def test_store_kv_writes_slots_and_skips_minus_one():
+    kc, vc = torch.zeros(8, 4, 2, 16), torch.zeros(8, 4, 2, 16)
+    kv = torch.randn(5, 3, 2, 16)  # rows of a wider tensor: k = kv[:, 0], v = kv[:, 1]
+    slots = torch.tensor([3, -1, 31, 0, 12])
+    cpu_kernels.store_kv(kv[:, 0], kv[:, 1], kc, vc, slots)
+    flat_k, flat_v = kc.view(32, 2, 16), vc.view(32, 2, 16)
+    for t, s in enumerate(slots.tolist()):
+        if s >= 0:
+            assert torch.equal(flat_k[s], kv[t, 0]) and torch.equal(flat_v[s], kv[t, 1])
+    assert int((flat_k.abs().sum((1, 2)) > 0).sum()) == 4
+    with pytest.raises(ValueError, match="slot_mapping"):
+        cpu_kernels.store_kv(kv[:, 0], kv[:, 1], kc, vc, torch.tensor([32, 0, 0, 0, 0]))
