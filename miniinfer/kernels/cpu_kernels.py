@@ -200,12 +200,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
-def elementwise_ok(x: torch.Tensor) -> bool:
-    """The element-wise kernels take contiguous fp32 CPU rows whose length is a multiple of 16."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
-            and x.shape[-1] % 16 == 0 and _library() is not None)
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
              ) -> torch.Tensor:
     """``rms_norm(x) * weight`` into a new tensor; with ``residual``, first ``residual += x``

@@ -9,6 +9,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from miniinfer.kernels import cpu_kernels
+
 
 @functools.cache
 def _triton_available() -> bool:
@@ -24,11 +26,10 @@ def _use_triton(x: torch.Tensor) -> bool:
 
 
 def _use_cpu_kernels(x: torch.Tensor) -> bool:
-    """fp32 CPU rows the C element-wise kernels take (kernels/cpu_kernels.c), when they build."""
-    if x.device.type != "cpu" or x.dtype != torch.float32:
-        return False
-    from miniinfer.kernels import cpu_kernels
-    return cpu_kernels.elementwise_ok(x)
+    """fp32 CPU rows the C element-wise kernels take (kernels/cpu_kernels.c), when they build.
+    (Called several times per layer: attribute checks only, the build result is cached.)"""
+    return (x.is_cpu and x.dtype == torch.float32 and x.shape[-1] % 16 == 0 and x.is_contiguous()
+            and cpu_kernels.available())
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -36,7 +37,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         from miniinfer.kernels.norm import rms_norm as k
         return k(x, weight, eps)
     if _use_cpu_kernels(x) and weight.dtype == torch.float32:
-        from miniinfer.kernels import cpu_kernels
         return cpu_kernels.rms_norm(x, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -52,7 +52,6 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
         return x, residual
     if (_use_cpu_kernels(x) and _use_cpu_kernels(residual) and weight.dtype == torch.float32
             and x.shape == residual.shape):
-        from miniinfer.kernels import cpu_kernels
         return cpu_kernels.rms_norm(x, weight, eps, residual=residual), residual  # residual in place
     residual = x + residual
     return rms_norm(residual, weight, eps), residual
@@ -63,7 +62,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         from miniinfer.kernels.activation import silu_and_mul as k
         return k(x)
     if _use_cpu_kernels(x) and x.shape[-1] % 32 == 0:
-        from miniinfer.kernels import cpu_kernels
         return cpu_kernels.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -101,7 +99,6 @@ def rotate_leading_heads(x: torch.Tensor, heads: int, head_dim: int, positions: 
     """NeoX rotation of the first ``heads`` heads of each row of ``x [T, ...]`` (q and k side by
     side in the qkv output) into a new ``[T, heads, head_dim]``: C on fp32 CPU, else torch."""
     if _use_cpu_kernels(x):
-        from miniinfer.kernels import cpu_kernels
         return cpu_kernels.rope_neox(x, heads, head_dim, positions, cos_sin_cache)
     return rotate(x[:, :heads * head_dim].view(x.shape[0], heads, head_dim), tables)
 
