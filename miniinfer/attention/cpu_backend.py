@@ -16,7 +16,9 @@ class CPUAttentionBackend(TorchAttentionBackend):
     name = "cpu"
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        fp32 = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k, v, k_cache, v_cache))
+        f32 = torch.float32
+        fp32 = (q.is_cpu and k_cache.is_cpu and q.dtype == f32 and k.dtype == f32 and v.dtype == f32
+                and k_cache.dtype == f32 and v_cache.dtype == f32)
         rows = all(t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] for t in (k, v))  # [Hkv, D] blocks
         if not (fp32 and rows and k_cache.is_contiguous() and v_cache.is_contiguous()):
             return super().forward(q, k, v, k_cache, v_cache, meta, scale)

@@ -25,6 +25,7 @@
 #include <immintrin.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 
@@ -121,8 +122,11 @@ static void gemm(const uint8_t* packed, const float* X, float* xsum, float* Y, i
     }
 }
 
-void q4_1_gemm(const uint8_t* packed, const float* X, float* xsum, float* Y, int M, int N, int K) {
+void q4_1_gemm(const uint8_t* packed, const float* X, float* Y, int M, int N, int K) {
+    float* xsum = (float*)malloc(sizeof(float) * (size_t)M * (K / 32));  // per-block sums of x
+    if (!xsum) return;  // (M * K / 32 floats: never large; Y is left as allocated)
     gemm(packed, X, xsum, Y, M, N, K, 0);
+    free(xsum);
 }
 
 void q8_0_gemm(const uint8_t* packed, const float* X, float* Y, int M, int N, int K) {

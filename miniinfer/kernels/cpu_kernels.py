@@ -77,7 +77,7 @@ def _library() -> ctypes.CDLL | None:
                        err.decode(errors="replace")[-500:])
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
-    lib.q4_1_gemm.argtypes = [p, p, p, p, i, i, i]
+    lib.q4_1_gemm.argtypes = [p, p, p, i, i, i]
     lib.q4_1_gemm.restype = None
     lib.q8_0_gemm.argtypes = [p, p, p, i, i, i]
     lib.q8_0_gemm.restype = None
@@ -156,8 +156,7 @@ def gemm(x: torch.Tensor, packed: torch.Tensor, out_features: int, in_features: 
     if m == 0:
         return y
     if fmt == "Q4_1":
-        xsum = torch.empty(m * (in_features // BLOCK), dtype=torch.float32)
-        lib.q4_1_gemm(packed.data_ptr(), x.data_ptr(), xsum.data_ptr(), y.data_ptr(), m, out_features, in_features)
+        lib.q4_1_gemm(packed.data_ptr(), x.data_ptr(), y.data_ptr(), m, out_features, in_features)
     elif fmt == "Q8_0":
         lib.q8_0_gemm(packed.data_ptr(), x.data_ptr(), y.data_ptr(), m, out_features, in_features)
     else:
