@@ -99,3 +99,15 @@ def test_metadata_without_host_lists_is_not_cached():
     ref = _reference(q, kc, vc, tables, q_lens, seq_lens2, D ** -0.5)
     assert (out - ref).abs().max() < 1e-5
     assert not meta.per_step
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="needs x86-64 with AVX-512 and gcc")
+@pytest.mark.parametrize("max_pairs", [1 << 16, 10])  # all in C; the long chunks on torch SDPA
+def test_cpu_backend_short_and_long_chunks(monkeypatch, max_pairs):
+    from miniinfer.attention import cpu_backend
+    monkeypatch.setattr(cpu_backend, "MAX_EXTEND_PAIRS", max_pairs)
+    q, k_new, v_new, kc, vc, meta, tables, q_lens, seq_lens = _case(torch.float32, seed=3)
+    out = cpu_backend.CPUAttentionBackend().forward(q, k_new, v_new, kc, vc, meta, D ** -0.5)
+    ref = _reference(q, kc, vc, tables, q_lens, seq_lens, D ** -0.5)
+    assert (out - ref).abs().max() < 1e-5
+    assert ("cpu_rows" in meta.per_step) == (max_pairs > 10)
