@@ -22,21 +22,25 @@ MAX_EXTEND_PAIRS = 1 << 16
 
 def _token_rows(meta: AttentionMetadata, qsl: list[int], lens: list[int]):
     """Per new token: its sequence's block table and the keys it sees; None if a chunk is big."""
-    rows = meta.per_step.get("cpu_rows") if meta.seq_lens_cpu is not None else None
-    if rows is not None:
-        return rows
-    seq_of_token: list[int] = []
-    seen: list[int] = []
-    for i, L in enumerate(lens):
-        n = qsl[i + 1] - qsl[i]
-        if n > 1 and n * L > MAX_EXTEND_PAIRS:
-            return None
-        seq_of_token += [i] * n
-        seen += range(L - n + 1, L + 1)
-    rows = (meta.block_tables[torch.tensor(seq_of_token)], torch.tensor(seen, dtype=torch.int32), max(lens))
-    if meta.seq_lens_cpu is not None:
-        meta.per_step["cpu_rows"] = rows
-    return rows
+    def build():
+        seq_of_token: list[int] = []
+        seen: list[int] = []
+        for i, L in enumerate(lens):
+            n = qsl[i + 1] - qsl[i]
+            if n > 1 and n * L > MAX_EXTEND_PAIRS:
+                return None
+            seq_of_token += [i] * n
+            seen += range(L - n + 1, L + 1)
+        return meta.block_tables[torch.tensor(seq_of_token)], torch.tensor(seen, dtype=torch.int32), max(lens)
+    return meta.step_cached("cpu_rows", build)
+
+
+def _c_attention_fits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """fp32 CPU query and contiguous fp32 caches, head_dim a multiple of 16 up to 128."""
+    f32 = torch.float32
+    return (q.is_cpu and q.dtype == f32 and k_cache.dtype == f32 and v_cache.dtype == f32
+            and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and q.shape[-1] % 16 == 0 and q.shape[-1] <= 128)
 
 
 @register_backend("cpu")
@@ -44,12 +48,9 @@ class CPUAttentionBackend(TorchAttentionBackend):
     name = "cpu"
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        f32 = torch.float32
-        fp32 = (q.is_cpu and k_cache.is_cpu and q.dtype == f32 and k.dtype == f32 and v.dtype == f32
-                and k_cache.dtype == f32 and v_cache.dtype == f32)
-        rows = all(t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] for t in (k, v))  # [Hkv, D] blocks
-        if not (fp32 and rows and k_cache.is_contiguous() and v_cache.is_contiguous()
-                and q.shape[-1] % 16 == 0 and q.shape[-1] <= 128):
+        rows = all(t.dtype == torch.float32 and t.stride(-1) == 1 and t.stride(-2) == t.shape[-1]
+                   for t in (k, v))  # fp32 [Hkv, D] blocks, any row stride
+        if not (rows and _c_attention_fits(q, k_cache, v_cache)):
             return super().forward(q, k, v, k_cache, v_cache, meta, scale)
         cpu_kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
@@ -59,14 +60,13 @@ class CPUAttentionBackend(TorchAttentionBackend):
         if token_rows is None or token_rows[0].shape[0] != q.shape[0]:
             # a long prefill chunk (torch SDPA; decodes still in C, below), or padded rows
             # beyond the last sequence (graph-style buckets), which the torch path leaves alone
-            return self._attend(q, k_cache, v_cache, meta, scale, f32)
+            return self._attend(q, k_cache, v_cache, meta, scale, torch.float32)
         tables, seen, max_len = token_rows
         return cpu_kernels.paged_decode_attention(q, k_cache, v_cache, tables, seen, max_len, scale)
 
     def _decode_batch(self, q, k_cache, v_cache, meta: AttentionMetadata, lens: list[int], scale, group, work):
-        if (q.device.type != "cpu" or k_cache.dtype != torch.float32 or not k_cache.is_contiguous()
-                or not v_cache.is_contiguous() or q.shape[-1] % 16 or q.shape[-1] > 128):
+        if not _c_attention_fits(q, k_cache, v_cache):
             return super()._decode_batch(q, k_cache, v_cache, meta, lens, scale, group, work)
         nd = q.shape[0]
         return cpu_kernels.paged_decode_attention(
-            q.float(), k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], max(lens[:nd]), scale)
+            q, k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], max(lens[:nd]), scale)

@@ -35,10 +35,8 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torc
 
 def _decode_plan(meta: AttentionMetadata, nd: int, lens: list[int], block_size: int, device):
     """Cache slots [nd * L] of every decode sequence's context (padded to the longest, L)
-    and the additive mask [nd, 1, 1, L] hiding the padding; built once per step. (Metadata
-    without host lists is reused across replays, as graphs do: no caching there.)"""
-    plan = meta.per_step.get("torch_decode") if meta.seq_lens_cpu is not None else None
-    if plan is None:
+    and the additive mask [nd, 1, 1, L] hiding the padding; built once per step."""
+    def build():
         max_len = max(lens[:nd])
         pos = torch.arange(max_len, device=device)
         tables = meta.block_tables[:nd].long()
@@ -46,10 +44,8 @@ def _decode_plan(meta: AttentionMetadata, nd: int, lens: list[int], block_size: 
         lens_t = torch.tensor(lens[:nd], device=device)
         hidden = pos[None, :] >= lens_t[:, None]
         mask = torch.zeros(nd, max_len, device=device).masked_fill_(hidden, float("-inf"))
-        plan = (slots.flatten(), mask[:, None, None, :], max_len)
-        if meta.seq_lens_cpu is not None:
-            meta.per_step["torch_decode"] = plan
-    return plan
+        return slots.flatten(), mask[:, None, None, :], max_len
+    return meta.step_cached("torch_decode", build)
 
 
 @register_backend("torch")

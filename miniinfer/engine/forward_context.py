@@ -39,6 +39,17 @@ class AttentionMetadata:
     # (e.g. the torch path's gather indices and mask). Dies with the step.
     per_step: dict = field(default_factory=dict)
 
+    def step_cached(self, key: str, build):
+        """``build()`` once per step, kept in ``per_step`` (a ``None`` result is not kept).
+        Metadata without host lists is reused across replays with new device values (as
+        graphs do): never cached there."""
+        value = self.per_step.get(key) if self.seq_lens_cpu is not None else None
+        if value is None:
+            value = build()
+            if value is not None and self.seq_lens_cpu is not None:
+                self.per_step[key] = value
+        return value
+
     @property
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]

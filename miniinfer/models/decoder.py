@@ -170,14 +170,16 @@ class DecoderForCausalLM(nn.Module):
         parts = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
                  "o_proj": ("o_proj",), "down_proj": ("down_proj",)}
 
-        def quantized(names: list[str], dense: nn.Linear) -> QuantizedLinear | None:
+        def quantized(names: list[str], weight: torch.Tensor, bias=None) -> QuantizedLinear | None:
+            """The parts' blocks as one QuantizedLinear standing for ``weight`` [out, in]."""
             got = [rows.get(n) for n in names]
             if any(g is None for g in got) or len({fmt for fmt, _ in got}) != 1:
                 return None
             blocks = torch.cat([b for _, b in got]) if len(got) > 1 else got[0][1]
-            if blocks.shape[0] != dense.out_features or not kernel_fits(blocks.shape[0], dense.in_features):
+            out_features, in_features = weight.shape
+            if blocks.shape[0] != out_features or not kernel_fits(out_features, in_features):
                 return None
-            return QuantizedLinear(blocks, dense.in_features, dense.bias, got[0][0])
+            return QuantizedLinear(blocks, in_features, bias, got[0][0])
 
         swapped = 0
         for i, layer in enumerate(self.layers):
@@ -185,13 +187,13 @@ class DecoderForCausalLM(nn.Module):
                 for fused, names in parts.items():
                     dense = getattr(parent, fused, None)
                     if isinstance(dense, nn.Linear):
-                        q = quantized([f"{prefix}.{n}.weight" for n in names], dense)
+                        q = quantized([f"{prefix}.{n}.weight" for n in names], dense.weight, dense.bias)
                         if q is not None:
                             setattr(parent, fused, q)
                             swapped += 1
         head_name = "embed_tokens.weight" if self.lm_head is None else "lm_head.weight"
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        q = quantized([head_name], nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta"))
+        q = quantized([head_name], weight)
         if q is not None:
             if self.lm_head is None:
                 self.packed_lm_head = q

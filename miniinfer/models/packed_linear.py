@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from miniinfer.kernels import cpu_kernels
+
 
 def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
     return (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
@@ -22,7 +24,6 @@ def gguf_kernels_available(device: torch.device, dtype: torch.dtype, tp=None) ->
     """GGUF weights kept quantized: CPU, fp32 activations, one rank, and the kernels build here."""
     if device.type != "cpu" or dtype != torch.float32 or (tp is not None and tp.enabled):
         return False
-    from miniinfer.kernels import cpu_kernels
     return cpu_kernels.available()
 
 
@@ -57,13 +58,11 @@ class QuantizedLinear(nn.Module):
 
     def __init__(self, blocks: torch.Tensor, in_features: int, bias: torch.Tensor | None, fmt: str):
         super().__init__()
-        from miniinfer.kernels import cpu_kernels
         self.in_features, self.out_features, self.fmt = in_features, blocks.shape[0], fmt
         self.register_buffer("packed", cpu_kernels.repack(blocks, in_features, fmt), persistent=False)
         self.bias = None if bias is None else bias.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from miniinfer.kernels import cpu_kernels
         lead = x.shape[:-1]
         y = cpu_kernels.gemm(x.reshape(-1, self.in_features), self.packed, self.out_features,
                              self.in_features, self.fmt)
@@ -73,7 +72,6 @@ class QuantizedLinear(nn.Module):
 
 
 def kernel_fits(rows: int, in_features: int) -> bool:
-    from miniinfer.kernels import cpu_kernels
     return rows % cpu_kernels.ROWS == 0 and in_features % cpu_kernels.BLOCK == 0
 
 
