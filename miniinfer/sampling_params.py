@@ -1,7 +1,9 @@
 """Per-request sampling options, shaped like vLLM's ``SamplingParams``."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+MAX_LOGPROBS = 20  # the largest top-N logprobs a request may ask for (the engine default too)
 
 
 @dataclass
@@ -60,14 +62,10 @@ class SamplingParams:
             raise bad("min_tokens", ">= 0", self.min_tokens)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", f"<= max_tokens ({self.max_tokens})", self.min_tokens)
-        if self.logprobs is not None and not (0 <= self.logprobs <= 20):
-            raise bad("logprobs", "in [0, 20]", self.logprobs)
+        if self.logprobs is not None and not (0 <= self.logprobs <= MAX_LOGPROBS):
+            raise bad("logprobs", f"in [0, {MAX_LOGPROBS}]", self.logprobs)
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise bad("stop", "a list of non-empty strings", self.stop)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
     @property
     def needs_penalties(self) -> bool:

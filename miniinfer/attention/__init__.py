@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from miniinfer.engine.forward_context import AttentionMetadata
+from miniinfer.attention.metadata import AttentionMetadata
 
 
 class AttentionBackend(Protocol):

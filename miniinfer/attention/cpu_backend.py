@@ -14,7 +14,7 @@ import torch
 
 from miniinfer.attention import register_backend
 from miniinfer.attention.torch_backend import TorchAttentionBackend
-from miniinfer.engine.forward_context import AttentionMetadata
+from miniinfer.attention.metadata import AttentionMetadata
 from miniinfer.kernels import cpu_kernels
 
 MAX_EXTEND_PAIRS = 1 << 16

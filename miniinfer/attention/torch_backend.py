@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from miniinfer.attention import register_backend
-from miniinfer.engine.forward_context import AttentionMetadata
+from miniinfer.attention.metadata import AttentionMetadata
 
 
 def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from miniinfer.attention import register_backend
-from miniinfer.engine.forward_context import AttentionMetadata
+from miniinfer.attention.metadata import AttentionMetadata
 from miniinfer.kernels.decode_attention import paged_decode_attention
 from miniinfer.kernels.extend_attention import paged_extend_attention
 from miniinfer.kernels.kv_store import store_kv_cache

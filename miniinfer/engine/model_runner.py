@@ -13,7 +13,7 @@ import torch
 
 from miniinfer.attention import get_backend
 from miniinfer.config import EngineConfig, ModelConfig
-from miniinfer.engine.forward_context import AttentionMetadata, forward_context
+from miniinfer.attention.metadata import AttentionMetadata, forward_context
 from miniinfer.engine.host_staging import PinnedStaging
 from miniinfer.engine.sampler import SamplerOutput, SamplingBatch, sample
 from miniinfer.engine.scheduler import SchedulerOutput

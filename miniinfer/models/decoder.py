@@ -18,7 +18,7 @@ from torch import nn
 
 from miniinfer.attention import AttentionBackend
 from miniinfer.config import ModelConfig
-from miniinfer.engine.forward_context import get_attention_metadata
+from miniinfer.attention.metadata import get_attention_metadata
 from miniinfer.models import ops
 from miniinfer.models.rotary import build_cos_sin_cache
 from miniinfer.parallel import TPGroup

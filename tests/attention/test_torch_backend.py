@@ -8,7 +8,7 @@ import torch
 
 from miniinfer.attention.torch_backend import TorchAttentionBackend
 from miniinfer.kernels import cpu_kernels
-from miniinfer.engine.forward_context import AttentionMetadata
+from miniinfer.attention.metadata import AttentionMetadata
 
 H, HKV, D, BS = 6, 2, 16, 4
 

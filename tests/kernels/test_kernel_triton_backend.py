@@ -11,7 +11,7 @@ BACKEND_DTYPES = [torch.float32] + ([torch.bfloat16] if HAS_CUDA else [])
 def _step(prefix, qlens, num_decodes, H, Hkv, D, bs, dtype, device, pad=0):
     """Build a step: sequences with ``prefix[i]`` cached tokens and ``qlens[i]`` new ones.
     ``pad`` extra padded decode slots (seq_len 0, slot -1) are appended to the decodes."""
-    from miniinfer.engine.forward_context import AttentionMetadata
+    from miniinfer.attention.metadata import AttentionMetadata
 
     seq_lens = [p + n for p, n in zip(prefix, qlens)]
     kv = PagedKV(seq_lens, Hkv, D, bs, dtype, device, fill_len=prefix)
@@ -116,7 +116,7 @@ def test_backend_padded_decode_and_strided_qkv(device):
 def test_backend_decode_cuda_graph_replay():
     """Capture one pure-decode step (max_seq_len = a capture-time bound), then replay it
     for two different batches copied into the captured input buffers."""
-    from miniinfer.engine.forward_context import AttentionMetadata
+    from miniinfer.attention.metadata import AttentionMetadata
 
     device, dtype, H, Hkv, D, bs, B = "cuda", torch.bfloat16, 8, 2, 128, 16, 4
     lens = [100, 300, 31, 7, 1000, 17, 600, 64]  # batch A = seqs 0-3, batch B = seqs 4-7
