@@ -268,6 +268,19 @@ def test_special_tokens(smollm_tok):
     assert det.text == "Hi<|im_end|>"
 
 
+def test_prompt_ending_mid_character(smollm_tok):
+    """A prompt whose text ends in an incomplete character: only what the
+    generated ids add is streamed, never the prompt's own text."""
+    tok = smollm_tok
+    ids = tok.encode("Hello 😀")
+    k = next(k for k in range(len(ids), 0, -1) if tok.decode(ids[:k]).endswith(FFFD))
+    prompt, gen = ids[:k], tok.encode(" world, done.")
+    head = tok.decode(prompt)
+    whole = tok.decode(prompt + gen)
+    assert whole.startswith(head)
+    assert_stream_ok(tok, gen, whole[len(head):], prompt=prompt)
+
+
 def test_empty_push_and_int(smollm_tok):
     tok = smollm_tok
     ids = tok.encode("Hello there")
@@ -407,6 +420,21 @@ def test_byte_fallback_characters(llama_style_tok):
     assert any(t.startswith("<0x") for t in tok.convert_ids_to_tokens(ids))
     pieces = assert_stream_ok(tok, ids, tok.decode(ids))
     assert "".join(pieces) == text
+
+
+def test_byte_fallback_invalid_runs_never_raise(llama_style_tok):
+    """Arbitrary byte tokens (invalid UTF-8 runs, as a sampler may produce):
+    streaming never raises (tokenizers' DecodeStream does, "Invalid prefix")."""
+    tok = llama_style_tok
+    vocab = tok.get_vocab()
+    byte_ids = [i for t, i in vocab.items() if t.startswith("<0x") and len(t) == 6]
+    rng = random.Random(13)
+    for trial in range(200):
+        pool = byte_ids + list(range(len(tok)))
+        prompt = [rng.choice(pool) for _ in range(rng.randint(0, 10))]
+        ids = [rng.choice(pool) for _ in range(rng.randint(1, 25))]
+        det = IncrementalDetokenizer(tok, prompt, skip_special_tokens=bool(trial % 2))
+        run(det, ids, rng if trial % 3 == 0 else None, max_chunk=5)
 
 
 def test_cleanup_tokenization_spaces(sp_unigram_cleanup_tok, sp_unigram_tok):
