@@ -25,6 +25,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-N logprobs per generated token
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -64,6 +65,10 @@ class SamplingParams:
             raise bad("min_tokens", f"<= max_tokens ({self.max_tokens})", self.min_tokens)
         if self.logprobs is not None and not (0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", f"in [0, {MAX_LOGPROBS}]", self.logprobs)
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or any(
+                    not isinstance(t, int) or t < 0 or not (-100 <= v <= 100) for t, v in self.logit_bias.items()):
+                raise bad("logit_bias", "a dict of token ids (int >= 0) to biases in [-100, 100]", self.logit_bias)
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise bad("stop", "a list of non-empty strings", self.stop)
 

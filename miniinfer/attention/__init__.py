@@ -1,4 +1,4 @@
-"""Attention backends behind a registry.
+"""Attention backends.
 
 A backend stores the step's new K/V into the paged cache and computes attention for
 the step's queries against everything cached for their sequences::
@@ -7,15 +7,29 @@ the step's queries against everything cached for their sequences::
                     k_cache [num_blocks, block_size, Hkv, D], v_cache (same),
                     meta: AttentionMetadata, scale: float) -> [T, H, D]
 
-Register one with ``@register_backend("name")``; pick one with ``get_backend(name, device)``.
+and owns the static metadata buffers its CUDA graphs replay over
+(``make_graph_buffers``, see ``attention/graph_buffers.py``): a backend with other
+metadata (a tree mask for speculative verify, say) brings its own buffers.
+
+``get_backend(name, device)`` builds one; the table below is the whole registry (no
+import side effects). ``auto`` picks ``triton`` on CUDA, and on CPU ``cpu`` where the C
+kernels build, else ``torch``.
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+import importlib
+from typing import Protocol
 
 import torch
 
+from miniinfer.attention.graph_buffers import GraphBuffers
 from miniinfer.attention.metadata import AttentionMetadata
+
+BACKENDS: dict[str, tuple[str, str]] = {  # name -> (module, class)
+    "torch": ("miniinfer.attention.torch_backend", "TorchAttentionBackend"),
+    "cpu": ("miniinfer.attention.cpu_backend", "CPUAttentionBackend"),
+    "triton": ("miniinfer.attention.triton_backend", "TritonAttentionBackend"),
+}
 
 
 class AttentionBackend(Protocol):
@@ -25,30 +39,19 @@ class AttentionBackend(Protocol):
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor: ...
 
-
-_REGISTRY: dict[str, Callable[[], AttentionBackend]] = {}
-
-
-def register_backend(name: str):
-    def deco(factory):
-        _REGISTRY[name] = factory
-        return factory
-    return deco
+    def make_graph_buffers(self, max_seqs: int, max_tokens: int, max_blocks: int, max_seq_len: int,
+                           device: torch.device) -> GraphBuffers: ...
 
 
 def get_backend(name: str, device: str) -> AttentionBackend:
+    """Raises ``ValueError`` for an unknown name."""
     if name == "auto":
         if device.startswith("cuda"):
             name = "triton"
         else:
             from miniinfer.kernels import cpu_kernels
             name = "cpu" if cpu_kernels.available() else "torch"
-    if name == "triton":
-        from miniinfer.attention import triton_backend  # noqa: F401  (registers itself)
-    elif name == "cpu":
-        from miniinfer.attention import cpu_backend  # noqa: F401
-    else:
-        from miniinfer.attention import torch_backend  # noqa: F401
-    if name not in _REGISTRY:
-        raise ValueError(f"attention_backend must be one of {sorted(_REGISTRY) + ['auto']}, got {name!r}")
-    return _REGISTRY[name]()
+    if name not in BACKENDS:
+        raise ValueError(f"attention_backend must be one of {sorted(BACKENDS) + ['auto']}, got {name!r}")
+    module, cls = BACKENDS[name]
+    return getattr(importlib.import_module(module), cls)()

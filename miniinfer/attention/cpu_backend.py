@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from miniinfer.attention import register_backend
 from miniinfer.attention.torch_backend import TorchAttentionBackend
 from miniinfer.attention.metadata import AttentionMetadata
 from miniinfer.kernels import cpu_kernels
@@ -43,7 +42,6 @@ def _c_attention_fits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
             and q.shape[-1] % 16 == 0 and q.shape[-1] <= 128)
 
 
-@register_backend("cpu")
 class CPUAttentionBackend(TorchAttentionBackend):
     name = "cpu"
 

@@ -2,7 +2,8 @@
 
 The model runner sets it around each forward (``with forward_context(meta):``) so that
 attention layers deep in the model can read the block tables without threading them
-through every call. Nothing else in MiniInfer is global and mutable.
+through every call. It is the engine's one piece of per-step global state (the others are
+listed in docs/ARCHITECTURE.md, "Global state").
 
 Token layout of a step (decodes first, then prefill / extend chunks)::
 
@@ -25,7 +26,7 @@ import torch
 @dataclass
 class AttentionMetadata:
     num_decodes: int  # the first num_decodes sequences have exactly one new token
-    num_decode_tokens: int  # == num_decodes (kept separate for speculative decoding later)
+    num_decode_tokens: int  # == num_decodes; a backend routes every row through its extend path otherwise
     query_start_loc: torch.Tensor  # [B+1] int32, on device
     seq_lens: torch.Tensor  # [B] int32, on device: KV length after this step
     block_tables: torch.Tensor  # [B, max_blocks] int32, on device (unused entries: 0)
@@ -53,6 +54,18 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]
+
+
+def cache_slot(block_table: list[int], position: int, block_size: int) -> int:
+    """The paged layout, host side: the cache slot of a sequence's token at ``position``."""
+    return block_table[position // block_size] * block_size + position % block_size
+
+
+def context_slots(block_tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """The same layout on the device: slots [B, length] (int64) of positions ``0 .. length-1``
+    of each row of ``block_tables`` [B, max_blocks] (rows shorter than ``length`` read padding)."""
+    pos = torch.arange(length, device=block_tables.device)
+    return block_tables[:, pos // block_size].long() * block_size + pos % block_size
 
 
 _current: AttentionMetadata | None = None

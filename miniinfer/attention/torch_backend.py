@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from miniinfer.attention import register_backend
-from miniinfer.attention.metadata import AttentionMetadata
+from miniinfer.attention.graph_buffers import PagedAttentionBase
+from miniinfer.attention.metadata import AttentionMetadata, context_slots
 
 
 def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -39,8 +39,7 @@ def _decode_plan(meta: AttentionMetadata, nd: int, lens: list[int], block_size: 
     def build():
         max_len = max(lens[:nd])
         pos = torch.arange(max_len, device=device)
-        tables = meta.block_tables[:nd].long()
-        slots = tables[:, pos // block_size] * block_size + pos % block_size  # [nd, L]
+        slots = context_slots(meta.block_tables[:nd], max_len, block_size)  # [nd, L]
         lens_t = torch.tensor(lens[:nd], device=device)
         hidden = pos[None, :] >= lens_t[:, None]
         mask = torch.zeros(nd, max_len, device=device).masked_fill_(hidden, float("-inf"))
@@ -48,8 +47,7 @@ def _decode_plan(meta: AttentionMetadata, nd: int, lens: list[int], block_size: 
     return meta.step_cached("torch_decode", build)
 
 
-@register_backend("torch")
-class TorchAttentionBackend:
+class TorchAttentionBackend(PagedAttentionBase):
     name = "torch"
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):

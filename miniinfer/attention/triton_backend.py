@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import torch
 
-from miniinfer.attention import register_backend
+from miniinfer.attention.graph_buffers import PagedAttentionBase
 from miniinfer.attention.metadata import AttentionMetadata
 from miniinfer.kernels.decode_attention import paged_decode_attention
 from miniinfer.kernels.extend_attention import paged_extend_attention
 from miniinfer.kernels.kv_store import store_kv_cache
 
 
-@register_backend("triton")
-class TritonAttentionBackend:
+class TritonAttentionBackend(PagedAttentionBase):
     name = "triton"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

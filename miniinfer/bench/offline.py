@@ -167,19 +167,21 @@ def latency(model: str, hf: bool = True, prefix: str | None = None, **engine_kw)
 def graph_times(runner, name: str) -> dict:
     """Device time of one replay of the bs-1 decode graph (context 256) and of the 128/1024-token
     prefill graphs: the GPU's share of TPOT / TTFT, the rest being host work."""
-    if not torch.cuda.is_available() or not runner.graphs:
+    graphs = runner.cuda_graphs
+    if not torch.cuda.is_available() or graphs is None or not graphs.decode:
         return {}
 
     from miniinfer.bench.common import device_ms
     m = {}
-    runner.g_seq_lens[:1].fill_(256)
-    m[f"{name}_bs1_decode_graph_ms"] = device_ms(runner.graphs[1][0], 50)
+    attn = graphs.attn
+    attn.seq_lens[:1].fill_(256)
+    m[f"{name}_bs1_decode_graph_ms"] = device_ms(graphs.decode[1][0], 50)
     for t in (128, 1024):
-        if t in runner.prefill_graphs:
-            runner.g_prefill_qsl[1] = t
-            runner.g_seq_lens[:1].fill_(t)
-            m[f"{name}_prefill_{t}_graph_ms"] = device_ms(runner.prefill_graphs[t][0], 50)
-    runner.g_seq_lens[:1].fill_(1)
+        if t in graphs.prefill:
+            attn.prefill_qsl[1] = t
+            attn.seq_lens[:1].fill_(t)
+            m[f"{name}_prefill_{t}_graph_ms"] = device_ms(graphs.prefill[t][0], 50)
+    attn.reset()
     return m
 
 

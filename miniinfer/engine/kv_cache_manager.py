@@ -93,12 +93,6 @@ class KVCacheManager:
                     self.free_blocks.append(b)
         block_table.clear()
 
-    def fork(self, block_table: list[int]) -> list[int]:
-        """Share every block of a table (n > 1 children of one prompt)."""
-        for b in block_table:
-            self._ref(b)
-        return list(block_table)
-
     def _ref(self, b: int) -> None:
         if self.ref_count[b] == 0 and b in self.node_of_block:
             self.num_evictable -= 1

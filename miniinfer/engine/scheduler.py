@@ -9,35 +9,11 @@ goes back to the front of the queue to be recomputed).
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 
 from miniinfer.config import EngineConfig
 from miniinfer.engine.kv_cache_manager import KVCacheManager
 from miniinfer.engine.sequence import Sequence, SequenceStatus
-
-
-@dataclass
-class ScheduledSeq:
-    seq: Sequence
-    num_new_tokens: int
-    start: int  # position of the first new token (== num_computed_tokens before the step)
-    samples: bool = field(init=False)  # the step reaches the end of the tokens: sample one more
-
-    def __post_init__(self) -> None:
-        self.samples = self.start + self.num_new_tokens == self.seq.num_tokens
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledSeq] = field(default_factory=list)  # decodes (1 token) first
-    preempted: list[Sequence] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    def is_empty(self) -> bool:
-        return not self.scheduled
+from miniinfer.engine.step import ScheduledSeq, SchedulerOutput
 
 
 class Scheduler:
@@ -51,9 +27,6 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -92,15 +65,15 @@ class Scheduler:
                 if in_progress and self._next_page_key(seq, len(hit)) in in_progress:
                     # Another sequence is computing this very prefix now: wait one step and
                     # reuse its pages instead of computing them twice.
-                    self._undo_admission(seq)
+                    self._release(seq)
                     break
             remaining = seq.num_tokens - seq.num_computed_tokens
             n = min(remaining, budget)
             if n < remaining and not self.cfg.enable_chunked_prefill:
-                self._undo_admission(seq)
+                self._release(seq)
                 break
             if not self.kv.allocate(seq.block_table, seq.num_computed_tokens + n):
-                self._undo_admission(seq)
+                self._release(seq)
                 break
             if fresh and seq.num_preemptions == 0:
                 # counted once, when admitted (a failed admission is retried next step)
@@ -155,9 +128,6 @@ class Scheduler:
         n_out = seq.num_tokens - seq.num_prompt_tokens
         max_tokens = seq.params.max_tokens
         return (max_tokens is not None and n_out >= max_tokens) or seq.num_tokens >= self.max_model_len
-
-    def _undo_admission(self, seq: Sequence) -> None:
-        self._release(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import enum
-import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -11,7 +10,6 @@ import torch
 from miniinfer.outputs import Logprob
 from miniinfer.sampling_params import SamplingParams
 
-_seq_counter = itertools.count()
 PLACEHOLDER = -1  # a sampled token not yet copied back from the device
 
 
@@ -28,7 +26,6 @@ class Sequence:
     token_ids: list[int]  # prompt followed by generated tokens
     num_prompt_tokens: int
     params: SamplingParams
-    seq_id: int = field(default_factory=lambda: next(_seq_counter))
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
@@ -84,5 +81,5 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     def __repr__(self) -> str:
-        return (f"Sequence(id={self.seq_id}, req={self.request_id}#{self.index}, {self.status.value}, "
+        return (f"Sequence(req={self.request_id}#{self.index}, {self.status.value}, "
                 f"tokens={self.num_tokens}, computed={self.num_computed_tokens})")

@@ -57,22 +57,6 @@ def test_blocks_needed_and_bad_size():
         KVCacheManager(0, BS)
 
 
-def test_fork_shares_blocks():
-    kv = KVCacheManager(6, BS)
-    a = []
-    kv.allocate(a, 8)
-    b = kv.fork(a)
-    assert b == a and b is not a
-    assert all(kv.ref_count[x] == 2 for x in a)
-    kv.check_integrity([a, b])
-    kv.free(a)
-    assert kv.num_free_blocks == 4 and all(kv.ref_count[x] == 1 for x in b)
-    kv.check_integrity([b])
-    kv.free(b)
-    kv.check_integrity([])
-    assert kv.num_free_blocks == 6
-
-
 def test_insert_and_match_prefix():
     kv = KVCacheManager(10, BS)
     seq = toks(11)

@@ -8,7 +8,9 @@ import torch
 
 from helpers import TINY_EOS, check_clean, random_prompts
 from miniinfer import SamplingParams
-from miniinfer.engine.sampler import SamplingBatch, apply_penalties, apply_top_k_top_p_min_p, sample
+from miniinfer.sample.logits_processors import apply_penalties
+from miniinfer.sample.metadata import SamplingMetadata
+from miniinfer.sample.sampler import apply_top_k_top_p_min_p, sample
 from miniinfer.engine.sequence import Sequence
 
 
@@ -17,7 +19,7 @@ def _seq(tokens, n_prompt, **params):
 
 
 def _batch(seqs, vocab, eos=()):
-    return SamplingBatch.build(seqs, vocab, torch.device("cpu"), eos)
+    return SamplingMetadata.build(seqs, vocab, torch.device("cpu"), eos)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +106,7 @@ def test_apply_penalties_as_defined():
     logits = torch.tensor([[2.0, -1.0, 0.5, -0.5, 1.0, 3.0]])
     # prompt has tokens 0, 1; output has 2 (twice) and 3 (once)
     s = _seq([0, 1, 2, 3, 2], 2, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
-    out = apply_penalties(logits.clone(), _batch([s], vocab))[0]
+    out = apply_penalties(logits.clone(), _batch([s], vocab).processor_state("penalties"))[0]
     expect = [
         2.0 / 2,  # prompt token, positive: divided
         -1.0 * 2,  # prompt token, negative: multiplied
@@ -116,7 +118,7 @@ def test_apply_penalties_as_defined():
     torch.testing.assert_close(out, torch.tensor(expect), rtol=0, atol=1e-6)
     # a row without penalties in the same batch is untouched
     plain = _seq([0, 1, 2, 3, 2], 2)
-    out2 = apply_penalties(logits.repeat(2, 1), _batch([s, plain], vocab))
+    out2 = apply_penalties(logits.repeat(2, 1), _batch([s, plain], vocab).processor_state("penalties"))
     torch.testing.assert_close(out2[1], logits[0])
 
 

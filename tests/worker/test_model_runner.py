@@ -19,16 +19,17 @@ def test_graph_padding_paths_match_eager(tiny_llm):
     graphed = tiny_llm("qwen3", max_num_batched_tokens=48, max_model_len=256, max_num_seqs=20)
     runner = graphed.engine.runner
     runner.capture_cuda_graphs()
-    assert sorted(runner.graphs) == [1, 2, 4, 8, 16, 20]
-    assert sorted(runner.prefill_graphs) == [16, 32, 64, 128]
+    graphs = runner.cuda_graphs
+    assert sorted(graphs.decode) == [1, 2, 4, 8, 16, 20]
+    assert sorted(graphs.prefill) == [16, 32, 64, 128]
     used = {"decode": 0, "prefill": 0}
-    for name, attr in (("decode", "_replay_graph"), ("prefill", "_replay_prefill_graph")):
-        orig = getattr(runner, attr)
+    for name, attr in (("decode", "replay_decode"), ("prefill", "replay_prefill")):
+        orig = getattr(graphs, attr)
 
         def counted(*a, _orig=orig, _name=name):
             used[_name] += 1
             return _orig(*a)
-        setattr(runner, attr, counted)
+        setattr(graphs, attr, counted)
 
     got = [o.outputs[0].token_ids for o in graphed.generate(prompts, GREEDY, use_tqdm=False)]
     assert got == want

@@ -1,0 +1,140 @@
+"""Output processing: a finished step's sampled ids become text and ``RequestOutput``s.
+
+For each sequence that sampled, in scheduled order: resolve its placeholder (overlap) with
+the real token, record logprobs, advance the detokenizer, and decide whether it stops
+(``check_stop``: the one place that sets ``finish_reason`` / ``stop_reason`` and the final
+text). A finished sequence is released through the scheduler. This is where a grammar
+matcher will advance by the committed token, and where speculative acceptance will commit
+several tokens at once.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from miniinfer.engine.scheduler import Scheduler
+from miniinfer.engine.sequence import Sequence
+from miniinfer.engine.step import SchedulerOutput, StepResult
+from miniinfer.outputs import CompletionOutput, Logprob, RequestOutput
+from miniinfer.sampling_params import SamplingParams
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stream: bool = True  # False: reported only once it has finished
+    seqs: list[Sequence] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, eos_token_ids: set[int], max_model_len: int, scheduler: Scheduler):
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        self.scheduler = scheduler
+        self.generation_tokens_total = 0
+
+    def process(self, sched: SchedulerOutput, result: StepResult,
+                requests: dict[str, Request]) -> list[RequestOutput]:
+        """Apply a step's sampled ids; returns the outputs due (streaming requests that moved,
+        and every request that finished)."""
+        now = time.monotonic()
+        touched: set[str] = set()
+        row = 0
+        for s in sched.scheduled:
+            seq = s.seq
+            touched.add(seq.request_id)
+            if not s.samples:
+                if not seq.is_finished:
+                    self.scheduler.publish(seq)
+                continue
+            token = result.token_ids[row]
+            row += 1
+            if seq.is_finished:  # stopped or aborted while this step ran: drop the token
+                continue
+            if seq.logprobs is not None:
+                seq.logprobs.append(self._logprob_entry(result, row - 1, token, seq.params.logprobs))
+            seq.resolve_pending(token)
+            self.generation_tokens_total += 1
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            self.check_stop(seq, token)
+            if seq.is_finished:
+                seq.finished_time = now
+            else:
+                self.scheduler.publish(seq)
+        outputs = []
+        for rid in touched:
+            req = requests.get(rid)
+            if req is not None and (req.stream or req.finished):
+                outputs.append(make_output(req))
+        return outputs
+
+    def _logprob_entry(self, result: StepResult, row: int, token: int, top_n: int) -> dict[int, Logprob]:
+        out = result.sampler_output
+        decode = (lambda t: self.tokenizer.decode([t])) if self.tokenizer is not None else (lambda t: None)
+        entry: dict[int, Logprob] = {}
+        ids = out.top_ids[row, :top_n].tolist()
+        vals = out.top_logprobs[row, :top_n].tolist()
+        for rank, (t, v) in enumerate(zip(ids, vals), start=1):
+            entry[t] = Logprob(v, rank, decode(t))
+        if token not in entry:
+            entry[token] = Logprob(float(out.sampled_logprob[row]), int(out.sampled_rank[row]), decode(token))
+        return entry
+
+    def check_stop(self, seq: Sequence, token: int) -> None:
+        """Every finish path: EOS / stop id (after ``min_tokens``), stop string, length."""
+        p = seq.params
+        new_text = seq.detokenizer.push([token]) if seq.detokenizer is not None else ""
+        text = seq.detokenizer.text if seq.detokenizer is not None else ""
+        n_out = seq.num_output_tokens
+        reason = stop = None
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                reason, stop = "stop", None
+            elif token in p.stop_token_ids:
+                reason, stop = "stop", token
+        if reason is None and seq.stop_checker is not None and new_text:
+            matched, cut = seq.stop_checker.check(text, len(new_text))
+            if matched is not None:
+                reason, stop = "stop", matched
+                seq.output_text = text[:cut]
+        if reason is None and p.max_tokens is not None and n_out >= p.max_tokens:
+            reason = "length"
+        if reason is None and seq.num_tokens - seq.num_pending >= self.max_model_len:
+            reason = "length"
+        if reason is None:
+            if seq.stop_checker is not None:
+                seq.output_text = text[:seq.stop_checker.streamable_len(text)]
+            else:
+                seq.output_text = text
+            return
+        if not (stop is not None and isinstance(stop, str)) and seq.detokenizer is not None:
+            seq.detokenizer.finish()
+            seq.output_text = seq.detokenizer.text
+        seq.finish_reason, seq.stop_reason = reason, stop
+        self.scheduler.finish(seq)
+
+
+def make_output(req: Request) -> RequestOutput:
+    """The request's cumulative output (vLLM's ``RequestOutput``)."""
+    seqs = req.seqs
+    comps = [CompletionOutput(s.index, s.output_text, s.output_token_ids, s.finish_reason, s.stop_reason,
+                              s.logprobs) for s in seqs]
+    first = [s.first_token_time for s in seqs if s.first_token_time is not None]
+    done = [s.finished_time for s in seqs if s.finished_time is not None]
+    metrics = {
+        "arrival_time": seqs[0].arrival_time,
+        "first_token_time": min(first) if first else None,
+        "finished_time": max(done) if req.finished and done else None,
+        "num_generated_tokens": sum(s.num_output_tokens for s in seqs),
+    }
+    return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, comps, req.finished,
+                         num_cached_tokens=seqs[0].num_cached_tokens, metrics=metrics)

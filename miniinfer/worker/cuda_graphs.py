@@ -1,0 +1,117 @@
+"""CUDA graphs of the forward (+ LM head), in two families sharing one memory pool:
+
+* decode graphs: B sequences × 1 token, B bucketed (1, 2, 4, 8, then multiples of 16 up
+  to ``min(max_num_seqs, 512)``), logits of every row;
+* prefill graphs: one sequence's chunk of n ≤ T tokens, T bucketed (16 … 2048), logits of
+  row n − 1.
+
+Replays copy the step's token inputs into this module's static buffers and its attention
+metadata into the attention backend's (``backend.make_graph_buffers``; padding rows write
+no K/V and are never read). Off CUDA (tests of the padding logic) a "graph" reruns the
+function into its output instead.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from miniinfer.attention.metadata import forward_context
+from miniinfer.worker.input_batch import InputBatch
+
+PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+def decode_batch_sizes(max_num_seqs: int) -> list[int]:
+    top = min(max_num_seqs, 512)
+    sizes = [b for b in (1, 2, 4, 8) if b <= top] + list(range(16, top + 1, 16))
+    if sizes[-1] != top:
+        sizes.append(top)
+    return sizes
+
+
+class CUDAGraphs:
+    def __init__(self, model, backend, max_num_seqs: int, max_model_len: int, block_size: int,
+                 device: torch.device):
+        self.model = model
+        self.device = device
+        self.sizes = decode_batch_sizes(max_num_seqs)
+        self.max_decode_bs = self.sizes[-1]
+        self.prefill_tokens = sorted(t for t in PREFILL_GRAPH_TOKENS if t < max_model_len)
+        ntok = max(self.max_decode_bs, max(PREFILL_GRAPH_TOKENS))
+        i64 = dict(dtype=torch.int64, device=device)
+        self.input_ids = torch.zeros(ntok, **i64)
+        self.positions = torch.zeros(ntok, **i64)
+        self.logit_row = torch.zeros(1, **i64)
+        self.attn = backend.make_graph_buffers(self.max_decode_bs, ntok, -(-max_model_len // block_size),
+                                               max_model_len, device)
+        self.decode: dict[int, tuple[Callable, torch.Tensor]] = {}  # batch size -> (replay, logits)
+        self.prefill: dict[int, tuple[Callable, torch.Tensor]] = {}  # token bucket -> (replay, logits)
+
+    def _capture(self, fn, pool):
+        """Capture ``fn`` (returning a tensor); returns (replay, output, pool)."""
+        with torch.inference_mode():
+            fn()  # eager run first: allocator and kernels warm
+            if self.device.type != "cuda":
+                out = fn()
+                return (lambda: out.copy_(fn())), out, pool
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = fn()
+            return graph.replay, out, pool if pool is not None else graph.pool()
+
+    def capture(self) -> None:
+        model, pool = self.model, None
+        for bs in reversed(self.sizes):
+            meta = self.attn.capture_metadata("decode", bs)
+
+            def decode(bs=bs, meta=meta):
+                with forward_context(meta):
+                    return model.compute_logits(model(self.input_ids[:bs], self.positions[:bs]))
+            replay, logits, pool = self._capture(decode, pool)
+            self.decode[bs] = (replay, logits)
+        for t in reversed(self.prefill_tokens):
+            meta = self.attn.capture_metadata("prefill", t)
+
+            def prefill(t=t, meta=meta):
+                with forward_context(meta):
+                    hidden = model(self.input_ids[:t], self.positions[:t])
+                    return model.compute_logits(hidden[self.logit_row])
+            replay, logits, pool = self._capture(prefill, pool)
+            self.prefill[t] = (replay, logits)
+        self.attn.reset()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def fits_decode(self, batch: InputBatch, num_scheduled: int) -> bool:
+        """Every scheduled sequence is a sampling decode and the batch fits the largest graph."""
+        return (bool(self.decode) and batch.attn_metadata.num_decodes == num_scheduled
+                and len(batch.sampling_seqs) == num_scheduled and num_scheduled <= self.max_decode_bs)
+
+    def prefill_bucket(self, num_tokens: int) -> int | None:
+        return next((t for t in sorted(self.prefill) if t >= num_tokens), None)
+
+    def replay_decode(self, batch: InputBatch) -> torch.Tensor:
+        n = batch.input_ids.shape[0]
+        bs = next(b for b in sorted(self.decode) if b >= n)
+        replay, logits = self.decode[bs]
+        self._copy_tokens(batch, n)
+        self.attn.prepare_replay("decode", bs, batch.attn_metadata)
+        replay()
+        return logits[:n]
+
+    def replay_prefill(self, batch: InputBatch) -> torch.Tensor:
+        n = batch.input_ids.shape[0]
+        t = self.prefill_bucket(n)
+        replay, logits = self.prefill[t]
+        self._copy_tokens(batch, n)
+        self.attn.prepare_replay("prefill", t, batch.attn_metadata)
+        self.logit_row.copy_(batch.logits_indices)
+        replay()
+        self.attn.after_replay("prefill")
+        return logits
+
+    def _copy_tokens(self, batch: InputBatch, n: int) -> None:
+        self.input_ids[:n].copy_(batch.input_ids)
+        self.positions[:n].copy_(batch.positions)
