@@ -2,55 +2,154 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import io
 import os
 import sys
+import textwrap
+import tokenize
+import types
+import typing
 import uuid
 
 from miniinfer.config import EngineConfig
 
 
-def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = False) -> None:
-    if positional_model:
-        p.add_argument("model", nargs="?", default=None,
-                       help="HF folder, .gguf file or preset; default: the embedded SmolLM2-135M-Instruct")
+_MODEL_HELP = "HF folder, .gguf file or preset; default: the embedded SmolLM2-135M-Instruct"
+
+# The engine flags are made from the fields of EngineConfig, so a new field is a new flag:
+# ``some_option: int = 4`` gives ``--some-option N``; a bool that defaults to False gives
+# ``--some-option``, one that defaults to True gives ``--no-some-option`` (an ``enable_``
+# prefix is dropped there: ``--no-prefix-caching``).  The help is, in this order, _HELP[name],
+# the field's ``metadata["help"]``, or the comment at the end of the field's line in config.py.
+# Fields of other types than bool/int/float/str (or Optional/list/Literal of them) get no flag.
+_HELP = {
+    "tokenizer": "tokenizer folder or .gguf file; default: the model's",
+    "dtype": "auto | float32 | bfloat16 | float16 (auto: bfloat16 on CUDA, float32 on CPU)",
+    "seed": "engine seed for requests that don't set their own",
+    "max_model_len": "longest prompt + output in tokens; default: the model's limit",
+    "max_num_seqs": "most sequences in one step",
+    "block_size": "tokens per KV-cache block (a power of two)",
+    "gpu_memory_utilization": "share of GPU memory the engine may use",
+    "enable_chunked_prefill": "no chunked prefill: a prompt is not split over steps",
+    "enable_prefix_caching": "no prefix caching: KV blocks are not reused across requests",
+    "warmup": "skip the warm-up run at start",
+    "max_logprobs": "most logprobs a request may ask for",
+    "tensor_parallel_size": "number of devices (tensor parallelism)",
+    "overlap_scheduling": "no overlap scheduling: the host no longer prepares step N+1 while the "
+                          "device runs step N",
+    "cpu_packed_weights": "CPU fp32: keep plain weights (MKL sgemm) instead of oneDNN-packed ones",
+    "cpu_gguf_kernels": "CPU, GGUF Q4_1/Q8_0: dequantize the weights instead of multiplying them "
+                        "quantized",
+}
+_CHOICES = {
+    "load_format": ("auto", "safetensors", "gguf", "dummy"),
+    "attention_backend": ("auto", "torch", "cpu", "triton"),
+}
+# Older or shorter spellings, kept next to the generated flag.
+_ALIASES = {
+    "overlap_scheduling": ("--no-overlap",),
+    "tensor_parallel_size": ("--tp",),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _field_comments(cls: type) -> dict[str, str]:
+    """``{field: comment}`` from the lines ``name: type = default  # comment`` of cls's source."""
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+        tree = ast.parse(src)
+        comments = {t.start[0]: t.string.lstrip("#").strip()
+                    for t in tokenize.generate_tokens(io.StringIO(src).readline)
+                    if t.type == tokenize.COMMENT}
+    except (OSError, TypeError, SyntaxError, tokenize.TokenError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    out = {}
+    for node in body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            text = comments.get(node.end_lineno) or comments.get(node.lineno)
+            if text:
+                out[node.target.id] = text
+    return out
+
+
+def _without_none(tp):
+    """``X | None`` -> X (None when the union has several other members); anything else as is."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(tp) if a is not type(None)]
+        return rest[0] if len(rest) == 1 else None
+    return tp
+
+
+def _engine_fields() -> list[tuple[dataclasses.Field, object]]:
+    """(field, type without its ``| None``) for every init field of EngineConfig."""
+    hints = typing.get_type_hints(EngineConfig)
+    return [(f, _without_none(hints.get(f.name, f.type))) for f in dataclasses.fields(EngineConfig)
+            if f.init]
+
+
+def _flag_spec(f: dataclasses.Field, tp) -> tuple[list[str], dict] | None:
+    """Option strings and add_argument keywords for one EngineConfig field (None: no flag)."""
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
     else:
-        p.add_argument("--model", default=None,
-                       help="HF folder, .gguf file or preset; default: the embedded SmolLM2-135M-Instruct")
+        default = argparse.SUPPRESS  # a required field: EngineConfig reports it when not given
+    name = f.name.replace("_", "-")
+    aliases = _ALIASES.get(f.name, ())
+    help_text = (_HELP.get(f.name) or f.metadata.get("help")
+                 or _field_comments(EngineConfig).get(f.name) or f.name.replace("_", " "))
+    help_text = help_text.replace("%", "%%")
+    kw: dict = {"dest": f.name, "default": default}
+    if tp is bool:
+        if default is True:
+            if f.name not in _HELP:
+                help_text = "turn off: " + help_text
+            return ["--no-" + name.removeprefix("enable-"), *aliases], dict(
+                kw, action="store_false", help=help_text)
+        action = "store_true" if default is False else argparse.BooleanOptionalAction
+        return ["--" + name, *aliases], dict(kw, action=action, help=help_text)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal and args:
+        kw.update(choices=args, type=type(args[0]))
+    elif origin in (list, tuple) and args and args[0] in (int, float, str):
+        kw.update(nargs="+", type=args[0])
+    elif tp in (int, float, str):
+        kw["type"] = tp
+    else:
+        return None
+    if f.name in _CHOICES:
+        kw["choices"] = _CHOICES[f.name]
+    if default is not None and default is not argparse.SUPPRESS:
+        help_text += " (default: %(default)s)"
+    return ["--" + name, *aliases], dict(kw, help=help_text)
+
+
+def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = False) -> None:
+    """One flag per EngineConfig field; the model is positional for ``serve``."""
+    if positional_model:
+        p.add_argument("model", nargs="?", default=None, help=_MODEL_HELP)
+    else:
+        p.add_argument("--model", default=None, help=_MODEL_HELP)
     g = p.add_argument_group("engine")
-    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
-    g.add_argument("--dtype", default="auto")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--kv-cache-memory-gb", type=float, default=None, help="CPU KV-cache budget")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    g.add_argument("--overlap", dest="overlap_scheduling", action="store_true",
-                   help="overlap scheduling (CPU prepares step N+1 while the GPU runs step N)")
-    g.add_argument("--no-overlap", dest="overlap_scheduling", action="store_false")
-    p.set_defaults(overlap_scheduling=True)
-    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    g.add_argument("--no-warmup", dest="warmup", action="store_false")
-    g.add_argument("--no-cpu-packed-weights", dest="cpu_packed_weights", action="store_false",
-                   help="CPU fp32: keep plain weights (MKL sgemm) instead of oneDNN-packed ones")
-    g.add_argument("--no-cpu-gguf-kernels", dest="cpu_gguf_kernels", action="store_false",
-                   help="CPU, GGUF Q4_1/Q8_0: dequantize the weights instead of multiplying them quantized")
-    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
-    g.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
-    g.add_argument("--seed", type=int, default=0)
+    for f, tp in _engine_fields():
+        spec = None if f.name == "model" else _flag_spec(f, tp)
+        if spec is not None:
+            g.add_argument(*spec[0], **spec[1])
 
 
 def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=a.model, load_format=a.load_format, dtype=a.dtype, device=a.device,
-        max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
-        max_num_batched_tokens=a.max_num_batched_tokens, block_size=a.block_size,
-        kv_cache_memory_gb=a.kv_cache_memory_gb, gpu_memory_utilization=a.gpu_memory_utilization,
-        enable_prefix_caching=a.enable_prefix_caching, overlap_scheduling=a.overlap_scheduling,
-        enforce_eager=a.enforce_eager, warmup=a.warmup, attention_backend=a.attention_backend,
-        cpu_packed_weights=a.cpu_packed_weights, cpu_gguf_kernels=a.cpu_gguf_kernels, tensor_parallel_size=a.tensor_parallel_size, seed=a.seed)
+    kwargs = {}
+    for f, tp in _engine_fields():
+        if hasattr(a, f.name):
+            v = getattr(a, f.name)
+            kwargs[f.name] = tuple(v) if isinstance(v, list) and typing.get_origin(tp) is tuple else v
+    return EngineConfig(**kwargs)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
