@@ -18,7 +18,6 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="cpu: interleaved timed runs of ours and HF")
     p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--overlap", dest="overlap_scheduling", action="store_true")
     p.add_argument("--no-overlap", dest="overlap_scheduling", action="store_false")
     p.set_defaults(overlap_scheduling=True)
     if argv[:1] == ["serve"]:
