@@ -1,15 +1,26 @@
-// MiniInfer's CPU kernels (x86-64 with AVX-512), built at run time by cpu_kernels.py
-// (gcc -O3 -march=native -fopenmp) and called through ctypes:
+// MiniInfer's CPU kernels, built at run time by cpu_kernels.py and called through ctypes:
 //   q4_1_gemm               Y[M, N] = X[M, K] @ W[N, K]^T, W in GGUF's Q4_1 kept 4-bit, fp32 X, Y
 //   q8_0_gemm               the same for GGUF's Q8_0 (w = d * q, q int8; e.g. a tied LM head)
 //   paged_decode_attention  one query token per sequence against its paged fp32 K/V cache
 //   rms_norm, silu_and_mul  a decoder layer's element-wise ops (fp32), one call each
 //   rope_neox, store_kv     RoPE on q and k together; the new K/V rows into their cache slots
 //
+// Every kernel has three implementations, picked at run time (miniinfer_set_isa, below):
+//   avx512  AVX-512F (+ FMA, F16C)                         x86-64
+//   avx2    AVX2 + FMA + F16C                              x86-64
+//   scalar  portable C, vectorised by the compiler for the build's baseline (SSE2 on x86-64,
+//           NEON on ARM64): any machine
+// The library is built without -march: one build runs on every machine of its architecture.
+// This file includes itself once per ISA (MI_ISA = 0 scalar, 1 avx2, 2 avx512), the x86
+// passes under `#pragma GCC target`, so only that pass's functions (named name_<isa> through
+// F()) may use its instructions; the exported functions at the end call the chosen pass's
+// through a table. rope_neox and store_kv are one portable source compiled in every pass.
+//
 // Q4_1: blocks of 32 weights along K; w = d * q + m with fp16 d, m and q in 0..15.
-// The weights are regrouped once at load time so that one 512-bit register holds the
-// nibbles of 16 output rows (one 32-bit lane per row); a "record" covers 16 rows x one
-// 32-wide block of K, 320 bytes:
+// The weights are regrouped once at load time (the same layout for every ISA) so that one
+// 512-bit register holds the nibbles of 16 output rows (one 32-bit lane per row; AVX2 takes
+// them as two 256-bit halves of 8 rows); a "record" covers 16 rows x one 32-wide block of K,
+// 320 bytes:
 //
 //     bytes [0, 32)            d of rows 0..15 (fp16)
 //     bytes [32, 64)           m of rows 0..15 (fp16)
@@ -22,31 +33,182 @@
 //
 // with every sum in fp32: the same arithmetic as an fp32 GEMM over the dequantized
 // weights, in another order. Each lane accumulates one output row: no horizontal sums.
-#include <immintrin.h>
+// Q8_0 records (544 bytes): the 16 fp16 d, then for h = 0..7 a 64-byte group whose lane l
+// holds row l's int8 weights 4h..4h+3.
+
+#ifndef MI_ISA  // ------------------------------------------------------- shared definitions
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <math.h>
 
-#if !defined(__AVX512F__)
-#error "cpu_kernels.c needs AVX-512F"
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define MI_X86 1
+#else
+#define MI_X86 0
 #endif
 
-#define ROWS 16          // output rows per record / per vector
+#define ROWS 16          // output rows per record
 #define RECORD_Q4_1 320  // bytes per Q4_1 record: 16 d, 16 m (fp16), 16 x 16 nibble bytes
 #define RECORD_Q8_0 544  // bytes per Q8_0 record: 16 d (fp16), 16 x 32 int8
-#define TILE_M 6         // activation rows per register tile
 #define CHUNK_M 96       // activation rows kept hot in cache per pass over the weights
+#define MAX_HEAD_DIM 128
 
 #define INLINE static inline __attribute__((always_inline))
 
+// fp16 bits -> fp32 without F16C (scalar pass); exact for every value, subnormals included.
+static inline float half_to_float(const uint8_t* p) {
+    const uint16_t h = (uint16_t)(p[0] | p[1] << 8);
+    const uint32_t exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+    float f;
+    if (exponent == 0) {
+        f = (float)mantissa * 0x1p-24f;  // zero and subnormals (no subnormal float arithmetic)
+    } else {
+        const uint32_t bits = exponent == 0x1f ? 0x7f800000u | mantissa << 13  // inf, nan
+                                               : (exponent + 112) << 23 | mantissa << 13;
+        memcpy(&f, &bits, sizeof f);
+    }
+    return (h & 0x8000) ? -f : f;
+}
+
+// ---- one pass per ISA
+#define MI_ISA 0
+#include __FILE__
+#undef MI_ISA
+
+#if MI_X86 && defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#define MI_ISA 1
+#include __FILE__
+#undef MI_ISA
+#pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx512f,avx2,fma,f16c"))), apply_to = function)
+#define MI_ISA 2
+#include __FILE__
+#undef MI_ISA
+#pragma clang attribute pop
+#elif MI_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define MI_ISA 1
+#include __FILE__
+#undef MI_ISA
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma,f16c")
+#define MI_ISA 2
+#include __FILE__
+#undef MI_ISA
+#pragma GCC pop_options
+#endif
+
+// ---- run-time dispatch
+typedef struct {
+    void (*gemm)(const uint8_t*, const float*, float*, float*, int, int, int, int);
+    void (*paged_decode_attention)(const float*, const float*, const float*, const int32_t*, int,
+                                   const int32_t*, float*, float*, int, int, int, int, int, int, float);
+    void (*rms_norm)(const float*, float*, const float*, float*, int, int, float);
+    void (*silu_and_mul)(const float*, float*, int, int);
+    void (*rope_neox)(const float*, long, int, int, int, int, const int64_t*, const float*, float*);
+    void (*store_kv)(const float*, long, const float*, long, const int64_t*, float*, float*, int, int);
+} Kernels;
+
+#define KERNELS(isa) {gemm_##isa, paged_decode_attention_##isa, rms_norm_##isa, silu_and_mul_##isa, \
+                      rope_neox_##isa, store_kv_##isa}
+static const Kernels kernel_table[] = {
+    KERNELS(scalar),
+#if MI_X86
+    KERNELS(avx2),
+    KERNELS(avx512),
+#endif
+};
+
+// Bit i set: ISA i (0 scalar, 1 avx2, 2 avx512) runs on this CPU (and the OS saves its
+// registers: __builtin_cpu_supports checks XCR0 too).
+int miniinfer_cpu_isas(void) {
+    int mask = 1;
+#if MI_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+        mask |= 2;
+        if (__builtin_cpu_supports("avx512f")) mask |= 4;
+    }
+#endif
+    return mask;
+}
+
+static int active_isa = 0;
+static const Kernels* active = &kernel_table[0];
+
+// Use ISA `isa` from now on; returns it, or -1 (and changes nothing) where this CPU can't.
+int miniinfer_set_isa(int isa) {
+    if (isa < 0 || isa > 2 || !(miniinfer_cpu_isas() >> isa & 1)) return -1;
+    active = &kernel_table[isa];
+    active_isa = isa;
+    return isa;
+}
+
+int miniinfer_isa(void) { return active_isa; }
+
+__attribute__((constructor)) static void pick_best_isa(void) {
+    const int mask = miniinfer_cpu_isas();
+    miniinfer_set_isa(mask & 4 ? 2 : mask & 2 ? 1 : 0);
+}
+
+void q4_1_gemm(const uint8_t* packed, const float* X, float* Y, int M, int N, int K) {
+    float* xsum = (float*)malloc(sizeof(float) * (size_t)M * (K / 32));  // per-block sums of x
+    if (!xsum) return;  // (M * K / 32 floats: never large; Y is left as allocated)
+    active->gemm(packed, X, xsum, Y, M, N, K, 0);
+    free(xsum);
+}
+
+void q8_0_gemm(const uint8_t* packed, const float* X, float* Y, int M, int N, int K) {
+    active->gemm(packed, X, 0, Y, M, N, K, 1);
+}
+
+void paged_decode_attention(const float* q, const float* k_cache, const float* v_cache,
+                            const int32_t* block_tables, int bt_stride, const int32_t* seq_lens,
+                            float* out, float* scores, int B, int H, int Hkv, int D, int block_size,
+                            int max_len, float scale) {
+    active->paged_decode_attention(q, k_cache, v_cache, block_tables, bt_stride, seq_lens, out, scores,
+                                   B, H, Hkv, D, block_size, max_len, scale);
+}
+
+void rms_norm(const float* x, float* residual, const float* weight, float* out, int rows, int n, float eps) {
+    active->rms_norm(x, residual, weight, out, rows, n, eps);
+}
+
+void silu_and_mul(const float* x, float* out, int rows, int n) { active->silu_and_mul(x, out, rows, n); }
+
+void rope_neox(const float* x, long row_stride, int T, int heads, int D, int rot,
+               const int64_t* positions, const float* cos_sin, float* out) {
+    active->rope_neox(x, row_stride, T, heads, D, rot, positions, cos_sin, out);
+}
+
+void store_kv(const float* k, long k_stride, const float* v, long v_stride, const int64_t* slots,
+              float* k_cache, float* v_cache, int T, int width) {
+    active->store_kv(k, k_stride, v, v_stride, slots, k_cache, v_cache, T, width);
+}
+
+#else  // ---------------------------------------------- the kernels of one ISA (MI_ISA 0, 1, 2)
+
+#if MI_ISA == 0
+#define F(name) name##_scalar
+#elif MI_ISA == 1
+#define F(name) name##_avx2
+#else
+#define F(name) name##_avx512
+#endif
+
+#if MI_ISA == 2  // ==================================================================== AVX-512
+#define TILE_M 6  // activation rows per register tile
+
 // One record group (16 rows, all K blocks) times mr activation rows starting at m0.
-// q8 = 0: Q4_1 records (see the top of the file). q8 = 1: Q8_0 records, w = d * q with q
-// int8: bytes [0, 32) the 16 fp16 d, then for h = 0..7 a 64-byte group whose lane l holds
-// row l's weights 4h..4h+3.
-INLINE void tile(const uint8_t* rec, const float* X, const float* xsum, float* Y,
-                 int N, int K, int n0, int m0, const int mr, const int q8) {
+INLINE void F(tile)(const uint8_t* rec, const float* X, const float* xsum, float* Y,
+                    int N, int K, int n0, int m0, const int mr, const int q8) {
     const int nb = K / 32;
     const int record = q8 ? RECORD_Q8_0 : RECORD_Q4_1;
     const int chains = mr == 1 ? 4 : (mr == 2 ? 2 : 1);  // independent FMA chains at small mr
@@ -90,54 +252,17 @@ INLINE void tile(const uint8_t* rec, const float* X, const float* xsum, float* Y
     for (int i = 0; i < mr; i++) _mm512_storeu_ps(Y + (size_t)(m0 + i) * N + n0, acc[i]);
 }
 
-static void group_rows(const uint8_t* rec, const float* X, const float* xsum, float* Y,
-                       int N, int K, int n0, int m_begin, int m_end, const int q8) {
-    int m = m_begin;
-    for (; m + TILE_M <= m_end; m += TILE_M) tile(rec, X, xsum, Y, N, K, n0, m, TILE_M, q8);
-    switch (m_end - m) {  // constant mr per call: the compiler unrolls each
-        case 5: tile(rec, X, xsum, Y, N, K, n0, m, 5, q8); break;
-        case 4: tile(rec, X, xsum, Y, N, K, n0, m, 4, q8); break;
-        case 3: tile(rec, X, xsum, Y, N, K, n0, m, 3, q8); break;
-        case 2: tile(rec, X, xsum, Y, N, K, n0, m, 2, q8); break;
-        case 1: tile(rec, X, xsum, Y, N, K, n0, m, 1, q8); break;
-        default: break;
-    }
-}
-
-// packed: N/16 * K/32 records; X: [M, K]; xsum: scratch of M * K/32 floats (Q4_1 only);
-// Y: [M, N]. N must be a multiple of 16 and K of 32 (the Python side checks).
-static void gemm(const uint8_t* packed, const float* X, float* xsum, float* Y, int M, int N, int K,
-                 const int q8) {
-    const int nb = K / 32, groups = N / ROWS, record = q8 ? RECORD_Q8_0 : RECORD_Q4_1;
-    for (int j = 0; !q8 && j < M * nb; j++) {
+INLINE void F(block_sums)(const float* X, float* xsum, int n) {  // xsum[j] = sum of X[32j, 32j + 32)
+    for (int j = 0; j < n; j++) {
         const __m512 a = _mm512_loadu_ps(X + (size_t)j * 32), c = _mm512_loadu_ps(X + (size_t)j * 32 + 16);
         xsum[j] = _mm512_reduce_add_ps(_mm512_add_ps(a, c));
     }
-#pragma omp parallel
-    for (int mc = 0; mc < M; mc += CHUNK_M) {
-        const int me = mc + CHUNK_M < M ? mc + CHUNK_M : M;
-#pragma omp for schedule(static)
-        for (int g = 0; g < groups; g++)
-            group_rows(packed + (size_t)g * nb * record, X, xsum, Y, N, K, g * ROWS, mc, me, q8);
-    }
 }
 
-void q4_1_gemm(const uint8_t* packed, const float* X, float* Y, int M, int N, int K) {
-    float* xsum = (float*)malloc(sizeof(float) * (size_t)M * (K / 32));  // per-block sums of x
-    if (!xsum) return;  // (M * K / 32 floats: never large; Y is left as allocated)
-    gemm(packed, X, xsum, Y, M, N, K, 0);
-    free(xsum);
-}
-
-void q8_0_gemm(const uint8_t* packed, const float* X, float* Y, int M, int N, int K) {
-    gemm(packed, X, 0, Y, M, N, K, 1);
-}
-
-// ------------------------------------------------------------------------------------------
 // exp(x) for x <= 0, 16 lanes: 2^k * p(r) with k = round(x / ln 2), r = x - k ln 2 (ln 2 split
 // in two for accuracy), p a degree-6 Taylor polynomial: relative error ~1e-7 on |r| <= ln2/2.
 // (libm's scalar expf made the softmax the slowest part of decode attention.)
-INLINE __m512 exp_nonpositive(__m512 x) {
+INLINE __m512 F(exp_nonpositive)(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));  // exp(-87) ~ 1.6e-38: underflow to ~0
     const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -154,37 +279,30 @@ INLINE __m512 exp_nonpositive(__m512 x) {
 }
 
 // s[t] <- exp(s[t] - mx) for t < n; returns their sum.
-static float exp_minus_max(float* s, int n, float mx) {
+static float F(exp_minus_max)(float* s, int n, float mx) {
     const __m512 m = _mm512_set1_ps(mx);
     __m512 total = _mm512_setzero_ps();
     int t = 0;
     for (; t + 16 <= n; t += 16) {
-        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + t), m));
+        const __m512 e = F(exp_nonpositive)(_mm512_sub_ps(_mm512_loadu_ps(s + t), m));
         _mm512_storeu_ps(s + t, e);
         total = _mm512_add_ps(total, e);
     }
     if (t < n) {
         const __mmask16 live = (__mmask16)((1u << (n - t)) - 1);
-        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t), m));
+        const __m512 e = F(exp_nonpositive)(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t), m));
         _mm512_mask_storeu_ps(s + t, live, e);
         total = _mm512_mask_add_ps(total, live, total, e);
     }
     return _mm512_reduce_add_ps(total);
 }
 
-// ------------------------------------------------------------------------------------------
-// Decode attention over the paged cache: q [B, H, D], caches [blocks, block_size, Hkv, D],
-// block_tables [B, bt_stride], seq_lens [B] (tokens to attend, including the new one, whose
-// K/V are already stored), out [B, H, D]; scores: scratch of B * H * max_len floats.
-// Query head j of sequence b reads KV head j / (H / Hkv). fp32 softmax with the max
-// subtracted. One (sequence, KV head) pair per task: its K/V rows are read once for all the
-// query heads that share them.
 // One (sequence, KV head) task with head_dim = 16 * dv: each query head of the group in turn,
 // its q (QK) or its output (PV) held in dv registers while the sequence's rows stream by
 // (they stay in L1/L2 between the group's heads).
-INLINE void attend_task(const float* qh, const float* k_cache, const float* v_cache, const int32_t* table,
-                        int L, float* s, int max_len, float* oh, int group, int Hkv, int kvh, int D,
-                        int block_size, float scale, const int dv) {
+INLINE void F(attend_task)(const float* qh, const float* k_cache, const float* v_cache, const int32_t* table,
+                           int L, float* s, int max_len, float* oh, int group, int Hkv, int kvh, int D,
+                           int block_size, float scale, const int dv) {
     const size_t token_stride = (size_t)Hkv * D;  // floats between consecutive tokens of a block
     for (int j = 0; j < group; j++) {
         __m512 qv[8];
@@ -203,7 +321,7 @@ INLINE void attend_task(const float* qh, const float* k_cache, const float* v_ca
         float mx = -INFINITY;
 #pragma omp simd reduction(max : mx)
         for (int t = 0; t < L; t++) mx = sj[t] > mx ? sj[t] : mx;
-        const __m512 inv = _mm512_set1_ps(1.0f / exp_minus_max(sj, L, mx));
+        const __m512 inv = _mm512_set1_ps(1.0f / F(exp_minus_max)(sj, L, mx));
         __m512 o[8];
         for (int c = 0; c < dv; c++) o[c] = _mm512_setzero_ps();
         for (int t0 = 0, blk = 0; t0 < L; t0 += block_size, blk++) {
@@ -219,11 +337,461 @@ INLINE void attend_task(const float* qh, const float* k_cache, const float* v_ca
     }
 }
 
-void paged_decode_attention(const float* q, const float* k_cache, const float* v_cache,
-                            const int32_t* block_tables, int bt_stride, const int32_t* seq_lens,
-                            float* out, float* scores, int B, int H, int Hkv, int D, int block_size,
-                            int max_len, float scale) {
-    // D is a multiple of 16 and at most 128 (checked in Python): head vectors fit in registers.
+#define ATTEND_TASK_CASES                                            \
+    case 4: ATTEND_TASK(4); break;                                   \
+    case 8: ATTEND_TASK(8); break;                                   \
+    default: ATTEND_TASK(D / 16); break;
+#define ATTEND_VECTORS (D / 16)
+
+static float F(sum_of_squares)(const float* x, int n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i);
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+INLINE void F(rms_norm_row)(const float* x, float* res, const float* weight, float* dst, int n, float eps) {
+    if (res) {
+        for (int i = 0; i < n; i += 16)
+            _mm512_storeu_ps(res + i, _mm512_add_ps(_mm512_loadu_ps(res + i), _mm512_loadu_ps(x + i)));
+        x = res;
+    }
+    const __m512 scale = _mm512_set1_ps(1.0f / sqrtf(F(sum_of_squares)(x, n) / (float)n + eps));
+    for (int i = 0; i < n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), scale),
+                                                _mm512_loadu_ps(weight + i)));
+}
+
+INLINE void F(silu_and_mul_row)(const float* gate, const float* up, float* dst, int n) {
+    for (int i = 0; i < n; i += 16) {
+        const __m512 g = _mm512_loadu_ps(gate + i);
+        const __m512 e = F(exp_nonpositive)(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
+        const __m512 one = _mm512_set1_ps(1.0f);
+        const __mmask16 positive = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_GE_OQ);
+        const __m512 num = _mm512_mask_blend_ps(positive, e, one);  // g >= 0: 1, else e
+        const __m512 sig = _mm512_div_ps(num, _mm512_add_ps(one, e));
+        _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_mul_ps(g, sig), _mm512_loadu_ps(up + i)));
+    }
+}
+
+#elif MI_ISA == 1  // ================================================================= AVX2 + FMA
+// 8 lanes: a 16-row record is two halves (rows 0..7: the first 32 bytes of each 64-byte
+// group and d/m 0..7; rows 8..15: the second 32 bytes and d/m 8..15).
+#define TILE_M 4
+
+INLINE float F(hsum)(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// Weight s of each of 8 lanes as floats: Q4_1 nibble s (0..7), Q8_0 byte s (0..3, sign-extended).
+INLINE __m256 F(lane_weights)(__m256i packed, const int s, const int q8) {
+    if (q8) {
+        const __m256i top = s == 3 ? packed : _mm256_slli_epi32(packed, 24 - 8 * s);
+        return _mm256_cvtepi32_ps(_mm256_srai_epi32(top, 24));
+    }
+    if (s == 7) return _mm256_cvtepi32_ps(_mm256_srli_epi32(packed, 28));
+    const __m256i low = s ? _mm256_srli_epi32(packed, 4 * s) : packed;
+    return _mm256_cvtepi32_ps(_mm256_and_si256(low, _mm256_set1_epi32(15)));
+}
+
+// One record group (16 rows, all K blocks) times mr activation rows starting at m0.
+// mr = 1 (decode): per-block sums of q * x in 4 independent chains, scaled by d once per block.
+// mr > 1: the weights are scaled by d once (d * q is exact in fp32) and shared by the rows.
+INLINE void F(tile)(const uint8_t* rec, const float* X, const float* xsum, float* Y,
+                    int N, int K, int n0, int m0, const int mr, const int q8) {
+    const int nb = K / 32;
+    const int record = q8 ? RECORD_Q8_0 : RECORD_Q4_1;
+    const int groups = q8 ? 8 : 4, per_lane = q8 ? 4 : 8, first = q8 ? 32 : 64;
+    __m256 acc[TILE_M][2];
+    for (int i = 0; i < mr; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++, rec += record) {
+        const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)rec));
+        const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(rec + 16)));
+        if (mr == 1) {
+            const float* x = X + (size_t)m0 * K + 32 * b;
+            __m256 p00 = _mm256_setzero_ps(), p01 = p00, p10 = p00, p11 = p00;  // [half][chain]
+#pragma GCC unroll 8
+            for (int h = 0; h < groups; h++) {
+                const __m256i lo = _mm256_loadu_si256((const __m256i*)(rec + first + 64 * h));
+                const __m256i hi = _mm256_loadu_si256((const __m256i*)(rec + first + 64 * h + 32));
+#pragma GCC unroll 8
+                for (int s = 0; s < per_lane; s++) {
+                    const int k = q8 ? 4 * h + s : 4 * h + (s >> 1) + ((s & 1) ? 16 : 0);
+                    const __m256 xb = _mm256_broadcast_ss(x + k);
+                    if (s & 1) {
+                        p01 = _mm256_fmadd_ps(F(lane_weights)(lo, s, q8), xb, p01);
+                        p11 = _mm256_fmadd_ps(F(lane_weights)(hi, s, q8), xb, p11);
+                    } else {
+                        p00 = _mm256_fmadd_ps(F(lane_weights)(lo, s, q8), xb, p00);
+                        p10 = _mm256_fmadd_ps(F(lane_weights)(hi, s, q8), xb, p10);
+                    }
+                }
+            }
+            acc[0][0] = _mm256_fmadd_ps(d0, _mm256_add_ps(p00, p01), acc[0][0]);
+            acc[0][1] = _mm256_fmadd_ps(d1, _mm256_add_ps(p10, p11), acc[0][1]);
+        } else {
+#pragma GCC unroll 8
+            for (int h = 0; h < groups; h++) {
+                const __m256i lo = _mm256_loadu_si256((const __m256i*)(rec + first + 64 * h));
+                const __m256i hi = _mm256_loadu_si256((const __m256i*)(rec + first + 64 * h + 32));
+#pragma GCC unroll 8
+                for (int s = 0; s < per_lane; s++) {
+                    const int k = 32 * b + (q8 ? 4 * h + s : 4 * h + (s >> 1) + ((s & 1) ? 16 : 0));
+                    const __m256 w0 = _mm256_mul_ps(F(lane_weights)(lo, s, q8), d0);
+                    const __m256 w1 = _mm256_mul_ps(F(lane_weights)(hi, s, q8), d1);
+#pragma GCC unroll 4
+                    for (int i = 0; i < mr; i++) {
+                        const __m256 xb = _mm256_broadcast_ss(X + (size_t)(m0 + i) * K + k);
+                        acc[i][0] = _mm256_fmadd_ps(w0, xb, acc[i][0]);
+                        acc[i][1] = _mm256_fmadd_ps(w1, xb, acc[i][1]);
+                    }
+                }
+            }
+        }
+        if (!q8) {
+            const __m256 m0v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(rec + 32)));
+            const __m256 m1v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(rec + 48)));
+#pragma GCC unroll 4
+            for (int i = 0; i < mr; i++) {
+                const __m256 xs = _mm256_broadcast_ss(xsum + (size_t)(m0 + i) * nb + b);
+                acc[i][0] = _mm256_fmadd_ps(m0v, xs, acc[i][0]);
+                acc[i][1] = _mm256_fmadd_ps(m1v, xs, acc[i][1]);
+            }
+        }
+    }
+    for (int i = 0; i < mr; i++) {
+        _mm256_storeu_ps(Y + (size_t)(m0 + i) * N + n0, acc[i][0]);
+        _mm256_storeu_ps(Y + (size_t)(m0 + i) * N + n0 + 8, acc[i][1]);
+    }
+}
+
+INLINE void F(block_sums)(const float* X, float* xsum, int n) {
+    for (int j = 0; j < n; j++) {
+        const float* x = X + (size_t)j * 32;
+        const __m256 a = _mm256_add_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8));
+        const __m256 c = _mm256_add_ps(_mm256_loadu_ps(x + 16), _mm256_loadu_ps(x + 24));
+        xsum[j] = F(hsum)(_mm256_add_ps(a, c));
+    }
+}
+
+// exp(x) for x <= 0, 8 lanes: as the AVX-512 version, 2^k built in the exponent bits.
+INLINE __m256 F(exp_nonpositive)(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  // k >= -126: 2^k stays a normal float
+    const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.428606765330187e-06f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i two_k = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(two_k));
+}
+
+static float F(exp_minus_max)(float* s, int n, float mx) {
+    const __m256 m = _mm256_set1_ps(mx);
+    __m256 total = _mm256_setzero_ps();
+    int t = 0;
+    for (; t + 8 <= n; t += 8) {
+        const __m256 e = F(exp_nonpositive)(_mm256_sub_ps(_mm256_loadu_ps(s + t), m));
+        _mm256_storeu_ps(s + t, e);
+        total = _mm256_add_ps(total, e);
+    }
+    if (t < n) {
+        const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - t), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256 e = F(exp_nonpositive)(_mm256_sub_ps(_mm256_maskload_ps(s + t, live), m));
+        _mm256_maskstore_ps(s + t, live, e);
+        total = _mm256_add_ps(total, _mm256_and_ps(e, _mm256_castsi256_ps(live)));
+    }
+    return F(hsum)(total);
+}
+
+// As the AVX-512 task with head_dim = 8 * dv (dv <= 16): q is read from L1 for QK; the
+// output is held in registers for at most 64 dims at a time (dv > 8: two passes over V).
+INLINE void F(attend_task)(const float* qh, const float* k_cache, const float* v_cache, const int32_t* table,
+                           int L, float* s, int max_len, float* oh, int group, int Hkv, int kvh, int D,
+                           int block_size, float scale, const int dv) {
+    const size_t token_stride = (size_t)Hkv * D;
+    for (int j = 0; j < group; j++) {
+        const float* qj = qh + (size_t)j * D;
+        float* sj = s + (size_t)j * max_len;
+        for (int t0 = 0, blk = 0; t0 < L; t0 += block_size, blk++) {
+            const int n = L - t0 < block_size ? L - t0 : block_size;
+            const float* kb = k_cache + ((size_t)table[blk] * block_size * Hkv + kvh) * D;
+            for (int i = 0; i < n; i++) {
+                const float* kv = kb + i * token_stride;
+                __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(qj), _mm256_loadu_ps(kv));
+                __m256 a1 = _mm256_setzero_ps();
+                for (int c = 1; c < dv; c++) {
+                    if (c & 1) a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + 8 * c), _mm256_loadu_ps(kv + 8 * c), a1);
+                    else a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + 8 * c), _mm256_loadu_ps(kv + 8 * c), a0);
+                }
+                sj[t0 + i] = F(hsum)(_mm256_add_ps(a0, a1)) * scale;
+            }
+        }
+        float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+        for (int t = 0; t < L; t++) mx = sj[t] > mx ? sj[t] : mx;
+        const __m256 inv = _mm256_set1_ps(1.0f / F(exp_minus_max)(sj, L, mx));
+        for (int c0 = 0; c0 < dv; c0 += 8) {
+            const int nc = dv - c0 < 8 ? dv - c0 : 8;
+            __m256 o[8];
+            for (int c = 0; c < nc; c++) o[c] = _mm256_setzero_ps();
+            for (int t0 = 0, blk = 0; t0 < L; t0 += block_size, blk++) {
+                const int n = L - t0 < block_size ? L - t0 : block_size;
+                const float* vb = v_cache + ((size_t)table[blk] * block_size * Hkv + kvh) * D + 8 * c0;
+                for (int i = 0; i < n; i++) {
+                    const float* vv = vb + i * token_stride;
+                    const __m256 pr = _mm256_broadcast_ss(sj + t0 + i);
+                    for (int c = 0; c < nc; c++) o[c] = _mm256_fmadd_ps(pr, _mm256_loadu_ps(vv + 8 * c), o[c]);
+                }
+            }
+            for (int c = 0; c < nc; c++)
+                _mm256_storeu_ps(oh + (size_t)j * D + 8 * (c0 + c), _mm256_mul_ps(o[c], inv));
+        }
+    }
+}
+
+#define ATTEND_TASK_CASES                                            \
+    case 8: ATTEND_TASK(8); break;                                   \
+    case 16: ATTEND_TASK(16); break;                                 \
+    default: ATTEND_TASK(D / 8); break;
+#define ATTEND_VECTORS (D / 8)
+
+static float F(sum_of_squares)(const float* x, int n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    for (int i = 0; i < n; i += 16) {
+        const __m256 u = _mm256_loadu_ps(x + i), v = _mm256_loadu_ps(x + i + 8);
+        a0 = _mm256_fmadd_ps(u, u, a0);
+        a1 = _mm256_fmadd_ps(v, v, a1);
+    }
+    return F(hsum)(_mm256_add_ps(a0, a1));
+}
+
+INLINE void F(rms_norm_row)(const float* x, float* res, const float* weight, float* dst, int n, float eps) {
+    if (res) {
+        for (int i = 0; i < n; i += 8)
+            _mm256_storeu_ps(res + i, _mm256_add_ps(_mm256_loadu_ps(res + i), _mm256_loadu_ps(x + i)));
+        x = res;
+    }
+    const __m256 scale = _mm256_set1_ps(1.0f / sqrtf(F(sum_of_squares)(x, n) / (float)n + eps));
+    for (int i = 0; i < n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), scale),
+                                                _mm256_loadu_ps(weight + i)));
+}
+
+INLINE void F(silu_and_mul_row)(const float* gate, const float* up, float* dst, int n) {
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    for (int i = 0; i < n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 e = F(exp_nonpositive)(_mm256_or_ps(g, sign));  // exp(-|g|)
+        const __m256 num = _mm256_blendv_ps(e, one, _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_GE_OQ));
+        const __m256 sig = _mm256_div_ps(num, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(up + i)));
+    }
+}
+
+#else  // ============================================================ portable C (any machine)
+// Plain loops the compiler vectorises: over the 16 rows of a record (one lane per row, as
+// the SIMD versions), or along a row.
+#define TILE_M 4
+
+INLINE void F(tile)(const uint8_t* rec, const float* X, const float* xsum, float* Y,
+                    int N, int K, int n0, int m0, const int mr, const int q8) {
+    const int nb = K / 32;
+    const int record = q8 ? RECORD_Q8_0 : RECORD_Q4_1;
+    float acc[TILE_M][ROWS];
+    memset(acc, 0, sizeof acc);
+    for (int b = 0; b < nb; b++, rec += record) {
+        float w[32][ROWS];  // the block's q of the 16 rows (k-major), before d and m
+        float d[ROWS], mn[ROWS];
+        for (int l = 0; l < ROWS; l++) {
+            d[l] = half_to_float(rec + 2 * l);
+            mn[l] = q8 ? 0.0f : half_to_float(rec + 32 + 2 * l);
+        }
+        if (q8) {
+            for (int h = 0; h < 8; h++)
+                for (int j = 0; j < 4; j++)
+                    for (int l = 0; l < ROWS; l++) w[4 * h + j][l] = (float)(int8_t)rec[32 + 64 * h + 4 * l + j];
+        } else {
+            for (int h = 0; h < 4; h++)
+                for (int j = 0; j < 4; j++)
+                    for (int l = 0; l < ROWS; l++) {
+                        const uint8_t byte = rec[64 + 64 * h + 4 * l + j];
+                        w[4 * h + j][l] = (float)(byte & 15);
+                        w[4 * h + j + 16][l] = (float)(byte >> 4);
+                    }
+        }
+        for (int i = 0; i < mr; i++) {
+            const float* x = X + (size_t)(m0 + i) * K + 32 * b;
+            float part[ROWS] = {0};
+            for (int k = 0; k < 32; k++)
+                for (int l = 0; l < ROWS; l++) part[l] += w[k][l] * x[k];
+            const float xs = q8 ? 0.0f : xsum[(size_t)(m0 + i) * nb + b];
+            for (int l = 0; l < ROWS; l++) acc[i][l] += d[l] * part[l] + mn[l] * xs;
+        }
+    }
+    for (int i = 0; i < mr; i++) memcpy(Y + (size_t)(m0 + i) * N + n0, acc[i], sizeof acc[i]);
+}
+
+static void F(block_sums)(const float* X, float* xsum, int n) {
+    for (int j = 0; j < n; j++) {
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int i = 0; i < 32; i++) s += X[(size_t)j * 32 + i];
+        xsum[j] = s;
+    }
+}
+
+// exp(x) for x <= 0: the SIMD versions' range reduction and polynomial, in plain C.
+static inline float F(exp_nonpositive)(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+    const float t = x * 1.44269504f + magic;
+    const float k = t - magic;
+    int32_t kbits;
+    memcpy(&kbits, &t, sizeof kbits);  // the integer k sits in t's low mantissa bits
+    const uint32_t two_k = (uint32_t)(kbits - 0x4B400000 + 127) << 23;
+    float scale;
+    memcpy(&scale, &two_k, sizeof scale);
+    float r = x - k * 0.693145751953125f;
+    r = r - k * 1.428606765330187e-06f;
+    float p = 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    return p * scale;
+}
+
+static float F(exp_minus_max)(float* s, int n, float mx) {
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int t = 0; t < n; t++) {
+        s[t] = F(exp_nonpositive)(s[t] - mx);
+        total += s[t];
+    }
+    return total;
+}
+
+INLINE void F(attend_task)(const float* qh, const float* k_cache, const float* v_cache, const int32_t* table,
+                           int L, float* s, int max_len, float* oh, int group, int Hkv, int kvh, int D,
+                           int block_size, float scale, const int dv) {
+    (void)dv;
+    const size_t token_stride = (size_t)Hkv * D;
+    for (int j = 0; j < group; j++) {
+        const float* qj = qh + (size_t)j * D;
+        float* sj = s + (size_t)j * max_len;
+        for (int t0 = 0, blk = 0; t0 < L; t0 += block_size, blk++) {
+            const int n = L - t0 < block_size ? L - t0 : block_size;
+            const float* kb = k_cache + ((size_t)table[blk] * block_size * Hkv + kvh) * D;
+            for (int i = 0; i < n; i++) {
+                const float* kv = kb + i * token_stride;
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int c = 0; c < D; c++) dot += qj[c] * kv[c];
+                sj[t0 + i] = dot * scale;
+            }
+        }
+        float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+        for (int t = 0; t < L; t++) mx = sj[t] > mx ? sj[t] : mx;
+        const float inv = 1.0f / F(exp_minus_max)(sj, L, mx);
+        float o[MAX_HEAD_DIM] = {0};
+        for (int t0 = 0, blk = 0; t0 < L; t0 += block_size, blk++) {
+            const int n = L - t0 < block_size ? L - t0 : block_size;
+            const float* vb = v_cache + ((size_t)table[blk] * block_size * Hkv + kvh) * D;
+            for (int i = 0; i < n; i++) {
+                const float* vv = vb + i * token_stride;
+                const float pr = sj[t0 + i];
+#pragma omp simd
+                for (int c = 0; c < D; c++) o[c] += pr * vv[c];
+            }
+        }
+        for (int c = 0; c < D; c++) oh[(size_t)j * D + c] = o[c] * inv;
+    }
+}
+
+#define ATTEND_TASK_CASES default: ATTEND_TASK(0); break;
+#define ATTEND_VECTORS 0
+
+static void F(rms_norm_row)(const float* x, float* res, const float* weight, float* dst, int n, float eps) {
+    if (res) {
+        for (int i = 0; i < n; i++) res[i] += x[i];
+        x = res;
+    }
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float scale = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) dst[i] = x[i] * scale * weight[i];
+}
+
+static void F(silu_and_mul_row)(const float* gate, const float* up, float* dst, int n) {
+#pragma omp simd
+    for (int i = 0; i < n; i++) {
+        const float g = gate[i];
+        const float e = F(exp_nonpositive)(g < 0.0f ? g : -g);  // exp(-|g|) <= 1
+        const float sig = (g >= 0.0f ? 1.0f : e) / (1.0f + e);
+        dst[i] = g * sig * up[i];
+    }
+}
+#endif  // ====================================================== the same drivers for every ISA
+
+INLINE void F(group_rows)(const uint8_t* rec, const float* X, const float* xsum, float* Y,
+                          int N, int K, int n0, int m_begin, int m_end, const int q8) {
+    int m = m_begin;
+    for (; m + TILE_M <= m_end; m += TILE_M) F(tile)(rec, X, xsum, Y, N, K, n0, m, TILE_M, q8);
+    switch (m_end - m) {  // constant mr per call: the compiler unrolls each
+#if TILE_M > 5
+        case 5: F(tile)(rec, X, xsum, Y, N, K, n0, m, 5, q8); break;
+        case 4: F(tile)(rec, X, xsum, Y, N, K, n0, m, 4, q8); break;
+#endif
+        case 3: F(tile)(rec, X, xsum, Y, N, K, n0, m, 3, q8); break;
+        case 2: F(tile)(rec, X, xsum, Y, N, K, n0, m, 2, q8); break;
+        case 1: F(tile)(rec, X, xsum, Y, N, K, n0, m, 1, q8); break;
+        default: break;
+    }
+}
+
+// packed: N/16 * K/32 records; X: [M, K]; xsum: scratch of M * K/32 floats (Q4_1 only);
+// Y: [M, N]. N must be a multiple of 16 and K of 32 (the Python side checks).
+static void F(gemm)(const uint8_t* packed, const float* X, float* xsum, float* Y, int M, int N, int K,
+                    int q8) {
+    const int nb = K / 32, groups = N / ROWS, record = q8 ? RECORD_Q8_0 : RECORD_Q4_1;
+    if (!q8) F(block_sums)(X, xsum, M * nb);
+#pragma omp parallel
+    for (int mc = 0; mc < M; mc += CHUNK_M) {
+        const int me = mc + CHUNK_M < M ? mc + CHUNK_M : M;
+#pragma omp for schedule(static)
+        for (int g = 0; g < groups; g++) {
+            if (q8) F(group_rows)(packed + (size_t)g * nb * record, X, xsum, Y, N, K, g * ROWS, mc, me, 1);
+            else F(group_rows)(packed + (size_t)g * nb * record, X, xsum, Y, N, K, g * ROWS, mc, me, 0);
+        }
+    }
+}
+
+// Decode attention over the paged cache: q [B, H, D], caches [blocks, block_size, Hkv, D],
+// block_tables [B, bt_stride], seq_lens [B] (tokens to attend, including the new one, whose
+// K/V are already stored), out [B, H, D]; scores: scratch of B * H * max_len floats.
+// Query head j of sequence b reads KV head j / (H / Hkv). fp32 softmax with the max
+// subtracted. One (sequence, KV head) pair per task: its K/V rows are read once for all the
+// query heads that share them. D is a multiple of 16, at most 128 (checked in Python).
+static void F(paged_decode_attention)(const float* q, const float* k_cache, const float* v_cache,
+                                      const int32_t* block_tables, int bt_stride, const int32_t* seq_lens,
+                                      float* out, float* scores, int B, int H, int Hkv, int D, int block_size,
+                                      int max_len, float scale) {
     const int group = H / Hkv;
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
     for (int b = 0; b < B; b++) {
@@ -233,72 +801,40 @@ void paged_decode_attention(const float* q, const float* k_cache, const float* v
             const float* qh = q + first * D;
             float* s = scores + first * max_len;
             float* oh = out + first * D;
-            switch (D / 16) {  // a constant register count per call: the loops over it unroll
-                case 4: attend_task(qh, k_cache, v_cache, table, seq_lens[b], s, max_len, oh, group, Hkv, kvh, D, block_size, scale, 4); break;
-                case 8: attend_task(qh, k_cache, v_cache, table, seq_lens[b], s, max_len, oh, group, Hkv, kvh, D, block_size, scale, 8); break;
-                default: attend_task(qh, k_cache, v_cache, table, seq_lens[b], s, max_len, oh, group, Hkv, kvh, D, block_size, scale, D / 16); break;
+#define ATTEND_TASK(dv) F(attend_task)(qh, k_cache, v_cache, table, seq_lens[b], s, max_len, oh, group, \
+                                       Hkv, kvh, D, block_size, scale, dv)
+            switch (ATTEND_VECTORS) {  // a constant register count per call: the loops over it unroll
+                ATTEND_TASK_CASES
             }
+#undef ATTEND_TASK
         }
     }
-}
-
-// ------------------------------------------------------------------------------------------
-// Element-wise ops of a decoder layer, fp32, rows of length n (a multiple of 16).
-
-static float sum_of_squares(const float* x, int n) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int i = 0; i < n; i += 16) {
-        const __m512 v = _mm512_loadu_ps(x + i);
-        acc = _mm512_fmadd_ps(v, v, acc);
-    }
-    return _mm512_reduce_add_ps(acc);
 }
 
 // out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight; with residual != 0, first
 // residual[r] += x[r] and the norm is taken of the sum (x is not modified; out may be x).
-void rms_norm(const float* x, float* residual, const float* weight, float* out, int rows, int n, float eps) {
+// Rows of n floats, n a multiple of 16.
+static void F(rms_norm)(const float* x, float* residual, const float* weight, float* out, int rows, int n,
+                        float eps) {
 #pragma omp parallel for schedule(static) if (rows >= 64)
-    for (int r = 0; r < rows; r++) {
-        const float* src = x + (size_t)r * n;
-        if (residual) {
-            float* res = residual + (size_t)r * n;
-            for (int i = 0; i < n; i += 16)
-                _mm512_storeu_ps(res + i, _mm512_add_ps(_mm512_loadu_ps(res + i), _mm512_loadu_ps(src + i)));
-            src = res;
-        }
-        const __m512 scale = _mm512_set1_ps(1.0f / sqrtf(sum_of_squares(src, n) / (float)n + eps));
-        float* dst = out + (size_t)r * n;
-        for (int i = 0; i < n; i += 16)
-            _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(src + i), scale),
-                                                    _mm512_loadu_ps(weight + i)));
-    }
+    for (int r = 0; r < rows; r++)
+        F(rms_norm_row)(x + (size_t)r * n, residual ? residual + (size_t)r * n : 0, weight, out + (size_t)r * n,
+                        n, eps);
 }
 
-// out[r, i] = silu(x[r, i]) * x[r, n + i] for x [rows, 2n], out [rows, n].
+// out[r, i] = silu(x[r, i]) * x[r, n + i] for x [rows, 2n], out [rows, n] (n a multiple of 16).
 // silu(g) = g * sigmoid(g), sigmoid from e = exp(-|g|) <= 1 (no overflow either side).
-void silu_and_mul(const float* x, float* out, int rows, int n) {
+static void F(silu_and_mul)(const float* x, float* out, int rows, int n) {
 #pragma omp parallel for schedule(static) if (rows >= 64)
-    for (int r = 0; r < rows; r++) {
-        const float* gate = x + (size_t)r * 2 * n;
-        const float* up = gate + n;
-        float* dst = out + (size_t)r * n;
-        for (int i = 0; i < n; i += 16) {
-            const __m512 g = _mm512_loadu_ps(gate + i);
-            const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
-            const __m512 one = _mm512_set1_ps(1.0f);
-            const __mmask16 positive = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_GE_OQ);
-            const __m512 num = _mm512_mask_blend_ps(positive, e, one);  // g >= 0: 1, else e
-            const __m512 sig = _mm512_div_ps(num, _mm512_add_ps(one, e));
-            _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_mul_ps(g, sig), _mm512_loadu_ps(up + i)));
-        }
-    }
+    for (int r = 0; r < rows; r++)
+        F(silu_and_mul_row)(x + (size_t)r * 2 * n, x + (size_t)r * 2 * n + n, out + (size_t)r * n, n);
 }
 
 // NeoX RoPE: out[t, h] = rotate(x[t, h]) for the first `rot` of D dims (the rest copied);
 // x rows are `row_stride` floats apart (q and k side by side in the qkv output), out is
-// [T, heads, D]; cos_sin rows: cos for rot/2 dims, then sin.
-void rope_neox(const float* x, long row_stride, int T, int heads, int D, int rot,
-               const int64_t* positions, const float* cos_sin, float* out) {
+// [T, heads, D]; cos_sin rows: cos for rot/2 dims, then sin. Portable C for every ISA.
+static void F(rope_neox)(const float* x, long row_stride, int T, int heads, int D, int rot,
+                         const int64_t* positions, const float* cos_sin, float* out) {
     const int half = rot / 2;
     for (int t = 0; t < T; t++) {
         const float* cs = cos_sin + (size_t)positions[t] * rot;
@@ -317,8 +853,8 @@ void rope_neox(const float* x, long row_stride, int T, int heads, int D, int rot
 
 // Copy the step's new K and V rows (width floats each, rows `k_stride` / `v_stride` apart)
 // into their cache slots; slot -1 is skipped.
-void store_kv(const float* k, long k_stride, const float* v, long v_stride, const int64_t* slots,
-              float* k_cache, float* v_cache, int T, int width) {
+static void F(store_kv)(const float* k, long k_stride, const float* v, long v_stride, const int64_t* slots,
+                        float* k_cache, float* v_cache, int T, int width) {
     for (int t = 0; t < T; t++) {
         const int64_t slot = slots[t];
         if (slot < 0) continue;
@@ -326,3 +862,9 @@ void store_kv(const float* k, long k_stride, const float* v, long v_stride, cons
         memcpy(v_cache + (size_t)slot * width, v + (size_t)t * v_stride, sizeof(float) * width);
     }
 }
+
+#undef TILE_M
+#undef ATTEND_TASK_CASES
+#undef ATTEND_VECTORS
+#undef F
+#endif  // MI_ISA

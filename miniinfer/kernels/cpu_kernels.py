@@ -1,12 +1,19 @@
 """CPU kernels in C (``cpu_kernels.c``): GGUF Q4_1 / Q8_0 weights kept quantized and multiplied
-by fp32 activations, and decode attention straight over the paged fp32 KV cache.
+by fp32 activations, decode attention straight over the paged fp32 KV cache, and the element-wise
+ops of a decoder layer.
 
-The C file is compiled on first use with the machine's gcc (``-O3 -march=native -fopenmp``)
-into a per-user cache and loaded with ctypes. Where that is impossible (no gcc, no AVX-512,
-not x86-64) :func:`available` says so and the model keeps its dense weights.
+The C file is compiled on first use with the machine's C compiler (``-O3 -fopenmp``, no
+``-march``) into a per-user cache and loaded with ctypes. The library holds three
+implementations of every kernel, AVX-512, AVX2 + FMA and portable C, and runs the best one
+this CPU supports (:func:`isa`); ``MINIINFER_CPU_ISA=avx512|avx2|scalar`` or :func:`set_isa`
+forces one. As the build has no machine-specific flags, a cached library runs on any machine of
+its architecture (x86-64: all three paths; ARM64 and others: the portable one). Where nothing
+builds (no compiler, a compile error) :func:`available` says so, with a warning, and the model
+keeps its dense weights.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -26,26 +33,30 @@ BLOCK = 32  # weights per block (both formats)
 BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # Q4_1: fp16 d, fp16 m, 16 nibble bytes; Q8_0: fp16 d, 32 int8
 FORMATS = tuple(BLOCK_BYTES)
 ROWS = 16  # output rows per packed record
+ISAS = ("scalar", "avx2", "avx512")  # kernel implementations, in the C side's numbering
+ISA_ENV = "MINIINFER_CPU_ISA"
 _SOURCE = os.path.join(os.path.dirname(__file__), "cpu_kernels.c")
+_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
 
 
-def _cpu_flags() -> set[str]:
+def _compiler_id(cc: str) -> bytes:
+    """The compiler's identity for the cache key (an upgraded compiler rebuilds), without
+    running it: its resolved path, size and modification time."""
+    real = os.path.realpath(cc)
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+        st = os.stat(real)
+        return f"{real}:{st.st_size}:{st.st_mtime_ns}".encode()
     except OSError:
-        pass
-    return set()
+        return real.encode()
 
 
 def _build(cc: str) -> str:
-    """Compile the C file into the per-user cache (once per source, flags and CPU); its path."""
+    """Compile the C file into the per-user cache (once per source, flags, compiler and
+    architecture: the library has no CPU-specific flags, it picks its code path at run time)."""
     with open(_SOURCE, "rb") as f:
         source = f.read()
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-    key = hashlib.sha256(source + " ".join(flags).encode() + " ".join(sorted(_cpu_flags())).encode())
+    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), platform.machine().encode(),
+                                     _compiler_id(cc)]))
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "miniinfer")
     path = os.path.join(cache, f"cpu_kernels-{key.hexdigest()[:16]}.so")
     if os.path.exists(path):
@@ -54,7 +65,7 @@ def _build(cc: str) -> str:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     try:
-        subprocess.run([cc, *flags, _SOURCE, "-o", tmp], check=True, capture_output=True, timeout=300)
+        subprocess.run([cc, *_FLAGS, _SOURCE, "-o", tmp], check=True, capture_output=True, timeout=300)
         os.replace(tmp, path)  # atomic: concurrent builders never load a half-written file
     finally:
         if os.path.exists(tmp):
@@ -62,12 +73,28 @@ def _build(cc: str) -> str:
     return path
 
 
+def _pick_isa(requested: str | None, supported: tuple[str, ...]) -> str:
+    """The path to run: ``requested`` (``MINIINFER_CPU_ISA``) where this CPU supports it, else
+    the best one it supports (with a warning when something else was asked for)."""
+    best = supported[-1]
+    requested = (requested or "").strip().lower()
+    if requested in ("", "auto"):
+        return best
+    if requested not in ISAS:
+        logger.warning("%s=%s is not one of %s (or auto); using %s", ISA_ENV, requested, ", ".join(ISAS), best)
+        return best
+    if requested not in supported:
+        logger.warning("%s=%s: this CPU does not support it (it runs %s); using %s", ISA_ENV, requested,
+                       ", ".join(supported), best)
+        return best
+    return requested
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if platform.machine() not in ("x86_64", "AMD64") or "avx512f" not in _cpu_flags():
-        return None
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
+        logger.warning("CPU kernels not built (no C compiler: gcc or cc), using the torch/oneDNN path")
         return None
     try:
         lib = ctypes.CDLL(_build(cc))
@@ -92,12 +119,65 @@ def _library() -> ctypes.CDLL | None:
     lib.rope_neox.restype = None
     lib.store_kv.argtypes = [p, lg, p, lg, p, p, p, i, i]
     lib.store_kv.restype = None
+    for name in ("miniinfer_cpu_isas", "miniinfer_isa"):
+        getattr(lib, name).argtypes, getattr(lib, name).restype = [], i
+    lib.miniinfer_set_isa.argtypes, lib.miniinfer_set_isa.restype = [i], i
+    supported = _supported(lib)
+    chosen = _pick_isa(os.environ.get(ISA_ENV), supported)
+    lib.miniinfer_set_isa(ISAS.index(chosen))
+    logger.info("CPU kernels: %s path (this CPU runs %s)", chosen, ", ".join(supported))
     return lib
 
 
+def _supported(lib: ctypes.CDLL) -> tuple[str, ...]:
+    mask = lib.miniinfer_cpu_isas()
+    return tuple(name for bit, name in enumerate(ISAS) if mask >> bit & 1)
+
+
 def available() -> bool:
-    """True when the kernel is built (or buildable) and loads on this machine."""
+    """True when the kernels are built (or buildable) and load on this machine."""
     return _library() is not None
+
+
+def supported_isas() -> tuple[str, ...]:
+    """The kernel paths this CPU can run, worst to best (``()`` where the kernels don't build)."""
+    lib = _library()
+    return () if lib is None else _supported(lib)
+
+
+def isa() -> str | None:
+    """The kernel path that runs now (``"avx512"``, ``"avx2"`` or ``"scalar"``), None without kernels."""
+    lib = _library()
+    return None if lib is None else ISAS[lib.miniinfer_isa()]
+
+
+def set_isa(name: str | None) -> str:
+    """Run the kernels' ``name`` path from now on (process-wide); None: back to the default
+    (``MINIINFER_CPU_ISA``, else the best this CPU supports). Returns the path now running."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the CPU kernels are not available on this machine")
+    supported = _supported(lib)
+    if name is None:
+        name = _pick_isa(os.environ.get(ISA_ENV), supported)
+    if name not in ISAS:
+        raise ValueError(f"unknown CPU kernel path {name!r}: one of {ISAS}")
+    if name not in supported or lib.miniinfer_set_isa(ISAS.index(name)) < 0:
+        raise ValueError(f"this CPU does not support the {name} kernels (it runs {', '.join(supported)})")
+    logger.info("CPU kernels: %s path", name)
+    return name
+
+
+@contextlib.contextmanager
+def use_isa(name: str | None):
+    """``with use_isa("avx2"): ...`` runs the kernels' ``name`` path inside the block (see
+    :func:`set_isa`), then the path that ran before."""
+    previous = isa()
+    set_isa(name)
+    try:
+        yield isa()
+    finally:
+        set_isa(previous)
 
 
 def _check(blocks: torch.Tensor, in_features: int, fmt: str) -> tuple[int, int]:

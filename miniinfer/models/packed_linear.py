@@ -53,7 +53,8 @@ class PackedLinear(nn.Module):
 
 class QuantizedLinear(nn.Module):
     """``y = x @ W.T + b`` with W kept in its GGUF format (Q4_1: 0.625 bytes a weight, Q8_0:
-    1.06, instead of 4) for the AVX-512 kernels; fp32 activations and sums, so results match
+    1.06, instead of 4) for the C kernels (AVX-512, AVX2 or portable, one packed layout for
+    all); fp32 activations and sums, so results match
     an fp32 GEMM over the dequantized weights up to summation order."""
 
     def __init__(self, blocks: torch.Tensor, in_features: int, bias: torch.Tensor | None, fmt: str):

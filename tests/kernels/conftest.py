@@ -2,10 +2,11 @@
 
 TRITON_INTERPRET must be set before ``triton`` itself is first imported (triton.language's
 own helpers such as ``tl.sum`` are decorated at import time), so it is set here before
-``importorskip("triton")``; tests import kernel modules inside test functions. If triton
+importing ``triton``; tests import kernel modules inside test functions. If triton
 was already imported in compiled mode by an earlier test module of the same session, the
-CPU run cannot switch to the interpreter and this directory is skipped (set
-``TRITON_INTERPRET=1`` in a top-level ``tests/conftest.py`` to avoid that).
+CPU run cannot switch to the interpreter and the Triton tests are skipped (set
+``TRITON_INTERPRET=1`` in a top-level ``tests/conftest.py`` to avoid that). The C CPU kernel
+tests (``test_cpu_kernels.py``) need no triton: they never skip for it.
 """
 import importlib.util
 import os
@@ -16,10 +17,10 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
-if not HAS_CUDA and importlib.util.find_spec("triton") is not None:
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if not HAS_CUDA and HAS_TRITON:
     os.environ["TRITON_INTERPRET"] = "1"
-
-triton = pytest.importorskip("triton")
+CPU_ONLY_MODULES = {"test_cpu_kernels"}  # C kernels, no triton
 
 
 
@@ -42,7 +43,8 @@ def _patch_interpreter_scalar_index() -> None:
 
 
 _STALE_TRITON = False
-if not HAS_CUDA:
+if not HAS_CUDA and HAS_TRITON:
+    import triton
     from triton.runtime.interpreter import InterpretedFunction
 
     _STALE_TRITON = not isinstance(triton.language.sum, InterpretedFunction)
@@ -55,8 +57,11 @@ def device() -> str:
 
 
 @pytest.fixture(autouse=True)
-def _seed():
-    if _STALE_TRITON:
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; the CPU kernel "
-                    "tests need it set before the first triton import")
+def _seed(request):
+    if request.module.__name__.rpartition(".")[2] not in CPU_ONLY_MODULES:
+        if not HAS_TRITON:
+            pytest.skip("needs triton (a GPU, or its CPU interpreter)")
+        if _STALE_TRITON:
+            pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; the Triton kernel "
+                        "tests on CPU need it set before the first triton import")
     torch.manual_seed(0)

@@ -1,5 +1,7 @@
-"""The C CPU kernels: Q4_1 GEMM against the dequantized weights, paged decode attention
-against SDPA over the gathered context, and their input checks."""
+"""The C CPU kernels: Q4_1 / Q8_0 GEMM against the dequantized weights, paged decode attention
+against SDPA over the gathered context, the element-wise ops against torch, and their input
+checks. Every kernel test runs once per implementation (``isa``: avx512, avx2, scalar) that
+this CPU supports; the portable one runs everywhere the library builds."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +11,28 @@ import torch.nn.functional as F
 
 from miniinfer.kernels import cpu_kernels
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs x86-64 with AVX-512 and gcc")
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
+                                reason="the C kernels did not build (no gcc/cc? see the warning logged)")
+
+
+def _why_not(name: str) -> str:
+    import platform
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"{name} is x86-64 only (this is {platform.machine()}: the portable path runs)"
+    need = {"avx2": "AVX2 + FMA + F16C", "avx512": "AVX-512F"}[name]
+    return f"this CPU lacks {need} (it runs {', '.join(cpu_kernels.supported_isas())})"
+
+
+@pytest.fixture(params=cpu_kernels.ISAS)
+def isa(request):
+    """Run the test on one kernel implementation (skipped, with the reason, where this CPU lacks it)."""
+    if not cpu_kernels.available():
+        pytest.skip("the C kernels did not build")
+    if request.param not in cpu_kernels.supported_isas():
+        pytest.skip(_why_not(request.param))
+    with cpu_kernels.use_isa(request.param):
+        assert cpu_kernels.isa() == request.param
+        yield request.param
 
 
 def _q4_1_blocks(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -51,7 +74,7 @@ def test_dequantize_matches_gguf(fmt):
 @pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (960, 576), (576, 1536)])
 @pytest.mark.parametrize("m", [1, 2, 5, 6, 7, 16, 100])
-def test_gemm_matches_dequantized(fmt, n, k, m):
+def test_gemm_matches_dequantized(isa, fmt, n, k, m):
     blocks = BLOCKS[fmt](n, k, seed=n + k)
     w = cpu_kernels.dequantize(blocks, k, fmt).double()
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
@@ -59,6 +82,27 @@ def test_gemm_matches_dequantized(fmt, n, k, m):
     ref = x.double() @ w.t()
     assert y.shape == (m, n) and y.dtype == torch.float32
     assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0"])
+def test_gemm_with_subnormal_negative_and_zero_scales(isa, fmt):
+    """fp16 scales the portable path converts by hand: subnormal, negative, zero, large."""
+    n, k = 32, 128
+    blocks = BLOCKS[fmt](n, k, seed=7).clone()
+    nb, width = k // 32, cpu_kernels.BLOCK_BYTES[fmt]
+    raw = blocks.numpy().reshape(n, nb, width)
+    special = np.array([3e-7, -3e-7, 6e-8, 0.0, -0.0, -0.02, 900.0, 6.1e-5], dtype=np.float16)
+    rng = np.random.default_rng(1)
+    picks = special[rng.integers(0, len(special), (n, nb))]
+    raw[:, :, 0:2] = picks.view(np.uint8).reshape(n, nb, 2)
+    if fmt == "Q4_1":
+        raw[:, :, 2:4] = (-picks).view(np.uint8).reshape(n, nb, 2)
+    w = cpu_kernels.dequantize(blocks, k, fmt).double()
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(3))
+    for m in (1, 3):
+        y = cpu_kernels.gemm(x[:m], cpu_kernels.repack(blocks, k, fmt), n, k, fmt)
+        ref = x[:m].double() @ w.t()
+        assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
 
 
 def test_shape_checks():
@@ -82,8 +126,8 @@ def _paged_case(seed=0, B=5, H=6, HKV=2, D=64, BS=4, nblocks=64):
     return q, kc, vc, tables, lens
 
 
-@pytest.mark.parametrize("seed,D", [(0, 64), (1, 64), (2, 128), (3, 32), (4, 80)])
-def test_paged_decode_attention_matches_sdpa(seed, D):
+@pytest.mark.parametrize("seed,D", [(0, 64), (1, 64), (2, 128), (3, 32), (4, 80), (5, 16)])
+def test_paged_decode_attention_matches_sdpa(isa, seed, D):
     q, kc, vc, tables, lens = _paged_case(seed, D=D)
     out = cpu_kernels.paged_decode_attention(q, kc, vc, tables, lens, int(lens.max()), 0.125)
     for b in range(q.shape[0]):
@@ -92,6 +136,25 @@ def test_paged_decode_attention_matches_sdpa(seed, D):
         k = kc.flatten(0, 1)[slots].transpose(0, 1)  # [Hkv, L, D]
         v = vc.flatten(0, 1)[slots].transpose(0, 1)
         ref = F.scaled_dot_product_attention(q[b].unsqueeze(1), k, v, scale=0.125, enable_gqa=True)
+        torch.testing.assert_close(out[b], ref.squeeze(1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_paged_decode_attention_long_contexts(isa, D):
+    """Hundreds of tokens over 16-token blocks, lengths that are no multiple of the vector width."""
+    g = torch.Generator().manual_seed(D)
+    B, H, HKV, BS, nblocks = 3, 8, 2, 16, 80
+    lens = torch.tensor([1, 257, 611])
+    tables = torch.stack([torch.randperm(nblocks, generator=g)[:39] for _ in range(B)]).int()
+    kc, vc = torch.randn(nblocks, BS, HKV, D, generator=g), torch.randn(nblocks, BS, HKV, D, generator=g)
+    q = torch.randn(B, H, D, generator=g) * 2
+    out = cpu_kernels.paged_decode_attention(q, kc, vc, tables, lens, int(lens.max()), D ** -0.5)
+    for b in range(B):
+        L = int(lens[b])
+        slots = [int(tables[b, t // BS]) * BS + t % BS for t in range(L)]
+        k = kc.flatten(0, 1)[slots].transpose(0, 1)
+        v = vc.flatten(0, 1)[slots].transpose(0, 1)
+        ref = F.scaled_dot_product_attention(q[b].unsqueeze(1), k, v, scale=D ** -0.5, enable_gqa=True)
         torch.testing.assert_close(out[b], ref.squeeze(1), rtol=1e-5, atol=1e-5)
 
 
@@ -127,7 +190,7 @@ def test_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("rows", [1, 16, 100])
-def test_rms_norm_and_fused_add_match_torch(rows):
+def test_rms_norm_and_fused_add_match_torch(isa, rows):
     g = torch.Generator().manual_seed(rows)
     x, res, w = torch.randn(rows, 576, generator=g) * 3, torch.randn(rows, 576, generator=g), torch.rand(576) + 0.5
     ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
@@ -139,7 +202,7 @@ def test_rms_norm_and_fused_add_match_torch(rows):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_silu_and_mul_matches_torch_including_extremes():
+def test_silu_and_mul_matches_torch_including_extremes(isa):
     g = torch.randn(7, 2 * 64) * 6
     g[0, :16] = torch.tensor([-100., -20., -1., 0., 1., 20., 100., -0.5, 88., -88., 1e-8, -1e-8, 3., -3., 50., -50.])
     ref = F.silu(g[:, :64]) * g[:, 64:]
@@ -147,7 +210,7 @@ def test_silu_and_mul_matches_torch_including_extremes():
 
 
 @pytest.mark.parametrize("rot,D", [(64, 64), (32, 64)])
-def test_rope_neox_matches_torch_on_strided_rows(rot, D):
+def test_rope_neox_matches_torch_on_strided_rows(isa, rot, D):
     from miniinfer.kernels.rope import apply_rope_ref
     from miniinfer.models.rotary import build_cos_sin_cache
     cache = build_cos_sin_cache(rot, 200, 10000.0, None)
@@ -161,7 +224,7 @@ def test_rope_neox_matches_torch_on_strided_rows(rot, D):
         cpu_kernels.rope_neox(qkv, 6, D, pos + 200, cache)
 
 
-def test_store_kv_writes_slots_and_skips_minus_one():
+def test_store_kv_writes_slots_and_skips_minus_one(isa):
     kc, vc = torch.zeros(8, 4, 2, 16), torch.zeros(8, 4, 2, 16)
     kv = torch.randn(5, 3, 2, 16)  # rows of a wider tensor: k = kv[:, 0], v = kv[:, 1]
     slots = torch.tensor([3, -1, 31, 0, 12])
@@ -173,3 +236,41 @@ def test_store_kv_writes_slots_and_skips_minus_one():
     assert int((flat_k.abs().sum((1, 2)) > 0).sum()) == 4
     with pytest.raises(ValueError, match="slot_mapping"):
         cpu_kernels.store_kv(kv[:, 0], kv[:, 1], kc, vc, torch.tensor([32, 0, 0, 0, 0]))
+
+
+def test_isa_choice_env_var_and_forcing(monkeypatch, caplog):
+    """MINIINFER_CPU_ISA picks the path at load (logged); set_isa / use_isa switch it later;
+    a path this CPU lacks, or an unknown name, falls back to the best one with a warning."""
+    import logging
+    supported = cpu_kernels.supported_isas()
+    assert supported[0] == "scalar" and set(supported) <= set(cpu_kernels.ISAS)
+    assert cpu_kernels._pick_isa(None, supported) == supported[-1]
+    assert cpu_kernels._pick_isa("auto", supported) == supported[-1]
+    assert cpu_kernels._pick_isa("SCALAR", supported) == "scalar"
+    with caplog.at_level(logging.WARNING, logger="miniinfer"):
+        assert cpu_kernels._pick_isa("avx512", ("scalar", "avx2")) == "avx2"
+        assert cpu_kernels._pick_isa("sse9", supported) == supported[-1]
+    assert "does not support" in caplog.text and "sse9" in caplog.text
+    with pytest.raises(ValueError, match="unknown CPU kernel path"):
+        cpu_kernels.set_isa("sse9")
+    before = cpu_kernels.isa()
+    try:
+        monkeypatch.setenv(cpu_kernels.ISA_ENV, "scalar")
+        cpu_kernels._library.cache_clear()
+        with caplog.at_level(logging.INFO, logger="miniinfer"):
+            assert cpu_kernels.isa() == "scalar"
+        assert "CPU kernels: scalar path" in caplog.text
+        with cpu_kernels.use_isa(supported[-1]):
+            assert cpu_kernels.isa() == supported[-1]
+        assert cpu_kernels.isa() == "scalar"
+        assert cpu_kernels.set_isa(None) == "scalar"  # the default: the env var's
+    finally:
+        monkeypatch.undo()
+        cpu_kernels._library.cache_clear()
+    assert cpu_kernels.isa() == before
+
+
+def test_build_is_portable():
+    """No machine-specific flags: a library cached on one x86-64 CPU runs on any other (its
+    code path is picked at run time), so the cache key need not name the CPU."""
+    assert not any(f.startswith(("-march", "-mtune", "-mavx", "-mcpu")) for f in cpu_kernels._FLAGS)

@@ -56,7 +56,7 @@ def test_smollm2_gguf_weights_stay_quantized_and_match_dequantized(smol_llm):
     from miniinfer.kernels import cpu_kernels
     from miniinfer.models.packed_linear import QuantizedLinear
     if not cpu_kernels.available():
-        pytest.skip("needs x86-64 with AVX-512 and gcc")
+        pytest.skip("the C kernels did not build (no gcc/cc? see the warning logged)")
     model = smol_llm.engine.runner.model
     layer = model.layers[3]
     for mod in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
@@ -72,8 +72,40 @@ def test_smollm2_gguf_weights_stay_quantized_and_match_dequantized(smol_llm):
     assert (a.argmax(-1) == b.argmax(-1)).all()
 
 
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0"])
+def test_quantized_linear_on_every_kernel_path(isa, fmt):
+    """QuantizedLinear (bias, leading dims) equals nn.Linear over the dequantized weights on each
+    kernel implementation this CPU runs; the packed weights are the same for all of them."""
+    import numpy as np
+    from miniinfer.kernels import cpu_kernels
+    from miniinfer.models.packed_linear import QuantizedLinear
+    if not cpu_kernels.available():
+        pytest.skip("the C kernels did not build (no gcc/cc? see the warning logged)")
+    if isa not in cpu_kernels.supported_isas():
+        pytest.skip(f"this CPU does not run the {isa} kernels (it runs {cpu_kernels.supported_isas()})")
+    rng = np.random.default_rng(0)
+    n, k, width = 48, 96, cpu_kernels.BLOCK_BYTES[fmt]
+    raw = rng.integers(0, 256, (n, k // 32, width), dtype=np.uint8)
+    raw[:, :, 0:2] = rng.uniform(-0.02, 0.02, (n, k // 32, 1)).astype(np.float16).view(np.uint8)
+    if fmt == "Q4_1":
+        raw[:, :, 2:4] = rng.uniform(-0.1, 0.1, (n, k // 32, 1)).astype(np.float16).view(np.uint8)
+    blocks = torch.from_numpy(raw.reshape(n, -1))
+    bias = torch.randn(n)
+    lin = nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(cpu_kernels.dequantize(blocks, k, fmt))
+        lin.bias.copy_(bias)
+    q = QuantizedLinear(blocks, k, bias, fmt)
+    x = torch.randn(2, 3, k)
+    with cpu_kernels.use_isa(isa):
+        y = q(x)
+    assert y.shape == (2, 3, n)
+    torch.testing.assert_close(y, lin(x), rtol=1e-5, atol=1e-5)
+
+
 def test_engine_without_the_c_kernels(monkeypatch):
-    """Where the C kernels can't build (no gcc, no AVX-512), the GGUF model runs dequantized
+    """Where the C kernels can't build (no C compiler), the GGUF model runs dequantized
     on oneDNN-packed weights with the torch attention backend, and still answers right."""
     from miniinfer import LLM, SamplingParams
     from miniinfer.kernels import cpu_kernels
