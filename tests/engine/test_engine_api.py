@@ -67,3 +67,56 @@ def test_max_model_len_capped_by_kv_capacity(tiny_llm):
                        use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 14  # up to the 64-token capacity
     check_clean(llm)
+
+
+def test_kv_layout_is_the_one_source_of_max_model_len(tiny_llm):
+    """Decided once by the runner's KV layout; the scheduler, input and output processors and
+    the CUDA-graph buffers all see the same value (nothing flows back to the runner)."""
+    llm = tiny_llm("llama", num_kv_blocks=4, block_size=16, max_model_len=200)
+    eng = llm.engine
+    layout = eng.runner.kv_layout
+    assert layout.max_model_len == 64 and layout.capacity_tokens == 64
+    assert eng.max_model_len == eng.scheduler.max_model_len == eng.output_processor.max_model_len == 64
+    assert eng.input_processor.limits.max_model_len == 64
+    eng.runner.capture_cuda_graphs()  # CPU stand-in graphs: block tables sized from the layout
+    assert eng.runner.cuda_graphs.attn.block_tables.shape[1] == 4
+
+
+def test_forward_then_sample_equals_launch(tiny_llm):
+    """The runner's two halves: forward() queues the model and returns unsampled logits of the
+    sampling rows; sample() of those gives what launch() gives."""
+    llm = tiny_llm("qwen2")
+    eng = llm.engine
+    prompts = random_prompts(3, seed=77, min_len=5, max_len=20)
+    for i, p in enumerate(prompts):
+        eng.add_request(f"f{i}", p, SamplingParams(temperature=0, max_tokens=1))
+    sched = eng.scheduler.schedule()
+    fwd = eng.runner.forward(sched, None)
+    assert fwd.logits.shape == (3, eng.model_config.vocab_size)
+    assert [s.request_id for s in fwd.sampling_seqs] == ["f0", "f1", "f2"]
+    ids = eng.runner.collect(eng.runner.sample(fwd)).token_ids
+    assert ids == fwd.logits.argmax(-1).tolist()
+    for s in sched.scheduled:  # the step was never processed: give the blocks back
+        eng.scheduler.finish(s.seq)
+    for rid in list(eng.requests):
+        eng.abort_request(rid)
+    check_clean(llm)
+
+
+@pytest.mark.parametrize("openai", [False, True])
+def test_input_processor_policies(llama_llm, openai):
+    proc = llama_llm.engine.input_processor
+    lim = proc.limits.max_model_len
+    ids, params = proc.process([5] * 10, SamplingParams(max_tokens=None), openai=openai)
+    assert ids == [5] * 10
+    assert params.max_tokens == (lim - 10 if openai else None)  # the server fills "the rest"
+    from miniinfer.engine.input_processor import InvalidPromptError
+    if openai:
+        with pytest.raises(InvalidPromptError) as ei:
+            proc.process([5] * 10, SamplingParams(max_tokens=lim), openai=True)
+        assert ei.value.param == "max_tokens"
+    else:  # offline, the context cuts max_tokens instead
+        assert proc.process([5] * 10, SamplingParams(max_tokens=lim))[1].max_tokens == lim
+    with pytest.raises(InvalidPromptError) as ei:
+        proc.process([5] * lim, SamplingParams(), field="messages", openai=openai)
+    assert ei.value.param == "messages"
