@@ -66,6 +66,8 @@ class _EngineCollector:
 
 
 class ServerMetrics:
+    """Latency histograms and error counters (Prometheus) plus the dashboard's recent-request window."""
+
     def __init__(self, engine: "AsyncEngine", model_name: str = "miniinfer", window_s: float = 3.0) -> None:
         self.engine = engine
         self.registry = CollectorRegistry(auto_describe=False)

@@ -2,10 +2,10 @@
 
 Requests are validated in two stages:
 
-1. pydantic checks types (``n`` must be an int, ``messages`` a list of objects, ...);
-   a failure becomes a 400 whose ``param`` is the offending field's path;
-2. ``to_sampling_params`` checks values (ranges, limits) and builds the engine's
-   ``SamplingParams``; a failure raises :class:`APIError` (400) naming the field.
+1. pydantic checks types and the fixed ranges (``Field`` bounds: ``temperature``, ``top_p``,
+   ``n``, logprobs); a failure becomes a 400 whose ``param`` is the offending field's path;
+2. ``to_sampling_params`` checks the rest (server limits, ``max_tokens``, ``stop``, ...) and
+   builds the engine's ``SamplingParams``; a failure raises :class:`APIError` (400) naming the field.
 
 Limits that need the prompt's token count (prompt vs. context length, ``max_tokens``
 vs. the remaining context) are checked later, after tokenization, in the engine thread.
@@ -17,23 +17,14 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from miniinfer.sampling_params import SamplingParams
-
-MAX_TOP_LOGPROBS = 20
+from miniinfer.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
 # --------------------------------------------------------------------------- errors
 
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    500: "internal_server_error",
-    503: "service_unavailable",
-}
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+                500: "internal_server_error", 503: "service_unavailable"}
 
 
 class APIError(Exception):
@@ -54,7 +45,13 @@ class APIError(Exception):
 
 
 def invalid(message: str, param: str | None = None) -> APIError:
+    """A 400 ``invalid_request_error`` naming ``param``."""
     return APIError(400, message, param=param)
+
+
+# pydantic error type of a failed ``Field`` bound -> (operator, ctx key)
+_BOUND_ERRORS = {"greater_than_equal": (">=", "ge"), "less_than_equal": ("<=", "le"),
+                 "greater_than": (">", "gt"), "less_than": ("<", "lt")}
 
 
 def validation_error_to_api_error(err: ValidationError) -> APIError:
@@ -69,6 +66,11 @@ def validation_error_to_api_error(err: ValidationError) -> APIError:
             break
         clean.append(p)
     param = ".".join(clean) or None
+    bound = _BOUND_ERRORS.get(first.get("type", ""))
+    if bound is not None and param:  # same wording as the hand-written checks: 'n must be >= 1, got 0'
+        limit = first["ctx"][bound[1]]
+        limit = int(limit) if isinstance(limit, float) and limit.is_integer() else limit
+        return invalid(f"{param} must be {bound[0]} {limit}, got {first.get('input')}", param=param)
     msg = first.get("msg", "invalid value")
     return invalid(f"{param}: {msg}" if param else msg, param=param)
 
@@ -95,9 +97,9 @@ class _SamplingFields(OpenAIBaseModel):
 
     model: Optional[str] = None
     max_tokens: Optional[int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    n: Optional[int] = 1
+    temperature: Optional[float] = Field(None, ge=0, le=100)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    n: Optional[int] = Field(1, ge=1)
     stop: Optional[Union[str, list[str]]] = None
     seed: Optional[int] = None
     presence_penalty: Optional[float] = 0.0
@@ -126,8 +128,6 @@ class _SamplingFields(OpenAIBaseModel):
 
     def to_sampling_params(self, max_n: int, max_model_len: int | None = None) -> SamplingParams:
         n = 1 if self.n is None else self.n
-        if n < 1:
-            raise invalid(f"n must be >= 1, got {n}", "n")
         if n > max_n:
             raise invalid(f"n must be <= {max_n} (the server's limit), got {n}", "n")
         max_tokens = self._max_tokens()
@@ -137,14 +137,6 @@ class _SamplingFields(OpenAIBaseModel):
             if max_model_len is not None and max_tokens > max_model_len:
                 raise invalid(f"max_tokens must be <= the model's context length "
                               f"({max_model_len} tokens), got {max_tokens}", "max_tokens")
-        temperature = 1.0 if self.temperature is None else self.temperature
-        if temperature < 0:
-            raise invalid(f"temperature must be >= 0, got {temperature}", "temperature")
-        if temperature > 100:
-            raise invalid(f"temperature must be <= 100, got {temperature}", "temperature")
-        top_p = 1.0 if self.top_p is None else self.top_p
-        if not (0 < top_p <= 1):
-            raise invalid(f"top_p must be in (0, 1], got {top_p}", "top_p")
         top_k = -1 if self.top_k in (None, 0) else self.top_k
         stop = self.stop
         if isinstance(stop, list) and len(stop) > 32:
@@ -152,8 +144,8 @@ class _SamplingFields(OpenAIBaseModel):
         try:
             return SamplingParams(
                 n=n,
-                temperature=temperature,
-                top_p=top_p,
+                temperature=1.0 if self.temperature is None else self.temperature,
+                top_p=1.0 if self.top_p is None else self.top_p,
                 top_k=top_k,
                 min_p=0.0 if self.min_p is None else self.min_p,
                 repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
@@ -190,18 +182,14 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
     max_completion_tokens: Optional[int] = None
     logprobs: Optional[bool] = False
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
 
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def _num_logprobs(self) -> int | None:
-        if self.top_logprobs is not None:
-            if not (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):
-                raise invalid(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}",
-                              "top_logprobs")
-            if self.top_logprobs > 0 and not self.logprobs:
-                raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
+        if self.top_logprobs and not self.logprobs:
+            raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
         if not self.logprobs:
             return None
         return self.top_logprobs or 0
@@ -307,16 +295,12 @@ PromptType = Union[list[int], list[list[int]], str, list[str]]
 
 class CompletionRequest(_SamplingFields):
     prompt: PromptType
-    logprobs: Optional[int] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: Optional[bool] = False
     best_of: Optional[int] = None
     suffix: Optional[str] = None
 
     def _num_logprobs(self) -> int | None:
-        if self.logprobs is None:
-            return None
-        if not (0 <= self.logprobs <= MAX_TOP_LOGPROBS):
-            raise invalid(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}", "logprobs")
         return self.logprobs
 
     def to_sampling_params(self, max_n: int, max_model_len: int | None = None) -> SamplingParams:
@@ -401,6 +385,7 @@ class ModelList(OpenAIBaseModel):
 
 
 def parse_request(model_cls: type[OpenAIBaseModel], data: Any) -> Any:
+    """Validate a decoded JSON body as ``model_cls``; any failure is a 400 naming the field."""
     if not isinstance(data, dict):
         raise invalid("the request body must be a JSON object")
     try:
