@@ -29,6 +29,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Union
 
+from miniinfer.engine.input_processor import InvalidPromptError
 from miniinfer.outputs import CompletionOutput, RequestOutput
 from miniinfer.sampling_params import SamplingParams
 
@@ -41,14 +42,6 @@ class EngineDeadError(RuntimeError):
 
 class EngineNotReadyError(RuntimeError):
     """The engine is still loading."""
-
-
-class InvalidPromptError(ValueError):
-    """A prompt the engine cannot accept; ``param`` names the request field to blame."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclasses.dataclass
@@ -89,10 +82,6 @@ class RequestStream:
             self._added.exception()  # mark retrieved
         self._error = exc
         self._event.set()
-
-    @property
-    def done(self) -> bool:
-        return self.finished or self.aborted or self._error is not None
 
     def __aiter__(self) -> "RequestStream":
         return self
@@ -358,8 +347,7 @@ class AsyncEngine:
         if kind == "add":
             _, rid, prompt, params, stream = cmd
             try:
-                token_ids, params = self._preprocess(engine, prompt, params)
-                engine.add_request(rid, token_ids, params)
+                token_ids = self._add(engine, rid, prompt, params)
             except (ValueError, TypeError) as e:
                 self._post(self._rejected, stream, e if isinstance(e, ValueError) else ValueError(str(e)))
                 return True
@@ -373,42 +361,14 @@ class AsyncEngine:
             return True
         raise RuntimeError(f"unknown engine command {kind!r}")
 
-    def _preprocess(self, engine: Any, prompt: Prompt, params: SamplingParams) -> tuple[list[int], SamplingParams]:
-        """Tokenize (rendering the chat template first) and check lengths against the context."""
-        field = "prompt"
+    @staticmethod
+    def _add(engine: Any, rid: str, prompt: Prompt, params: SamplingParams) -> list[int]:
+        """Render a chat, then the engine's input processor checks everything (OpenAI context
+        policy: an unset max_tokens is the rest of the context) and queues the request."""
         if isinstance(prompt, ChatPrompt):
-            field = "messages"
-            token_ids = _tokenize(engine, engine.apply_chat_template(prompt.messages))
-        elif isinstance(prompt, str):
-            token_ids = _tokenize(engine, prompt)
-        else:
-            token_ids = [int(t) for t in prompt]
-            limit = _vocab_limit(engine)
-            bad = [t for t in token_ids if t < 0 or (limit is not None and t >= limit)]
-            if bad:
-                raise InvalidPromptError(
-                    f"prompt token ids must be in [0, {limit}), got {bad[0]}", "prompt")
-        n = len(token_ids)
-        max_len = self.max_model_len
-        if n == 0:
-            raise InvalidPromptError(f"the {field} is empty after tokenization", field)
-        if n >= max_len:
-            raise InvalidPromptError(
-                f"This model's maximum context length is {max_len} tokens. However, your {field} "
-                f"has {n} tokens, which leaves no room for the completion. Please shorten it.", field)
-        room = max_len - n
-        if params.max_tokens is None:
-            params = dataclasses.replace(params, max_tokens=room)
-            if params.min_tokens > room:
-                raise InvalidPromptError(
-                    f"min_tokens ({params.min_tokens}) exceeds the remaining context: the model's "
-                    f"maximum context length is {max_len} tokens and the {field} has {n}", "min_tokens")
-        elif params.max_tokens > room:
-            raise InvalidPromptError(
-                f"This model's maximum context length is {max_len} tokens. However, you requested "
-                f"{n + params.max_tokens} tokens ({n} in the {field}, {params.max_tokens} for the "
-                f"completion). Please reduce the length of the {field} or max_tokens.", "max_tokens")
-        return token_ids, params
+            text = engine.apply_chat_template(prompt.messages)
+            return engine.add_request(rid, text, params, openai=True, field="messages")
+        return engine.add_request(rid, prompt, params, openai=True)
 
     def _update_stats(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -423,27 +383,3 @@ class AsyncEngine:
         s["time"] = now
         self._active_at_last_stats = len(self._active)
         self._stats = s  # atomic reference swap; readers never see a half-built dict
-
-
-def _tokenize(engine: Any, text: str) -> list[int]:
-    """The engine's own tokenization when it has one (so ids match ``LLM.generate``)."""
-    if hasattr(engine, "tokenize"):
-        return list(engine.tokenize(text))
-    if engine.tokenizer is None:
-        raise InvalidPromptError("this model has no tokenizer; send token ids as the prompt", "prompt")
-    return list(engine.tokenizer.encode(text, add_special_tokens=False))
-
-
-def _vocab_limit(engine: Any) -> int | None:
-    """Largest valid token id + 1 (the smaller of tokenizer and model vocabularies)."""
-    cands = []
-    for holder in (engine, getattr(engine, "model_config", None),
-                   getattr(getattr(engine, "config", None), "model_config", None)):
-        v = getattr(holder, "vocab_size", None) if holder is not None else None
-        if isinstance(v, int) and v > 0:
-            cands.append(v)
-    try:
-        cands.append(len(engine.tokenizer))
-    except TypeError:
-        pass
-    return min(cands) if cands else None

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from miniinfer.outputs import CompletionOutput, Logprob, RequestOutput
+from miniinfer.engine.input_processor import InputLimits, InputProcessor
 from miniinfer.sampling_params import SamplingParams
 
 EOS = 256
@@ -106,11 +107,12 @@ class FakeEngine:
             parts.append(f"<{m['role']}>{m['content']}\n")
         return "".join(parts) + "<assistant>"
 
-    def add_request(self, request_id: str, prompt, params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt, params: SamplingParams, openai: bool = False,
+                    field: str = "prompt") -> list[int]:
+        """The real engine's input processor over the fake tokenizer, then a scripted request."""
         self._touch()
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt length ({len(ids)} tokens) must be < max_model_len ({self.max_model_len})")
+        limits = InputLimits(len(self.tokenizer), self.max_model_len, 8192, True, 20)
+        ids, params = InputProcessor(self.tokenizer, limits).process(prompt, params, field=field, openai=openai)
         if request_id in self.running or any(r.rid == request_id for r in self.waiting):
             raise ValueError(f"duplicate request id {request_id}")
         choices = []
@@ -122,6 +124,7 @@ class FakeEngine:
                 src = " ".join(rng.choice(WORDS) for _ in range(400)) + " "
             choices.append(_Choice(index=i, source=src))
         self.waiting.append(_Req(request_id, ids, params, choices, time.monotonic()))
+        return ids
 
     def abort_request(self, request_id: str) -> None:
         self._touch()
