@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+from miniinfer.models.registry import resolve_model_family
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -16,6 +16,11 @@ _DTYPES = {
 
 
 def parse_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """A torch dtype from a name (``"bfloat16"``, ``"bf16"``, ``"fp32"``, ...) or a torch dtype.
+
+    ``"auto"`` is bfloat16 on CUDA and float32 elsewhere. Raises ``ValueError`` (listing the
+    names) for an unknown one.
+    """
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -27,7 +32,11 @@ def parse_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
 
 @dataclass
 class ModelConfig:
-    """The shape of a decoder-only transformer, read from an HF ``config.json``."""
+    """The shape of a decoder-only transformer, read from an HF ``config.json``.
+
+    The architecture must be one of ``models/registry.py``'s; its family sets the defaults
+    of the per-family flags (``attention_bias``, ``qk_norm``).
+    """
 
     architecture: str
     vocab_size: int
@@ -50,29 +59,15 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
-        archs = cfg.get("architectures") or []
-        arch = archs[0] if archs else {
-            "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-        }.get(cfg.get("model_type", ""), "")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"architecture {arch or cfg.get('model_type')!r} is not supported; "
-                f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        """Parse an HF ``config.json`` dict (transformers 4 or 5 layout).
+
+        Raises ``ValueError`` naming the supported architectures when neither
+        ``architectures[0]`` nor ``model_type`` is registered, and ``KeyError`` when a
+        required shape key (``hidden_size``, ``num_attention_heads``, ...) is missing.
+        """
+        arch, family = resolve_model_family(cfg)
         num_heads = cfg["num_attention_heads"]
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
-        rope_scaling = cfg.get("rope_scaling")
-        rope_theta = cfg.get("rope_theta")
-        params = cfg.get("rope_parameters")  # transformers >= 5 layout
-        if isinstance(params, dict):
-            rope_theta = rope_theta or params.get("rope_theta")
-            if params.get("rope_type", "default") != "default":
-                rope_scaling = rope_scaling or params
-        if rope_scaling is not None:
-            rope_scaling = dict(rope_scaling)
-            kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-            rope_scaling["rope_type"] = kind
-            if kind == "default":
-                rope_scaling = None
+        rope_theta, rope_scaling = _rope_from_hf(cfg)
         eos = cfg.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         return cls(
@@ -83,26 +78,37 @@ class ModelConfig:
             num_layers=cfg["num_hidden_layers"],
             num_heads=num_heads,
             num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
-            head_dim=head_dim,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta or 10000.0),
+            rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            attention_bias=bool(cfg.get("attention_bias", family.attention_bias)),
+            qk_norm=family.qk_norm,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             hf_config=dict(cfg),
         )
 
-    def num_params(self) -> int:
-        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        q = self.num_heads * self.head_dim
-        kv = self.num_kv_heads * self.head_dim
-        layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
-        emb = v * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * layer + emb + h
+
+def _rope_from_hf(cfg: dict[str, Any]) -> tuple[float, dict | None]:
+    """``(rope_theta, rope_scaling)`` from ``rope_theta``/``rope_scaling`` or transformers 5's
+    ``rope_parameters``; ``rope_scaling`` always has ``rope_type``, and is None for default RoPE."""
+    rope_scaling = cfg.get("rope_scaling")
+    rope_theta = cfg.get("rope_theta")
+    params = cfg.get("rope_parameters")  # transformers >= 5 layout
+    if isinstance(params, dict):
+        rope_theta = rope_theta or params.get("rope_theta")
+        if params.get("rope_type", "default") != "default":
+            rope_scaling = rope_scaling or params
+    if rope_scaling is not None:
+        rope_scaling = dict(rope_scaling)
+        kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+        rope_scaling["rope_type"] = kind
+        if kind == "default":
+            rope_scaling = None
+    return float(rope_theta or 10000.0), rope_scaling
 
 
 @dataclass

@@ -15,6 +15,7 @@ from miniinfer.attention import AttentionBackend
 from miniinfer.config import EngineConfig, ModelConfig
 from miniinfer.models.decoder import DecoderForCausalLM
 from miniinfer.models.packed_linear import packing_available, gguf_kernels_available
+from miniinfer.models.registry import get_model_class
 from miniinfer.parallel import TPGroup
 
 PRESETS = ("qwen2-0.5b", "qwen2-1.5b", "qwen2-7b", "qwen3-0.6b", "qwen3-8b", "llama-3-8b")
@@ -92,12 +93,17 @@ def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
 def build_model(source: ModelSource, model_config: ModelConfig, backend: AttentionBackend,
                 cfg: EngineConfig, max_positions: int, progress: bool = True,
                 tp: TPGroup = TPGroup()) -> DecoderForCausalLM:
+    """The registered model class for ``model_config.architecture``, built on the meta device,
+    materialized on ``cfg.device`` in ``cfg.torch_dtype`` with this rank's shard of the
+    weights (random for ``dummy``), in eval mode; on CPU in fp32, projections swapped for the
+    quantized / packed linears."""
+    model_cls = get_model_class(model_config.architecture)
     device, dtype = torch.device(cfg.device), cfg.torch_dtype
     prev_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = DecoderForCausalLM(model_config, backend, max_positions, device, tp)
+            model = model_cls(model_config, backend, max_positions, device, tp)
     finally:
         torch.set_default_dtype(prev_dtype)
     model.to_empty(device=device)

@@ -1,8 +1,10 @@
-"""One decoder-only transformer that covers Llama (incl. SmolLM2), Qwen2/Qwen2.5 and Qwen3.
+"""One decoder-only transformer shared by the Llama (incl. SmolLM2), Qwen2/Qwen2.5 and Qwen3
+families (``models/llama.py``, ``qwen2.py``, ``qwen3.py``; listed in ``models/registry.py``).
 
 The families differ only in flags read from the config: Qwen2 adds a bias to q/k/v, Qwen3
-adds a per-head RMSNorm on q and k. Q/K/V and gate/up are fused into one matmul each; the
-weight loader writes each HF tensor into its slice of the fused weight.
+adds a per-head RMSNorm on q and k. Q/K/V and gate/up are fused into one matmul each
+(``packed_modules_mapping``); the weight loader writes each HF tensor into its slice of the
+fused weight.
 
     hidden ─▶ [RMSNorm] ─▶ qkv_proj ─▶ (q/k norm) ─▶ RoPE ─▶ paged attention ─▶ o_proj ─┐
        ▲ residual add (fused with the next norm)                                         │
@@ -11,7 +13,7 @@ weight loader writes each HF tensor into its slice of the fused weight.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import ClassVar, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -25,6 +27,9 @@ from miniinfer.parallel import TPGroup
 
 
 class RMSNorm(nn.Module):
+    """``forward(x [..., size])`` -> normalized x; ``forward(x, residual)`` -> ``(norm(x + residual),
+    x + residual)`` (the Triton and C kernels update ``residual`` in place). Same dtype as x."""
+
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
@@ -37,7 +42,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """This rank's heads of the attention block (all of them without tensor parallelism)."""
+    """This rank's heads of the attention block (all of them without tensor parallelism):
+    ``forward(positions [T] int64, x [T, hidden], rope) -> [T, hidden]`` (all-reduced under TP);
+    stores the step's K/V in ``k_cache``/``v_cache`` through the attention backend."""
 
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, cos_sin_cache: torch.Tensor,
                  tp: TPGroup):
@@ -79,6 +86,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU: ``down_proj(SiLU(gate) * up)``, ``[T, hidden] -> [T, hidden]`` (all-reduced under TP)."""
+
     def __init__(self, cfg: ModelConfig, tp: TPGroup):
         super().__init__()
         self.tp = tp
@@ -91,6 +100,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm attention + MLP: ``forward(positions, hidden, residual, rope) -> (hidden,
+    residual)``, both ``[T, hidden]``; ``residual`` is None on the first layer."""
+
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, cos_sin_cache: torch.Tensor,
                  tp: TPGroup):
         super().__init__()
@@ -111,7 +123,21 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderForCausalLM(nn.Module):
-    """``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM``."""
+    """The decoder-only LM behind ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM``
+    (the family classes only add their :class:`~miniinfer.models.registry.ModelFamily`; this
+    class alone also runs all three, the flags come from ``cfg``).
+
+    ``forward(input_ids [T] int64, positions [T] int64) -> hidden [T, hidden_size]`` in the
+    weights' dtype, over the flattened tokens of a step (attention metadata from the forward
+    context); ``compute_logits(hidden [N, hidden_size]) -> [N, vocab_size]`` float32.
+    """
+
+    # fused parameter -> the HF projections stacked in it, in row order. A family whose
+    # modules differ overrides it (and ``_packed_part_rows``).
+    packed_modules_mapping: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+        "gate_up_proj": ("gate_proj", "up_proj"),
+    }
 
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, max_positions: int,
                  device: torch.device | str = "cpu", tp: TPGroup = TPGroup()):
@@ -160,40 +186,29 @@ class DecoderForCausalLM(nn.Module):
 
     def use_quantized_weights(self, rows: dict[str, tuple[str, torch.Tensor]]) -> int:
         """CPU: swap every projection whose HF parts all came in one GGUF format the kernels
-        take (``rows``: HF name -> (format, raw blocks)) for a :class:`QuantizedLinear` (fused
-        parts concatenated by rows, in the order of ``_fused_slices``); a tied LM head over a
-        quantized embedding gets one too. Returns how many were swapped; the rest stay dense."""
-        from miniinfer.models.packed_linear import QuantizedLinear, kernel_fits
+        take for a :class:`QuantizedLinear`; a tied LM head over a quantized embedding gets one
+        too. The rest stay dense; with tensor parallelism nothing is swapped.
+
+        ``rows``: HF name -> (format, raw blocks uint8 ``[out, bytes per row]``); the parts of
+        a fused projection are concatenated by rows in ``packed_modules_mapping`` order.
+        Returns how many projections were swapped.
+        """
         if self.tp.enabled:
             return 0
         rows = {k.removeprefix("model."): v for k, v in rows.items()}
-        parts = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
-                 "o_proj": ("o_proj",), "down_proj": ("down_proj",)}
-
-        def quantized(names: list[str], weight: torch.Tensor, bias=None) -> QuantizedLinear | None:
-            """The parts' blocks as one QuantizedLinear standing for ``weight`` [out, in]."""
-            got = [rows.get(n) for n in names]
-            if any(g is None for g in got) or len({fmt for fmt, _ in got}) != 1:
-                return None
-            blocks = torch.cat([b for _, b in got]) if len(got) > 1 else got[0][1]
-            out_features, in_features = weight.shape
-            if blocks.shape[0] != out_features or not kernel_fits(out_features, in_features):
-                return None
-            return QuantizedLinear(blocks, in_features, bias, got[0][0])
-
         swapped = 0
-        for i, layer in enumerate(self.layers):
-            for parent, prefix in ((layer.self_attn, f"layers.{i}.self_attn"), (layer.mlp, f"layers.{i}.mlp")):
-                for fused, names in parts.items():
-                    dense = getattr(parent, fused, None)
-                    if isinstance(dense, nn.Linear):
-                        q = quantized([f"{prefix}.{n}.weight" for n in names], dense.weight, dense.bias)
-                        if q is not None:
-                            setattr(parent, fused, q)
-                            swapped += 1
+        for prefix, parent in list(self.layers.named_modules(prefix="layers")):
+            for name, dense in list(parent.named_children()):
+                if not isinstance(dense, nn.Linear):
+                    continue
+                parts = self.packed_modules_mapping.get(name, (name,))
+                q = _quantized_linear(rows, [f"{prefix}.{p}.weight" for p in parts], dense.weight, dense.bias)
+                if q is not None:
+                    setattr(parent, name, q)
+                    swapped += 1
         head_name = "embed_tokens.weight" if self.lm_head is None else "lm_head.weight"
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        q = quantized([head_name], weight)
+        q = _quantized_linear(rows, [head_name], weight)
         if q is not None:
             if self.lm_head is None:
                 self.packed_lm_head = q
@@ -211,20 +226,30 @@ class DecoderForCausalLM(nn.Module):
             self.packed_lm_head = PackedLinear(self.embed_tokens.weight, None)
 
     # --- weights -------------------------------------------------------------------
-    def _fused_slices(self) -> dict[str, tuple[str, int, int, int]]:
-        """HF name -> (fused parameter, offset in it, rows, first row of this rank's source slice)."""
+    def _packed_part_rows(self) -> dict[str, tuple[int, int]]:
+        """HF projection stacked in a fused parameter -> (its rows on this rank, first row of
+        this rank's slice of the HF tensor)."""
         cfg, tp = self.config, self.tp
         d = cfg.head_dim
         heads = tp.split(cfg.num_heads, "num_attention_heads")
         kv, kv_start = tp.kv_heads(cfg.num_kv_heads)
         inter = tp.split(cfg.intermediate_size, "intermediate_size")
-        q, k = heads * d, kv * d
-        return {
-            "q_proj": ("qkv_proj", 0, q, tp.rank * q), "k_proj": ("qkv_proj", q, k, kv_start * d),
-            "v_proj": ("qkv_proj", q + k, k, kv_start * d),
-            "gate_proj": ("gate_up_proj", 0, inter, tp.rank * inter),
-            "up_proj": ("gate_up_proj", inter, inter, tp.rank * inter),
-        }
+        return {"q_proj": (heads * d, tp.rank * heads * d), "k_proj": (kv * d, kv_start * d),
+                "v_proj": (kv * d, kv_start * d), "gate_proj": (inter, tp.rank * inter),
+                "up_proj": (inter, tp.rank * inter)}
+
+    def _fused_slices(self) -> dict[str, tuple[str, int, int, int]]:
+        """HF name -> (fused parameter, offset in it, rows, first row of this rank's source
+        slice), laid out in ``packed_modules_mapping`` order."""
+        part_rows = self._packed_part_rows()
+        slices = {}
+        for fused, parts in self.packed_modules_mapping.items():
+            offset = 0
+            for part in parts:
+                rows, src = part_rows[part]
+                slices[part] = (fused, offset, rows, src)
+                offset += rows
+        return slices
 
     def _shard(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's part of a non-fused HF tensor."""
@@ -238,24 +263,25 @@ class DecoderForCausalLM(nn.Module):
         return tensor  # norms: replicated
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into the (fused, sharded) parameters; raise if any is missing."""
+        """Copy HF-named tensors (``model.`` prefix optional, any dtype) into the fused,
+        sharded parameters.
+
+        Raises ``ValueError`` for an unexpected name, a shape mismatch, or missing weights.
+        """
         params = dict(self.named_parameters())
         slices = self._fused_slices()
         loaded: set[str] = set()
         for name, tensor in weights:
             name = name.removeprefix("model.")
-            if "rotary_emb" in name:
-                continue
-            if name == "lm_head.weight" and self.lm_head is None:
+            if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
                 continue
             parts = name.split(".")
             fused = slices.get(parts[-2]) if len(parts) >= 2 else None
             if fused is not None:
                 target = ".".join(parts[:-2] + [fused[0], parts[-1]])
-                param = params[target]
                 _, offset, rows, src = fused
                 with torch.no_grad():
-                    param.data[offset:offset + rows].copy_(tensor[src:src + rows])
+                    params[target].data[offset:offset + rows].copy_(tensor[src:src + rows])
                 loaded.add(f"{target}[{parts[-2]}]")
                 continue
             if name not in params:
@@ -267,14 +293,35 @@ class DecoderForCausalLM(nn.Module):
             with torch.no_grad():
                 params[name].data.copy_(tensor)
             loaded.add(name)
+        missing = self._expected_weights(params) - loaded
+        if missing:
+            raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:8]}")
+
+    def _expected_weights(self, params: dict[str, nn.Parameter]) -> set[str]:
+        """What a complete checkpoint fills: every parameter, a fused one once per part
+        (``"layers.0.self_attn.qkv_proj.weight[q_proj]"``)."""
         expected = set()
         for pname in params:
             parts = pname.split(".")
-            shards = [k for k, v in slices.items() if v[0] == parts[-2]]
-            if shards:
-                expected.update(f"{pname}[{s}]" for s in shards if not (parts[-1] == "bias" and s not in ("q_proj", "k_proj", "v_proj")))
+            packed = self.packed_modules_mapping.get(parts[-2]) if len(parts) >= 2 else None
+            if packed:
+                expected.update(f"{pname}[{p}]" for p in packed)
             else:
                 expected.add(pname)
-        missing = expected - loaded
-        if missing:
-            raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:8]}")
+        return expected
+
+
+def _quantized_linear(rows: dict[str, tuple[str, torch.Tensor]], names: list[str], weight: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> nn.Module | None:
+    """The raw blocks of ``names`` (one GGUF format, stacked by rows) as one
+    :class:`QuantizedLinear` standing for ``weight`` [out, in]; None if a part is missing,
+    the formats differ, or the kernels do not take the shape."""
+    from miniinfer.models.packed_linear import QuantizedLinear, kernel_fits
+    got = [rows.get(n) for n in names]
+    if any(g is None for g in got) or len({fmt for fmt, _ in got}) != 1:
+        return None
+    blocks = torch.cat([b for _, b in got]) if len(got) > 1 else got[0][1]
+    out_features, in_features = weight.shape
+    if blocks.shape[0] != out_features or not kernel_fits(out_features, in_features):
+        return None
+    return QuantizedLinear(blocks, in_features, bias, got[0][0])
