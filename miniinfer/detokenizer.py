@@ -175,9 +175,11 @@ class IncrementalDetokenizer:
         self.num_tokens += len(token_ids)
         return self._emit(self._step(), final=False)
 
-    def finish(self) -> str:
-        """End of sequence: emit everything held back (an incomplete character
-        becomes U+FFFD, as in a full decode) and return it."""
+    def finish(self, drop_incomplete: bool = False) -> str:
+        """End of sequence: emit everything held back and return it. An incomplete
+        trailing character becomes U+FFFD, as in a full decode, or with
+        ``drop_incomplete`` is left out (vLLM's output text: a request cut by
+        ``max_tokens`` mid-character never ends in U+FFFD)."""
         if self._finished:
             return ""
         self._finished = True
@@ -186,6 +188,8 @@ class IncrementalDetokenizer:
             prefix_text = self._get_prefix_text()
             full = self._decode(self._ids[self._prefix:])
             raw = full[len(prefix_text):]
+            if drop_incomplete:
+                raw = raw.rstrip(REPLACEMENT_CHAR)
             self._prefix, self._read = self._read, len(self._ids)
             self._prefix_text = None
         return self._emit(raw, final=True)

@@ -1,9 +1,18 @@
 """Per-request sampling options, shaped like vLLM's ``SamplingParams``."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from miniinfer.errors import InvalidRequestError
+
 MAX_LOGPROBS = 20  # the largest top-N logprobs a request may ask for (the engine default too)
+# Temperatures below this sample greedily: the limit T -> 0 of softmax(logits / T) is the
+# argmax, and dividing by a tinier T only overflows (vLLM uses the same threshold).
+GREEDY_TEMPERATURE = 1e-5
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1  # a signed 64-bit seed, as in the OpenAI API
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty")
 
 
 @dataclass
@@ -38,9 +47,17 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        def bad(name: str, rule: str, value) -> ValueError:
-            return ValueError(f"{name} must be {rule}, got {value!r}")
+        """Raises ``InvalidRequestError`` (a ``ValueError``) whose ``param`` names the field."""
+        def bad(name: str, rule: str, value) -> InvalidRequestError:
+            return InvalidRequestError(f"{name} must be {rule}, got {value!r}", name)
 
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(name, "a finite number", value)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not SEED_MIN <= self.seed <= SEED_MAX):
+            raise bad("seed", f"an integer in [{SEED_MIN}, {SEED_MAX}]", self.seed)
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", ">= 1", self.n)
         if self.temperature < 0:
@@ -67,10 +84,15 @@ class SamplingParams:
             raise bad("logprobs", f"in [0, {MAX_LOGPROBS}]", self.logprobs)
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict) or any(
-                    not isinstance(t, int) or t < 0 or not (-100 <= v <= 100) for t, v in self.logit_bias.items()):
+                    not isinstance(t, int) or t < 0 or isinstance(v, bool) or not isinstance(v, (int, float))
+                    or not math.isfinite(v) or not (-100 <= v <= 100) for t, v in self.logit_bias.items()):
                 raise bad("logit_bias", "a dict of token ids (int >= 0) to biases in [-100, 100]", self.logit_bias)
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise bad("stop", "a list of non-empty strings", self.stop)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def needs_penalties(self) -> bool:

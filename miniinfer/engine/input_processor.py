@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from miniinfer.errors import InvalidRequestError
 from miniinfer.sampling_params import SamplingParams
 
 
-class InvalidPromptError(ValueError):
-    """A prompt the engine cannot accept; ``param`` names the request field to blame."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
+InvalidPromptError = InvalidRequestError  # the server's historical name
 
 
 @dataclasses.dataclass(frozen=True)

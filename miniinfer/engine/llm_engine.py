@@ -69,9 +69,9 @@ class LLMEngine:
         self.input_processor = InputProcessor(tokenizer, InputLimits(
             self.model_config.vocab_size, self.max_model_len, config.max_num_batched_tokens,
             config.enable_chunked_prefill, config.max_logprobs))
-        self.output_processor = OutputProcessor(tokenizer, eos, self.max_model_len, self.scheduler)
-        self.eos_token_ids = eos
         self.requests: dict[str, Request] = {}
+        self.output_processor = OutputProcessor(tokenizer, eos, self.max_model_len, self.scheduler, self.requests)
+        self.eos_token_ids = eos
         self.inflight: InFlightStep | None = None  # launched, not yet processed (overlap)
         self._num_sync_requests = 0  # unfinished requests for which forces_sync() holds
         self.prompt_tokens_total = 0
@@ -107,9 +107,16 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         ids, params = self.input_processor.process(prompt, params, field=field, openai=openai)
         req = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, stream)
+        # All or nothing: every sequence is built before any is queued; if queuing still
+        # fails, whatever was queued is released again.
         req.seqs = [self._new_sequence(request_id, i, ids, params) for i in range(params.n)]
-        for seq in req.seqs:
-            self.scheduler.add(seq)
+        try:
+            for seq in req.seqs:
+                self.scheduler.add(seq)
+        except BaseException:
+            for seq in req.seqs:
+                self.scheduler.finish(seq)
+            raise
         self.requests[request_id] = req
         if forces_sync(params):
             self._num_sync_requests += 1
@@ -119,7 +126,8 @@ class LLMEngine:
     def _new_sequence(self, request_id: str, index: int, ids: list[int], params: SamplingParams) -> Sequence:
         seq = Sequence(request_id, index, list(ids), len(ids), params)
         if params.seed is not None:
-            seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
+            # seed + index wraps into the generator's unsigned 64-bit range (seed is any int64)
+            seq.generator = torch.Generator(device=self.runner.device).manual_seed((params.seed + index) % 2 ** 64)
         if params.logprobs is not None:
             seq.logprobs = []
         if self.tokenizer is not None:
@@ -141,9 +149,7 @@ class LLMEngine:
             return
         self._forget(req)
         for seq in req.seqs:
-            if not seq.is_finished:
-                seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
+            self.output_processor.finish(seq, "abort")
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -192,7 +198,7 @@ class LLMEngine:
         return outputs
 
     def _complete(self, step: InFlightStep) -> list[RequestOutput]:
-        outputs = self.output_processor.process(step.sched, self.runner.collect(step), self.requests)
+        outputs = self.output_processor.process(step.sched, self.runner.collect(step))
         for out in outputs:
             if out.finished:
                 self._forget(self.requests[out.request_id])

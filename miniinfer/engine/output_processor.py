@@ -9,6 +9,7 @@ several tokens at once.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -17,6 +18,8 @@ from miniinfer.engine.sequence import Sequence
 from miniinfer.engine.step import SchedulerOutput, StepResult
 from miniinfer.outputs import CompletionOutput, Logprob, RequestOutput
 from miniinfer.sampling_params import SamplingParams
+
+log = logging.getLogger("miniinfer")
 
 
 @dataclass
@@ -34,15 +37,16 @@ class Request:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer, eos_token_ids: set[int], max_model_len: int, scheduler: Scheduler):
+    def __init__(self, tokenizer, eos_token_ids: set[int], max_model_len: int, scheduler: Scheduler,
+                 requests: dict[str, Request]):
         self.tokenizer = tokenizer
+        self.requests = requests  # the engine's, by id
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
         self.scheduler = scheduler
         self.generation_tokens_total = 0
 
-    def process(self, sched: SchedulerOutput, result: StepResult,
-                requests: dict[str, Request]) -> list[RequestOutput]:
+    def process(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         """Apply a step's sampled ids; returns the outputs due (streaming requests that moved,
         and every request that finished)."""
         now = time.monotonic()
@@ -59,23 +63,41 @@ class OutputProcessor:
             row += 1
             if seq.is_finished:  # stopped or aborted while this step ran: drop the token
                 continue
-            if seq.logprobs is not None:
-                seq.logprobs.append(self._logprob_entry(result, row - 1, token, seq.params.logprobs))
-            seq.resolve_pending(token)
-            self.generation_tokens_total += 1
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            self.check_stop(seq, token)
-            if seq.is_finished:
-                seq.finished_time = now
-            else:
-                self.scheduler.publish(seq)
+            try:
+                self._commit(seq, token, result, row - 1, now)
+            except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
+                log.exception("request %s failed while processing its output", seq.request_id)
+                self.fail(seq, f"{type(e).__name__}: {e}")
         outputs = []
         for rid in touched:
-            req = requests.get(rid)
+            req = self.requests.get(rid)
             if req is not None and (req.stream or req.finished):
                 outputs.append(make_output(req))
         return outputs
+
+    def _commit(self, seq: Sequence, token: int, result: StepResult, row: int, now: float) -> None:
+        """One committed token: logprobs, the placeholder resolved, text, stop checks."""
+        if seq.logprobs is not None:
+            seq.logprobs.append(self._logprob_entry(result, row, token, seq.params.logprobs))
+        seq.resolve_pending(token)
+        self.generation_tokens_total += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        self.check_stop(seq, token)
+        if seq.is_finished:
+            seq.finished_time = now
+        else:
+            self.scheduler.publish(seq)
+
+    def fail(self, seq: Sequence, error: str) -> None:
+        """Fail one sequence (finish reason ``error``) and every sibling of its request: the
+        request ends with ``RequestOutput.error`` set; the engine and other requests go on."""
+        req = self.requests.get(seq.request_id)
+        for s in req.seqs if req is not None else [seq]:
+            if not s.is_finished:
+                s.error = error
+                self.finish(s, "error")
+                s.finished_time = time.monotonic()
 
     def _logprob_entry(self, result: StepResult, row: int, token: int, top_n: int) -> dict[int, Logprob]:
         out = result.sampler_output
@@ -90,36 +112,52 @@ class OutputProcessor:
         return entry
 
     def check_stop(self, seq: Sequence, token: int) -> None:
-        """Every finish path: EOS / stop id (after ``min_tokens``), stop string, length."""
+        """Every finish path but abort and error: EOS / stop token id, stop string, length.
+
+        No stop condition of any kind applies before ``min_tokens`` tokens exist (vLLM). The
+        text of a token that ended the request by EOS or ``stop_token_ids`` is not part of the
+        output text unless ``include_stop_str_in_output``; its id stays in the token ids."""
         p = seq.params
-        new_text = seq.detokenizer.push([token]) if seq.detokenizer is not None else ""
-        text = seq.detokenizer.text if seq.detokenizer is not None else ""
-        n_out = seq.num_output_tokens
+        past_min = seq.num_output_tokens >= p.min_tokens
         reason = stop = None
-        if n_out >= p.min_tokens:
+        if past_min:
             if not p.ignore_eos and token in self.eos_token_ids:
                 reason, stop = "stop", None
             elif token in p.stop_token_ids:
                 reason, stop = "stop", token
-        if reason is None and seq.stop_checker is not None and new_text:
+        detok = seq.detokenizer
+        if reason is not None and not p.include_stop_str_in_output:
+            self.finish(seq, reason, stop)
+            return
+        new_text = detok.push([token]) if detok is not None else ""
+        text = detok.text if detok is not None else ""
+        if reason is None and past_min and seq.stop_checker is not None and new_text:
             matched, cut = seq.stop_checker.check(text, len(new_text))
             if matched is not None:
-                reason, stop = "stop", matched
                 seq.output_text = text[:cut]
-        if reason is None and p.max_tokens is not None and n_out >= p.max_tokens:
+                self.finish(seq, "stop", matched, text_final=True)
+                return
+        if reason is None and p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
             reason = "length"
         if reason is None and seq.num_tokens - seq.num_pending >= self.max_model_len:
             reason = "length"
-        if reason is None:
-            if seq.stop_checker is not None:
-                seq.output_text = text[:seq.stop_checker.streamable_len(text)]
-            else:
-                seq.output_text = text
+        if reason is not None:
+            self.finish(seq, reason, stop)
+        elif seq.stop_checker is not None:
+            seq.output_text = text[:seq.stop_checker.streamable_len(text)]
+        else:
+            seq.output_text = text
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None,
+               text_final: bool = False) -> None:
+        """The one place a sequence finishes (stop, length, abort, error): its final text
+        (held-back text flushed, an incomplete trailing character dropped) and its release."""
+        if seq.is_finished:
             return
-        if not (stop is not None and isinstance(stop, str)) and seq.detokenizer is not None:
-            seq.detokenizer.finish()
+        if not text_final and seq.detokenizer is not None and reason not in ("abort", "error"):
+            seq.detokenizer.finish(drop_incomplete=True)
             seq.output_text = seq.detokenizer.text
-        seq.finish_reason, seq.stop_reason = reason, stop
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.scheduler.finish(seq)
 
 
@@ -136,5 +174,6 @@ def make_output(req: Request) -> RequestOutput:
         "finished_time": max(done) if req.finished and done else None,
         "num_generated_tokens": sum(s.num_output_tokens for s in seqs),
     }
+    error = next((s.error for s in seqs if s.error is not None), None)
     return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, comps, req.finished,
-                         num_cached_tokens=seqs[0].num_cached_tokens, metrics=metrics)
+                         num_cached_tokens=seqs[0].num_cached_tokens, metrics=metrics, error=error)

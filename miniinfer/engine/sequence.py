@@ -32,6 +32,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    error: str | None = None  # why it failed (finish_reason "error")
     output_text: str = ""
     logprobs: list[dict[int, Logprob]] | None = None
     generator: torch.Generator | None = None  # per-request seeded RNG

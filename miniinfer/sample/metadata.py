@@ -18,7 +18,7 @@ from miniinfer.sample.logits_processors import LOGITS_PROCESSORS, BatchView, Log
 
 @dataclass
 class SamplingMetadata:
-    temperature: torch.Tensor  # [B] float32 (greedy rows hold 1.0; see greedy)
+    temperature: torch.Tensor  # [B] float32 (greedy rows, T < GREEDY_TEMPERATURE, hold 1.0)
     greedy: torch.Tensor  # [B] bool
     top_k: torch.Tensor | None  # [B] int64, vocab size where unused
     top_p: torch.Tensor | None  # [B] float32
@@ -48,7 +48,7 @@ class SamplingMetadata:
         params = [s.params for s in seqs]
         view = BatchView(seqs, vocab_size, device, tuple(eos_token_ids), dev)
         processors = [(p, st) for p in LOGITS_PROCESSORS if (st := p.prepare(view)) is not None]
-        greedy_list = [p.temperature == 0.0 for p in params]
+        greedy_list = [p.is_greedy for p in params]
         need_topk = any(p.top_k > 0 for p in params)
         need_topp = any(p.top_p < 1.0 for p in params)
         need_minp = any(p.min_p > 0.0 for p in params)

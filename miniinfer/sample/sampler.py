@@ -65,12 +65,22 @@ def sample(logits: torch.Tensor, md: SamplingMetadata,
         out.top_logprobs, out.top_ids = top.values, top.indices
     for processor, state in md.processors:
         logits = processor.apply(logits, state)
+    if md.processors:  # a penalty or bias may overflow a finite logit: keep +inf out (bans stay -inf)
+        logits = logits.clamp(max=torch.finfo(logits.dtype).max)
     out.token_ids = _draw(logits, md, generator)
     if md.want_logprobs:
         chosen = logprobs.gather(-1, out.token_ids[:, None])
         out.sampled_logprob = chosen.squeeze(-1)
         out.sampled_rank = (logprobs > chosen).sum(-1) + 1
     return out
+
+
+def scaled_logits(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """(logits − row max) / T, then top-k / top-p / min-p: [B, V], each row's best entry 0, the
+    rest finite or −inf, so its softmax is never NaN for finite (or −inf) logits and any
+    accepted temperature (T ≥ GREEDY_TEMPERATURE; the shift doesn't change the distribution)."""
+    shifted = logits - logits.amax(-1, keepdim=True)
+    return apply_top_k_top_p_min_p(shifted / md.temperature[:, None], md)
 
 
 def _draw(logits: torch.Tensor, md: SamplingMetadata, generator: torch.Generator | None) -> torch.Tensor:
@@ -81,11 +91,9 @@ def _draw(logits: torch.Tensor, md: SamplingMetadata, generator: torch.Generator
         if md.top_k is None and md.top_p is None and md.min_p is None:
             return fused_sample(logits, torch.where(md.greedy, 0.0, md.temperature), md.seeds)
         # filter logits / T, then the same noise and argmax (greedy rows: T = 1, no noise)
-        scaled = apply_top_k_top_p_min_p(logits / md.temperature[:, None], md)
-        return fused_sample(scaled, (~md.greedy).float(), md.seeds)
+        return fused_sample(scaled_logits(logits, md), (~md.greedy).float(), md.seeds)
     greedy_ids = logits.argmax(-1)
-    scaled = apply_top_k_top_p_min_p(logits / md.temperature[:, None], md)
-    probs = scaled.softmax(-1)
+    probs = scaled_logits(logits, md).softmax(-1)
     noise = torch.empty_like(probs).exponential_(generator=generator)
     for i, g in enumerate(md.generators):
         if g is not None:

@@ -40,6 +40,10 @@ class EngineDeadError(RuntimeError):
     """The engine thread crashed (or failed to load); in-flight requests cannot finish."""
 
 
+class RequestFailedError(RuntimeError):
+    """One request failed inside the engine (``RequestOutput.error``); the engine goes on."""
+
+
 class EngineNotReadyError(RuntimeError):
     """The engine is still loading."""
 
@@ -113,6 +117,7 @@ def _snapshot(out: RequestOutput) -> RequestOutput:
         finished=out.finished,
         num_cached_tokens=out.num_cached_tokens,
         metrics=dict(out.metrics or {}),
+        error=out.error,
     )
 
 
@@ -244,7 +249,10 @@ class AsyncEngine:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
-            stream._put(out)
+            if out.error is not None:
+                stream._fail(RequestFailedError(out.error))
+            else:
+                stream._put(out)
             if out.finished:
                 del self._streams[out.request_id]
                 if self.on_request_finished is not None:

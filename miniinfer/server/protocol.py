@@ -75,12 +75,6 @@ def validation_error_to_api_error(err: ValidationError) -> APIError:
     return invalid(f"{param}: {msg}" if param else msg, param=param)
 
 
-def param_from_value_error(message: str) -> str | None:
-    """``SamplingParams`` errors start with the field name ('top_p must be in (0, 1] ...')."""
-    head = message.split(" ", 1)[0].strip("'\":,")
-    return head if head.isidentifier() else None
-
-
 # --------------------------------------------------------------------------- base
 
 class OpenAIBaseModel(BaseModel):
@@ -161,8 +155,8 @@ class _SamplingFields(OpenAIBaseModel):
                 skip_special_tokens=True if self.skip_special_tokens is None else self.skip_special_tokens,
                 include_stop_str_in_output=bool(self.include_stop_str_in_output),
             )
-        except (ValueError, TypeError) as e:
-            raise invalid(str(e), param_from_value_error(str(e))) from None
+        except (ValueError, TypeError) as e:  # SamplingParams names the field in InvalidRequestError.param
+            raise invalid(str(e), getattr(e, "param", None)) from None
 
 
 # --------------------------------------------------------------------------- chat

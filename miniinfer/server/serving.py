@@ -25,10 +25,10 @@ from pydantic import BaseModel
 from miniinfer.outputs import CompletionOutput, RequestOutput
 from miniinfer.sampling_params import SamplingParams
 from miniinfer.server.async_engine import (
-    AsyncEngine, EngineDeadError, EngineNotReadyError, InvalidPromptError, Prompt, RequestStream,
+    AsyncEngine, EngineDeadError, EngineNotReadyError, Prompt, RequestFailedError, RequestStream,
 )
 from miniinfer.server.protocol import (
-    APIError, PromptTokensDetails, UsageInfo, invalid, param_from_value_error, parse_request,
+    APIError, PromptTokensDetails, UsageInfo, invalid, parse_request,
 )
 
 LOADING = "the model is still loading; retry shortly"
@@ -75,10 +75,8 @@ class OpenAIServing:
         """Add one engine request; engine refusals become 400 / 503 API errors."""
         try:
             return await self.engine.add_request(request_id, prompt, params)
-        except InvalidPromptError as e:
-            raise invalid(str(e), e.param) from None
-        except ValueError as e:
-            raise invalid(str(e), param_from_value_error(str(e))) from None
+        except ValueError as e:  # InvalidRequestError names the field; others name none
+            raise invalid(str(e), getattr(e, "param", None)) from None
         except EngineNotReadyError:
             raise APIError(503, LOADING) from None
         except EngineDeadError as e:
@@ -288,7 +286,7 @@ class Generation:
             raise APIError(499, "client disconnected")
         try:
             return work.result()
-        except EngineDeadError as e:
+        except (EngineDeadError, RequestFailedError) as e:
             raise APIError(500, ENGINE_FAILED.format(e)) from None
 
     async def _events(self) -> AsyncIterator[str]:
@@ -315,7 +313,7 @@ class Generation:
             if self.include_usage:
                 yield self._chunk([], usage=self._usage(lasts))
             yield SSE_DONE
-        except EngineDeadError as e:
+        except (EngineDeadError, RequestFailedError) as e:
             yield sse(APIError(500, ENGINE_FAILED.format(e)).body())
             yield SSE_DONE
         finally:
