@@ -61,6 +61,19 @@ def cache_slot(block_table: list[int], position: int, block_size: int) -> int:
     return block_table[position // block_size] * block_size + position % block_size
 
 
+def cache_slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """``[cache_slot(p) for p in range(start, end)]``, one run per block (for long chunks)."""
+    out: list[int] = []
+    p = start
+    while p < end:
+        block, off = divmod(p, block_size)
+        n = min(block_size - off, end - p)
+        base = block_table[block] * block_size + off
+        out.extend(range(base, base + n))
+        p += n
+    return out
+
+
 def context_slots(block_tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
     """The same layout on the device: slots [B, length] (int64) of positions ``0 .. length-1``
     of each row of ``block_tables`` [B, max_blocks] (rows shorter than ``length`` read padding)."""

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from miniinfer.attention.metadata import AttentionMetadata, cache_slot
+from miniinfer.attention.metadata import AttentionMetadata, cache_slot, cache_slots
 from miniinfer.engine.sequence import Sequence
 from miniinfer.engine.step import SchedulerOutput
 from miniinfer.worker.host_staging import PinnedStaging
@@ -83,7 +83,7 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int,
         else:
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
-            slots.extend(cache_slot(table, p, block_size) for p in range(start, end))
+            slots.extend(cache_slots(table, start, end, block_size))
         q_lens.append(n)
         seq_lens.append(end)
         tables.append(table)
