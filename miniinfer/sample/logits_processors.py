@@ -28,6 +28,7 @@ ToDevice = Callable[[list, torch.dtype], torch.Tensor]
 class BatchView:
     """What a processor may read to prepare a step: the sampling sequences in row order."""
     seqs: list[Sequence]
+    params: list  # [s.params for s in seqs]
     vocab_size: int
     device: torch.device
     eos_token_ids: tuple[int, ...]
@@ -54,14 +55,15 @@ class LogitBias:
     name = "logit_bias"
 
     def prepare(self, batch: BatchView) -> SparseEntries | None:
+        biased = [(i, p.logit_bias) for i, p in enumerate(batch.params) if p.logit_bias]
+        if not biased:
+            return None
         rows, cols, vals = [], [], []
-        for i, s in enumerate(batch.seqs):
-            for token, bias in (s.params.logit_bias or {}).items():
+        for i, bias_of in biased:
+            for token, bias in bias_of.items():
                 rows.append(i)
                 cols.append(token)
                 vals.append(bias)
-        if not rows:
-            return None
         return SparseEntries(batch.to_device(rows, torch.int64), batch.to_device(cols, torch.int64),
                              batch.to_device(vals, torch.float32))
 
@@ -73,6 +75,8 @@ class MinTokens:
     name = "min_tokens"
 
     def prepare(self, batch: BatchView) -> SparseEntries | None:
+        if not any(p.min_tokens for p in batch.params):
+            return None
         rows: list[int] = []
         cols: list[int] = []
         for i, s in enumerate(batch.seqs):
@@ -104,7 +108,7 @@ class Penalties:
     name = "penalties"
 
     def prepare(self, batch: BatchView) -> PenaltyState | None:
-        params = [s.params for s in batch.seqs]
+        params = batch.params
         if not any(p.needs_penalties for p in params):
             return None
         f32 = dict(dtype=torch.float32, device=batch.device)

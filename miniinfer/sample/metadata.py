@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from miniinfer.engine.sequence import Sequence
+from miniinfer.sampling_params import GREEDY_TEMPERATURE
 from miniinfer.sample.logits_processors import LOGITS_PROCESSORS, BatchView, LogitsProcessor, ToDevice
 
 
@@ -46,9 +47,9 @@ class SamplingMetadata:
             return torch.tensor(values, dtype=dtype).to(device)
 
         params = [s.params for s in seqs]
-        view = BatchView(seqs, vocab_size, device, tuple(eos_token_ids), dev)
+        view = BatchView(seqs, params, vocab_size, device, tuple(eos_token_ids), dev)
         processors = [(p, st) for p in LOGITS_PROCESSORS if (st := p.prepare(view)) is not None]
-        greedy_list = [p.is_greedy for p in params]
+        greedy_list = [p.temperature < GREEDY_TEMPERATURE for p in params]
         need_topk = any(p.top_k > 0 for p in params)
         need_topp = any(p.top_p < 1.0 for p in params)
         need_minp = any(p.min_p > 0.0 for p in params)
