@@ -605,39 +605,44 @@ INLINE void F(silu_and_mul_row)(const float* gate, const float* up, float* dst, 
 // the SIMD versions), or along a row.
 #define TILE_M 4
 
+// The 32-bit lane of row l in a 64-byte group (bytes 4l..4l+3, little-endian as the SIMD loads).
+static inline uint32_t lane_bits(const uint8_t* group, int l) {
+    const uint8_t* p = group + 4 * l;
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
 INLINE void F(tile)(const uint8_t* rec, const float* X, const float* xsum, float* Y,
                     int N, int K, int n0, int m0, const int mr, const int q8) {
     const int nb = K / 32;
     const int record = q8 ? RECORD_Q8_0 : RECORD_Q4_1;
+    const int groups = q8 ? 8 : 4, per_lane = q8 ? 4 : 8, first = q8 ? 32 : 64;
     float acc[TILE_M][ROWS];
     memset(acc, 0, sizeof acc);
     for (int b = 0; b < nb; b++, rec += record) {
-        float w[32][ROWS];  // the block's q of the 16 rows (k-major), before d and m
+        float part[TILE_M][ROWS];  // sum_j q x of the block, per row and lane
+        memset(part, 0, sizeof part);
+        for (int h = 0; h < groups; h++) {
+            uint32_t u[ROWS];
+            for (int l = 0; l < ROWS; l++) u[l] = lane_bits(rec + first + 64 * h, l);
+            for (int s = 0; s < per_lane; s++) {
+                const int k = 32 * b + (q8 ? 4 * h + s : 4 * h + (s >> 1) + ((s & 1) ? 16 : 0));
+                float w[ROWS];  // weight s of every lane
+                for (int l = 0; l < ROWS; l++)
+                    w[l] = q8 ? (float)((int32_t)(u[l] << (24 - 8 * s)) >> 24) : (float)((u[l] >> (4 * s)) & 15);
+                for (int i = 0; i < mr; i++) {
+                    const float xv = X[(size_t)(m0 + i) * K + k];
+                    for (int l = 0; l < ROWS; l++) part[i][l] += w[l] * xv;
+                }
+            }
+        }
         float d[ROWS], mn[ROWS];
         for (int l = 0; l < ROWS; l++) {
             d[l] = half_to_float(rec + 2 * l);
             mn[l] = q8 ? 0.0f : half_to_float(rec + 32 + 2 * l);
         }
-        if (q8) {
-            for (int h = 0; h < 8; h++)
-                for (int j = 0; j < 4; j++)
-                    for (int l = 0; l < ROWS; l++) w[4 * h + j][l] = (float)(int8_t)rec[32 + 64 * h + 4 * l + j];
-        } else {
-            for (int h = 0; h < 4; h++)
-                for (int j = 0; j < 4; j++)
-                    for (int l = 0; l < ROWS; l++) {
-                        const uint8_t byte = rec[64 + 64 * h + 4 * l + j];
-                        w[4 * h + j][l] = (float)(byte & 15);
-                        w[4 * h + j + 16][l] = (float)(byte >> 4);
-                    }
-        }
         for (int i = 0; i < mr; i++) {
-            const float* x = X + (size_t)(m0 + i) * K + 32 * b;
-            float part[ROWS] = {0};
-            for (int k = 0; k < 32; k++)
-                for (int l = 0; l < ROWS; l++) part[l] += w[k][l] * x[k];
             const float xs = q8 ? 0.0f : xsum[(size_t)(m0 + i) * nb + b];
-            for (int l = 0; l < ROWS; l++) acc[i][l] += d[l] * part[l] + mn[l] * xs;
+            for (int l = 0; l < ROWS; l++) acc[i][l] += d[l] * part[i][l] + mn[l] * xs;
         }
     }
     for (int i = 0; i < mr; i++) memcpy(Y + (size_t)(m0 + i) * N + n0, acc[i], sizeof acc[i]);
