@@ -169,12 +169,30 @@ void q8_0_gemm(const uint8_t* packed, const float* X, float* Y, int M, int N, in
     active->gemm(packed, X, 0, Y, M, N, K, 1);
 }
 
-void paged_decode_attention(const float* q, const float* k_cache, const float* v_cache,
-                            const int32_t* block_tables, int bt_stride, const int32_t* seq_lens,
-                            float* out, float* scores, int B, int H, int Hkv, int D, int block_size,
-                            int max_len, float scale) {
+// The exported kernels check what would make them read or write out of bounds (cheap loops
+// here instead of torch reductions per call in Python) and return nonzero, doing nothing, when
+// it fails; the Python side raises.
+
+// Returns 1 (nothing done) if a seq_len is outside [1, min(max_len, bt_stride * block_size)],
+// 2 if a block that a sequence reads is outside [0, num_blocks), 3 if out of memory.
+int paged_decode_attention(const float* q, const float* k_cache, const float* v_cache,
+                           const int32_t* block_tables, int bt_stride, const int32_t* seq_lens,
+                           float* out, int B, int H, int Hkv, int D, int block_size, int max_len,
+                           float scale, int num_blocks) {
+    const long limit = max_len < (long)bt_stride * block_size ? max_len : (long)bt_stride * block_size;
+    for (int b = 0; b < B; b++) {
+        if (seq_lens[b] < 1 || seq_lens[b] > limit) return 1;
+        const int32_t* table = block_tables + (size_t)b * bt_stride;
+        for (int i = 0; i < (seq_lens[b] + block_size - 1) / block_size; i++)
+            if (table[i] < 0 || table[i] >= num_blocks) return 2;
+    }
+    if (B == 0) return 0;
+    float* scores = (float*)malloc(sizeof(float) * (size_t)B * H * max_len);  // softmax rows
+    if (!scores) return 3;
     active->paged_decode_attention(q, k_cache, v_cache, block_tables, bt_stride, seq_lens, out, scores,
                                    B, H, Hkv, D, block_size, max_len, scale);
+    free(scores);
+    return 0;
 }
 
 void rms_norm(const float* x, float* residual, const float* weight, float* out, int rows, int n, float eps) {
@@ -183,14 +201,22 @@ void rms_norm(const float* x, float* residual, const float* weight, float* out, 
 
 void silu_and_mul(const float* x, float* out, int rows, int n) { active->silu_and_mul(x, out, rows, n); }
 
-void rope_neox(const float* x, long row_stride, int T, int heads, int D, int rot,
-               const int64_t* positions, const float* cos_sin, float* out) {
+// Returns 1 (nothing done) if a position is outside [0, n_positions).
+int rope_neox(const float* x, long row_stride, int T, int heads, int D, int rot,
+              const int64_t* positions, const float* cos_sin, float* out, long n_positions) {
+    for (int t = 0; t < T; t++)
+        if (positions[t] < 0 || positions[t] >= n_positions) return 1;
     active->rope_neox(x, row_stride, T, heads, D, rot, positions, cos_sin, out);
+    return 0;
 }
 
-void store_kv(const float* k, long k_stride, const float* v, long v_stride, const int64_t* slots,
-              float* k_cache, float* v_cache, int T, int width) {
+// Returns 1 (nothing done) if a slot is outside [-1, n_slots).
+int store_kv(const float* k, long k_stride, const float* v, long v_stride, const int64_t* slots,
+             float* k_cache, float* v_cache, int T, int width, long n_slots) {
+    for (int t = 0; t < T; t++)
+        if (slots[t] < -1 || slots[t] >= n_slots) return 1;
     active->store_kv(k, k_stride, v, v_stride, slots, k_cache, v_cache, T, width);
+    return 0;
 }
 
 #else  // ---------------------------------------------- the kernels of one ISA (MI_ISA 0, 1, 2)

@@ -108,17 +108,17 @@ def _library() -> ctypes.CDLL | None:
     lib.q4_1_gemm.restype = None
     lib.q8_0_gemm.argtypes = [p, p, p, i, i, i]
     lib.q8_0_gemm.restype = None
-    lib.paged_decode_attention.argtypes = [p, p, p, p, i, p, p, p, i, i, i, i, i, i, ctypes.c_float]
-    lib.paged_decode_attention.restype = None
+    lib.paged_decode_attention.argtypes = [p, p, p, p, i, p, p, i, i, i, i, i, i, ctypes.c_float, i]
+    lib.paged_decode_attention.restype = i
     lib.rms_norm.argtypes = [p, p, p, p, i, i, ctypes.c_float]
     lib.rms_norm.restype = None
     lib.silu_and_mul.argtypes = [p, p, i, i]
     lib.silu_and_mul.restype = None
     lg = ctypes.c_long
-    lib.rope_neox.argtypes = [p, lg, i, i, i, i, p, p, p]
-    lib.rope_neox.restype = None
-    lib.store_kv.argtypes = [p, lg, p, lg, p, p, p, i, i]
-    lib.store_kv.restype = None
+    lib.rope_neox.argtypes = [p, lg, i, i, i, i, p, p, p, lg]
+    lib.rope_neox.restype = i
+    lib.store_kv.argtypes = [p, lg, p, lg, p, p, p, i, i, lg]
+    lib.store_kv.restype = i
     for name in ("miniinfer_cpu_isas", "miniinfer_isa"):
         getattr(lib, name).argtypes, getattr(lib, name).restype = [], i
     lib.miniinfer_set_isa.argtypes, lib.miniinfer_set_isa.restype = [i], i
@@ -262,21 +262,23 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("the caches must be contiguous")
     q = q.contiguous()
-    tables = block_tables.to(torch.int32).contiguous()
-    lens = seq_lens.to(torch.int32).contiguous()
-    # the C code trusts these: check them here (cheap at decode sizes) rather than crash
+    tables = _int_rows(block_tables, torch.int32)
+    lens = _int_rows(seq_lens, torch.int32)
     if tables.shape[0] != b or lens.shape[0] != b:
         raise ValueError(f"{b} queries but {tables.shape[0]} block tables and {lens.shape[0]} lengths")
-    if b and (int(lens.min()) < 1 or int(lens.max()) > min(max_len, tables.shape[1] * block_size)):
-        raise ValueError(f"seq_lens must be in [1, {min(max_len, tables.shape[1] * block_size)}]")
-    if tables.numel() and (int(tables.min()) < 0 or int(tables.max()) >= k_cache.shape[0]):
-        raise ValueError(f"block table entries must be in [0, {k_cache.shape[0]})")
     out = torch.empty_like(q)
-    scores = torch.empty(b * h * max(max_len, 1), dtype=torch.float32)
-    lib.paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
-                               tables.stride(0), lens.data_ptr(), out.data_ptr(), scores.data_ptr(),
-                               b, h, hkv, d, block_size, max_len, scale)
+    err = lib.paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+                                     tables.stride(0), lens.data_ptr(), out.data_ptr(), b, h, hkv, d,
+                                     block_size, max_len, scale, k_cache.shape[0])
+    if err:  # the C code checks what would read out of bounds (it did nothing)
+        raise ValueError(f"seq_lens must be in [1, {min(max_len, tables.shape[1] * block_size)}]" if err == 1 else
+                         f"block table entries must be in [0, {k_cache.shape[0]})" if err == 2 else
+                         "out of memory")
     return out
+
+
+def _int_rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
@@ -307,13 +309,12 @@ def rope_neox(x: torch.Tensor, heads: int, head_dim: int, positions: torch.Tenso
     rot = cos_sin_cache.shape[-1]
     if x.stride(-1) != 1 or x.dtype != torch.float32 or rot > head_dim or rot % 2:
         raise ValueError("rope_neox takes fp32 rows with a contiguous last dimension")
-    pos = positions.to(torch.int64).contiguous()
-    if t and (int(pos.min()) < 0 or int(pos.max()) >= cos_sin_cache.shape[0]):
-        raise ValueError(f"positions must be in [0, {cos_sin_cache.shape[0]})")
+    pos = _int_rows(positions, torch.int64)
     out = torch.empty(t, heads, head_dim, dtype=torch.float32)
     cache = cos_sin_cache.contiguous()
-    _library().rope_neox(x.data_ptr(), x.stride(0), t, heads, head_dim, rot, pos.data_ptr(), cache.data_ptr(),
-                         out.data_ptr())
+    if _library().rope_neox(x.data_ptr(), x.stride(0), t, heads, head_dim, rot, pos.data_ptr(), cache.data_ptr(),
+                            out.data_ptr(), cache.shape[0]):
+        raise ValueError(f"positions must be in [0, {cache.shape[0]})")
     return out
 
 
@@ -322,9 +323,8 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     """``k_cache[slot] = k[t]`` (and v) for every token whose slot is >= 0. k, v: ``[T, Hkv, D]``
     fp32 with contiguous rows (any row stride); caches contiguous fp32."""
     t, width = k.shape[0], k.shape[1] * k.shape[2]
-    slots = slot_mapping.to(torch.int64).contiguous()
+    slots = _int_rows(slot_mapping, torch.int64)
     n_slots = k_cache.numel() // width
-    if t and (int(slots.max()) >= n_slots or int(slots.min()) < -1):
+    if _library().store_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(),
+                           k_cache.data_ptr(), v_cache.data_ptr(), t, width, n_slots):
         raise ValueError(f"slot_mapping entries must be in [-1, {n_slots})")
-    _library().store_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(),
-                        k_cache.data_ptr(), v_cache.data_ptr(), t, width)
