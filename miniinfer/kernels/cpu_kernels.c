@@ -414,16 +414,44 @@ INLINE float F(hsum)(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// Weight s of each of 8 lanes as floats: Q4_1 nibble s (0..7), Q8_0 byte s (0..3, sign-extended).
+// Weight s of each of 8 lanes as floats, in one integer op and a conversion, times a power of
+// two that the activations carry instead (the tiles read X prescaled by prescale_x below):
+// Q4_1 nibble s masked in place is q * 16^s (s = 7 shifted down: q); Q8_0 byte s moved to the
+// top byte is q * 2^24 (signed). Products q16^s * x16^-s equal q * x exactly.
 INLINE __m256 F(lane_weights)(__m256i packed, const int s, const int q8) {
     if (q8) {
-        const __m256i top = s == 3 ? packed : _mm256_slli_epi32(packed, 24 - 8 * s);
-        return _mm256_cvtepi32_ps(_mm256_srai_epi32(top, 24));
+        __m256i top;
+        if (s == 0) top = _mm256_slli_epi32(packed, 24);
+        else if (s == 3) top = _mm256_and_si256(packed, _mm256_set1_epi32((int)0xff000000u));
+        else  // byte s of each lane to its top byte, the rest zero
+            top = _mm256_shuffle_epi8(packed, _mm256_setr_epi8(
+                -128, -128, -128, s, -128, -128, -128, 4 + s, -128, -128, -128, 8 + s, -128, -128, -128, 12 + s,
+                -128, -128, -128, s, -128, -128, -128, 4 + s, -128, -128, -128, 8 + s, -128, -128, -128, 12 + s));
+        return _mm256_cvtepi32_ps(top);
     }
     if (s == 7) return _mm256_cvtepi32_ps(_mm256_srli_epi32(packed, 28));
-    const __m256i low = s ? _mm256_srli_epi32(packed, 4 * s) : packed;
-    return _mm256_cvtepi32_ps(_mm256_and_si256(low, _mm256_set1_epi32(15)));
+    return _mm256_cvtepi32_ps(_mm256_and_si256(packed, _mm256_set1_epi32(15 << (4 * s))));
 }
+
+// xs = X times the power of two that lane_weights leaves out: Q8_0 2^-24 everywhere; Q4_1
+// 16^-s for position k of a block, k = 4h + s/2 (+16 if s odd): s = 2 (k % 4) + (k % 32 >= 16),
+// 1 for s = 7. |x| < 2^-100 becomes 0 (its product is far below fp32 resolution of any sum;
+// this keeps every scaled value a normal float: no denormal slow paths).
+static void F(prescale_x)(const float* X, float* xs, size_t n, int q8) {
+    float pattern[32];
+    for (int k = 0; k < 32; k++) {
+        const int s = 2 * (k % 4) + (k >= 16);
+        pattern[k] = q8 ? 0x1p-24f : s == 7 ? 1.0f : ldexpf(1.0f, -4 * s);
+    }
+    const __m256 tiny = _mm256_set1_ps(0x1p-100f), magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (size_t j = 0; j < n; j += 32)
+        for (int c = 0; c < 4; c++) {
+            const __m256 x = _mm256_loadu_ps(X + j + 8 * c);
+            const __m256 keep = _mm256_cmp_ps(_mm256_and_ps(x, magnitude), tiny, _CMP_GE_OQ);
+            _mm256_storeu_ps(xs + j + 8 * c, _mm256_and_ps(_mm256_mul_ps(x, _mm256_loadu_ps(pattern + 8 * c)), keep));
+        }
+}
+#define PRESCALE_X 1
 
 // One record group (16 rows, all K blocks) times mr activation rows starting at m0.
 // mr = 1 (decode): per-block sums of q * x in 4 independent chains, scaled by d once per block.
@@ -802,6 +830,12 @@ static void F(gemm)(const uint8_t* packed, const float* X, float* xsum, float* Y
                     int q8) {
     const int nb = K / 32, groups = N / ROWS, record = q8 ? RECORD_Q8_0 : RECORD_Q4_1;
     if (!q8) F(block_sums)(X, xsum, M * nb);
+#ifdef PRESCALE_X
+    float* xs = (float*)malloc(sizeof(float) * (size_t)M * K);
+    if (!xs) return;  // (as the x sums: M * K floats, never large; Y is left as allocated)
+    F(prescale_x)(X, xs, (size_t)M * K, q8);
+    X = xs;
+#endif
 #pragma omp parallel
     for (int mc = 0; mc < M; mc += CHUNK_M) {
         const int me = mc + CHUNK_M < M ? mc + CHUNK_M : M;
@@ -811,6 +845,9 @@ static void F(gemm)(const uint8_t* packed, const float* X, float* xsum, float* Y
             else F(group_rows)(packed + (size_t)g * nb * record, X, xsum, Y, N, K, g * ROWS, mc, me, 0);
         }
     }
+#ifdef PRESCALE_X
+    free(xs);
+#endif
 }
 
 // Decode attention over the paged cache: q [B, H, D], caches [blocks, block_size, Hkv, D],
@@ -895,6 +932,7 @@ static void F(store_kv)(const float* k, long k_stride, const float* v, long v_st
 }
 
 #undef TILE_M
+#undef PRESCALE_X
 #undef ATTEND_TASK_CASES
 #undef ATTEND_VECTORS
 #undef F
