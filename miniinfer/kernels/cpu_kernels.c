@@ -468,7 +468,11 @@ INLINE void F(tile)(const uint8_t* rec, const float* X, const float* xsum, float
         const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(rec + 16)));
         if (mr == 1) {
             const float* x = X + (size_t)m0 * K + 32 * b;
-            __m256 p00 = _mm256_setzero_ps(), p01 = p00, p10 = p00, p11 = p00;  // [half][chain]
+            // [half][chain]: independent FMA chains to cover the FMA latency (Q8_0: 4 measured
+            // faster than 8, Q4_1: 8 faster than 4, on Zen 4)
+            const int chains = q8 ? 2 : 4;
+            __m256 part[2][4];
+            for (int c = 0; c < 4; c++) part[0][c] = part[1][c] = _mm256_setzero_ps();
 #pragma GCC unroll 8
             for (int h = 0; h < groups; h++) {
                 const __m256i lo = _mm256_loadu_si256((const __m256i*)(rec + first + 64 * h));
@@ -477,17 +481,17 @@ INLINE void F(tile)(const uint8_t* rec, const float* X, const float* xsum, float
                 for (int s = 0; s < per_lane; s++) {
                     const int k = q8 ? 4 * h + s : 4 * h + (s >> 1) + ((s & 1) ? 16 : 0);
                     const __m256 xb = _mm256_broadcast_ss(x + k);
-                    if (s & 1) {
-                        p01 = _mm256_fmadd_ps(F(lane_weights)(lo, s, q8), xb, p01);
-                        p11 = _mm256_fmadd_ps(F(lane_weights)(hi, s, q8), xb, p11);
-                    } else {
-                        p00 = _mm256_fmadd_ps(F(lane_weights)(lo, s, q8), xb, p00);
-                        p10 = _mm256_fmadd_ps(F(lane_weights)(hi, s, q8), xb, p10);
-                    }
+                    const int c = s % chains;
+                    part[0][c] = _mm256_fmadd_ps(F(lane_weights)(lo, s, q8), xb, part[0][c]);
+                    part[1][c] = _mm256_fmadd_ps(F(lane_weights)(hi, s, q8), xb, part[1][c]);
                 }
             }
-            acc[0][0] = _mm256_fmadd_ps(d0, _mm256_add_ps(p00, p01), acc[0][0]);
-            acc[0][1] = _mm256_fmadd_ps(d1, _mm256_add_ps(p10, p11), acc[0][1]);
+            for (int half = 0; half < 2; half++) {
+                const __m256 p = chains == 2 ? _mm256_add_ps(part[half][0], part[half][1])
+                                             : _mm256_add_ps(_mm256_add_ps(part[half][0], part[half][1]),
+                                                             _mm256_add_ps(part[half][2], part[half][3]));
+                acc[0][half] = _mm256_fmadd_ps(half ? d1 : d0, p, acc[0][half]);
+            }
         } else {
 #pragma GCC unroll 8
             for (int h = 0; h < groups; h++) {
