@@ -43,8 +43,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
+#if defined(__x86_64__) && !defined(MI_PORTABLE_ONLY)  // -DMI_PORTABLE_ONLY: the build of other
+#include <immintrin.h>                                 // architectures, on x86-64 (a test builds it)
 #define MI_X86 1
 #else
 #define MI_X86 0
