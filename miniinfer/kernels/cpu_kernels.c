@@ -73,34 +73,35 @@ static inline float half_to_float(const uint8_t* p) {
     return (h & 0x8000) ? -f : f;
 }
 
-// ---- one pass per ISA
+// ---- one pass per ISA (#include "cpu_kernels.c": this file, found next to itself however the
+// compiler was called)
 #define MI_ISA 0
-#include __FILE__
+#include "cpu_kernels.c"
 #undef MI_ISA
 
 #if MI_X86 && defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 #define MI_ISA 1
-#include __FILE__
+#include "cpu_kernels.c"
 #undef MI_ISA
 #pragma clang attribute pop
 #pragma clang attribute push(__attribute__((target("avx512f,avx2,fma,f16c"))), apply_to = function)
 #define MI_ISA 2
-#include __FILE__
+#include "cpu_kernels.c"
 #undef MI_ISA
 #pragma clang attribute pop
 #elif MI_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #define MI_ISA 1
-#include __FILE__
+#include "cpu_kernels.c"
 #undef MI_ISA
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx2,fma,f16c")
 #define MI_ISA 2
-#include __FILE__
+#include "cpu_kernels.c"
 #undef MI_ISA
 #pragma GCC pop_options
 #endif
