@@ -296,3 +296,39 @@ def test_portable_only_build_as_on_other_architectures(tmp_path):
                   3, 48, 96)
     ref = x.double() @ cpu_kernels.dequantize(blocks, 96).double().t()
     assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_each_pass_uses_only_its_instructions():
+    """What makes one build safe on every x86-64 CPU, checked in the machine code of the built
+    library: only the avx512 pass has AVX-512 (zmm, mask or EVEX-only registers), only the avx2
+    and avx512 passes have any VEX instruction; the portable pass, the dispatch and everything
+    else stay baseline x86-64 (SSE2)."""
+    import platform
+    import re
+    import shutil
+    import subprocess
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip(f"checks x86-64 machine code (this is {platform.machine()})")
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("needs objdump (binutils) to read the library's machine code")
+    lib = cpu_kernels._build(shutil.which("gcc") or shutil.which("cc"))
+    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", lib], check=True, capture_output=True,
+                          text=True).stdout
+    avx512_only = re.compile(r"zmm|%k[0-7]\b|[xy]mm(1[6-9]|2\d|3[01])\b")
+    seen = {"avx2": 0, "avx512": 0, "other": 0}
+    fn = ""
+    for line in text.splitlines():
+        if m := re.match(r"[0-9a-f]+ <(.+)>:$", line):
+            fn = m.group(1)
+            continue
+        if not (m := re.match(r"\s+[0-9a-f]+:\t(\S+)\s*(.*)", line)):
+            continue
+        mnemonic, operands = m.groups()
+        kind = "avx512" if "_avx512" in fn else "avx2" if "_avx2" in fn else "other"
+        seen[kind] += 1
+        if kind == "avx2":
+            assert not avx512_only.search(operands), f"AVX-512 in {fn}: {mnemonic} {operands}"
+        elif kind == "other":
+            assert not mnemonic.startswith("v") and "ymm" not in operands, f"AVX in {fn}: {mnemonic} {operands}"
+    assert all(seen.values()), seen
