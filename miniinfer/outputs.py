@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 class Logprob:
     logprob: float
     rank: int  # 1 = most likely token
-    decoded_token: str | None = None
+    decoded_token: str | None = None  # the token decoded alone (a fragment of a character: U+FFFD)
+    token_bytes: bytes | None = None  # its real bytes (b"" for special tokens), None without a tokenizer
 
 
 # One dict per generated token: token id -> Logprob (the sampled token plus the top-N).

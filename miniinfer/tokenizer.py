@@ -106,3 +106,55 @@ def eos_token_ids(tokenizer, hf_config: dict | None) -> list[int]:
         for tok in _END_OF_TURN_TOKENS:
             add(vocab.get(tok))
     return ids
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """Byte-level BPE vocabularies (GPT-2, Llama 3, Qwen, SmolLM) spell each byte as one
+    printable character: bytes that are printable stand for themselves, the other 68 are
+    mapped in order to U+0100 onwards. Returns character -> byte."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) \
+        | set(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+class TokenBytes:
+    """``token_bytes(token_id) -> bytes``: the token's real bytes (a byte-fallback fragment of a
+    multi-byte character stays that fragment; decoding one token alone would give U+FFFD).
+    Special tokens give ``b""`` (their text is skipped in outputs). Cached per token id."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, bytes] = {}
+        self._special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self._byte_level = _byte_level_chars() if type(decoder).__name__ == "ByteLevel" else None
+
+    def __call__(self, token_id: int) -> bytes:
+        b = self._cache.get(token_id)
+        if b is None:
+            b = self._cache[token_id] = self._bytes(token_id)
+        return b
+
+    def _bytes(self, token_id: int) -> bytes:
+        import re
+        if token_id in self._special:
+            return b""
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if not isinstance(piece, str):
+            return b""
+        if self._byte_level is not None and all(c in self._byte_level for c in piece):
+            return bytes(self._byte_level[c] for c in piece)
+        m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)  # SentencePiece byte fallback
+        if m:
+            return bytes([int(m.group(1), 16)])
+        text = self.tokenizer.decode([token_id])
+        if "\ufffd" not in text:
+            return text.encode("utf-8")
+        return piece.replace("\u2581", " ").encode("utf-8")

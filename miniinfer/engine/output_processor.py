@@ -41,6 +41,10 @@ class OutputProcessor:
                  requests: dict[str, Request]):
         self.tokenizer = tokenizer
         self.requests = requests  # the engine's, by id
+        self._token_bytes = None
+        if tokenizer is not None:
+            from miniinfer.tokenizer import TokenBytes
+            self._token_bytes = TokenBytes(tokenizer)
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
         self.scheduler = scheduler
@@ -100,16 +104,21 @@ class OutputProcessor:
                 s.finished_time = time.monotonic()
 
     def _logprob_entry(self, result: StepResult, row: int, token: int, top_n: int) -> dict[int, Logprob]:
+        """The sampled token and the top-N, keyed by token id (no candidate is ever lost)."""
         out = result.sampler_output
-        decode = (lambda t: self.tokenizer.decode([t])) if self.tokenizer is not None else (lambda t: None)
         entry: dict[int, Logprob] = {}
         ids = out.top_ids[row, :top_n].tolist()
         vals = out.top_logprobs[row, :top_n].tolist()
         for rank, (t, v) in enumerate(zip(ids, vals), start=1):
-            entry[t] = Logprob(v, rank, decode(t))
+            entry[t] = self._logprob(t, v, rank)
         if token not in entry:
-            entry[token] = Logprob(float(out.sampled_logprob[row]), int(out.sampled_rank[row]), decode(token))
+            entry[token] = self._logprob(token, float(out.sampled_logprob[row]), int(out.sampled_rank[row]))
         return entry
+
+    def _logprob(self, token: int, value: float, rank: int) -> Logprob:
+        if self.tokenizer is None:
+            return Logprob(value, rank)
+        return Logprob(value, rank, self.tokenizer.decode([token]), self._token_bytes(token))
 
     def check_stop(self, seq: Sequence, token: int) -> None:
         """Every finish path but abort and error: EOS / stop token id, stop string, length.

@@ -1,4 +1,4 @@
-"""OpenAI-compatible request / response models (pydantic v2) and the error type.
+"""OpenAI-compatible request / response models (pydantic v2); errors in ``api_errors.py``.
 
 Requests are validated in two stages:
 
@@ -18,61 +18,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from miniinfer.sampling_params import MAX_LOGPROBS, SamplingParams
-
-
-# --------------------------------------------------------------------------- errors
-
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-                500: "internal_server_error", 503: "service_unavailable"}
-
-
-class APIError(Exception):
-    """An error that the server turns into an OpenAI-shaped JSON body."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 type: str | None = None, code: str | int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.type = type or _ERROR_TYPES.get(status, "invalid_request_error")
-        self.code = code if code is not None else status
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type,
-                          "param": self.param, "code": self.code}}
-
-
-def invalid(message: str, param: str | None = None) -> APIError:
-    """A 400 ``invalid_request_error`` naming ``param``."""
-    return APIError(400, message, param=param)
-
-
-# pydantic error type of a failed ``Field`` bound -> (operator, ctx key)
-_BOUND_ERRORS = {"greater_than_equal": (">=", "ge"), "less_than_equal": ("<=", "le"),
-                 "greater_than": (">", "gt"), "less_than": ("<", "lt")}
-
-
-def validation_error_to_api_error(err: ValidationError) -> APIError:
-    """Map a pydantic error to a 400 naming the first offending field."""
-    first = err.errors(include_url=False)[0]
-    loc = [str(p) for p in first.get("loc", ()) if not str(p).startswith(("function-", "union["))]
-    # pydantic appends the union member type (e.g. 'str', 'list[int]') to the location
-    # of union fields; keep the request-level path only.
-    clean: list[str] = []
-    for p in loc:
-        if p in ("str", "int", "float", "bool") or p.startswith(("list[", "dict[", "tagged-union")):
-            break
-        clean.append(p)
-    param = ".".join(clean) or None
-    bound = _BOUND_ERRORS.get(first.get("type", ""))
-    if bound is not None and param:  # same wording as the hand-written checks: 'n must be >= 1, got 0'
-        limit = first["ctx"][bound[1]]
-        limit = int(limit) if isinstance(limit, float) and limit.is_integer() else limit
-        return invalid(f"{param} must be {bound[0]} {limit}, got {first.get('input')}", param=param)
-    msg = first.get("msg", "invalid value")
-    return invalid(f"{param}: {msg}" if param else msg, param=param)
+from miniinfer.server.api_errors import APIError, invalid, validation_error_to_api_error  # noqa: F401
 
 
 # --------------------------------------------------------------------------- base
@@ -82,11 +28,24 @@ class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class StreamOptions(OpenAIBaseModel):
+class RequestModel(OpenAIBaseModel):
+    """Request bodies: a field this server does not know is a 400 naming it, never ignored."""
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(RequestModel):
     include_usage: Optional[bool] = False
 
 
-class _SamplingFields(OpenAIBaseModel):
+class ResponseFormat(RequestModel):
+    type: str
+    json_schema: Optional[dict] = None
+
+
+MAX_LOGIT_BIAS = 300  # entries; OpenAI's limit
+
+
+class _SamplingFields(RequestModel):
     """Fields shared by chat and text completions (OpenAI + vLLM extras)."""
 
     model: Optional[str] = None
@@ -110,12 +69,26 @@ class _SamplingFields(OpenAIBaseModel):
     skip_special_tokens: Optional[bool] = True
     stop_token_ids: Optional[list[int]] = None
     include_stop_str_in_output: Optional[bool] = False
+    logit_bias: Optional[dict[str, float]] = None
+    response_format: Optional[ResponseFormat] = None
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens
 
     def _num_logprobs(self) -> int | None:  # overridden
         return None
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        """OpenAI sends token ids as JSON object keys (strings)."""
+        if not self.logit_bias:
+            return None
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise invalid(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}",
+                          "logit_bias")
+        try:
+            return {int(k): v for k, v in self.logit_bias.items()}
+        except ValueError:
+            raise invalid("logit_bias keys must be token ids (integers)", "logit_bias") from None
 
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
@@ -131,6 +104,11 @@ class _SamplingFields(OpenAIBaseModel):
             if max_model_len is not None and max_tokens > max_model_len:
                 raise invalid(f"max_tokens must be <= the model's context length "
                               f"({max_model_len} tokens), got {max_tokens}", "max_tokens")
+        if self.stream_options is not None and not self.stream:
+            raise invalid("stream_options is only allowed when stream is true", "stream_options")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise invalid(f"response_format of type {self.response_format.type!r} is not supported yet "
+                          "(structured output)", "response_format")
         top_k = -1 if self.top_k in (None, 0) else self.top_k
         stop = self.stop
         if isinstance(stop, list) and len(stop) > 32:
@@ -154,6 +132,7 @@ class _SamplingFields(OpenAIBaseModel):
                 logprobs=self._num_logprobs(),
                 skip_special_tokens=True if self.skip_special_tokens is None else self.skip_special_tokens,
                 include_stop_str_in_output=bool(self.include_stop_str_in_output),
+                logit_bias=self._logit_bias(),
             )
         except (ValueError, TypeError) as e:  # SamplingParams names the field in InvalidRequestError.param
             raise invalid(str(e), getattr(e, "param", None)) from None
@@ -161,12 +140,12 @@ class _SamplingFields(OpenAIBaseModel):
 
 # --------------------------------------------------------------------------- chat
 
-class ChatContentPart(OpenAIBaseModel):
+class ChatContentPart(RequestModel):
     type: str
     text: Optional[str] = None
 
 
-class ChatMessage(OpenAIBaseModel):
+class ChatMessage(RequestModel):
     role: str
     content: Optional[Union[str, list[ChatContentPart]]] = None
     name: Optional[str] = None
@@ -204,7 +183,7 @@ class ChatCompletionRequest(_SamplingFields):
                         raise invalid(f"messages[{i}].content[{j}]: only text content parts are "
                                       f"supported, got type {part.type!r}", f"messages.{i}.content")
                     texts.append(part.text)
-                content = "".join(texts)
+                content = "\n".join(texts)  # vLLM joins text parts with newlines
             out.append({"role": role, "content": content})
         return out
 

@@ -13,6 +13,7 @@ unfinished when the stream ends early). Subclasses in ``serving_chat`` and
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import time
 from collections.abc import AsyncIterator
@@ -130,6 +131,22 @@ def token_str(lp: Any, tid: int) -> str:
     return lp.decoded_token if lp.decoded_token is not None else f"<token_{tid}>"
 
 
+def token_bytes(lp: Any, tid: int) -> bytes:
+    """The token's real bytes (``Logprob.token_bytes``; the decoded text's without a tokenizer)."""
+    b = getattr(lp, "token_bytes", None)
+    return b if b is not None else token_str(lp, tid).encode("utf-8")
+
+
+def token_key(lp: Any, tid: int) -> str:
+    """A text key for the completions ``top_logprobs`` dict that no other candidate shares: the
+    decoded token, or ``bytes:\\xNN...`` when it is a fragment of a character (which decodes
+    to U+FFFD alone, like every other fragment)."""
+    text = token_str(lp, tid)
+    if "\ufffd" in text and getattr(lp, "token_bytes", None):
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in lp.token_bytes)
+    return text
+
+
 def clamp_logprob(value: float) -> float:
     return max(value, -9999.0)  # -inf is not valid JSON
 
@@ -145,13 +162,14 @@ def usage(outs: list[RequestOutput | None], prompt_lens: list[int]) -> UsageInfo
 class ChoiceState:
     """What of one choice was already streamed: text, tokens, finished, text offset."""
 
-    __slots__ = ("text_len", "ntok", "done", "offset")
+    __slots__ = ("text_len", "ntok", "done", "offset", "utf8")
 
     def __init__(self, offset: int = 0) -> None:
         self.text_len = 0
         self.ntok = 0
         self.done = False
-        self.offset = offset
+        self.offset = offset  # text offset of the next token (characters, into the returned text)
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # the tokens' bytes so far
 
     def advance(self, c: CompletionOutput) -> tuple[str, list[int], list | None]:
         """The new text, token ids and logprobs of ``c`` since the last call."""

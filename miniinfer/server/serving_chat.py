@@ -14,7 +14,9 @@ from miniinfer.server.protocol import (
     ChatCompletionStreamChoice, ChatCompletionStreamResponse, ChatLogprobToken, ChatResponseMessage,
     DeltaMessage, TopLogprob,
 )
-from miniinfer.server.serving import ChoiceState, Generation, OpenAIServing, clamp_logprob, ranked, token_str
+from miniinfer.server.serving import (
+    ChoiceState, Generation, OpenAIServing, clamp_logprob, ranked, token_bytes, token_str,
+)
 
 router = APIRouter()
 
@@ -28,9 +30,9 @@ def chat_logprobs(token_ids: list[int], logprobs: list[dict], top_n: int) -> Cha
             continue
         tok = token_str(lp, tid)
         tops = [TopLogprob(token=token_str(v, k), logprob=clamp_logprob(v.logprob),
-                           bytes=list(token_str(v, k).encode("utf-8"))) for k, v in ranked(d, top_n)]
+                           bytes=list(token_bytes(v, k))) for k, v in ranked(d, top_n)]
         content.append(ChatLogprobToken(token=tok, logprob=clamp_logprob(lp.logprob),
-                                        bytes=list(tok.encode("utf-8")), top_logprobs=tops))
+                                        bytes=list(token_bytes(lp, tid)), top_logprobs=tops))
     return ChatChoiceLogprobs(content=content)
 
 

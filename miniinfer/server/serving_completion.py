@@ -15,28 +15,36 @@ from miniinfer.outputs import CompletionOutput
 from miniinfer.server.protocol import (
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, CompletionStreamResponse, invalid,
 )
-from miniinfer.server.serving import ChoiceState, Generation, OpenAIServing, clamp_logprob, ranked, token_str
+from miniinfer.server.serving import (
+    ChoiceState, Generation, OpenAIServing, clamp_logprob, ranked, token_bytes, token_key,
+)
 
 router = APIRouter()
 
 
 def completion_logprobs(token_ids: list[int], logprobs: list[dict], top_n: int,
-                        offset: int) -> tuple[CompletionLogprobs, int]:
-    """Completion-shaped logprobs of ``token_ids`` whose text starts at ``offset``; and the end offset."""
+                        st: ChoiceState) -> CompletionLogprobs:
+    """Completion-shaped logprobs of ``token_ids``. ``text_offset`` indexes the returned text:
+    a token starts after every character its predecessors' bytes completed (``st`` carries
+    the offset and the bytes of an unfinished character across stream chunks). Top-logprob
+    keys never collide (``token_key``)."""
     out = CompletionLogprobs()
     for tid, d in zip(token_ids, logprobs):
         lp = d.get(tid)
         if lp is None:
             continue
-        tok = token_str(lp, tid)
-        out.tokens.append(tok)
+        key = token_key(lp, tid)
+        out.tokens.append(key)
         out.token_logprobs.append(clamp_logprob(lp.logprob))
-        top = {token_str(v, k): clamp_logprob(v.logprob) for k, v in ranked(d, top_n)}
-        top.setdefault(tok, clamp_logprob(lp.logprob))
+        top: dict[str, float] = {}
+        for k, v in ranked(d, top_n):
+            name = token_key(v, k)
+            top[name if name not in top else f"token_id:{k}"] = clamp_logprob(v.logprob)
+        top.setdefault(key, clamp_logprob(lp.logprob))
         out.top_logprobs.append(top)
-        out.text_offset.append(offset)
-        offset += len(tok)
-    return out, offset
+        out.text_offset.append(st.offset)
+        st.offset += len(st.utf8.decode(token_bytes(lp, tid)))
+    return out
 
 
 class CompletionGeneration(Generation):
@@ -60,14 +68,14 @@ class CompletionGeneration(Generation):
                      lps: list | None, st: ChoiceState) -> CompletionChoice:
         choice = CompletionChoice(index=index, text=text, finish_reason=c.finish_reason, stop_reason=c.stop_reason)
         if lps:
-            choice.logprobs, st.offset = completion_logprobs(ids, lps, self.top_n, st.offset)
+            choice.logprobs = completion_logprobs(ids, lps, self.top_n, st)
         return choice
 
     def final_choice(self, i: int, index: int, c: CompletionOutput) -> CompletionChoice:
         choice = CompletionChoice(index=index, text=self.prefix[i] + c.text,
                                   finish_reason=c.finish_reason, stop_reason=c.stop_reason)
         if self.want_logprobs and c.logprobs is not None:
-            choice.logprobs, _ = completion_logprobs(c.token_ids, c.logprobs, self.top_n, len(self.prefix[i]))
+            choice.logprobs = completion_logprobs(c.token_ids, c.logprobs, self.top_n, ChoiceState(len(self.prefix[i])))
         return choice
 
 
