@@ -101,7 +101,7 @@ def test_metadata_without_host_lists_is_not_cached():
     assert not meta.per_step
 
 
-@pytest.mark.skipif(not cpu_kernels.available(), reason="needs x86-64 with AVX-512 and gcc")
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the C kernels did not build here (no C compiler?)")
 @pytest.mark.parametrize("max_pairs", [1 << 16, 10])  # all in C; the long chunks on torch SDPA
 def test_cpu_backend_short_and_long_chunks(monkeypatch, max_pairs):
     from miniinfer.attention import cpu_backend
