@@ -91,10 +91,6 @@ class SamplingParams:
             raise bad("stop", "a list of non-empty strings", self.stop)
 
     @property
-    def is_greedy(self) -> bool:
-        return self.temperature < GREEDY_TEMPERATURE
-
-    @property
     def needs_penalties(self) -> bool:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
