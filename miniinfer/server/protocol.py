@@ -33,43 +33,54 @@ class RequestModel(OpenAIBaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _doc(**schema: Any) -> Any:
+    """Schema-only keywords for a field (the OpenAPI document): parsing and error messages
+    stay those of the type and of ``to_sampling_params`` / the engine's input checks."""
+    return Field(None, json_schema_extra=schema)
+
+
 class StreamOptions(RequestModel):
     include_usage: Optional[bool] = False
 
 
 class ResponseFormat(RequestModel):
-    type: str
+    type: str = Field(json_schema_extra={"enum": ["text"]})  # structured output: not yet
     json_schema: Optional[dict] = None
 
 
 MAX_LOGIT_BIAS = 300  # entries; OpenAI's limit
+MAX_STOP_STRINGS = 32  # stop strings per request
+MAX_STOP_LEN = 256  # characters per stop string (the stop checker holds back that much text)
 
 
 class _SamplingFields(RequestModel):
     """Fields shared by chat and text completions (OpenAI + vLLM extras)."""
 
     model: Optional[str] = None
-    max_tokens: Optional[int] = None
+    max_tokens: Optional[int] = _doc(minimum=1)
     temperature: Optional[float] = Field(None, ge=0, le=100)
     top_p: Optional[float] = Field(None, gt=0, le=1)
     n: Optional[int] = Field(1, ge=1)
-    stop: Optional[Union[str, list[str]]] = None
+    stop: Optional[Union[str, list[str]]] = _doc(anyOf=[
+        {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LEN},
+        {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LEN}, "maxItems": MAX_STOP_STRINGS},
+        {"type": "null"}])
     seed: Optional[int] = None
-    presence_penalty: Optional[float] = 0.0
-    frequency_penalty: Optional[float] = 0.0
+    presence_penalty: Optional[float] = Field(0.0, json_schema_extra={"minimum": -2, "maximum": 2})
+    frequency_penalty: Optional[float] = Field(0.0, json_schema_extra={"minimum": -2, "maximum": 2})
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     # vLLM-style extras
     top_k: Optional[int] = None
-    min_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
+    min_p: Optional[float] = _doc(minimum=0, maximum=1)
+    repetition_penalty: Optional[float] = _doc(exclusiveMinimum=0)
     ignore_eos: Optional[bool] = False
-    min_tokens: Optional[int] = 0
+    min_tokens: Optional[int] = Field(0, json_schema_extra={"minimum": 0})
     skip_special_tokens: Optional[bool] = True
     stop_token_ids: Optional[list[int]] = None
     include_stop_str_in_output: Optional[bool] = False
-    logit_bias: Optional[dict[str, float]] = None
+    logit_bias: Optional[dict[str, float]] = _doc(maxProperties=MAX_LOGIT_BIAS, propertyNames={"pattern": "^[0-9]+$"})
     response_format: Optional[ResponseFormat] = None
 
     def _max_tokens(self) -> int | None:
@@ -111,8 +122,12 @@ class _SamplingFields(RequestModel):
                           "(structured output)", "response_format")
         top_k = -1 if self.top_k in (None, 0) else self.top_k
         stop = self.stop
-        if isinstance(stop, list) and len(stop) > 32:
-            raise invalid(f"stop may hold at most 32 strings, got {len(stop)}", "stop")
+        if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
+            raise invalid(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(stop)}", "stop")
+        for text in [stop] if isinstance(stop, str) else stop or []:
+            if len(text) > MAX_STOP_LEN:
+                raise invalid(f"each stop string may be at most {MAX_STOP_LEN} characters long, "
+                              f"got one of {len(text)}", "stop")
         try:
             return SamplingParams(
                 n=n,
@@ -141,18 +156,18 @@ class _SamplingFields(RequestModel):
 # --------------------------------------------------------------------------- chat
 
 class ChatContentPart(RequestModel):
-    type: str
+    type: str = Field(json_schema_extra={"enum": ["text"]})  # other kinds: a 400 naming the message
     text: Optional[str] = None
 
 
 class ChatMessage(RequestModel):
-    role: str
+    role: str = Field(json_schema_extra={"enum": ["system", "developer", "user", "assistant", "tool"]})
     content: Optional[Union[str, list[ChatContentPart]]] = None
     name: Optional[str] = None
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1})
     max_completion_tokens: Optional[int] = None
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -266,8 +281,16 @@ class ChatCompletionStreamResponse(OpenAIBaseModel):
 PromptType = Union[list[int], list[list[int]], str, list[str]]
 
 
+MAX_PROMPTS = 256  # prompts per completions request
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+
+
 class CompletionRequest(_SamplingFields):
-    prompt: PromptType
+    prompt: PromptType = Field(json_schema_extra={"anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": MAX_PROMPTS},
+        _TOKEN_IDS,
+        {"type": "array", "items": _TOKEN_IDS, "minItems": 1, "maxItems": MAX_PROMPTS}]})
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: Optional[bool] = False
     best_of: Optional[int] = None
@@ -296,8 +319,8 @@ class CompletionRequest(_SamplingFields):
             items = [list(p)]
         else:
             items = list(p)
-        if len(items) > 256:
-            raise invalid(f"at most 256 prompts per request, got {len(items)}", "prompt")
+        if len(items) > MAX_PROMPTS:
+            raise invalid(f"at most {MAX_PROMPTS} prompts per request, got {len(items)}", "prompt")
         for i, item in enumerate(items):
             if isinstance(item, str):
                 if item == "":
@@ -355,6 +378,28 @@ class ModelCard(OpenAIBaseModel):
 class ModelList(OpenAIBaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard] = Field(default_factory=list)
+
+
+def _inline_refs(node: Any, defs: dict) -> Any:
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            rest = {k: v for k, v in node.items() if k != "$ref"}
+            return _inline_refs({**defs[ref[len("#/$defs/"):]], **rest}, defs)
+        return {k: _inline_refs(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline_refs(v, defs) for v in node]
+    return node
+
+
+def openapi_request_body(model_cls: type[BaseModel]) -> dict:
+    """``openapi_extra`` for a route that parses its body itself (``parse_request``): the JSON
+    body's schema is ``model_cls``'s, with its sub-models inlined (no ``$defs`` left, so the
+    operation needs no entries in the document's ``components``). The request models are not
+    recursive, so inlining terminates."""
+    schema = model_cls.model_json_schema()
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": _inline_refs(schema, schema.get("$defs", {}))}}}}
 
 
 def parse_request(model_cls: type[OpenAIBaseModel], data: Any) -> Any:

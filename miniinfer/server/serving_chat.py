@@ -12,7 +12,7 @@ from miniinfer.server.async_engine import ChatPrompt
 from miniinfer.server.protocol import (
     ChatChoiceLogprobs, ChatCompletionChoice, ChatCompletionRequest, ChatCompletionResponse,
     ChatCompletionStreamChoice, ChatCompletionStreamResponse, ChatLogprobToken, ChatResponseMessage,
-    DeltaMessage, TopLogprob,
+    DeltaMessage, TopLogprob, openapi_request_body,
 )
 from miniinfer.server.serving import (
     ChoiceState, Generation, OpenAIServing, clamp_logprob, ranked, token_bytes, token_str,
@@ -62,7 +62,7 @@ class ChatGeneration(Generation):
         return choice
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=openapi_request_body(ChatCompletionRequest))
 async def create_chat_completion(request: Request) -> Response:
     """Render the messages with the chat template (in the engine thread) and generate ``n`` replies."""
     serving: OpenAIServing = request.app.state.serving

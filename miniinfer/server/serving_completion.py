@@ -14,6 +14,7 @@ from fastapi.responses import Response
 from miniinfer.outputs import CompletionOutput
 from miniinfer.server.protocol import (
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, CompletionStreamResponse, invalid,
+    openapi_request_body,
 )
 from miniinfer.server.serving import (
     ChoiceState, Generation, OpenAIServing, clamp_logprob, ranked, token_bytes, token_key,
@@ -79,7 +80,7 @@ class CompletionGeneration(Generation):
         return choice
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=openapi_request_body(CompletionRequest))
 async def create_completion(request: Request) -> Response:
     """Generate ``n`` continuations of each prompt."""
     serving: OpenAIServing = request.app.state.serving

@@ -1,0 +1,220 @@
+"""Issue #11 reliability: schema fuzzing of the HTTP server with schemathesis.
+
+Every route of the app's OpenAPI schema (the two generation routes describe their JSON
+bodies through ``openapi_extra``, see ``protocol.openapi_request_body``) gets requests
+generated from the schema: schema-valid bodies (``positive``) and bodies that break the
+schema (``negative``: wrong types, unknown fields, out-of-range values, ...). No response
+may be a 5xx (nor an SSE stream that carries a 5xx error event), every request must be
+answered within its timeout, and afterwards the server is alive, serves a normal request,
+and its engine is idle with every KV block free.
+
+Two runs:
+
+* ``test_fuzz_fake_engine``: the whole budget, ``MINIINFER_FUZZ_EXAMPLES`` requests (default
+  1000), against the fake engine (tests/server/srv_fake_engine.py: the real input processor,
+  scripted tokens) with a 64-token context;
+* ``test_fuzz_real_engine``: ``MINIINFER_FUZZ_REAL_EXAMPLES`` requests (default 240) against
+  the real engine (embedded SmolLM2-135M on CPU) with ``max_model_len=64``, then the engine's
+  own ``check_integrity()``.
+
+Each run is also bounded in time (``MINIINFER_FUZZ_SECONDS``, default 150 s per run); the
+seed is ``MINIINFER_FUZZ_SEED`` (default 0, so CI is reproducible). A longer run:
+``MINIINFER_FUZZ_EXAMPLES=10000 MINIINFER_FUZZ_REAL_EXAMPLES=2000 MINIINFER_FUZZ_SECONDS=1800
+MINIINFER_FUZZ_SEED=7 pytest -s tests/server/test_fuzz.py`` (``-s`` prints the figures).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import time
+
+import httpx
+import pytest
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
+from schemathesis import GenerationMode  # noqa: E402
+from srv_fake_engine import FakeEngine  # noqa: E402
+from srv_harness import API_KEY, ThreadServer  # noqa: E402
+
+H = {"Authorization": f"Bearer {API_KEY}"}
+EXAMPLES = int(os.environ.get("MINIINFER_FUZZ_EXAMPLES", "1000"))
+REAL_EXAMPLES = int(os.environ.get("MINIINFER_FUZZ_REAL_EXAMPLES", "240"))
+SECONDS = float(os.environ.get("MINIINFER_FUZZ_SECONDS", "150"))
+SEED = int(os.environ.get("MINIINFER_FUZZ_SEED", "0"))
+REQUEST_TIMEOUT = float(os.environ.get("MINIINFER_FUZZ_REQUEST_TIMEOUT", "60"))
+MAX_MODEL_LEN = 64
+MAX_N = 4
+
+ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/version", "/metrics",
+          "/api/stats", "/"]
+# Share of the budget per (route, mode); the GET routes take no input, so a few each suffice
+# (hypothesis stops early once it has generated every distinct request).
+SHARES = {("POST", "/v1/chat/completions"): 0.45, ("POST", "/v1/completions"): 0.45}
+
+
+class Report:
+    """What the fuzz sent and got back."""
+
+    def __init__(self) -> None:
+        self.statuses: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.failures: list[str] = []
+        self.sent = 0
+
+    def record(self, label: str, status: int | str, case, detail: str = "") -> None:
+        self.sent += 1
+        self.statuses[label][status] += 1
+        bad = status == "timeout" or isinstance(status, str) or status >= 500
+        if bad and len(self.failures) < 20:
+            self.failures.append(f"{label} -> {status} {detail[:300]}\n    {case.as_curl_command()}")
+
+    def summary(self, name: str, wall: float) -> str:
+        total = collections.Counter()
+        lines = [f"[fuzz {name}] {self.sent} requests in {wall:.1f} s (seed {SEED})"]
+        for label in sorted(self.statuses):
+            c = self.statuses[label]
+            total.update(c)
+            lines.append(f"  {label:42s} {sum(c.values()):5d}  {dict(sorted(c.items(), key=str))}")
+        lines.append(f"  {'all':42s} {sum(total.values()):5d}  {dict(sorted(total.items(), key=str))}")
+        return "\n".join(lines)
+
+
+def _sse_error(text: str) -> str | None:
+    """The first 5xx error event of an SSE body, if any."""
+    for event in text.split("\n\n"):
+        if not event.startswith("data: {"):
+            continue
+        try:
+            obj = json.loads(event[6:])
+        except ValueError:
+            return f"malformed SSE event: {event[:200]!r}"
+        err = obj.get("error") if isinstance(obj, dict) else None
+        if isinstance(err, dict) and isinstance(err.get("code"), int) and err["code"] >= 500:
+            return event
+    return None
+
+
+def _budget(op_key: tuple[str, str], total: int) -> int:
+    share = SHARES.get(op_key)
+    if share is None:
+        return max(4, int(total * 0.1 / 6))
+    return max(10, int(total * share))
+
+
+def run_fuzz(srv: ThreadServer, total: int, seconds: float, name: str) -> Report:
+    raw = srv.app.openapi()
+    assert sorted(raw["paths"]) == sorted(ROUTES), sorted(raw["paths"])
+    for path in ("/v1/chat/completions", "/v1/completions"):  # the bodies are described
+        body = raw["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body["additionalProperties"] is False and "$defs" not in json.dumps(body)
+    schema = schemathesis.openapi.from_dict(raw)
+    report = Report()
+    deadline = time.monotonic() + seconds
+    t0 = time.monotonic()
+    ops = [r.ok() for r in schema.get_all_operations()]
+    assert sorted(op.path for op in ops) == sorted(ROUTES)
+    for op in ops:
+        n = _budget((op.method.upper(), op.path), total)
+        modes = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE] if op.method.upper() == "POST" else \
+            [GenerationMode.POSITIVE]
+        for mode in modes:
+            label = f"{op.method.upper()} {op.path} {mode.value}"
+            strategy = op.as_strategy(generation_mode=mode)
+
+            @seed(SEED)
+            @settings(max_examples=max(1, n // len(modes)), deadline=None, database=None,
+                      phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck),
+                      print_blob=False)
+            @given(case=strategy)
+            def fuzz(case) -> None:
+                if time.monotonic() > deadline:
+                    return
+                try:
+                    resp = case.call(base_url=srv.base_url, headers=H, timeout=REQUEST_TIMEOUT)
+                except Exception as e:  # noqa: BLE001 - a hang (timeout) or a dropped connection
+                    report.record(label, "timeout" if "timed out" in str(e).lower() else type(e).__name__,
+                                  case, str(e))
+                    return
+                detail = resp.text if resp.status_code >= 500 else ""
+                if resp.status_code < 500 and "text/event-stream" in resp.headers.get("content-type", [""])[0]:
+                    err = _sse_error(resp.text)
+                    if err is not None:
+                        report.record(label, "sse-5xx", case, err)
+                        return
+                report.record(label, resp.status_code, case, detail)
+
+            fuzz()
+    wall = time.monotonic() - t0
+    print("\n" + report.summary(name, wall))
+    return report
+
+
+def _alive_and_idle(srv: ThreadServer, timeout: float = 60.0) -> dict:
+    r = httpx.get(srv.base_url + "/health", timeout=10)
+    assert r.status_code == 200, r.text
+    r = httpx.post(srv.base_url + "/v1/completions", headers=H, timeout=120,
+                   json={"prompt": "Hello", "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + timeout
+    while True:
+        s = srv.engine.stats()
+        if (s["num_running"] == 0 and s["num_waiting"] == 0 and s["num_free_kv_blocks"] == s["num_kv_blocks"]
+                and srv.engine.num_active_streams == 0):
+            return s
+        assert time.monotonic() < deadline, f"the engine did not return to idle: {s}"
+        time.sleep(0.05)
+
+
+def _check(report: Report, total: int) -> None:
+    assert not report.failures, "5xx / hangs found:\n" + "\n".join(report.failures)
+    routes = {label.split()[1] for label in report.statuses}
+    assert routes == set(ROUTES), routes
+    assert report.sent >= min(total, 0.9 * total), f"only {report.sent} requests sent (time bound hit?)"
+
+
+@pytest.mark.timeout(600)
+def test_fuzz_fake_engine():
+    factory = lambda: FakeEngine(max_model_len=MAX_MODEL_LEN, step_time=0.0)  # noqa: E731
+    with ThreadServer(factory, api_key=API_KEY, max_n=MAX_N, max_body_bytes=256 * 1024) as srv:
+        t0 = time.monotonic()
+        report = run_fuzz(srv, EXAMPLES, SECONDS, "fake engine")
+        _check(report, EXAMPLES)
+        _alive_and_idle(srv)
+        print(f"[fuzz fake engine] total with checks {time.monotonic() - t0:.1f} s")
+
+
+def _real_factory():
+    from miniinfer.config import EngineConfig
+    from miniinfer.engine.llm_engine import LLMEngine
+    return LLMEngine(EngineConfig(model=None, max_model_len=MAX_MODEL_LEN, device="cpu", max_num_seqs=32,
+                                  kv_cache_memory_gb=0.05))
+
+
+@pytest.mark.timeout(600)
+def test_fuzz_real_engine():
+    try:
+        from miniinfer.engine.llm_engine import LLMEngine  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"the engine is not importable: {e}")
+    srv = ThreadServer(_real_factory, wait=False, api_key=API_KEY, max_n=MAX_N, max_body_bytes=256 * 1024)
+    try:
+        from srv_harness import wait_healthy
+        wait_healthy(srv.base_url, 300)
+        t0 = time.monotonic()
+        report = run_fuzz(srv, REAL_EXAMPLES, SECONDS, "real engine")
+        _check(report, REAL_EXAMPLES)
+        _alive_and_idle(srv)
+        srv.raw_engine.check_integrity()  # the engine thread is idle (blocked on its queue)
+        print(f"[fuzz real engine] total with checks {time.monotonic() - t0:.1f} s")
+    finally:
+        srv.close()
+
+
+def test_stop_string_length_bound():
+    from miniinfer.server.protocol import MAX_STOP_LEN, APIError, CompletionRequest
+    CompletionRequest(prompt="x", stop=["a" * MAX_STOP_LEN]).to_sampling_params(8)
+    for stop in ("a" * (MAX_STOP_LEN + 1), ["ok", "b" * (MAX_STOP_LEN + 1)]):
+        with pytest.raises(APIError) as e:
+            CompletionRequest(prompt="x", stop=stop).to_sampling_params(8)
+        assert e.value.status == 400 and e.value.param == "stop", e.value.message
