@@ -8,12 +8,22 @@ body size first; ``serving`` holds the request lifecycle both generation routes 
 
 The socket comes up at once; the model loads in the engine thread meanwhile
 (``/health`` answers 503 and ``/v1/*`` 503 until it is ready).
+
+Reliability: an engine fault fails the requests in flight (500) and the engine recovers
+(``async_engine``; ``/health`` counts faults, recoveries and restarts). SIGTERM drains:
+new requests get a 503, requests in flight get ``shutdown_grace_s`` to finish, what is
+left is aborted (a 503 error, or an error event on a stream), then the process exits 0.
+``request_timeout_s`` aborts a request past it with a 504. Sizes: body (413), request
+line + headers (431, ``max_header_bytes``), and the per-field bounds of ``protocol`` /
+``serving`` (400 naming the field). See SECURITY.md.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import signal
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,7 +36,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from miniinfer.server import serving_chat, serving_completion
-from miniinfer.server.async_engine import AsyncEngine
+from miniinfer.server.async_engine import AsyncEngine, ServerDrainingError
 from miniinfer.server.metrics import ServerMetrics
 from miniinfer.server.middleware import GuardMiddleware
 from miniinfer.server.protocol import APIError, ModelCard, ModelList, invalid
@@ -71,13 +81,20 @@ async def list_models(request: Request) -> Response:
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """200 once the model is loaded and the engine thread alive; 503 while loading or after a failure."""
+    """200 while serving (also after recovered faults: ``faults`` / ``recoveries`` / ``restarts``
+    count them); 503 while loading, rebuilding the engine after a fault, draining for
+    shutdown, or once the engine is dead."""
     engine: AsyncEngine = request.app.state.engine
+    faults = engine.fault_info()
+    if request.app.state.serving.draining:
+        return JSONResponse({"status": "draining", **faults}, status_code=503)
     if engine.healthy:
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", **faults})
     if engine.state in ("created", "loading"):
         return JSONResponse({"status": "loading"}, status_code=503)
-    return JSONResponse({"status": "unhealthy", "error": engine.error}, status_code=503)
+    if engine.state == "restarting":
+        return JSONResponse({"status": "restarting", **faults}, status_code=503)
+    return JSONResponse({"status": "unhealthy", "error": engine.error, **faults}, status_code=503)
 
 
 @router.get("/version")
@@ -103,6 +120,8 @@ async def api_stats(request: Request) -> JSONResponse:
     data["device"] = state.device
     data["version"] = _version()
     data["auth_required"] = state.auth_required
+    data["faults"] = state.engine.fault_info()
+    data["draining"] = state.serving.draining
     return JSONResponse(data, headers={"Cache-Control": "no-store"})
 
 
@@ -140,6 +159,7 @@ async def _lifespan(app: FastAPI):
     """Start the engine thread (if asked), sample throughput every 0.5 s, shut the engine down."""
     engine: AsyncEngine = app.state.engine
     metrics: ServerMetrics = app.state.metrics
+    app.state.loop = asyncio.get_running_loop()
     if app.state.start_engine:
         engine.start(asyncio.get_running_loop())
 
@@ -156,10 +176,39 @@ async def _lifespan(app: FastAPI):
         await asyncio.to_thread(engine.shutdown, 5.0)
 
 
+async def drain(app: FastAPI, grace_s: float) -> dict:
+    """Shutdown drain: refuse new requests (503), give those in flight ``grace_s`` seconds,
+    then fail what is left (503 / an error event) and abort it in the engine. Returns what
+    happened: ``in_flight`` at the start, ``aborted``, ``seconds``."""
+    serving: OpenAIServing = app.state.serving
+    engine: AsyncEngine = app.state.engine
+    serving.draining = True
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    in_flight = engine.num_active_streams
+    logger.info("draining: %d requests in flight, grace period %.1f s", in_flight, grace_s)
+    while engine.num_active_streams and loop.time() - t0 < grace_s:
+        await asyncio.sleep(0.05)
+    aborted = 0
+    if engine.num_active_streams:
+        aborted = engine.fail_all(ServerDrainingError(
+            f"the server is shutting down; the request was aborted after the {grace_s:g} s grace period"))
+        await asyncio.sleep(0.1)  # let the handlers send their error responses
+    result = {"in_flight": in_flight, "aborted": aborted, "seconds": round(loop.time() - t0, 3)}
+    app.state.drain_result = result
+    logger.info("drained in %.2f s (%d requests in flight at SIGTERM, %d aborted)",
+                result["seconds"], in_flight, aborted)
+    return result
+
+
 def create_app(engine: AsyncEngine, *, api_key: str | None = None, max_n: int = 8,
                max_body_bytes: int = 1 << 20, served_model_name: str | None = None,
-               device: str | None = None, start_engine: bool = True) -> FastAPI:
-    """Build the FastAPI app around ``engine`` (started in the app's lifespan)."""
+               device: str | None = None, start_engine: bool = True,
+               request_timeout_s: float | None = None) -> FastAPI:
+    """Build the FastAPI app around ``engine`` (started in the app's lifespan).
+
+    ``request_timeout_s`` (None: off) aborts a generation request that runs longer (from
+    its arrival, queueing included) and answers 504 (an error event on a stream)."""
     metrics = ServerMetrics(engine, served_model_name or "miniinfer")
     engine.on_request_finished = metrics.observe_finished
 
@@ -167,7 +216,10 @@ def create_app(engine: AsyncEngine, *, api_key: str | None = None, max_n: int = 
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     app.state.metrics = metrics
-    app.state.serving = OpenAIServing(engine, max_n=max_n, served_model_name=served_model_name)
+    app.state.serving = OpenAIServing(engine, max_n=max_n, served_model_name=served_model_name,
+                                      request_timeout_s=request_timeout_s)
+    app.state.loop = None
+    app.state.drain_result = None
     app.state.start_engine = start_engine
     app.state.started_at = time.time()
     app.state.device = device
@@ -196,15 +248,87 @@ def _device_name(device: str) -> str:
     return device
 
 
+try:
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+except ImportError:  # pragma: no cover - uvicorn always brings h11
+    H11Protocol = object  # type: ignore[assignment,misc]
+
+
+class _H11Protocol(H11Protocol):
+    """uvicorn's h11 protocol whose refusal of a malformed request is OpenAI-shaped JSON, and a
+    431 naming the limit when the request line + headers are larger than ``max_header_bytes``
+    (h11's ``max_incomplete_event_size``), instead of uvicorn's plain-text 400."""
+
+    def send_400_response(self, msg: str) -> None:  # noqa: D102
+        limit = self.config.h11_max_incomplete_event_size or h11.DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
+        buffered = len(getattr(self.conn, "_receive_buffer", b""))
+        if buffered > limit:
+            status, text = 431, f"the request line and headers exceed the limit of {limit} bytes"
+        else:
+            status, text = 400, "invalid HTTP request"
+        body = json.dumps(APIError(status, text).body()).encode()
+        try:
+            out = self.conn.send(h11.Response(status_code=status, reason=b"", headers=[
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close")]))
+            out += self.conn.send(h11.Data(data=body)) + self.conn.send(h11.EndOfMessage())
+            self.transport.write(out)
+        except h11.LocalProtocolError:  # a response was already under way: just close
+            pass
+        self.transport.close()
+
+
+def uvicorn_config(app: FastAPI, host: str, port: int, max_header_bytes: int = 16 * 1024, **kw: Any) -> Any:
+    """The uvicorn config of the server: the h11 protocol above (so the header limit holds
+    whatever HTTP parsers are installed), no ``Server`` header, short keep-alive."""
+    import uvicorn
+    kw.setdefault("log_level", "info")
+    kw.setdefault("timeout_keep_alive", 10)
+    kw.setdefault("timeout_graceful_shutdown", 5)
+    return uvicorn.Config(app, host=host, port=port, http=_H11Protocol, server_header=False,
+                          h11_max_incomplete_event_size=max_header_bytes, **kw)
+
+
+def _draining_server_cls():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """``uvicorn.Server`` whose first SIGTERM drains (see :func:`drain`) and then exits
+        cleanly (exit code 0); SIGINT and a second SIGTERM keep uvicorn's behaviour."""
+
+        def __init__(self, config: Any, app: FastAPI, grace_s: float) -> None:
+            super().__init__(config)
+            self.app = app
+            self.grace_s = grace_s
+            self.drain_task: asyncio.Future | None = None
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            loop = self.app.state.loop
+            if sig != signal.SIGTERM or self.drain_task is not None or self.should_exit or loop is None:
+                return super().handle_exit(sig, frame)
+            self.drain_task = asyncio.ensure_future(self._drain_then_exit(), loop=loop)
+
+        async def _drain_then_exit(self) -> None:
+            try:
+                await drain(self.app, self.grace_s)
+            finally:
+                self.should_exit = True
+
+    return DrainingServer
+
+
 def run_server(engine_config: Any, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               max_n: int = 8, max_body_bytes: int = 1 << 20, served_model_name: str | None = None) -> None:
+               max_n: int = 8, max_body_bytes: int = 1 << 20, served_model_name: str | None = None,
+               shutdown_grace_s: float = 30.0, request_timeout_s: float | None = None,
+               max_header_bytes: int = 16 * 1024, engine_factory: Any = None) -> None:
     """Serve ``engine_config``'s model over HTTP until interrupted (blocks).
 
     ``api_key`` falls back to the ``MINIINFER_API_KEY`` environment variable; when set,
-    ``/v1/*`` needs ``Authorization: Bearer <key>``.
+    ``/v1/*`` needs ``Authorization: Bearer <key>``. SIGTERM drains for up to
+    ``shutdown_grace_s`` seconds, then the function returns (exit code 0).
+    ``engine_factory`` (tests) replaces ``LLMEngine(engine_config)``.
     """
-    import uvicorn
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api_key = api_key or os.environ.get("MINIINFER_API_KEY") or None
 
@@ -212,15 +336,14 @@ def run_server(engine_config: Any, host: str = "127.0.0.1", port: int = 8000, ap
         from miniinfer.engine.llm_engine import LLMEngine
         return LLMEngine(engine_config)
 
-    engine = AsyncEngine(factory)
+    engine = AsyncEngine(engine_factory or factory)
     app = create_app(engine, api_key=api_key, max_n=max_n, max_body_bytes=max_body_bytes,
-                     served_model_name=served_model_name,
+                     served_model_name=served_model_name, request_timeout_s=request_timeout_s,
                      device=_device_name(str(getattr(engine_config, "device", "cpu"))))
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         logger.warning("serving on %s without an API key: anyone who can reach this port can use it "
                        "(pass --api-key or set MINIINFER_API_KEY)", host)
     logger.info("MiniInfer %s listening on http://%s:%d (API key %s); loading the model in the background",
                 _version(), host, port, "required" if api_key else "not required")
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_keep_alive=10,
-                            timeout_graceful_shutdown=5, server_header=False)
-    uvicorn.Server(config).run()
+    config = uvicorn_config(app, host, port, max_header_bytes=max_header_bytes)
+    _draining_server_cls()(config, app, shutdown_grace_s).run()

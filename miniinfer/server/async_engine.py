@@ -13,8 +13,15 @@ Threading model
   consumer simply sees bigger deltas, memory stays bounded, and nobody waits on it.
 * A consumer that stops early (client disconnect, cancellation) aborts its request;
   the engine frees its KV blocks at the next loop iteration.
-* If the engine thread dies, every in-flight request fails with
-  :class:`EngineDeadError` and ``healthy`` stays False.
+* **Faults.** If ``step()`` (or anything else the loop does with the engine) raises, the
+  thread does not die: every request in flight fails with :class:`EngineCrashedError`
+  (a 500 for the API; streams get an error event, then ``[DONE]``), then the engine is
+  *recovered*: every request it still holds is aborted (which frees its KV blocks) and
+  ``on_idle()`` / ``check_integrity()`` must pass (``num_recoveries``). If that fails, the
+  engine is *rebuilt* with the factory (model reload, ``num_restarts``; ``state`` is
+  "restarting" meanwhile and new requests get a 503). Only when the rebuild fails too is
+  the engine dead: in-flight and new requests fail with :class:`EngineDeadError`, and
+  ``healthy`` stays False. Commands queued during a recovery are served afterwards.
 """
 from __future__ import annotations
 
@@ -44,6 +51,19 @@ class RequestFailedError(RuntimeError):
     """One request failed inside the engine (``RequestOutput.error``); the engine goes on."""
 
 
+class EngineCrashedError(RequestFailedError):
+    """The engine raised while this request was in flight; the engine recovered (or is being
+    rebuilt) and serves new requests, but this request is lost."""
+
+
+class RequestTimeoutError(RuntimeError):
+    """The request ran past its deadline (the server's ``request_timeout_s``) and was aborted."""
+
+
+class ServerDrainingError(RuntimeError):
+    """The server is shutting down and aborted this request after the grace period."""
+
+
 class EngineNotReadyError(RuntimeError):
     """The engine is still loading."""
 
@@ -71,7 +91,9 @@ class RequestStream:
         self._latest: RequestOutput | None = None
         self._error: BaseException | None = None
         self._event = asyncio.Event()
-        self._added: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._added: asyncio.Future = self._loop.create_future()
+        self.deadline: float | None = None  # event-loop time; past it, iteration raises RequestTimeoutError
 
     # called on the event loop
     def _put(self, out: RequestOutput) -> None:
@@ -100,7 +122,16 @@ class RequestStream:
             if self.finished or self.aborted:
                 raise StopAsyncIteration
             self._event.clear()
-            await self._event.wait()
+            if self.deadline is None:
+                await self._event.wait()
+                continue
+            remaining = self.deadline - self._loop.time()
+            try:
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                await asyncio.wait_for(self._event.wait(), remaining)
+            except asyncio.TimeoutError:
+                raise RequestTimeoutError("the request ran past the server's time limit and was aborted") from None
 
 
 def _snapshot(out: RequestOutput) -> RequestOutput:
@@ -153,6 +184,13 @@ class AsyncEngine:
         self._active: set[str] = set()  # engine-thread side: accepted, not yet finished
         self._active_at_last_stats = 0
         self.on_request_finished: Callable[[RequestOutput], None] | None = None
+        # faults (written by the engine thread, read anywhere)
+        self.num_faults = 0  # exceptions caught in the engine loop
+        self.num_recoveries = 0  # faults recovered by aborting everything (same engine)
+        self.num_restarts = 0  # faults that needed a rebuild with the factory (model reload)
+        self.num_failed_requests = 0  # requests failed by faults
+        self.last_fault: str | None = None
+        self.last_recovery_s: float | None = None  # fault caught -> serving again
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -178,6 +216,12 @@ class AsyncEngine:
     def healthy(self) -> bool:
         return self.state == "ready" and self._thread is not None and self._thread.is_alive()
 
+    def fault_info(self) -> dict:
+        """Fault counters for ``/health`` and the metrics."""
+        return {"faults": self.num_faults, "recoveries": self.num_recoveries, "restarts": self.num_restarts,
+                "failed_requests": self.num_failed_requests, "last_fault": self.last_fault,
+                "last_recovery_s": None if self.last_recovery_s is None else round(self.last_recovery_s, 4)}
+
     @property
     def num_active_streams(self) -> int:
         return len(self._streams)
@@ -187,24 +231,39 @@ class AsyncEngine:
         return self._stats
 
     # ------------------------------------------------------------------ requests
-    async def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams) -> RequestStream:
+    async def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams,
+                          deadline: float | None = None) -> RequestStream:
         """Queue a request; returns its stream once the engine accepted it.
 
+        ``deadline`` (event-loop time) bounds the wait for acceptance and the stream's
+        iteration: past it, :class:`RequestTimeoutError` is raised (the caller aborts).
         Raises ``ValueError`` (incl. :class:`InvalidPromptError`) for prompts the engine
-        rejects, :class:`EngineNotReadyError` while loading, :class:`EngineDeadError`
-        after a crash.
+        rejects, :class:`EngineNotReadyError` while loading or being rebuilt,
+        :class:`EngineDeadError` once the engine is dead.
         """
         if self.state == "dead":
             raise EngineDeadError(self.error or "engine is dead")
+        if self.state == "restarting":
+            raise EngineNotReadyError("the engine is being rebuilt after a fault")
         if self.state != "ready":
             raise EngineNotReadyError("the model is still loading")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = RequestStream(request_id)
+        stream.deadline = deadline
         self._streams[request_id] = stream
         self._cmds.put(("add", request_id, prompt, params, stream))
         try:
-            stream.prompt_token_ids = await stream._added
+            if deadline is None:
+                stream.prompt_token_ids = await stream._added
+            else:
+                timeout = max(0.0, deadline - asyncio.get_running_loop().time())
+                try:
+                    stream.prompt_token_ids = await asyncio.wait_for(asyncio.shield(stream._added), timeout)
+                except asyncio.TimeoutError:
+                    self.abort(request_id)
+                    raise RequestTimeoutError("the request ran past the server's time limit before it "
+                                              "was accepted and was aborted") from None
         except asyncio.CancelledError:
             self.abort(request_id)
             raise
@@ -231,8 +290,17 @@ class AsyncEngine:
         if stream is not None:
             stream.aborted = True
             stream._event.set()
-        if self.state in ("ready", "loading"):
+        if self.state in ("ready", "loading", "restarting"):
             self._cmds.put(("abort", request_id))
+
+    def fail_all(self, exc: BaseException) -> int:
+        """Fail every request in flight with ``exc`` and abort it in the engine (call on the
+        event loop; the shutdown drain uses it after the grace period). Returns how many."""
+        streams = list(self._streams.values())
+        for s in streams:
+            self.abort(s.request_id)
+            s._fail(exc)
+        return len(streams)
 
     # ------------------------------------------------------------------ event-loop side
     def _post(self, fn: Callable, *args: Any) -> None:
@@ -276,14 +344,17 @@ class AsyncEngine:
         for s in streams:
             s._fail(exc)
 
+    def _fail_ids(self, request_ids: list[str], exc: BaseException) -> None:
+        for rid in request_ids:
+            stream = self._streams.pop(rid, None)
+            if stream is not None:
+                stream._fail(exc)
+
     # ------------------------------------------------------------------ engine thread
     def _thread_main(self) -> None:
         t0 = time.monotonic()
         try:
-            engine = self._factory()
-            self._engine = engine
-            self.model_name = getattr(engine, "model_name", None) or "miniinfer"
-            self.max_model_len = int(engine.max_model_len)
+            engine = self._build()
         except BaseException as e:  # noqa: BLE001 - report any load failure
             logger.error("engine failed to load: %s", traceback.format_exc())
             self.error = f"engine failed to load: {type(e).__name__}: {e}"
@@ -295,15 +366,90 @@ class AsyncEngine:
         self.state = "ready"
         logger.info("engine ready in %.1f s (model %s, max_model_len %d)",
                     self.load_time_s, self.model_name, self.max_model_len)
+        while True:
+            try:
+                self._loop_forever(engine)
+                return  # stopped
+            except Exception as e:  # noqa: BLE001 - any fault: fail what is in flight, then recover
+                engine = self._recover(engine, e)
+                if engine is None:
+                    return
+            except BaseException as e:  # noqa: BLE001
+                logger.error("engine thread crashed: %s", traceback.format_exc())
+                self._die(f"engine crashed: {type(e).__name__}: {e}")
+                return
+
+    def _build(self) -> Any:
+        engine = self._factory()
+        self._engine = engine
+        self.model_name = getattr(engine, "model_name", None) or "miniinfer"
+        self.max_model_len = int(engine.max_model_len)
+        return engine
+
+    def _die(self, error: str) -> None:
+        self.error = error
+        self.state = "dead"
+        exc = EngineDeadError(self.error)
+        self._active.clear()
+        self._post(self._fail_all, exc)
+        self._drain_rejecting(exc)
+
+    def _recover(self, engine: Any, fault: Exception) -> Any:
+        """After ``fault``: fail the requests in flight, then abort everything in the engine and
+        check it; if that fails, rebuild it with the factory. Returns the engine to go on with,
+        or None when even the rebuild failed (the engine is dead)."""
+        t0 = time.monotonic()
+        fault_text = f"{type(fault).__name__}: {fault}"
+        logger.error("engine fault (%d requests in flight): %s", len(self._active), traceback.format_exc())
+        self.num_faults += 1
+        self.last_fault = fault_text
+        failed = list(self._active)
+        self._active.clear()
+        self.num_failed_requests += len(failed)
+        self._post(self._fail_ids, failed, EngineCrashedError(f"engine fault: {fault_text}"))
         try:
-            self._loop_forever(engine)
-        except BaseException as e:  # noqa: BLE001
-            logger.error("engine thread crashed: %s", traceback.format_exc())
-            self.error = f"engine crashed: {type(e).__name__}: {e}"
-            self.state = "dead"
-            exc = EngineDeadError(self.error)
-            self._post(self._fail_all, exc)
-            self._drain_rejecting(exc)
+            for rid in failed:
+                engine.abort_request(rid)
+            for rid in list(getattr(engine, "requests", None) or ()):  # anything we did not track
+                engine.abort_request(rid)
+            if engine.has_unfinished_requests():
+                raise RuntimeError("requests are left in the engine after aborting all of them")
+            if hasattr(engine, "on_idle"):
+                engine.on_idle(raise_errors=True)
+            if hasattr(engine, "check_integrity"):
+                engine.check_integrity()
+        except Exception as e:  # noqa: BLE001 - the engine's state is not trustworthy: rebuild it
+            logger.error("recovery failed (%s: %s); rebuilding the engine", type(e).__name__, e)
+            recovery_error = f"{type(e).__name__}: {e}"
+        else:
+            self.num_recoveries += 1
+            self.last_recovery_s = time.monotonic() - t0
+            self._update_stats(force=True)
+            logger.warning("engine recovered in %.3f s after a fault (%d requests failed)",
+                           self.last_recovery_s, len(failed))
+            return engine
+        self.state = "restarting"
+        try:
+            if hasattr(engine, "shutdown"):
+                engine.shutdown()
+        except Exception:  # noqa: BLE001
+            logger.exception("shutting the broken engine down failed")
+        del engine
+        self._engine = None
+        try:
+            engine = self._build()
+        except Exception as e:  # noqa: BLE001
+            logger.error("engine rebuild failed: %s", traceback.format_exc())
+            self._die(f"engine crashed ({fault_text}); recovery failed ({recovery_error}); "
+                      f"rebuild failed: {type(e).__name__}: {e}")
+            return None
+        self.num_restarts += 1
+        self.last_recovery_s = time.monotonic() - t0
+        self._update_stats(force=True)
+        self.state = "ready"
+        logger.warning("engine rebuilt in %.3f s after a fault (%d requests failed)",
+                       self.last_recovery_s, len(failed))
+        return engine
 
     def _drain_rejecting(self, exc: BaseException) -> None:
         """After death: fail queued adds now; later adds are refused by add_request()."""
@@ -363,6 +509,8 @@ class AsyncEngine:
                 if type(e).__module__.startswith("jinja2"):
                     self._post(self._rejected, stream, InvalidPromptError(f"chat template error: {e}", "messages"))
                     return True
+                # an engine fault while adding: this request fails, then the engine recovers
+                self._post(self._rejected, stream, EngineCrashedError(f"engine fault: {type(e).__name__}: {e}"))
                 raise
             self._active.add(rid)
             self._post(self._accepted, stream, token_ids)

@@ -27,6 +27,7 @@ from miniinfer.outputs import CompletionOutput, RequestOutput
 from miniinfer.sampling_params import SamplingParams
 from miniinfer.server.async_engine import (
     AsyncEngine, EngineDeadError, EngineNotReadyError, Prompt, RequestFailedError, RequestStream,
+    RequestTimeoutError, ServerDrainingError,
 )
 from miniinfer.server.protocol import (
     APIError, PromptTokensDetails, UsageInfo, invalid, parse_request,
@@ -34,6 +35,23 @@ from miniinfer.server.protocol import (
 
 LOADING = "the model is still loading; retry shortly"
 ENGINE_FAILED = "the engine failed while serving this request: {}"
+DRAINING = "the server is shutting down and no longer accepts requests"
+TIMEOUT_STATUS = 504  # a request past the server's request_timeout_s (type "timeout", code "request_timeout")
+MAX_MESSAGES = 1024  # messages per chat request
+
+
+def engine_error(e: BaseException) -> APIError:
+    """The API error of a request that failed in flight: 500 for an engine fault (the engine
+    recovers and serves new requests), 504 for a request past the server's time limit, 503
+    for one aborted by the shutdown drain."""
+    if isinstance(e, RequestTimeoutError):
+        return APIError(TIMEOUT_STATUS, str(e), type="timeout", code="request_timeout")
+    if isinstance(e, ServerDrainingError):
+        return APIError(503, str(e))
+    return APIError(500, ENGINE_FAILED.format(e))
+
+
+IN_FLIGHT_ERRORS = (EngineDeadError, RequestFailedError, RequestTimeoutError, ServerDrainingError)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_DONE = "data: [DONE]\n\n"
 
@@ -41,17 +59,24 @@ SSE_DONE = "data: [DONE]\n\n"
 class OpenAIServing:
     """App-wide state of the generation routes and the steps before generation."""
 
-    def __init__(self, engine: AsyncEngine, *, max_n: int, served_model_name: str | None) -> None:
+    def __init__(self, engine: AsyncEngine, *, max_n: int, served_model_name: str | None,
+                 request_timeout_s: float | None = None) -> None:
         self.engine = engine
         self.max_n = max_n
         self.served_model_name = served_model_name
+        self.request_timeout_s = request_timeout_s  # None: no limit
+        self.draining = False  # set by the shutdown drain: new requests get a 503
 
     def model_name(self) -> str:
         return self.served_model_name or self.engine.model_name or "miniinfer"
 
     def check_ready(self) -> None:
+        if self.draining:
+            raise APIError(503, DRAINING)
         if self.engine.state == "dead":
             raise APIError(503, f"the engine is not available: {self.engine.error}")
+        if self.engine.state == "restarting":
+            raise APIError(503, "the engine is being rebuilt after a fault; retry shortly")
         if not self.engine.ready:
             raise APIError(503, LOADING)
 
@@ -67,28 +92,36 @@ class OpenAIServing:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise invalid(f"malformed JSON body: {e}") from None
+        check_sizes(data)
         req = parse_request(model_cls, data)
         self.check_ready()
         self.check_model(req.model)
         return req
 
-    async def add(self, request_id: str, prompt: Prompt, params: SamplingParams) -> RequestStream:
-        """Add one engine request; engine refusals become 400 / 503 API errors."""
+    async def add(self, request_id: str, prompt: Prompt, params: SamplingParams,
+                  deadline: float | None = None) -> RequestStream:
+        """Add one engine request; engine refusals become 400 / 500 / 503 / 504 API errors."""
         try:
-            return await self.engine.add_request(request_id, prompt, params)
+            return await self.engine.add_request(request_id, prompt, params, deadline=deadline)
         except ValueError as e:  # InvalidRequestError names the field; others name none
             raise invalid(str(e), getattr(e, "param", None)) from None
-        except EngineNotReadyError:
-            raise APIError(503, LOADING) from None
+        except EngineNotReadyError as e:
+            raise APIError(503, LOADING if "loading" in str(e) else f"{e}; retry shortly") from None
         except EngineDeadError as e:
             raise APIError(503, f"the engine is not available: {e}") from None
+        except (RequestFailedError, RequestTimeoutError, ServerDrainingError) as e:
+            raise engine_error(e) from None
 
     async def add_all(self, prompts: list[tuple[str, Prompt]], params: SamplingParams) -> list[RequestStream]:
-        """Add one engine request per ``(request_id, prompt)``; all or none."""
+        """Add one engine request per ``(request_id, prompt)``; all or none. With a
+        ``request_timeout_s``, all of them share one deadline, counted from now."""
         streams: list[RequestStream] = []
+        deadline = None
+        if self.request_timeout_s is not None:
+            deadline = asyncio.get_running_loop().time() + self.request_timeout_s
         try:
             for request_id, prompt in prompts:
-                streams.append(await self.add(request_id, prompt, params))
+                streams.append(await self.add(request_id, prompt, params, deadline))
         except BaseException:
             self.abort_unfinished(streams)
             raise
@@ -101,6 +134,16 @@ class OpenAIServing:
 
 
 # --------------------------------------------------------------------------- helpers
+
+def check_sizes(data: Any) -> None:
+    """Bounds checked on the decoded body before the pydantic models see it (the other bounds
+    are ``protocol.py``'s: n, max_tokens, stop, logprobs, logit_bias, prompts)."""
+    if not isinstance(data, dict):
+        return
+    messages = data.get("messages")
+    if isinstance(messages, list) and len(messages) > MAX_MESSAGES:
+        raise invalid(f"messages may hold at most {MAX_MESSAGES} messages, got {len(messages)}", "messages")
+
 
 class SSEResponse(StreamingResponse):
     """A StreamingResponse that always closes its generator (so aborts run at once)."""
@@ -304,8 +347,9 @@ class Generation:
             raise APIError(499, "client disconnected")
         try:
             return work.result()
-        except (EngineDeadError, RequestFailedError) as e:
-            raise APIError(500, ENGINE_FAILED.format(e)) from None
+        except IN_FLIGHT_ERRORS as e:
+            self.serving.abort_unfinished(self.streams)  # a timed-out request still holds KV blocks
+            raise engine_error(e) from None
 
     async def _events(self) -> AsyncIterator[str]:
         """The SSE body: head chunks, one chunk per choice delta, usage, ``[DONE]``."""
@@ -331,8 +375,9 @@ class Generation:
             if self.include_usage:
                 yield self._chunk([], usage=self._usage(lasts))
             yield SSE_DONE
-        except (EngineDeadError, RequestFailedError) as e:
-            yield sse(APIError(500, ENGINE_FAILED.format(e)).body())
+        except IN_FLIGHT_ERRORS as e:
+            self.serving.abort_unfinished(self.streams)
+            yield sse(engine_error(e).body())
             yield SSE_DONE
         finally:
             self.serving.abort_unfinished(self.streams)

@@ -2,6 +2,16 @@
 
 Byte-level "tokenizer" (token id = UTF-8 byte, EOS = 256); each step emits one token
 per running choice, taken from a fixed script (greedy) or a seeded RNG (sampling).
+
+Injected faults (for the reliability tests):
+
+* ``crash_after_steps=N``: a *persistent* device fault: step N+1 and every later step
+  raise, ``check_integrity`` fails, and a new ``FakeEngine`` built in the same engine
+  thread (the server's rebuild) fails too ("device lost"): the server ends up dead.
+* ``fail_steps={k, ...}``: a *transient* fault: step k raises (before touching any state);
+  aborting the requests and carrying on is a full recovery.
+* ``corrupt_on_fault=True`` with ``fail_steps``: after the fault the fake's bookkeeping is
+  broken (``check_integrity`` raises), so the server must rebuild the engine.
 """
 from __future__ import annotations
 
@@ -62,9 +72,17 @@ class _Req:
 class FakeEngine:
     def __init__(self, max_model_len: int = 512, num_kv_blocks: int = 256, block_size: int = 16,
                  max_num_seqs: int = 128, step_time: float = 0.0, eos_after: int = 400,
-                 crash_after_steps: int | None = None, load_event: threading.Event | None = None) -> None:
+                 crash_after_steps: int | None = None, load_event: threading.Event | None = None,
+                 fail_steps: set[int] | frozenset[int] = frozenset(), corrupt_on_fault: bool = False) -> None:
         if load_event is not None:
             load_event.wait(30)
+        if getattr(threading.current_thread(), "_fake_device_lost", False):
+            raise RuntimeError("simulated device lost: the engine cannot be rebuilt")
+        self.fail_steps = set(fail_steps)
+        self.corrupt_on_fault = corrupt_on_fault
+        self.corrupted = False
+        self.faults = 0
+        self.integrity_checks = 0
         self.tokenizer = FakeTokenizer()
         self.model_name = "fake-model"
         self.max_model_len = max_model_len
@@ -139,7 +157,14 @@ class FakeEngine:
         self._touch()
         self.steps += 1
         if self.crash_after_steps is not None and self.steps > self.crash_after_steps:
+            self.faults += 1
+            self.corrupted = True
+            threading.current_thread()._fake_device_lost = True  # type: ignore[attr-defined]
             raise RuntimeError("simulated engine crash")
+        if self.steps in self.fail_steps:
+            self.faults += 1
+            self.corrupted = self.corrupt_on_fault
+            raise RuntimeError(f"simulated transient fault at step {self.steps}")
         if self.step_time:
             time.sleep(self.step_time)
         while self.waiting and len(self.running) < self.max_num_seqs:
@@ -200,6 +225,21 @@ class FakeEngine:
                          "finished_time": r.finished_at,
                          "num_generated_tokens": sum(len(c.token_ids) for c in r.choices)}))
         return outs
+
+    def check_integrity(self) -> None:
+        self._touch()
+        self.integrity_checks += 1
+        if self.corrupted:
+            raise AssertionError("simulated broken KV bookkeeping after a fault")
+
+    def on_idle(self, raise_errors: bool = True) -> None:
+        if self.running or self.waiting:
+            return
+        try:
+            self.check_integrity()
+        except AssertionError:
+            if raise_errors:
+                raise
 
     def stats(self) -> dict:
         used = self._used_blocks()

@@ -50,15 +50,16 @@ class ThreadServer:
     def __init__(self, factory: Callable[[], Any], wait: bool = True, **app_kwargs: Any) -> None:
         import uvicorn
 
-        from miniinfer.server.api_server import create_app
+        from miniinfer.server.api_server import create_app, uvicorn_config
         from miniinfer.server.async_engine import AsyncEngine
 
+        max_header_bytes = app_kwargs.pop("max_header_bytes", 16 * 1024)
         self.engine = AsyncEngine(factory)
         self.app = create_app(self.engine, **app_kwargs)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                timeout_graceful_shutdown=2)
+        config = uvicorn_config(self.app, "127.0.0.1", self.port, max_header_bytes=max_header_bytes,
+                                log_level="warning", timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -135,3 +136,36 @@ class SubprocessServer:
             os.unlink(self.log_path)
         except OSError:
             pass
+
+
+class FakeSubprocessServer(SubprocessServer):
+    """``run_server`` over a :class:`srv_fake_engine.FakeEngine` in a child process (real signal
+    handling, fast start): ``fake_kwargs`` go to the fake, ``server_kwargs`` to ``run_server``."""
+
+    def __init__(self, fake_kwargs: dict | None = None, timeout: float = 60.0, **server_kwargs: Any) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.api_key = server_kwargs.get("api_key")
+        here = os.path.dirname(os.path.abspath(__file__))
+        code = textwrap.dedent(f"""
+            import sys
+            sys.path.insert(0, {here!r})
+            from srv_fake_engine import FakeEngine
+            from miniinfer.server.api_server import run_server
+            run_server(None, "127.0.0.1", {self.port}, engine_factory=lambda: FakeEngine(**{fake_kwargs or {}!r}),
+                       **{server_kwargs!r})
+            print("run_server returned", flush=True)
+        """)
+        env = dict(os.environ)
+        env.pop("MINIINFER_API_KEY", None)
+        env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        fd, self.log_path = tempfile.mkstemp(prefix=f"miniinfer-fake-server-{self.port}-", suffix=".log")
+        self._log = os.fdopen(fd, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, env=env,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        try:
+            wait_healthy(self.base_url, timeout, self.proc)
+        except BaseException:
+            tail = self.log_tail()
+            self.close()
+            raise RuntimeError(f"fake server did not come up; log:\n{tail}")
