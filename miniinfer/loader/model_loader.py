@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from typing import Iterator
@@ -76,18 +77,36 @@ def iter_safetensors(folder: str, progress: bool = True) -> Iterator[tuple[str, 
                 yield name, f.get_tensor(name)
 
 
-def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
-    """Random weights of a sensible scale (std 0.02; norms at 1) so activations stay finite."""
-    gen_device = next(model.parameters()).device
-    gen = torch.Generator(device=gen_device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.02, generator=gen)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
+def dummy_weights(cfg: ModelConfig, seed: int, device: torch.device,
+                  dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random HF-named weights of a sensible scale (std 0.02; norms at 1), each **full** tensor
+    drawn from its own generator seeded by (seed, name), so every tensor-parallel rank slices
+    the same model out of it: TP=1 and TP=N hold identical weights and greedy outputs compare.
+    Yields one tensor at a time (peak memory: the largest one, the embedding)."""
+    h, d, inter, v = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    shapes: list[tuple[str, tuple[int, ...]]] = [("embed_tokens.weight", (v, h))]
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        shapes += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
+                   (p + "self_attn.q_proj.weight", (q, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+                   (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, q)),
+                   (p + "mlp.gate_proj.weight", (inter, h)), (p + "mlp.up_proj.weight", (inter, h)),
+                   (p + "mlp.down_proj.weight", (h, inter))]
+        if cfg.attention_bias:
+            shapes += [(p + "self_attn.q_proj.bias", (q,)), (p + "self_attn.k_proj.bias", (kv,)),
+                       (p + "self_attn.v_proj.bias", (kv,))]
+        if cfg.qk_norm:
+            shapes += [(p + "self_attn.q_norm.weight", (d,)), (p + "self_attn.k_norm.weight", (d,))]
+    shapes.append(("norm.weight", (h,)))
+    if not cfg.tie_word_embeddings:
+        shapes.append(("lm_head.weight", (v, h)))
+    for name, shape in shapes:
+        if "norm" in name:
+            yield name, torch.ones(shape, dtype=dtype, device=device)
+            continue
+        gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2 ** 63)
+        yield name, torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
 
 
 def build_model(source: ModelSource, model_config: ModelConfig, backend: AttentionBackend,
@@ -108,7 +127,7 @@ def build_model(source: ModelSource, model_config: ModelConfig, backend: Attenti
         torch.set_default_dtype(prev_dtype)
     model.to_empty(device=device)
     if source.load_format == "dummy":
-        init_dummy_weights(model, cfg.seed)
+        model.load_weights(dummy_weights(model_config, cfg.seed, device, dtype))
     elif source.load_format == "gguf":
         from miniinfer.loader.gguf_loader import iter_gguf_weights
         quantized = {} if cfg.cpu_gguf_kernels and gguf_kernels_available(device, dtype, tp) else None
