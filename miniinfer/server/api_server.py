@@ -269,7 +269,8 @@ class _H11Protocol(H11Protocol):
             status, text = 400, "invalid HTTP request"
         body = json.dumps(APIError(status, text).body()).encode()
         try:
-            out = self.conn.send(h11.Response(status_code=status, reason=b"", headers=[
+            reason = b"Request Header Fields Too Large" if status == 431 else b"Bad Request"
+            out = self.conn.send(h11.Response(status_code=status, reason=reason, headers=[
                 (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                 (b"connection", b"close")]))
             out += self.conn.send(h11.Data(data=body)) + self.conn.send(h11.EndOfMessage())
