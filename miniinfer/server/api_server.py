@@ -300,19 +300,25 @@ def _draining_server_cls():
 
         def __init__(self, config: Any, app: FastAPI, grace_s: float) -> None:
             super().__init__(config)
-            self.app = app
+            self.miniinfer_app = app
             self.grace_s = grace_s
-            self.drain_task: asyncio.Future | None = None
+            self.drain_started = False
 
         def handle_exit(self, sig: int, frame: Any) -> None:
-            loop = self.app.state.loop
-            if sig != signal.SIGTERM or self.drain_task is not None or self.should_exit or loop is None:
+            loop = self.miniinfer_app.state.loop
+            if sig != signal.SIGTERM or self.drain_started or self.should_exit or loop is None:
                 return super().handle_exit(sig, frame)
-            self.drain_task = asyncio.ensure_future(self._drain_then_exit(), loop=loop)
+            # a signal handler may run in the middle of the loop's own code: only hand the
+            # loop a callback (thread-safe), which starts the drain task
+            self.drain_started = True
+            loop.call_soon_threadsafe(self._start_drain)
+
+        def _start_drain(self) -> None:
+            self._drain_task = asyncio.ensure_future(self._drain_then_exit())  # keep a reference
 
         async def _drain_then_exit(self) -> None:
             try:
-                await drain(self.app, self.grace_s)
+                await drain(self.miniinfer_app, self.grace_s)
             finally:
                 self.should_exit = True
 
