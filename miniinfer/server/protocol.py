@@ -50,6 +50,7 @@ class ResponseFormat(RequestModel):
 
 MAX_LOGIT_BIAS = 300  # entries; OpenAI's limit
 MAX_STOP_STRINGS = 32  # stop strings per request
+MAX_TOP_K = 2 ** 31 - 1  # larger top_k: disabled (every vocabulary is smaller)
 MAX_STOP_LEN = 256  # characters per stop string (the stop checker holds back that much text)
 
 
@@ -121,6 +122,8 @@ class _SamplingFields(RequestModel):
             raise invalid(f"response_format of type {self.response_format.type!r} is not supported yet "
                           "(structured output)", "response_format")
         top_k = -1 if self.top_k in (None, 0) else self.top_k
+        if top_k > MAX_TOP_K:  # keeps every token of any vocabulary: the same as no top-k (and a
+            top_k = -1         # value past int64 crashed the sampler's tensors: a 500 found by fuzzing)
         stop = self.stop
         if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
             raise invalid(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(stop)}", "stop")

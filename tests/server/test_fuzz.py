@@ -206,7 +206,7 @@ def _check(report: Report, total: int) -> None:
     assert report.sent >= 0.95 * total, f"only {report.sent} of ~{total} requests sent (time bound hit?)"
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(int(SECONDS) + 450)  # the run, its generation and the model load
 def test_fuzz_fake_engine():
     factory = lambda: FakeEngine(max_model_len=MAX_MODEL_LEN, step_time=0.0)  # noqa: E731
     with ThreadServer(factory, api_key=API_KEY, max_n=MAX_N, max_body_bytes=256 * 1024) as srv:
@@ -239,7 +239,7 @@ def _real_factory():
                                   kv_cache_memory_gb=0.05))
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(int(SECONDS) + 450)  # the run, its generation and the model load
 def test_fuzz_real_engine():
     try:
         from miniinfer.engine.llm_engine import LLMEngine  # noqa: F401
@@ -266,3 +266,11 @@ def test_stop_string_length_bound():
         with pytest.raises(APIError) as e:
             CompletionRequest(prompt="x", stop=stop).to_sampling_params(8)
         assert e.value.status == 400 and e.value.param == "stop", e.value.message
+
+
+@pytest.mark.parametrize("top_k,expected", [(2 ** 63, -1), (2 ** 70, -1), (2 ** 31, -1), (2 ** 31 - 1, 2 ** 31 - 1),
+                                            (0, -1), (5, 5)])
+def test_huge_top_k_means_disabled(top_k, expected):
+    """Found by fuzzing the real engine: top_k >= 2**63 reached the sampler's int64 tensors (500)."""
+    from miniinfer.server.protocol import CompletionRequest
+    assert CompletionRequest(prompt="x", top_k=top_k).to_sampling_params(8).top_k == expected
