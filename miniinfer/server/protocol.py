@@ -395,14 +395,16 @@ def _inline_refs(node: Any, defs: dict) -> Any:
     return node
 
 
-def openapi_request_body(model_cls: type[BaseModel]) -> dict:
+def openapi_request_body(model_cls: type[BaseModel], example: dict | None = None) -> dict:
     """``openapi_extra`` for a route that parses its body itself (``parse_request``): the JSON
     body's schema is ``model_cls``'s, with its sub-models inlined (no ``$defs`` left, so the
     operation needs no entries in the document's ``components``). The request models are not
     recursive, so inlining terminates."""
     schema = model_cls.model_json_schema()
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": _inline_refs(schema, schema.get("$defs", {}))}}}}
+    media: dict[str, Any] = {"schema": _inline_refs(schema, schema.get("$defs", {}))}
+    if example is not None:
+        media["example"] = example
+    return {"requestBody": {"required": True, "content": {"application/json": media}}}
 
 
 def parse_request(model_cls: type[OpenAIBaseModel], data: Any) -> Any:

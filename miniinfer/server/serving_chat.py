@@ -62,7 +62,8 @@ class ChatGeneration(Generation):
         return choice
 
 
-@router.post("/v1/chat/completions", openapi_extra=openapi_request_body(ChatCompletionRequest))
+@router.post("/v1/chat/completions", openapi_extra=openapi_request_body(
+    ChatCompletionRequest, example={"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}))
 async def create_chat_completion(request: Request) -> Response:
     """Render the messages with the chat template (in the engine thread) and generate ``n`` replies."""
     serving: OpenAIServing = request.app.state.serving

@@ -80,7 +80,8 @@ class CompletionGeneration(Generation):
         return choice
 
 
-@router.post("/v1/completions", openapi_extra=openapi_request_body(CompletionRequest))
+@router.post("/v1/completions", openapi_extra=openapi_request_body(
+    CompletionRequest, example={"prompt": "Once upon a time", "max_tokens": 16}))
 async def create_completion(request: Request) -> Response:
     """Generate ``n`` continuations of each prompt."""
     serving: OpenAIServing = request.app.state.serving

@@ -3,23 +3,26 @@
 Every route of the app's OpenAPI schema (the two generation routes describe their JSON
 bodies through ``openapi_extra``, see ``protocol.openapi_request_body``) gets requests
 generated from the schema: schema-valid bodies (``positive``) and bodies that break the
-schema (``negative``: wrong types, unknown fields, out-of-range values, ...). No response
-may be a 5xx (nor an SSE stream that carries a 5xx error event), every request must be
-answered within its timeout, and afterwards the server is alive, serves a normal request,
-and its engine is idle with every KV block free.
+schema (``negative``: wrong types, unknown fields, out-of-range values, bad UTF-8, ...).
+The requests are generated first (hypothesis, seeded), then sent ``CONCURRENCY`` (8) at a
+time with the routes interleaved; the GET routes take no input, so their few distinct
+requests are repeated up to their share and act as probes under load. No response may be
+a 5xx (nor an SSE stream that carries a 5xx error event), every request must be answered
+within ``MINIINFER_FUZZ_REQUEST_TIMEOUT`` (120 s; longer is a hang), and afterwards the
+server is alive, serves a normal request, and its engine is idle with every KV block free.
 
 Two runs:
 
-* ``test_fuzz_fake_engine``: the whole budget, ``MINIINFER_FUZZ_EXAMPLES`` requests (default
-  1000), against the fake engine (tests/server/srv_fake_engine.py: the real input processor,
-  scripted tokens) with a 64-token context;
+* ``test_fuzz_fake_engine``: ``MINIINFER_FUZZ_EXAMPLES`` requests (default 1000) against the
+  fake engine (tests/server/srv_fake_engine.py: the real input processor, scripted tokens)
+  with a 64-token context, ``n`` up to 4;
 * ``test_fuzz_real_engine``: ``MINIINFER_FUZZ_REAL_EXAMPLES`` requests (default 240) against
-  the real engine (embedded SmolLM2-135M on CPU) with ``max_model_len=64``, then the engine's
-  own ``check_integrity()``.
+  the real engine (embedded SmolLM2-135M on CPU, ``max_model_len=64``, ``n`` up to 2,
+  ``max_tokens`` capped at 8 to bound CPU time), then the engine's ``check_integrity()``.
 
 Each run is also bounded in time (``MINIINFER_FUZZ_SECONDS``, default 150 s per run); the
 seed is ``MINIINFER_FUZZ_SEED`` (default 0, so CI is reproducible). A longer run:
-``MINIINFER_FUZZ_EXAMPLES=10000 MINIINFER_FUZZ_REAL_EXAMPLES=2000 MINIINFER_FUZZ_SECONDS=1800
+``MINIINFER_FUZZ_EXAMPLES=10000 MINIINFER_FUZZ_REAL_EXAMPLES=1000 MINIINFER_FUZZ_SECONDS=1200
 MINIINFER_FUZZ_SEED=7 pytest -s tests/server/test_fuzz.py`` (``-s`` prints the figures).
 """
 from __future__ import annotations
