@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 from srv_fake_engine import FakeEngine
-from srv_harness import FakeSubprocessServer, ThreadServer
+from srv_harness import FakeSubprocessServer, ThreadServer, wait_healthy
 
 COMPLETIONS = "/v1/completions"
 
@@ -160,7 +160,8 @@ def test_real_engine_step_fault_recovers_in_place():
     passes on_idle + check_integrity (no rebuild), every KV block is free again, and a greedy
     request afterwards gives the same text as before the fault."""
     factory = _real_engine_factory()
-    with ThreadServer(factory) as srv:
+    with ThreadServer(factory, wait=False) as srv:
+        wait_healthy(srv.base_url, 300)  # the model loads in ~20 s on a quiet CPU
         body = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
         ref = httpx.post(srv.base_url + COMPLETIONS, json=body, timeout=120)
         assert ref.status_code == 200
