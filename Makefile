@@ -22,6 +22,12 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra --durations=20 tests
 
+# the reliability suite at the issue's sizes (abort storm 1,000, soak 2,000; figures in artifacts/)
+.PHONY: reliability
+reliability: $(STAMP)
+	MINIINFER_RELIABILITY_FULL=1 MINIINFER_RELIABILITY_REPORT=artifacts/reliability-$$(date +%F).jsonl \
+		$(BIN)/python -m pytest -q -s -ra --durations=0 tests/reliability
+
 bench-cpu: $(STAMP)
 	$(BIN)/miniinfer bench cpu --json benchmarks/results/$$(date +%F)-cpu-throughput.json
 
