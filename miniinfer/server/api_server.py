@@ -207,8 +207,9 @@ def create_app(engine: AsyncEngine, *, api_key: str | None = None, max_n: int = 
                request_timeout_s: float | None = None) -> FastAPI:
     """Build the FastAPI app around ``engine`` (started in the app's lifespan).
 
-    ``request_timeout_s`` (None: off) aborts a generation request that runs longer (from
-    its arrival, queueing included) and answers 504 (an error event on a stream)."""
+    ``request_timeout_s`` (None: off) aborts a generation request that runs longer, counted
+    from when its body is parsed (tokenization and queueing included), frees its KV blocks and
+    answers 504 ``type: timeout`` (on a stream: an error event, then ``[DONE]``)."""
     metrics = ServerMetrics(engine, served_model_name or "miniinfer")
     engine.on_request_finished = metrics.observe_finished
 
