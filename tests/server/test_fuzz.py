@@ -18,7 +18,8 @@ Two runs:
   with a 64-token context, ``n`` up to 4;
 * ``test_fuzz_real_engine``: ``MINIINFER_FUZZ_REAL_EXAMPLES`` requests (default 240) against
   the real engine (embedded SmolLM2-135M on CPU, ``max_model_len=64``, ``n`` up to 2,
-  ``max_tokens`` capped at 8 to bound CPU time), then the engine's ``check_integrity()``.
+  ``max_tokens`` capped at ``MINIINFER_FUZZ_REAL_MAX_TOKENS``, default 8, to bound CPU time; 0
+  lifts the cap), then the engine's ``check_integrity()``.
 
 Each run is also bounded in time (``MINIINFER_FUZZ_SECONDS``, default 150 s per run); the
 seed is ``MINIINFER_FUZZ_SEED`` (default 0, so CI is reproducible). A longer run:
@@ -220,14 +221,15 @@ def test_fuzz_fake_engine():
         print(f"[fuzz fake engine] total with checks {time.monotonic() - t0:.1f} s")
 
 
-REAL_MAX_TOKENS = 8  # the real engine's cap on max_tokens / max_completion_tokens (CPU time)
+# the real engine's cap on max_tokens / max_completion_tokens (CPU time); 0: no cap
+REAL_MAX_TOKENS = int(os.environ.get("MINIINFER_FUZZ_REAL_MAX_TOKENS", "8"))
 
 
 def cap_tokens(case) -> None:
     """Keep real-engine requests cheap: an absent or larger (integer) max_tokens becomes
     ``REAL_MAX_TOKENS`` (the fake-engine run covers "the rest of the context")."""
     body = case.body
-    if not isinstance(body, dict):
+    if not isinstance(body, dict) or REAL_MAX_TOKENS <= 0:
         return
     for key in ("max_tokens", "max_completion_tokens"):
         v = body.get(key)
