@@ -2,7 +2,7 @@
 probes of its state (/api/stats, /metrics, /proc/<pid>, its log) and the CI / full sizes.
 
 ``MINIINFER_RELIABILITY_FULL=1`` selects the issue's sizes (``make reliability``); without it
-the tests run the CI sizes. ``MINIINFER_RELIABILITY_REPORT=<file>`` appends each test's
+the tests run the CI sizes. The servers run with ``OMP_NUM_THREADS=1`` (see ``Probe``). ``MINIINFER_RELIABILITY_REPORT=<file>`` appends each test's
 figures to that file as one JSON line (they are printed too: run pytest with ``-s``).
 """
 from __future__ import annotations
@@ -48,7 +48,19 @@ class Probe:
     """A SubprocessServer plus what the tests read from it."""
 
     def __init__(self, **overrides) -> None:
-        self.srv = SubprocessServer({**BASE_CONFIG, **overrides}, api_key=None, max_n=8, timeout=300)
+        # One OpenMP thread for the server (MINIINFER_RELIABILITY_OMP_THREADS=<n> for another
+        # count): on 2 shared cores the default (one thread per core) waits at every barrier for
+        # a thread the test client or another process preempted, and requests take ~10x longer
+        # (see docs/RELIABILITY.md).
+        saved = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = os.environ.get("MINIINFER_RELIABILITY_OMP_THREADS", "1")
+        try:
+            self.srv = SubprocessServer({**BASE_CONFIG, **overrides}, api_key=None, max_n=8, timeout=300)
+        finally:
+            if saved is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = saved
         self.base_url = self.srv.base_url
         self.port = self.srv.port
         self.pid = self.srv.proc.pid
@@ -109,6 +121,12 @@ class Probe:
 
     def threads(self) -> int:
         return self._status("Threads")
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the server process has used so far."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def num_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))

@@ -7,7 +7,7 @@ every block free.
 
 Each request needs 8-11 blocks (a prompt of about 15-40 tokens + 48 generated, ``ignore_eos``),
 so 8 concurrent requests ask for about 76 blocks, over 4x the 16 there are. CI: 1 round of 8 requests;
-``MINIINFER_RELIABILITY_FULL=1``: 4 rounds (32 requests, each round with fresh prompts).
+``MINIINFER_RELIABILITY_FULL=1``: 2 rounds (each with fresh prompts).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ NUM_KV_BLOCKS = 16
 BLOCK_SIZE = 8
 MAX_TOKENS = 48
 PER_ROUND = 8  # x 8 blocks = 4x the cache
-ROUNDS = size(1, 4)
+ROUNDS = size(1, 2)
 
 TOPICS = ["the sea", "a mountain", "a small robot", "the moon", "an old library", "a busy market",
           "a winter morning", "a lost key", "a city at night", "a garden", "a violin", "a train trip"]
@@ -84,7 +84,7 @@ def test_kv_exhaustion(make_server):
     assert s["num_kv_blocks"] == NUM_KV_BLOCKS
     mark = p.log_mark()
     demand = 0
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), p.cpu_s()
     totals = {"requests": 0, "preemptions": 0, "mismatches": 0}
     for round_ in range(ROUNDS):
         reqs = _requests(round_)
@@ -97,7 +97,9 @@ def test_kv_exhaustion(make_server):
         assert demand >= 4 * NUM_KV_BLOCKS, demand
         p.wait_idle()
 
+        t1 = time.monotonic()
         pressured = asyncio.run(_run(p.base_url, reqs, concurrent=True))
+        totals["pressured_s"] = round(totals.get("pressured_s", 0) + time.monotonic() - t1, 1)
         p.wait_idle(timeout=120)
         m = p.metrics()
         pre2 = metric(m, "miniinfer:num_preemptions_total")
@@ -115,5 +117,6 @@ def test_kv_exhaustion(make_server):
     report("kv_exhaustion", num_kv_blocks=NUM_KV_BLOCKS, rounds=ROUNDS, concurrent_per_round=PER_ROUND,
            demand_blocks_per_round=demand, **totals,
            log_5xx=log_5xx, leaked_blocks=s["num_kv_blocks"] - s["num_free_kv_blocks"],
-           log_problems=len(problems), wall_s=round(time.monotonic() - t0, 1))
+           log_problems=len(problems), wall_s=round(time.monotonic() - t0, 1),
+           server_cpu_s=round(p.cpu_s() - cpu0, 1))
     assert log_5xx == 0 and not problems, problems[:10]

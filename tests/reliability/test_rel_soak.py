@@ -81,7 +81,7 @@ def test_soak(make_server):
     quarter = N_REQUESTS // 4
     warmup = N_REQUESTS // 10
     chunk = max(CYCLE, N_REQUESTS // 40)
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), p.cpu_s()
     results: list[tuple[int, float]] = []
     rss_trace: list[tuple[int, int]] = []
     rss_base = fds_base = threads_base = None
@@ -91,7 +91,7 @@ def test_soak(make_server):
         rss_trace.append((len(results), p.rss_kb()))
         if rss_base is None and len(results) >= warmup:
             rss_base, fds_base, threads_base = p.rss_kb(), p.num_fds(), p.threads()
-    wall = time.monotonic() - t0
+    wall, cpu_s = time.monotonic() - t0, p.cpu_s() - cpu0
     rss_end = p.rss_kb()
 
     lat = [t for _, t in results]
@@ -119,7 +119,7 @@ def test_soak(make_server):
            p50_ms=round(1000 * percentile(lat, 50), 1),
            p99_q2_ms=round(1000 * p99_q2, 1), p99_last_ms=[round(1000 * x, 1) for x in p99_last],
            p99_ratio=round(ratio, 3), extra_quarters=extra, fds=[fds_base, fds_end],
-           threads=[threads_base, threads_end], log_problems=len(problems), wall_s=round(wall, 1),
+           threads=[threads_base, threads_end], log_problems=len(problems), wall_s=round(wall, 1), server_cpu_s=round(cpu_s, 1),
            req_per_s=round(N_REQUESTS / wall, 1))
     assert not bad, f"{len(bad)} requests failed: {bad[:10]}"
     assert log_5xx == 0 and not problems, problems[:10]
