@@ -1,9 +1,9 @@
 """MiniInfer: a compact, fast LLM inference engine."""
 from miniinfer.outputs import CompletionOutput, Logprob, RequestOutput
-from miniinfer.sampling_params import SamplingParams
+from miniinfer.sampling_params import SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]
 
 
 def __getattr__(name):

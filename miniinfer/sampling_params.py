@@ -16,6 +16,31 @@ _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presenc
 
 
 @dataclass
+class StructuredOutputsParams:
+    """Constrain the output (vLLM's names); exactly one of these is set.
+
+    ``json``: a JSON schema (dict or JSON string); ``json_object``: any JSON object;
+    ``regex``; ``grammar``: an EBNF (GBNF-style) grammar; ``choice``: one of these strings."""
+    json: dict | str | None = None
+    json_object: bool | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    choice: list[str] | None = None
+
+    def kind(self) -> str:
+        """Raises ``InvalidRequestError`` unless exactly one constraint is set."""
+        set_ = [k for k in ("json", "json_object", "regex", "grammar", "choice") if getattr(self, k)]
+        if len(set_) != 1:
+            raise InvalidRequestError(f"structured_outputs needs exactly one of json, json_object, regex, grammar, "
+                                      f"choice; got {set_ or 'none'}", "structured_outputs")
+        if set_[0] == "choice" and (not isinstance(self.choice, list)
+                                    or not all(isinstance(c, str) and c for c in self.choice)):
+            raise InvalidRequestError("structured_outputs.choice must be a list of non-empty strings",
+                                      "structured_outputs")
+        return set_[0]
+
+
+@dataclass
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0
@@ -35,6 +60,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    structured_outputs: StructuredOutputsParams | None = None  # a grammar the output must follow
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -87,6 +113,10 @@ class SamplingParams:
                     not isinstance(t, int) or t < 0 or isinstance(v, bool) or not isinstance(v, (int, float))
                     or not math.isfinite(v) or not (-100 <= v <= 100) for t, v in self.logit_bias.items()):
                 raise bad("logit_bias", "a dict of token ids (int >= 0) to biases in [-100, 100]", self.logit_bias)
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise bad("structured_outputs", "a StructuredOutputsParams", self.structured_outputs)
+            self.structured_outputs.kind()
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise bad("stop", "a list of non-empty strings", self.stop)
 

@@ -14,6 +14,7 @@ import torch
 
 from miniinfer.config import EngineConfig, ModelConfig
 from miniinfer.engine.input_processor import InputLimits, InputProcessor
+from miniinfer.errors import InvalidRequestError
 from miniinfer.engine.kv_cache_manager import KVCacheManager
 from miniinfer.engine.output_processor import OutputProcessor, Request
 from miniinfer.engine.scheduler import Scheduler
@@ -30,9 +31,10 @@ log = logging.getLogger("miniinfer")
 
 def forces_sync(params: SamplingParams) -> bool:
     """Whether a request needs every earlier token on the host before its next step is
-    launched, which turns overlap scheduling off while it runs: penalties today (their count
-    tensors are built on the host); grammar masks and speculative verify will join."""
-    return params.needs_penalties
+    launched, which turns overlap scheduling off while it runs: penalties (their count
+    tensors are built on the host) and grammars (the matcher must have seen the previous token
+    before the next mask is filled); speculative verify will join."""
+    return params.needs_penalties or params.structured_outputs is not None
 
 
 class LLMEngine:
@@ -69,6 +71,7 @@ class LLMEngine:
         self.input_processor = InputProcessor(tokenizer, InputLimits(
             self.model_config.vocab_size, self.max_model_len, config.max_num_batched_tokens,
             config.enable_chunked_prefill, config.max_logprobs))
+        self._structured = None  # StructuredOutputManager, built on the first constrained request
         self.requests: dict[str, Request] = {}
         self.output_processor = OutputProcessor(tokenizer, eos, self.max_model_len, self.scheduler, self.requests)
         self.eos_token_ids = eos
@@ -106,10 +109,11 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         ids, params = self.input_processor.process(prompt, params, field=field, openai=openai)
+        grammar = self.compile_grammar(params) if params.structured_outputs is not None else None
         req = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, stream)
         # All or nothing: every sequence is built before any is queued; if queuing still
         # fails, whatever was queued is released again.
-        req.seqs = [self._new_sequence(request_id, i, ids, params) for i in range(params.n)]
+        req.seqs = [self._new_sequence(request_id, i, ids, params, grammar) for i in range(params.n)]
         try:
             for seq in req.seqs:
                 self.scheduler.add(seq)
@@ -123,8 +127,31 @@ class LLMEngine:
         self.prompt_tokens_total += len(ids)
         return ids
 
-    def _new_sequence(self, request_id: str, index: int, ids: list[int], params: SamplingParams) -> Sequence:
+    @property
+    def structured_output(self):
+        """The engine's ``StructuredOutputManager`` (xgrammar), built on first use; the runner
+        calls its ``fill_bitmask`` between forward and sampling."""
+        if self._structured is None:
+            if self.tokenizer is None:
+                raise InvalidRequestError("structured output needs a tokenizer", "structured_outputs")
+            from miniinfer.structured_output import StructuredOutputManager
+            self._structured = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size,
+                                                       sorted(self.eos_token_ids), self.config.max_num_seqs,
+                                                       self.runner.device)
+            self.runner.structured_output = self._structured
+        return self._structured
+
+    def compile_grammar(self, params: SamplingParams):
+        """The compiled grammar of ``params.structured_outputs`` (cached; thread-safe, so a front
+        end may call it before ``add_request`` off the engine thread). Raises
+        ``InvalidRequestError`` naming the problem."""
+        return self.structured_output.compile(params.structured_outputs)
+
+    def _new_sequence(self, request_id: str, index: int, ids: list[int], params: SamplingParams,
+                      grammar=None) -> Sequence:
         seq = Sequence(request_id, index, list(ids), len(ids), params)
+        if grammar is not None:
+            seq.grammar = self.structured_output.new_matcher(grammar)
         if params.seed is not None:
             # seed + index wraps into the generator's unsigned 64-bit range (seed is any int64)
             seq.generator = torch.Generator(device=self.runner.device).manual_seed((params.seed + index) % 2 ** 64)

@@ -87,7 +87,11 @@ class OutputProcessor:
         self.generation_tokens_total += 1
         if seq.first_token_time is None:
             seq.first_token_time = now
+        if seq.grammar is not None and not seq.grammar.accept_token(token):
+            raise RuntimeError(f"the grammar rejected token {token}, which the mask should have forbidden")
         self.check_stop(seq, token)
+        if seq.grammar is not None and not seq.is_finished and seq.grammar.is_terminated():
+            self.finish(seq, "stop")  # the grammar is complete: nothing more may follow
         if seq.is_finished:
             seq.finished_time = now
         else:

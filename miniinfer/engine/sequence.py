@@ -41,6 +41,7 @@ class Sequence:
     finished_time: float | None = None
     detokenizer: object | None = None
     stop_checker: object | None = None
+    grammar: object | None = None  # an xgrammar GrammarMatcher (structured output), advanced per committed token
     num_preemptions: int = 0
     prefix_cursor: object | None = None  # KVCacheManager.insert's resume point
     # Overlap scheduling: tokens sampled by a step still running on the device sit at the end

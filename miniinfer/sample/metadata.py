@@ -31,6 +31,8 @@ class SamplingMetadata:
     # the logits processors some row needs this step, in order, with their prepared state
     processors: list[tuple[LogitsProcessor, object]] = field(default_factory=list)
     seeds: torch.Tensor | None = None  # [B] int64, CUDA only: Philox seeds (see module doc)
+    # structured output: the step's grammar mask (``GrammarBitmask``: ``apply(logits)``), or None
+    grammar_bitmask: object | None = None
 
     def processor_state(self, name: str) -> object | None:
         return next((st for p, st in self.processors if p.name == name), None)
@@ -62,7 +64,8 @@ class SamplingMetadata:
         return cls(
             temperature=dev([1.0 if g else p.temperature for g, p in zip(greedy_list, params)], torch.float32),
             greedy=dev(greedy_list, torch.bool),
-            top_k=dev([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64) if need_topk else None,
+            top_k=dev([min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params], torch.int64)
+            if need_topk else None,
             top_p=dev([p.top_p for p in params], torch.float32) if need_topp else None,
             min_p=dev([p.min_p for p in params], torch.float32) if need_minp else None,
             generators=[s.generator for s in seqs],

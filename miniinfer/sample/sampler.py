@@ -59,6 +59,8 @@ def sample(logits: torch.Tensor, md: SamplingMetadata,
     """logits: [B, V] float32, raw from the LM head. Returns the sampled ids [B] (and logprobs).
     ``generator``: the noise of unseeded rows on the non-fused path (the engine's own RNG)."""
     out = SamplerOutput(token_ids=torch.empty(0))
+    if md.grammar_bitmask is not None:  # first: logprobs then describe the masked distribution
+        logits = md.grammar_bitmask.apply(logits)
     if md.want_logprobs:
         logprobs = logits.log_softmax(-1)
         top = logprobs.topk(md.max_logprobs, dim=-1)

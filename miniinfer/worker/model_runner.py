@@ -56,6 +56,9 @@ class ModelRunner:
             self._pinned = [torch.empty(n, dtype=torch.int64, pin_memory=True) for _ in range(2)]
             self._pinned_turn = 0
         self.cuda_graphs: CUDAGraphs | None = None
+        # Structured output's one hook: ``fill_bitmask(sampling_seqs) -> GrammarBitmask | None``,
+        # called between the forward and the sampler (set by the engine when first needed).
+        self.structured_output = None
         if self.device.type == "cuda" and cfg.warmup and not tp.enabled:
             self.warmup()
         if self.device.type == "cuda" and not cfg.enforce_eager and not tp.enabled:
@@ -152,6 +155,8 @@ class ModelRunner:
             return InFlightStep(fwd.sched, [], None, None, None, None)
         md = SamplingMetadata.build(fwd.sampling_seqs, fwd.logits.shape[-1], self.device, self.eos_token_ids,
                                     to_device=self.staging.to_device, rng=self.sample_rng)
+        if self.structured_output is not None:  # the host fills the mask while the forward runs
+            md.grammar_bitmask = self.structured_output.fill_bitmask(fwd.sampling_seqs)
         self.staging.end_step()
         out = sample(fwd.logits, md, self.cpu_generator)
         event = None

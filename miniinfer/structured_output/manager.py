@@ -1,0 +1,166 @@
+"""Grammar compilation, per-sequence matchers and the per-step bitmask (xgrammar >= 0.2).
+
+Reference: Dong et al., "XGrammar: Flexible and Efficient Structured Generation Engine for
+Large Language Models" (2024) — a pushdown automaton over the grammar with a token-mask
+cache, so filling one row of the ``[B, ceil(V / 32)]`` int32 bitmask takes microseconds.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+import torch
+
+from miniinfer.errors import InvalidRequestError
+from miniinfer.sampling_params import StructuredOutputsParams
+
+MAX_GRAMMAR_BYTES = 64 * 1024  # a schema / regex / grammar larger than this is refused
+MAX_SCHEMA_DEPTH = 32  # nesting of a JSON schema (objects and lists)
+MAX_SCHEMA_NODES = 20_000  # values in a JSON schema, counted as a tree (a shared sub-dict counts each time)
+COMPILE_TIMEOUT_S = 10.0  # wall-clock limit of one compilation
+COMPILE_CACHE_BYTES = 128 << 20
+
+
+@dataclass
+class GrammarBitmask:
+    """One step's mask: ``bitmask`` [B, ceil(V / 32)] int32 on the logits' device (bit set =
+    token allowed), applied to the rows in ``rows`` only (row order = the step's sampling rows)."""
+    bitmask: torch.Tensor
+    rows: list[int]
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """Set the logits of forbidden tokens to -inf, in place, on the constrained rows."""
+        import xgrammar as xgr
+        xgr.apply_token_bitmask_inplace(logits, self.bitmask, indices=self.rows)
+        return logits
+
+
+def _check_schema_size(schema) -> None:
+    """Refuse a schema nested deeper than MAX_SCHEMA_DEPTH or with more than MAX_SCHEMA_NODES
+    values, before anything serializes or compiles it (a dict reused at every level of a
+    Python-built schema doubles its size per level)."""
+    budget = MAX_SCHEMA_NODES
+    stack = [(schema, 0)]
+    while stack:
+        node, depth = stack.pop()
+        budget -= 1
+        if budget < 0 or depth > MAX_SCHEMA_DEPTH:
+            what = f"nested deeper than {MAX_SCHEMA_DEPTH}" if depth > MAX_SCHEMA_DEPTH else \
+                f"larger than {MAX_SCHEMA_NODES} values"
+            raise InvalidRequestError(f"structured_outputs.json: the schema is {what} (the limit)",
+                                      "structured_outputs")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+
+
+def _source(p: StructuredOutputsParams) -> tuple[str, str]:
+    """(kind, text) of a constraint: the cache key and what gets compiled."""
+    kind = p.kind()
+    if kind == "json":
+        if isinstance(p.json, str):
+            if len(p.json) > MAX_GRAMMAR_BYTES:
+                raise InvalidRequestError(f"structured_outputs.json is {len(p.json)} characters; the limit is "
+                                          f"{MAX_GRAMMAR_BYTES} bytes", "structured_outputs")
+            try:
+                _check_schema_size(json.loads(p.json))
+            except json.JSONDecodeError as e:
+                raise InvalidRequestError(f"invalid structured_outputs.json: not JSON ({e})",
+                                          "structured_outputs") from None
+            text = p.json
+        else:
+            _check_schema_size(p.json)
+            text = json.dumps(p.json, sort_keys=True)
+    elif kind == "json_object":
+        text = ""
+    elif kind == "choice":
+        text = json.dumps(p.choice)
+    else:
+        text = getattr(p, kind)
+    if len(text.encode("utf-8")) > MAX_GRAMMAR_BYTES:
+        raise InvalidRequestError(f"structured_outputs.{kind} is {len(text)} characters; the limit is "
+                                  f"{MAX_GRAMMAR_BYTES} bytes", "structured_outputs")
+    return kind, text
+
+
+def _ebnf_string(s: str) -> str:
+    return json.dumps(s)  # a JSON string literal is a valid EBNF string literal in xgrammar
+
+
+class StructuredOutputManager:
+    """Owned by the engine; ``compile`` is thread-safe (the server calls it off the engine thread)."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], max_num_seqs: int,
+                 device: torch.device):
+        import xgrammar as xgr
+        self._xgr = xgr
+        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                       stop_token_ids=sorted(stop_token_ids))
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=2, cache_limit_bytes=COMPILE_CACHE_BYTES)
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="miniinfer-grammar")
+        self._lock = threading.Lock()
+        self._compiled: dict[tuple[str, str], object] = {}  # small front cache of whole grammars
+        self.device = device
+        shape = xgr.get_bitmask_shape(max(max_num_seqs, 1), self.info.vocab_size)
+        pin = device.type == "cuda"
+        self._host = [torch.empty(shape, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self._turn = 0
+
+    # --- compilation ---------------------------------------------------------------------
+    def compile(self, p: StructuredOutputsParams, timeout_s: float = COMPILE_TIMEOUT_S):
+        """The compiled grammar of a constraint. Raises ``InvalidRequestError`` naming the
+        problem for an invalid schema / regex / grammar, one over the size limit, or one whose
+        compilation takes longer than ``timeout_s`` (it is abandoned; the engine goes on)."""
+        key = _source(p)
+        with self._lock:
+            hit = self._compiled.get(key)
+        if hit is not None:
+            return hit
+        future = self._pool.submit(self._compile, *key)
+        try:
+            grammar = future.result(timeout=timeout_s)
+        except FutureTimeout:
+            raise InvalidRequestError(f"structured_outputs.{key[0]} took longer than {timeout_s:g} s to compile",
+                                      "structured_outputs") from None
+        except (RuntimeError, ValueError, TypeError) as e:
+            first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise InvalidRequestError(f"invalid structured_outputs.{key[0]}: {first[:300]}",
+                                      "structured_outputs") from None
+        with self._lock:
+            if len(self._compiled) > 256:
+                self._compiled.clear()
+            self._compiled[key] = grammar
+        return grammar
+
+    def _compile(self, kind: str, text: str):
+        c = self.compiler
+        if kind == "json":
+            return c.compile_json_schema(text, any_whitespace=False)
+        if kind == "json_object":
+            return c.compile_builtin_json_grammar()
+        if kind == "regex":
+            return c.compile_regex(text)
+        if kind == "choice":
+            return c.compile_grammar("root ::= " + " | ".join(_ebnf_string(x) for x in json.loads(text)))
+        return c.compile_grammar(text)
+
+    def new_matcher(self, grammar):
+        return self._xgr.GrammarMatcher(grammar)
+
+    # --- per step ---------------------------------------------------------------------------
+    def fill_bitmask(self, seqs: list) -> GrammarBitmask | None:
+        """The runner's hook between forward and sampling: fill the bitmask rows of the
+        constrained sequences among this step's sampling rows (``seqs``, in row order) on the
+        host and start its copy to the device. None when no row is constrained."""
+        rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if not rows:
+            return None
+        self._turn ^= 1
+        host = self._host[self._turn][:len(seqs)]
+        for i in rows:
+            seqs[i].grammar.fill_next_token_bitmask(host, i)
+        dev = host.to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+        return GrammarBitmask(dev, rows)

@@ -1,0 +1,61 @@
+"""JSON schemas for the structured-output tests: nested objects, arrays, enums, anyOf / oneOf,
+$ref / $defs, bounded numbers, required and optional fields, additionalProperties, formats."""
+from __future__ import annotations
+
+S = {"type": "string", "maxLength": 24}
+I = {"type": "integer", "minimum": 0, "maximum": 999}
+
+SCHEMAS: list[dict] = [
+    {"type": "object", "properties": {"name": S, "age": I}, "required": ["name", "age"]},
+    {"type": "object", "properties": {"city": S, "population": I}, "required": ["city"]},
+    {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]},
+    {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"]},
+    {"type": "object", "properties": {"tags": {"type": "array", "items": S, "maxItems": 3}}, "required": ["tags"]},
+    {"type": "object", "properties": {"scores": {"type": "array", "items": I, "minItems": 1, "maxItems": 4}},
+     "required": ["scores"]},
+    {"type": "object", "properties": {"x": {"type": "number", "minimum": -10, "maximum": 10}}, "required": ["x"]},
+    {"type": "object", "properties": {"user": {"type": "object", "properties": {"id": I, "handle": S},
+                                                "required": ["id", "handle"]}}, "required": ["user"]},
+    {"type": "object", "properties": {"value": {"anyOf": [I, S]}}, "required": ["value"]},
+    {"type": "object", "properties": {"shape": {"oneOf": [
+        {"type": "object", "properties": {"kind": {"const": "circle"}, "r": I}, "required": ["kind", "r"]},
+        {"type": "object", "properties": {"kind": {"const": "square"}, "side": I}, "required": ["kind", "side"]}]}},
+     "required": ["shape"]},
+    {"$defs": {"point": {"type": "object", "properties": {"x": I, "y": I}, "required": ["x", "y"]}},
+     "type": "object", "properties": {"a": {"$ref": "#/$defs/point"}, "b": {"$ref": "#/$defs/point"}},
+     "required": ["a", "b"]},
+    {"type": "object", "properties": {"matrix": {"type": "array", "maxItems": 2,
+                                                 "items": {"type": "array", "items": I, "maxItems": 2}}},
+     "required": ["matrix"]},
+    {"type": "object", "properties": {"title": S}, "required": ["title"], "additionalProperties": False},
+    {"type": "object", "properties": {"id": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{3}$"}}, "required": ["id"]},
+    {"type": "object", "properties": {"day": {"type": "string", "format": "date"}}, "required": ["day"]},
+    {"type": "object", "properties": {"host": {"type": "string", "format": "ipv4"}}, "required": ["host"]},
+    {"type": "object", "properties": {"email": {"type": "string", "pattern": "^[a-z]{1,8}@[a-z]{1,8}[.]com$"}},
+     "required": ["email"]},
+    {"type": "object", "properties": {"n": {"type": "integer", "exclusiveMinimum": 5, "maximum": 50}},
+     "required": ["n"]},
+    {"type": "object", "properties": {"items": {"type": "array", "maxItems": 3, "items": {
+        "type": "object", "properties": {"sku": S, "qty": I}, "required": ["sku", "qty"]}}}, "required": ["items"]},
+    {"type": "object", "properties": {"maybe": {"type": ["string", "null"], "maxLength": 10}}, "required": ["maybe"]},
+    {"type": "object", "properties": {"level": {"enum": [1, 2, 3]}, "label": S}, "required": ["level"]},
+    {"type": "array", "items": I, "minItems": 2, "maxItems": 5},
+    {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 4},
+    {"type": "string", "enum": ["alpha", "beta"]},
+    {"type": "integer", "minimum": 10, "maximum": 20},
+    {"type": "boolean"},
+    {"type": "object", "properties": {"meta": {"type": "object", "properties": {"created": I, "by": S,
+                                                                                "flags": {"type": "array",
+                                                                                          "items": {"type": "boolean"},
+                                                                                          "maxItems": 3}},
+                                                "required": ["created", "by", "flags"]}}, "required": ["meta"]},
+    {"type": "object", "properties": {"first": S, "last": S, "middle": S}, "required": ["first", "last"]},
+    {"type": "object", "properties": {"ratio": {"type": "number", "minimum": 0, "maximum": 1}}, "required": ["ratio"]},
+    {"$defs": {"node": {"type": "object", "properties": {"v": I}, "required": ["v"]}},
+     "type": "object", "properties": {"nodes": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 3}},
+     "required": ["nodes"]},
+    {"type": "object", "properties": {"status": {"anyOf": [{"const": "ok"}, {"type": "object", "properties": {
+        "error": S}, "required": ["error"]}]}}, "required": ["status"]},
+    {"type": "object", "properties": {"k": {"type": "string", "minLength": 2, "maxLength": 4}}, "required": ["k"]},
+    {"type": "object", "properties": {"a": I, "b": I, "c": I, "d": I}, "required": ["a", "b", "c", "d"]},
+]
