@@ -224,7 +224,8 @@ def cmd_serve(a) -> int:
     from miniinfer.server.api_server import run_server
     api_key = a.api_key or os.environ.get("MINIINFER_API_KEY")
     run_server(engine_config_from_args(a), host=a.host, port=a.port, api_key=api_key, max_n=a.max_n,
-               served_model_name=a.served_model_name)
+               served_model_name=a.served_model_name, shutdown_grace_s=a.shutdown_grace,
+               request_timeout_s=a.request_timeout)
     return 0
 
 
@@ -243,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--api-key", default=None)
     s.add_argument("--max-n", type=int, default=8)
     s.add_argument("--served-model-name", default=None)
+    s.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="seconds requests in flight get to finish after SIGTERM")
+    s.add_argument("--request-timeout", type=float, default=None,
+                   help="abort a request running longer than this many seconds (504)")
     s.set_defaults(fn=cmd_serve)
 
     g = sub.add_parser("generate", help="generate text for one prompt")
