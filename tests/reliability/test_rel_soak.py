@@ -125,4 +125,4 @@ def test_soak(make_server):
     assert log_5xx == 0 and not problems, problems[:10]
     assert growth < MAX_RSS_GROWTH, rss_trace
     assert ratio <= MAX_P99_RATIO, (p99_q2, p99_last)
-    assert fds_end <= fds_base + 2 and threads_end <= threads_base, (fds_base, fds_end, threads_base, threads_end)
+    assert fds_end <= fds_base + 2 and threads_end <= threads_base + 2, (fds_base, fds_end, threads_base, threads_end)
