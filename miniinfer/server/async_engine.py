@@ -26,7 +26,6 @@ Threading model
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import queue
 import threading
@@ -34,122 +33,18 @@ import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Union
+from typing import Any
 
 from miniinfer.engine.input_processor import InvalidPromptError
-from miniinfer.outputs import CompletionOutput, RequestOutput
+from miniinfer.outputs import RequestOutput
 from miniinfer.sampling_params import SamplingParams
+from miniinfer.server.request_stream import (  # noqa: F401  (re-exported: the server's names)
+    ChatPrompt, EngineCrashedError, EngineDeadError, EngineNotReadyError, Prompt, RequestFailedError,
+    RequestStream, RequestTimeoutError, ServerDrainingError, snapshot,
+)
 
 logger = logging.getLogger("miniinfer.server")
-
-
-class EngineDeadError(RuntimeError):
-    """The engine thread crashed (or failed to load); in-flight requests cannot finish."""
-
-
-class RequestFailedError(RuntimeError):
-    """One request failed inside the engine (``RequestOutput.error``); the engine goes on."""
-
-
-class EngineCrashedError(RequestFailedError):
-    """The engine raised while this request was in flight; the engine recovered (or is being
-    rebuilt) and serves new requests, but this request is lost."""
-
-
-class RequestTimeoutError(RuntimeError):
-    """The request ran past its deadline (the server's ``request_timeout_s``) and was aborted."""
-
-
-class ServerDrainingError(RuntimeError):
-    """The server is shutting down and aborted this request after the grace period."""
-
-
-class EngineNotReadyError(RuntimeError):
-    """The engine is still loading."""
-
-
-@dataclasses.dataclass
-class ChatPrompt:
-    """Chat messages; the engine thread renders them with the chat template."""
-
-    messages: list[dict]
-
-
-Prompt = Union[str, list[int], ChatPrompt]
-
-_STOP = object()
-
-
-class RequestStream:
-    """Async iterator over one request's (cumulative) outputs. Lives on the event loop."""
-
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
-        self.prompt_token_ids: list[int] = []
-        self.finished = False  # the engine reported the final output
-        self.aborted = False
-        self._latest: RequestOutput | None = None
-        self._error: BaseException | None = None
-        self._event = asyncio.Event()
-        self._loop = asyncio.get_running_loop()
-        self._added: asyncio.Future = self._loop.create_future()
-        self.deadline: float | None = None  # event-loop time; past it, iteration raises RequestTimeoutError
-
-    # called on the event loop
-    def _put(self, out: RequestOutput) -> None:
-        self._latest = out
-        if out.finished:
-            self.finished = True
-        self._event.set()
-
-    def _fail(self, exc: BaseException) -> None:
-        if not self._added.done():
-            self._added.set_exception(exc)
-            self._added.exception()  # mark retrieved
-        self._error = exc
-        self._event.set()
-
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        while True:
-            if self._latest is not None:
-                out, self._latest = self._latest, None
-                return out
-            if self._error is not None:
-                raise self._error
-            if self.finished or self.aborted:
-                raise StopAsyncIteration
-            self._event.clear()
-            if self.deadline is None:
-                await self._event.wait()
-                continue
-            remaining = self.deadline - self._loop.time()
-            try:
-                if remaining <= 0:
-                    raise asyncio.TimeoutError
-                await asyncio.wait_for(self._event.wait(), remaining)
-            except asyncio.TimeoutError:
-                raise RequestTimeoutError("the request ran past the server's time limit and was aborted") from None
-
-
-def _snapshot(out: RequestOutput) -> RequestOutput:
-    """Copy the mutable parts so the engine may keep mutating its own objects."""
-    return RequestOutput(
-        request_id=out.request_id,
-        prompt=out.prompt,
-        prompt_token_ids=out.prompt_token_ids,
-        outputs=[CompletionOutput(
-            index=c.index, text=c.text, token_ids=list(c.token_ids),
-            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-            logprobs=list(c.logprobs) if c.logprobs is not None else None,
-        ) for c in out.outputs],
-        finished=out.finished,
-        num_cached_tokens=out.num_cached_tokens,
-        metrics=dict(out.metrics or {}),
-        error=out.error,
-    )
+_STOP = object()  # the command that ends the engine thread
 
 
 _EMPTY_STATS = {
@@ -395,61 +290,10 @@ class AsyncEngine:
         self._drain_rejecting(exc)
 
     def _recover(self, engine: Any, fault: Exception) -> Any:
-        """After ``fault``: fail the requests in flight, then abort everything in the engine and
-        check it; if that fails, rebuild it with the factory. Returns the engine to go on with,
-        or None when even the rebuild failed (the engine is dead)."""
-        t0 = time.monotonic()
-        fault_text = f"{type(fault).__name__}: {fault}"
-        logger.error("engine fault (%d requests in flight): %s", len(self._active), traceback.format_exc())
-        self.num_faults += 1
-        self.last_fault = fault_text
-        failed = list(self._active)
-        self._active.clear()
-        self.num_failed_requests += len(failed)
-        self._post(self._fail_ids, failed, EngineCrashedError(f"engine fault: {fault_text}"))
-        try:
-            for rid in failed:
-                engine.abort_request(rid)
-            for rid in list(getattr(engine, "requests", None) or ()):  # anything we did not track
-                engine.abort_request(rid)
-            if engine.has_unfinished_requests():
-                raise RuntimeError("requests are left in the engine after aborting all of them")
-            if hasattr(engine, "on_idle"):
-                engine.on_idle(raise_errors=True)
-            if hasattr(engine, "check_integrity"):
-                engine.check_integrity()
-        except Exception as e:  # noqa: BLE001 - the engine's state is not trustworthy: rebuild it
-            logger.error("recovery failed (%s: %s); rebuilding the engine", type(e).__name__, e)
-            recovery_error = f"{type(e).__name__}: {e}"
-        else:
-            self.num_recoveries += 1
-            self.last_recovery_s = time.monotonic() - t0
-            self._update_stats(force=True)
-            logger.warning("engine recovered in %.3f s after a fault (%d requests failed)",
-                           self.last_recovery_s, len(failed))
-            return engine
-        self.state = "restarting"
-        try:
-            if hasattr(engine, "shutdown"):
-                engine.shutdown()
-        except Exception:  # noqa: BLE001
-            logger.exception("shutting the broken engine down failed")
-        del engine
-        self._engine = None
-        try:
-            engine = self._build()
-        except Exception as e:  # noqa: BLE001
-            logger.error("engine rebuild failed: %s", traceback.format_exc())
-            self._die(f"engine crashed ({fault_text}); recovery failed ({recovery_error}); "
-                      f"rebuild failed: {type(e).__name__}: {e}")
-            return None
-        self.num_restarts += 1
-        self.last_recovery_s = time.monotonic() - t0
-        self._update_stats(force=True)
-        self.state = "ready"
-        logger.warning("engine rebuilt in %.3f s after a fault (%d requests failed)",
-                       self.last_recovery_s, len(failed))
-        return engine
+        """After ``fault``: see ``server/recovery.py``. Returns the engine to go on with, or
+        None when even the rebuild failed (the engine is dead)."""
+        from miniinfer.server.recovery import recover
+        return recover(self, engine, fault)
 
     def _drain_rejecting(self, exc: BaseException) -> None:
         """After death: fail queued adds now; later adds are refused by add_request()."""
@@ -481,7 +325,7 @@ class AsyncEngine:
                 continue
             outputs = engine.step()
             if outputs:
-                snaps = [_snapshot(o) for o in outputs]
+                snaps = [snapshot(o) for o in outputs]
                 for o in snaps:
                     if o.finished:
                         self._active.discard(o.request_id)

@@ -12,21 +12,22 @@ vs. the remaining context) are checked later, after tokenization, in the engine 
 """
 from __future__ import annotations
 
-import time
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from miniinfer.sampling_params import MAX_LOGPROBS, SamplingParams
 from miniinfer.server.api_errors import APIError, invalid, validation_error_to_api_error  # noqa: F401
+from miniinfer.server.openapi import openapi_request_body  # noqa: F401
+from miniinfer.server.responses import (  # noqa: F401  (re-exported)
+    OpenAIBaseModel, TopLogprob, ChatLogprobToken, ChatChoiceLogprobs, ChatResponseMessage,
+    PromptTokensDetails, UsageInfo, ChatCompletionChoice, ChatCompletionResponse, DeltaMessage,
+    ChatCompletionStreamChoice, ChatCompletionStreamResponse, CompletionLogprobs, CompletionChoice,
+    CompletionResponse, CompletionStreamResponse, ModelCard, ModelList,
+)
 
 
 # --------------------------------------------------------------------------- base
-
-class OpenAIBaseModel(BaseModel):
-    # Unknown fields are ignored (like the OpenAI API does for forward compatibility).
-    model_config = ConfigDict(extra="ignore")
-
 
 class RequestModel(OpenAIBaseModel):
     """Request bodies: a field this server does not know is a 400 naming it, never ignored."""
@@ -206,79 +207,6 @@ class ChatCompletionRequest(_SamplingFields):
         return out
 
 
-class TopLogprob(OpenAIBaseModel):
-    token: str
-    logprob: float
-    bytes: Optional[list[int]] = None
-
-
-class ChatLogprobToken(OpenAIBaseModel):
-    token: str
-    logprob: float
-    bytes: Optional[list[int]] = None
-    top_logprobs: list[TopLogprob] = Field(default_factory=list)
-
-
-class ChatChoiceLogprobs(OpenAIBaseModel):
-    content: Optional[list[ChatLogprobToken]] = None
-
-
-class ChatResponseMessage(OpenAIBaseModel):
-    role: str = "assistant"
-    content: Optional[str] = None
-
-
-class PromptTokensDetails(OpenAIBaseModel):
-    cached_tokens: int = 0
-
-
-class UsageInfo(OpenAIBaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    prompt_tokens_details: Optional[PromptTokensDetails] = None
-
-
-class ChatCompletionChoice(OpenAIBaseModel):
-    index: int
-    message: ChatResponseMessage
-    logprobs: Optional[ChatChoiceLogprobs] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Optional[Union[int, str]] = None
-
-
-class ChatCompletionResponse(OpenAIBaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatCompletionChoice]
-    usage: UsageInfo
-    system_fingerprint: Optional[str] = None
-
-
-class DeltaMessage(OpenAIBaseModel):
-    role: Optional[str] = None
-    content: Optional[str] = None
-
-
-class ChatCompletionStreamChoice(OpenAIBaseModel):
-    index: int
-    delta: DeltaMessage
-    logprobs: Optional[ChatChoiceLogprobs] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Optional[Union[int, str]] = None
-
-
-class ChatCompletionStreamResponse(OpenAIBaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatCompletionStreamChoice]
-    usage: Optional[UsageInfo] = None
-
-
 # --------------------------------------------------------------------------- completions
 
 PromptType = Union[list[int], list[list[int]], str, list[str]]
@@ -333,79 +261,7 @@ class CompletionRequest(_SamplingFields):
         return items
 
 
-class CompletionLogprobs(OpenAIBaseModel):
-    text_offset: list[int] = Field(default_factory=list)
-    token_logprobs: list[Optional[float]] = Field(default_factory=list)
-    tokens: list[str] = Field(default_factory=list)
-    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
-
-
-class CompletionChoice(OpenAIBaseModel):
-    index: int
-    text: str
-    logprobs: Optional[CompletionLogprobs] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Optional[Union[int, str]] = None
-
-
-class CompletionResponse(OpenAIBaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo
-    system_fingerprint: Optional[str] = None
-
-
-class CompletionStreamResponse(OpenAIBaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
-    usage: Optional[UsageInfo] = None
-
-
 # --------------------------------------------------------------------------- models
-
-class ModelCard(OpenAIBaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    owned_by: str = "miniinfer"
-    root: Optional[str] = None
-    max_model_len: Optional[int] = None
-
-
-class ModelList(OpenAIBaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard] = Field(default_factory=list)
-
-
-def _inline_refs(node: Any, defs: dict) -> Any:
-    if isinstance(node, dict):
-        ref = node.get("$ref")
-        if isinstance(ref, str) and ref.startswith("#/$defs/"):
-            rest = {k: v for k, v in node.items() if k != "$ref"}
-            return _inline_refs({**defs[ref[len("#/$defs/"):]], **rest}, defs)
-        return {k: _inline_refs(v, defs) for k, v in node.items() if k != "$defs"}
-    if isinstance(node, list):
-        return [_inline_refs(v, defs) for v in node]
-    return node
-
-
-def openapi_request_body(model_cls: type[BaseModel], example: dict | None = None) -> dict:
-    """``openapi_extra`` for a route that parses its body itself (``parse_request``): the JSON
-    body's schema is ``model_cls``'s, with its sub-models inlined (no ``$defs`` left, so the
-    operation needs no entries in the document's ``components``). The request models are not
-    recursive, so inlining terminates."""
-    schema = model_cls.model_json_schema()
-    media: dict[str, Any] = {"schema": _inline_refs(schema, schema.get("$defs", {}))}
-    if example is not None:
-        media["example"] = example
-    return {"requestBody": {"required": True, "content": {"application/json": media}}}
-
 
 def parse_request(model_cls: type[OpenAIBaseModel], data: Any) -> Any:
     """Validate a decoded JSON body as ``model_cls``; any failure is a 400 naming the field."""
