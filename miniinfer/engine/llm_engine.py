@@ -9,6 +9,7 @@ Single-threaded; front ends (``LLM``, the HTTP server) drive it from one thread.
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 
@@ -72,6 +73,7 @@ class LLMEngine:
             self.model_config.vocab_size, self.max_model_len, config.max_num_batched_tokens,
             config.enable_chunked_prefill, config.max_logprobs))
         self._structured = None  # StructuredOutputManager, built on the first constrained request
+        self._structured_lock = threading.Lock()
         self.requests: dict[str, Request] = {}
         self.output_processor = OutputProcessor(tokenizer, eos, self.max_model_len, self.scheduler, self.requests)
         self.eos_token_ids = eos
@@ -131,6 +133,10 @@ class LLMEngine:
     def structured_output(self):
         """The engine's ``StructuredOutputManager`` (xgrammar), built on first use; the runner
         calls its ``fill_bitmask`` between forward and sampling."""
+        with self._structured_lock:  # compile_grammar may be called from other threads
+            return self._structured_output()
+
+    def _structured_output(self):
         if self._structured is None:
             if self.tokenizer is None:
                 raise InvalidRequestError("structured output needs a tokenizer", "structured_outputs")

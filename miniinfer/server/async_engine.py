@@ -144,6 +144,10 @@ class AsyncEngine:
             raise EngineNotReadyError("the model is still loading")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
+        compile_grammar = getattr(self._engine, "compile_grammar", None)
+        if params.structured_outputs is not None and compile_grammar is not None:
+            # off the engine thread and the event loop: the engine's add is then a cache hit
+            await asyncio.get_running_loop().run_in_executor(None, compile_grammar, params)
         stream = RequestStream(request_id)
         stream.deadline = deadline
         self._streams[request_id] = stream

@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 from pydantic import ConfigDict, Field, ValidationError
 
-from miniinfer.sampling_params import MAX_LOGPROBS, SamplingParams
+from miniinfer.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
 from miniinfer.server.api_errors import APIError, invalid, validation_error_to_api_error  # noqa: F401
 from miniinfer.server.openapi import openapi_request_body  # noqa: F401
 from miniinfer.server.responses import (  # noqa: F401  (re-exported)
@@ -44,9 +44,25 @@ class StreamOptions(RequestModel):
     include_usage: Optional[bool] = False
 
 
+class JSONSchemaFormat(RequestModel):
+    name: Optional[str] = None
+    description: Optional[str] = None
+    schema_: Optional[dict] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
 class ResponseFormat(RequestModel):
-    type: str = Field(json_schema_extra={"enum": ["text"]})  # structured output: not yet
-    json_schema: Optional[dict] = None
+    type: str = Field(json_schema_extra={"enum": ["text", "json_object", "json_schema"]})
+    json_schema: Optional[JSONSchemaFormat] = None
+
+
+class StructuredOutputsBody(RequestModel):
+    """vLLM's ``structured_outputs`` body field: exactly one of these."""
+    json_: Optional[Union[dict, str]] = Field(None, alias="json")
+    json_object: Optional[bool] = None
+    regex: Optional[str] = None
+    grammar: Optional[str] = None
+    choice: Optional[list[str]] = None
 
 
 MAX_LOGIT_BIAS = 300  # entries; OpenAI's limit
@@ -84,12 +100,43 @@ class _SamplingFields(RequestModel):
     include_stop_str_in_output: Optional[bool] = False
     logit_bias: Optional[dict[str, float]] = _doc(maxProperties=MAX_LOGIT_BIAS, propertyNames={"pattern": "^[0-9]+$"})
     response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputsBody] = None
+    guided_json: Optional[Union[dict, str]] = None  # the older vLLM names, still sent by many clients
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens
 
     def _num_logprobs(self) -> int | None:  # overridden
         return None
+
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        """One constraint from ``response_format``, ``structured_outputs`` or a ``guided_*``
+        field; more than one source is a 400 naming the second."""
+        found: list[tuple[str, StructuredOutputsParams]] = []
+        rf = self.response_format
+        if rf is not None and rf.type != "text":
+            if rf.type == "json_object":
+                found.append(("response_format", StructuredOutputsParams(json_object=True)))
+            elif rf.type == "json_schema" and rf.json_schema is not None and rf.json_schema.schema_ is not None:
+                found.append(("response_format", StructuredOutputsParams(json=rf.json_schema.schema_)))
+            else:
+                raise invalid("response_format must be text, json_object, or json_schema with "
+                              "json_schema.schema", "response_format")
+        so = self.structured_outputs
+        if so is not None:
+            found.append(("structured_outputs", StructuredOutputsParams(
+                json=so.json_, json_object=so.json_object, regex=so.regex, grammar=so.grammar, choice=so.choice)))
+        for name, kw in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                         ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                found.append((name, StructuredOutputsParams(**{kw: getattr(self, name)})))
+        if len(found) > 1:
+            raise invalid(f"{found[1][0]}: only one structured-output constraint per request "
+                          f"(also given: {found[0][0]})", found[1][0])
+        return found[0][1] if found else None
 
     def _logit_bias(self) -> dict[int, float] | None:
         """OpenAI sends token ids as JSON object keys (strings)."""
@@ -119,9 +166,6 @@ class _SamplingFields(RequestModel):
                               f"({max_model_len} tokens), got {max_tokens}", "max_tokens")
         if self.stream_options is not None and not self.stream:
             raise invalid("stream_options is only allowed when stream is true", "stream_options")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise invalid(f"response_format of type {self.response_format.type!r} is not supported yet "
-                          "(structured output)", "response_format")
         top_k = -1 if self.top_k in (None, 0) else self.top_k
         if top_k > MAX_TOP_K:  # keeps every token of any vocabulary: the same as no top-k (and a
             top_k = -1         # value past int64 crashed the sampler's tensors: a 500 found by fuzzing)
@@ -152,6 +196,7 @@ class _SamplingFields(RequestModel):
                 skip_special_tokens=True if self.skip_special_tokens is None else self.skip_special_tokens,
                 include_stop_str_in_output=bool(self.include_stop_str_in_output),
                 logit_bias=self._logit_bias(),
+                structured_outputs=self._structured_outputs(),
             )
         except (ValueError, TypeError) as e:  # SamplingParams names the field in InvalidRequestError.param
             raise invalid(str(e), getattr(e, "param", None)) from None

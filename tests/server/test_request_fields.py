@@ -73,7 +73,9 @@ def test_response_format(fake_server):
     r = post(fake_server, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 2,
                                                    "response_format": {"type": "text"}})
     assert r.status_code == 200
-    r = post(fake_server, "/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}})
+    r = post(fake_server, "/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_schema"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"  # no schema given
+    r = post(fake_server, "/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "xml"}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
 
 
