@@ -32,10 +32,10 @@ log = logging.getLogger("miniinfer")
 
 def forces_sync(params: SamplingParams) -> bool:
     """Whether a request needs every earlier token on the host before its next step is
-    launched, which turns overlap scheduling off while it runs: penalties (their count
-    tensors are built on the host) and grammars (the matcher must have seen the previous token
-    before the next mask is filled); speculative verify will join."""
-    return params.needs_penalties or params.structured_outputs is not None
+    launched, which turns overlap scheduling off while it runs: penalties today (their count
+    tensors are built on the host); speculative verify will join. (Grammars don't: their
+    steps sample only after the previous step is processed, see ``_launch``.)"""
+    return params.needs_penalties
 
 
 class LLMEngine:
@@ -207,19 +207,15 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         launched = None
         if not sched.is_empty():
-            try:
-                launched = self.runner.launch(sched, self.inflight)
-            except BaseException:
-                # The step's K/V may not have been written: roll the progress back so that an
-                # abort (which publishes computed pages) can't put unwritten pages in the cache.
-                for s in sched.scheduled:
-                    s.seq.num_computed_tokens = s.start
-                raise
+            launched, done = self._launch(sched)
+            outputs += done
             for row, seq in enumerate(launched.sampling_seqs):
-                seq.add_pending(row)
+                if not seq.is_finished:  # (finished by step N-1, processed before N sampled)
+                    seq.add_pending(row)
             if self.kv.enable_prefix_caching:
                 for s in sched.scheduled:  # later steps may reuse these pages at once
-                    self.scheduler.publish(s.seq)
+                    if not s.seq.is_finished:
+                        self.scheduler.publish(s.seq)
         elif self.inflight is None and self.scheduler.waiting and not self.scheduler.running:
             self._fail_unschedulable()
         if self.inflight is not None:
@@ -229,6 +225,29 @@ class LLMEngine:
             outputs += self._complete(launched)
             self.inflight = None
         return outputs
+
+    def _launch(self, sched) -> tuple[InFlightStep, list[RequestOutput]]:
+        """Queue step N. If a constrained sequence samples in it while step N-1 is in flight,
+        N's forward goes first, then N-1 is completed (its tokens advance the grammar matchers)
+        and only then N is sampled, its bitmask filled while N's forward runs; otherwise
+        forward and sample go together. Returns the launched step and N-1's outputs if it was
+        completed here."""
+        done: list[RequestOutput] = []
+        grammar = self.inflight is not None and self._structured is not None and any(
+            s.samples and s.seq.grammar is not None for s in sched.scheduled)
+        try:
+            if grammar:
+                fwd = self.runner.forward(sched, self.inflight)
+                done = self._complete(self.inflight)
+                self.inflight = None
+                return self.runner.sample(fwd), done
+            return self.runner.launch(sched, self.inflight), done
+        except BaseException:
+            # The step's K/V may not have been written: roll the progress back so that an
+            # abort (which publishes computed pages) can't put unwritten pages in the cache.
+            for s in sched.scheduled:
+                s.seq.num_computed_tokens = s.start
+            raise
 
     def _complete(self, step: InFlightStep) -> list[RequestOutput]:
         outputs = self.output_processor.process(step.sched, self.runner.collect(step))

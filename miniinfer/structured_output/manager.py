@@ -155,7 +155,9 @@ class StructuredOutputManager:
         """The runner's hook between forward and sampling: fill the bitmask rows of the
         constrained sequences among this step's sampling rows (``seqs``, in row order) on the
         host and start its copy to the device. None when no row is constrained."""
-        rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        # a sequence finished by the previous step (processed just before) is still in this
+        # batch: its token will be dropped, its matcher may have terminated: no row for it
+        rows = [i for i, s in enumerate(seqs) if s.grammar is not None and not s.is_finished]
         if not rows:
             return None
         self._turn ^= 1
