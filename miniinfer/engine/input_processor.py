@@ -78,6 +78,9 @@ class InputProcessor:
                                      f"{lim.max_num_batched_tokens} and chunked prefill is disabled", field)
         if params.logprobs is not None and params.logprobs > lim.max_logprobs:
             raise InvalidPromptError(f"logprobs must be <= {lim.max_logprobs}, got {params.logprobs}", "logprobs")
+        if params.structured_outputs is not None and params.min_tokens:
+            raise InvalidPromptError("min_tokens cannot be combined with structured_outputs: the grammar decides "
+                                     "where the output ends", "min_tokens")
         if params.logit_bias:
             self._check_ids(list(params.logit_bias), lim.vocab_size,
                             f"logit_bias token ids must be in [0, {lim.vocab_size})", "logit_bias")

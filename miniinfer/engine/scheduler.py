@@ -139,7 +139,7 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         """Release a finished (or aborted) sequence's blocks, publishing its pages first."""
-        if seq.status is SequenceStatus.RUNNING:
+        if seq.status is SequenceStatus.RUNNING and seq in self.running:  # (a retry after a failure)
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)

@@ -144,13 +144,17 @@ class AsyncEngine:
             raise EngineNotReadyError("the model is still loading")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
+        stream = RequestStream(request_id)
+        stream.deadline = deadline
+        self._streams[request_id] = stream  # counted by a drain from now on
         compile_grammar = getattr(self._engine, "compile_grammar", None)
         if params.structured_outputs is not None and compile_grammar is not None:
             # off the engine thread and the event loop: the engine's add is then a cache hit
-            await asyncio.get_running_loop().run_in_executor(None, compile_grammar, params)
-        stream = RequestStream(request_id)
-        stream.deadline = deadline
-        self._streams[request_id] = stream
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, compile_grammar, params)
+            except BaseException:
+                self._streams.pop(request_id, None)
+                raise
         self._cmds.put(("add", request_id, prompt, params, stream))
         try:
             if deadline is None:
@@ -265,17 +269,25 @@ class AsyncEngine:
         self.state = "ready"
         logger.info("engine ready in %.1f s (model %s, max_model_len %d)",
                     self.load_time_s, self.model_name, self.max_model_len)
+        from miniinfer.server.recovery import rebuild, recover_in_place, shut_down
         while True:
             try:
                 self._loop_forever(engine)
                 return  # stopped
             except Exception as e:  # noqa: BLE001 - any fault: fail what is in flight, then recover
-                engine = self._recover(engine, e)
-                if engine is None:
-                    return
+                fault_text, failure = recover_in_place(self, engine, e)
             except BaseException as e:  # noqa: BLE001
                 logger.error("engine thread crashed: %s", traceback.format_exc())
                 self._die(f"engine crashed: {type(e).__name__}: {e}")
+                return
+            if failure is None:
+                continue
+            # out of the except block: the fault's traceback (and the engine in its frames) is gone
+            self.state = "restarting"
+            shut_down(engine)
+            engine = None
+            engine = rebuild(self, fault_text, failure)
+            if engine is None:
                 return
 
     def _build(self) -> Any:
@@ -292,12 +304,6 @@ class AsyncEngine:
         self._active.clear()
         self._post(self._fail_all, exc)
         self._drain_rejecting(exc)
-
-    def _recover(self, engine: Any, fault: Exception) -> Any:
-        """After ``fault``: see ``server/recovery.py``. Returns the engine to go on with, or
-        None when even the rebuild failed (the engine is dead)."""
-        from miniinfer.server.recovery import recover
-        return recover(self, engine, fault)
 
     def _drain_rejecting(self, exc: BaseException) -> None:
         """After death: fail queued adds now; later adds are refused by add_request()."""

@@ -100,7 +100,7 @@ class StructuredOutputManager:
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                        stop_token_ids=sorted(stop_token_ids))
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=2, cache_limit_bytes=COMPILE_CACHE_BYTES)
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="miniinfer-grammar")
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="miniinfer-grammar")
         self._lock = threading.Lock()
         self._compiled: dict[tuple[str, str], object] = {}  # small front cache of whole grammars
         self.device = device
@@ -123,6 +123,7 @@ class StructuredOutputManager:
         try:
             grammar = future.result(timeout=timeout_s)
         except FutureTimeout:
+            future.cancel()  # still queued: never runs; running: finishes in the background (no way to stop it)
             raise InvalidRequestError(f"structured_outputs.{key[0]} took longer than {timeout_s:g} s to compile",
                                       "structured_outputs") from None
         except (RuntimeError, ValueError, TypeError) as e:

@@ -130,6 +130,8 @@ class ModelRunner:
             from miniinfer.worker.tp_worker import broadcast_step
             broadcast_step(self.tp, header, buf)
         if batch.fill_at is not None:
+            if self.tp.enabled:  # the workers get the buffer before the fill: overlap is off under TP
+                raise RuntimeError("placeholder inputs under tensor parallelism (overlap scheduling must be off)")
             if prev is None or prev.token_ids is None:
                 raise RuntimeError("a step input is a placeholder but no previous step is in flight")
             batch.input_ids[batch.fill_at] = prev.token_ids[batch.fill_rows]

@@ -147,3 +147,12 @@ def test_overlap_samples_after_the_previous_step_is_processed(smol):
     assert eng.config.overlap_scheduling
     assert "".join(e[0] for e in events).count("fcs") >= 3, events
     check_clean(smol)
+
+
+def test_min_tokens_with_a_grammar_is_refused(smol):
+    """The grammar decides where the output ends: a min_tokens ban on EOS could leave no token."""
+    with pytest.raises(ValueError, match="min_tokens") as ei:
+        smol.generate("hi", SamplingParams(min_tokens=5, max_tokens=8, structured_outputs=StructuredOutputsParams(
+            choice=["yes", "no"])), use_tqdm=False)
+    assert ei.value.param == "min_tokens"
+    check_clean(smol)
