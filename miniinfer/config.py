@@ -139,6 +139,8 @@ class EngineConfig:
     check_integrity_when_idle: bool = True  # verify KV bookkeeping whenever the engine goes idle
     max_logprobs: int = 20
     tensor_parallel_size: int = 1
+    reasoning_parser: str | None = None  # qwen3 | deepseek_r1: <think> split off, grammars start after it
+    structured_output_overlap: bool = True  # fill grammar masks while the forward runs (off: after it, for A/B)
     trust_remote_code: bool = False  # accepted for API parity; never executes remote code
 
     def __post_init__(self) -> None:
@@ -156,6 +158,9 @@ class EngineConfig:
             raise ValueError(f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.reasoning_parser is not None:
+            from miniinfer.reasoning import reasoning_markers
+            reasoning_markers(self.reasoning_parser)  # raises for an unknown name
         if self.tensor_parallel_size > 1:
             # v1 of tensor parallelism: synchronous eager steps (no overlap, no CUDA graphs)
             self.overlap_scheduling = False

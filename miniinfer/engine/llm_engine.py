@@ -144,6 +144,7 @@ class LLMEngine:
             self._structured = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size,
                                                        sorted(self.eos_token_ids), self.config.max_num_seqs,
                                                        self.runner.device)
+            self._structured.overlap = self.config.structured_output_overlap
             self.runner.structured_output = self._structured
         return self._structured
 
@@ -158,6 +159,7 @@ class LLMEngine:
         seq = Sequence(request_id, index, list(ids), len(ids), params)
         if grammar is not None:
             seq.grammar = self.structured_output.new_matcher(grammar)
+            seq.reasoning_end = self._reasoning_end(ids)
         if params.seed is not None:
             # seed + index wraps into the generator's unsigned 64-bit range (seed is any int64)
             seq.generator = torch.Generator(device=self.runner.device).manual_seed((params.seed + index) % 2 ** 64)
@@ -170,6 +172,16 @@ class LLMEngine:
             from miniinfer.stop_checker import StopChecker
             seq.stop_checker = StopChecker(params.stop, params.include_stop_str_in_output)
         return seq
+
+    def _reasoning_end(self, prompt_ids: list[int]) -> list[int] | None:
+        """The end marker's token ids when a grammar must wait for the thinking to end (a
+        reasoning parser is set and the prompt did not already close the thinking), else None."""
+        if self.config.reasoning_parser is None or self.tokenizer is None:
+            return None
+        from miniinfer.reasoning import reasoning_ended, reasoning_markers
+        start, end = (self.tokenizer.encode(m, add_special_tokens=False)
+                      for m in reasoning_markers(self.config.reasoning_parser))
+        return None if reasoning_ended(prompt_ids, start, end) else end
 
     def _forget(self, req: Request) -> None:
         del self.requests[req.request_id]
@@ -234,7 +246,7 @@ class LLMEngine:
         completed here."""
         done: list[RequestOutput] = []
         grammar = self.inflight is not None and self._structured is not None and any(
-            s.samples and s.seq.grammar is not None for s in sched.scheduled)
+            s.samples and s.seq.grammar is not None for s in sched.scheduled)  # dormant too: N-1 may wake it
         try:
             if grammar:
                 fwd = self.runner.forward(sched, self.inflight)

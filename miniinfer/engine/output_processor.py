@@ -87,10 +87,14 @@ class OutputProcessor:
         self.generation_tokens_total += 1
         if seq.first_token_time is None:
             seq.first_token_time = now
-        if seq.grammar is not None and not seq.grammar.accept_token(token):
+        if seq.grammar_active and not seq.grammar.accept_token(token):
             raise RuntimeError(f"the grammar rejected token {token}, which the mask should have forbidden")
+        if seq.reasoning_end is not None:
+            end = len(seq.token_ids) - seq.num_pending  # the committed tokens end here
+            if seq.token_ids[end - len(seq.reasoning_end):end] == seq.reasoning_end:
+                seq.reasoning_end = None  # the thinking ended: the grammar constrains from the next token
         self.check_stop(seq, token)
-        if seq.grammar is not None and not seq.is_finished and seq.grammar.is_terminated():
+        if seq.grammar_active and not seq.is_finished and seq.grammar.is_terminated():
             self.finish(seq, "stop")  # the grammar is complete: nothing more may follow
         if seq.is_finished:
             seq.finished_time = now

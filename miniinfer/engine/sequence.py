@@ -42,6 +42,9 @@ class Sequence:
     detokenizer: object | None = None
     stop_checker: object | None = None
     grammar: object | None = None  # an xgrammar GrammarMatcher (structured output), advanced per committed token
+    # reasoning models: the end marker's token ids while the thinking runs (the grammar sleeps
+    # until the output ends with them); None once it ended or without a reasoning parser
+    reasoning_end: list[int] | None = None
     num_preemptions: int = 0
     prefix_cursor: object | None = None  # KVCacheManager.insert's resume point
     # Overlap scheduling: tokens sampled by a step still running on the device sit at the end
@@ -77,6 +80,11 @@ class Sequence:
         if self.num_pending:
             del self.token_ids[-self.num_pending:]
             self.num_pending = 0
+
+    @property
+    def grammar_active(self) -> bool:
+        """Whether the next token is constrained by the grammar."""
+        return self.grammar is not None and self.reasoning_end is None
 
     @property
     def is_finished(self) -> bool:

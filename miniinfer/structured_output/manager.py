@@ -6,8 +6,10 @@ cache, so filling one row of the ``[B, ceil(V / 32)]`` int32 bitmask takes micro
 """
 from __future__ import annotations
 
+import collections
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
@@ -108,6 +110,8 @@ class StructuredOutputManager:
         pin = device.type == "cuda"
         self._host = [torch.empty(shape, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self._turn = 0
+        self.overlap = True  # False: wait for the forward before filling (the A/B baseline)
+        self.fill_times_us: collections.deque[float] = collections.deque(maxlen=100_000)  # host time per fill
 
     # --- compilation ---------------------------------------------------------------------
     def compile(self, p: StructuredOutputsParams, timeout_s: float = COMPILE_TIMEOUT_S):
@@ -158,12 +162,16 @@ class StructuredOutputManager:
         host and start its copy to the device. None when no row is constrained."""
         # a sequence finished by the previous step (processed just before) is still in this
         # batch: its token will be dropped, its matcher may have terminated: no row for it
-        rows = [i for i, s in enumerate(seqs) if s.grammar is not None and not s.is_finished]
+        rows = [i for i, s in enumerate(seqs) if s.grammar_active and not s.is_finished]
         if not rows:
             return None
+        if not self.overlap and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # serial baseline: the fill starts after the forward
+        t0 = time.perf_counter()
         self._turn ^= 1
         host = self._host[self._turn][:len(seqs)]
         for i in rows:
             seqs[i].grammar.fill_next_token_bitmask(host, i)
+        self.fill_times_us.append((time.perf_counter() - t0) * 1e6)
         dev = host.to(self.device, non_blocking=True) if self.device.type == "cuda" else host
         return GrammarBitmask(dev, rows)
