@@ -141,6 +141,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     reasoning_parser: str | None = None  # qwen3 | deepseek_r1: <think> split off, grammars start after it
     structured_output_overlap: bool = True  # fill grammar masks while the forward runs (off: after it, for A/B)
+    # speculative decoding, e.g. {"method": "ngram", "num_speculative_tokens": 4} (spec_decode/config.py)
+    speculative_config: Any = None
     trust_remote_code: bool = False  # accepted for API parity; never executes remote code
 
     def __post_init__(self) -> None:
@@ -161,6 +163,10 @@ class EngineConfig:
         if self.reasoning_parser is not None:
             from miniinfer.reasoning import reasoning_markers
             reasoning_markers(self.reasoning_parser)  # raises for an unknown name
+        if self.speculative_config is not None:
+            from miniinfer.spec_decode.config import SpeculativeConfig
+            self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+            self.overlap_scheduling = False  # v1: verify steps are synchronous (drafts need the last token)
         if self.tensor_parallel_size > 1:
             # v1 of tensor parallelism: synchronous eager steps (no overlap, no CUDA graphs)
             self.overlap_scheduling = False

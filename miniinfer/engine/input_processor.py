@@ -36,12 +36,17 @@ class InputProcessor:
         self.tokenizer = tokenizer  # None: token-id prompts only
         self.limits = limits
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Raises ``ValueError`` without a tokenizer or chat template, or for bad messages."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                            tools: list[dict] | None = None,
+                            chat_template_kwargs: dict | None = None) -> str:
+        """Raises ``ValueError`` without a tokenizer or chat template, or for bad messages.
+        ``tools`` / ``chat_template_kwargs`` go to the template (default: those a
+        ``tokenizer.ChatMessages`` carries)."""
         if self.tokenizer is None:
             raise ValueError("model has no tokenizer: chat needs one")
         from miniinfer.tokenizer import apply_chat_template
-        return apply_chat_template(self.tokenizer, messages, add_generation_prompt)
+        return apply_chat_template(self.tokenizer, messages, add_generation_prompt,
+                                   tools=tools, chat_template_kwargs=chat_template_kwargs)
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

@@ -80,6 +80,10 @@ class LLMEngine:
         self.inflight: InFlightStep | None = None  # launched, not yet processed (overlap)
         self._num_sync_requests = 0  # unfinished requests for which forces_sync() holds
         self.prompt_tokens_total = 0
+        self.proposer = None  # speculative decoding's drafter (spec_decode/), None when off
+        if config.speculative_config is not None:
+            from miniinfer.spec_decode import make_proposer
+            self.proposer = make_proposer(config.speculative_config, self)
         log.info("KV cache: %d blocks x %d tokens = %d tokens", layout.num_blocks, layout.block_size,
                  layout.capacity_tokens)
 
@@ -216,6 +220,8 @@ class LLMEngine:
         if self.inflight is not None and (not self.config.overlap_scheduling or self._num_sync_requests):
             outputs += self._complete(self.inflight)
             self.inflight = None
+        if self.proposer is not None:
+            self.proposer.propose_for(self.scheduler.running)
         sched = self.scheduler.schedule()
         launched = None
         if not sched.is_empty():
@@ -262,7 +268,10 @@ class LLMEngine:
             raise
 
     def _complete(self, step: InFlightStep) -> list[RequestOutput]:
-        outputs = self.output_processor.process(step.sched, self.runner.collect(step))
+        result = self.runner.collect(step)
+        if result.spec_token_ids is not None and self.proposer is not None:
+            self.proposer.record(step.sched, result)
+        outputs = self.output_processor.process(step.sched, result)
         for out in outputs:
             if out.finished:
                 self._forget(self.requests[out.request_id])
@@ -286,6 +295,7 @@ class LLMEngine:
             "prefix_cache_queries": self.kv.prefix_queries,
             "prefix_cache_hits": self.kv.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,
+            **(self.proposer.stats() if self.proposer is not None else {}),
             "num_kv_blocks": self.kv.num_blocks,
             "num_free_kv_blocks": self.kv.num_free_blocks,
         }

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from miniinfer.engine.scheduler import Scheduler
 from miniinfer.engine.sequence import Sequence
-from miniinfer.engine.step import SchedulerOutput, StepResult
+from miniinfer.engine.step import ScheduledSeq, SchedulerOutput, StepResult
 from miniinfer.outputs import CompletionOutput, Logprob, RequestOutput
 from miniinfer.sampling_params import SamplingParams
 
@@ -68,7 +68,10 @@ class OutputProcessor:
             if seq.is_finished:  # stopped or aborted while this step ran: drop the token
                 continue
             try:
-                self._commit(seq, token, result, row - 1, now)
+                if result.spec_token_ids is None:
+                    self._commit(seq, token, result, row - 1, now)
+                else:
+                    self._commit_verified(s, result.spec_token_ids[row - 1], result, result.logits_rows[row - 1], now)
             except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
                 log.exception("request %s failed while processing its output", seq.request_id)
                 self.fail(seq, f"{type(e).__name__}: {e}")
@@ -79,11 +82,25 @@ class OutputProcessor:
                 outputs.append(make_output(req))
         return outputs
 
+    def _commit_verified(self, s: ScheduledSeq, tokens: list[int], result: StepResult, row: int,
+                         now: float) -> None:
+        """A speculative verify's outcome: the accepted drafts and the new token, one by one
+        (a stop mid-draft drops the rest). The K/V of rejected drafts is given up first, so no
+        page holding it is ever published; their slots are overwritten by later tokens."""
+        s.seq.num_computed_tokens = s.start + len(tokens)  # the last token and the accepted drafts
+        for j, token in enumerate(tokens):
+            self._commit(s.seq, token, result, row + j, now)
+            if s.seq.is_finished:
+                break
+
     def _commit(self, seq: Sequence, token: int, result: StepResult, row: int, now: float) -> None:
         """One committed token: logprobs, the placeholder resolved, text, stop checks."""
         if seq.logprobs is not None:
             seq.logprobs.append(self._logprob_entry(result, row, token, seq.params.logprobs))
-        seq.resolve_pending(token)
+        if seq.num_pending:
+            seq.resolve_pending(token)
+        else:  # the second and later tokens of a speculative verify
+            seq.token_ids.append(token)
         self.generation_tokens_total += 1
         if seq.first_token_time is None:
             seq.first_token_time = now

@@ -40,6 +40,14 @@ class Scheduler:
             if n <= 0 or self._surely_finishing(seq):
                 i += 1
                 continue
+            draft, seq.spec_token_ids = seq.spec_token_ids, []
+            if n == 1 and draft:  # speculative verify: the drafts ride along if they fit now
+                draft = draft[:budget - 1]
+                if draft and self.kv.allocate(seq.block_table, seq.num_computed_tokens + 1 + len(draft)):
+                    out.scheduled.append(ScheduledSeq(seq, 1 + len(draft), seq.num_computed_tokens, draft))
+                    budget -= 1 + len(draft)
+                    i += 1
+                    continue
             while not self.kv.allocate(seq.block_table, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -87,7 +95,7 @@ class Scheduler:
             if in_progress is not None:
                 in_progress |= self._pages_in_progress(out.scheduled[-1:])
 
-        out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # decodes first (stable)
+        out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # decodes first (stable); drafts count as extends
         for s in out.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
         return out

@@ -46,6 +46,8 @@ class Sequence:
     # until the output ends with them); None once it ended or without a reasoning parser
     reasoning_end: list[int] | None = None
     num_preemptions: int = 0
+    spec_token_ids: list[int] = field(default_factory=list)  # drafts proposed for the next step
+    spec_state: object | None = None  # the drafter's per-sequence state (e.g. its cache's valid length)
     prefix_cursor: object | None = None  # KVCacheManager.insert's resume point
     # Overlap scheduling: tokens sampled by a step still running on the device sit at the end
     # of token_ids as PLACEHOLDER until that step is processed; pending_row is the row of the

@@ -26,10 +26,13 @@ class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int
     start: int  # position of the first new token (== num_computed_tokens before the step)
+    # speculative decoding: draft tokens verified in this step, after the sequence's last token
+    # (they count in num_new_tokens but are not in seq.token_ids)
+    draft_token_ids: list[int] = field(default_factory=list)
     samples: bool = field(init=False)  # the step reaches the end of the tokens: sample one more
 
     def __post_init__(self) -> None:
-        self.samples = self.start + self.num_new_tokens == self.seq.num_tokens
+        self.samples = self.start + self.num_new_tokens - len(self.draft_token_ids) == self.seq.num_tokens
 
 
 @dataclass
@@ -53,7 +56,10 @@ class ForwardOutput:
     previous step (and, next, fill a grammar bitmask for these rows)."""
     sched: SchedulerOutput
     sampling_seqs: list[Sequence]  # the sequences that sample, in row order of ``logits``
-    logits: torch.Tensor | None  # [len(sampling_seqs), V] float32 on the device; None: nobody samples
+    logits: torch.Tensor | None  # [rows, V] float32 on the device; None: nobody samples
+    # speculative verify: the logits rows of each sampling sequence (1 + its drafts); None:
+    # one row per sampling sequence
+    seq_rows: list[range] | None = None
 
 
 @dataclass
@@ -65,10 +71,16 @@ class InFlightStep:
     token_ids_host: torch.Tensor | None  # pinned copy, valid once ``event`` has completed
     event: "torch.cuda.Event | None"
     sampler_output: "SamplerOutput | None"  # kept (device tensors) when some row wants logprobs
+    num_tokens: torch.Tensor | None = None  # speculative verify: [B] committed tokens per sequence
+    seq_rows: list[range] | None = None  # speculative verify: ForwardOutput.seq_rows
 
 
 @dataclass
 class StepResult:
     """Host-side results of one step, for the sequences that sampled (in scheduled order)."""
-    token_ids: list[int]
+    token_ids: list[int]  # each sampling sequence's (first) new token
     sampler_output: "SamplerOutput | None"  # device tensors, kept for logprobs
+    # speculative verify: each sampling sequence's committed tokens (accepted drafts, then the
+    # recovered or bonus token) and the sampler_output row of the first of them
+    spec_token_ids: list[list[int]] | None = None
+    logits_rows: list[int] | None = None

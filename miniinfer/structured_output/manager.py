@@ -169,6 +169,9 @@ class StructuredOutputManager:
             torch.cuda.synchronize(self.device)  # serial baseline: the fill starts after the forward
         t0 = time.perf_counter()
         self._turn ^= 1
+        if len(seqs) > self._host[0].shape[0]:  # speculative verify steps have several rows per sequence
+            self._host = [torch.empty((len(seqs), t.shape[1]), dtype=torch.int32, pin_memory=t.is_pinned())
+                          for t in self._host]
         host = self._host[self._turn][:len(seqs)]
         for i in rows:
             seqs[i].grammar.fill_next_token_bitmask(host, i)

@@ -8,7 +8,8 @@ pinned staging), described by a :class:`StepHeader`, and are split there into vi
     [seq_lens B][block_tables B*W][fill_at F][fill_rows F]
 
 Tensor-parallel ranks receive the header and the buffer and rebuild the same views.
-Speculative verify rows (several logits rows per sequence) will be added here.
+A sequence verifying k draft tokens (speculative decoding) feeds its last token and the
+drafts as one (1 + k)-token extend and gets a logits row for each of them.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ class InputBatch:
     sampling_seqs: list[Sequence]  # the sequences those rows belong to (empty on TP workers)
     fill_at: torch.Tensor | None  # [F] int64: rows of input_ids that are placeholders ...
     fill_rows: torch.Tensor | None  # [F] int64: ... and their rows in the last step's sampled ids
+    seq_rows: list[range] | None = None  # with drafts: the logits rows of each sampling sequence
 
 
 def prepare_inputs(sched: SchedulerOutput, block_size: int,
@@ -67,6 +69,7 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int,
     fill_at: list[int] = []
     fill_rows: list[int] = []
     num_decodes = 0
+    seq_rows: list[range] = []
     for s in sched.scheduled:
         seq, n, start = s.seq, s.num_new_tokens, s.start
         table = seq.block_table
@@ -81,14 +84,17 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int,
             positions.append(start)
             slots.append(cache_slot(table, start, block_size))
         else:
-            input_ids.extend(seq.token_ids[start:end])
+            draft = s.draft_token_ids
+            input_ids.extend(seq.token_ids[start:end - len(draft)] + draft if draft else seq.token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(cache_slots(table, start, end, block_size))
         q_lens.append(n)
         seq_lens.append(end)
         tables.append(table)
         if s.samples:
-            logits_idx.append(len(input_ids) - 1)
+            rows = len(s.draft_token_ids) + 1
+            seq_rows.append(range(len(logits_idx), len(logits_idx) + rows))
+            logits_idx.extend(range(len(input_ids) - rows, len(input_ids)))
             sampling_seqs.append(seq)
     qsl = [0]
     for n in q_lens:
@@ -105,6 +111,8 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int,
     staging.end_step()
     batch = unpack_inputs(buf, header)
     batch.sampling_seqs = sampling_seqs
+    if len(logits_idx) > len(sampling_seqs):
+        batch.seq_rows = seq_rows
     batch.attn_metadata.query_start_loc_cpu, batch.attn_metadata.seq_lens_cpu = qsl, seq_lens
     return batch, header, buf
 

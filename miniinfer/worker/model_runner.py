@@ -148,13 +148,15 @@ class ModelRunner:
             if not batch.sampling_seqs:
                 return ForwardOutput(sched, [], None)
             logits = self.model.compute_logits(hidden[batch.logits_indices])
-        return ForwardOutput(sched, batch.sampling_seqs, logits)
+        return ForwardOutput(sched, batch.sampling_seqs, logits, batch.seq_rows)
 
     @torch.inference_mode()
     def sample(self, fwd: ForwardOutput) -> InFlightStep:
         """Sample the forward's logits and start copying the ids to the host (no wait)."""
         if fwd.logits is None:
             return InFlightStep(fwd.sched, [], None, None, None, None)
+        if fwd.seq_rows is not None:
+            return self._verify(fwd)
         md = SamplingMetadata.build(fwd.sampling_seqs, fwd.logits.shape[-1], self.device, self.eos_token_ids,
                                     to_device=self.staging.to_device, rng=self.sample_rng)
         if self.structured_output is not None:  # the host fills the mask while the forward runs
@@ -175,6 +177,30 @@ class ModelRunner:
         return InFlightStep(fwd.sched, fwd.sampling_seqs, out.token_ids, host, event,
                             out if md.want_logprobs else None)
 
+    def _verify(self, fwd: ForwardOutput) -> InFlightStep:
+        """Speculative verify: every sampling sequence's rows (its last token and drafts)
+        through the rejection sampler; the committed tokens are read in ``collect``."""
+        from miniinfer.spec_decode.rejection_sampler import rejection_sample
+        row_seqs = [seq for seq, rows in zip(fwd.sampling_seqs, fwd.seq_rows) for _ in rows]
+        md = SamplingMetadata.build(row_seqs, fwd.logits.shape[-1], self.device, self.eos_token_ids,
+                                    to_device=self.staging.to_device, rng=self.sample_rng)
+        if self.structured_output is not None:
+            md.grammar_bitmask = self.structured_output.fill_bitmask(row_seqs)
+        drafts = [s.draft_token_ids for s in fwd.sched.scheduled if s.samples]
+        width = max(len(r) for r in fwd.seq_rows)
+        draft_ids: list[int] = []
+        row_index: list[int] = []
+        for d, rows in zip(drafts, fwd.seq_rows):
+            draft_ids.extend(d + [-1])
+            row_index.extend(list(rows) + [-1] * (width - len(rows)))
+        draft_t = self.staging.to_device(draft_ids, torch.int64)
+        index_t = self.staging.to_device(row_index, torch.int64).view(len(drafts), width)
+        self.staging.end_step()
+        out = rejection_sample(fwd.logits, md, draft_t, index_t, fwd.seq_rows,
+                               [s.generator for s in fwd.sampling_seqs], self.cpu_generator)
+        return InFlightStep(fwd.sched, fwd.sampling_seqs, out.token_ids, None, None, out.sampler_output,
+                            num_tokens=out.num_tokens, seq_rows=fwd.seq_rows)
+
     def launch(self, sched: SchedulerOutput, prev: InFlightStep | None) -> InFlightStep:
         """``forward`` then ``sample``: the whole step queued on the device."""
         return self.sample(self.forward(sched, prev))
@@ -183,6 +209,11 @@ class ModelRunner:
         """Wait for a launched step's sampled ids (the step's only device-to-host sync)."""
         if step.token_ids is None:
             return StepResult([], None)
+        if step.num_tokens is not None:  # speculative verify (synchronous steps)
+            rows, counts = step.token_ids.tolist(), step.num_tokens.tolist()
+            committed = [r[:n] for r, n in zip(rows, counts)]
+            return StepResult([c[0] for c in committed], step.sampler_output, committed,
+                              [r.start for r in step.seq_rows])
         if step.event is not None:
             step.event.synchronize()
         return StepResult(step.token_ids_host.tolist(), step.sampler_output)

@@ -1,0 +1,58 @@
+"""``SpeculativeConfig``: which drafter, how many tokens, when to stand down (vLLM's names)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+METHODS = ("ngram", "draft_model", "eagle")
+MAX_SPECULATIVE_TOKENS = 15  # a verify step's rows per sequence (1 + drafts) fit one 16-row LM-head call
+
+
+@dataclass
+class SpeculativeConfig:
+    """``LLM(speculative_config={...})`` / ``serve --speculative-config JSON``.
+
+    ``method``: ``ngram`` (prompt lookup over the request's own tokens), ``draft_model`` (a
+    smaller model sharing the tokenizer; ``model`` = its path) or ``eagle`` (an EAGLE head).
+    ``num_speculative_tokens``: draft tokens verified per step (1 ... 15).
+    ``prompt_lookup_min`` / ``prompt_lookup_max``: the n-gram sizes tried, longest first.
+    ``disable_by_batch_size``: no drafts while more sequences than this run (large batches are
+    compute-bound: verifying drafts there costs more than it saves); None: always draft.
+    """
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    model: str | None = None
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
+    disable_by_batch_size: int | None = None
+    eagle_topk: int = 4
+    num_draft_tokens: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: "dict | SpeculativeConfig") -> "SpeculativeConfig":
+        """Raises ``ValueError`` naming an unknown key or an out-of-range value."""
+        if isinstance(d, SpeculativeConfig):
+            return d
+        if not isinstance(d, dict):
+            raise ValueError(f"speculative_config must be a dict, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown key(s) {unknown}; known: {sorted(known)}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"speculative_config.method must be one of {list(METHODS)}, got {self.method!r}")
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"speculative_config.num_speculative_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], "
+                             f"got {k!r}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("speculative_config: need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                             f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+        if self.method == "draft_model" and not self.model:
+            raise ValueError("speculative_config.model (the draft model's path) is required for draft_model")
+        if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
+            raise ValueError(f"speculative_config.disable_by_batch_size must be >= 1, got {self.disable_by_batch_size}")

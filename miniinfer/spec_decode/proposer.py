@@ -1,0 +1,93 @@
+"""The drafting side of speculative decoding, shared by every method: which running
+sequences draft this step, how many tokens each may, and the acceptance statistics.
+
+    engine.step():  proposer.propose_for(running) ─▶ seq.spec_token_ids
+                    Scheduler: a decode + its drafts as one (1 + k)-token verify
+                    ModelRunner: rejection sampler ─▶ committed tokens ─▶ proposer.record
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from miniinfer.engine.sequence import Sequence
+from miniinfer.engine.step import SchedulerOutput, StepResult
+from miniinfer.spec_decode.config import SpeculativeConfig
+
+
+@dataclass
+class SpecDecodeStats:
+    num_drafts: int = 0  # sequences × verify steps that carried drafts
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        rate = self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+        mean = 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+        return {"spec_num_drafts": self.num_drafts, "spec_num_draft_tokens": self.num_draft_tokens,
+                "spec_num_accepted_tokens": self.num_accepted_tokens, "spec_acceptance_rate": rate,
+                "spec_mean_accepted_len": mean}
+
+
+class Proposer:
+    """Base class: subclasses implement ``draft(seqs, ks)`` → one token list per sequence."""
+
+    def __init__(self, config: SpeculativeConfig, max_model_len: int):
+        self.config = config
+        self.max_model_len = max_model_len
+        self.stats_ = SpecDecodeStats()
+
+    def draft(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def propose_for(self, running: list[Sequence]) -> None:
+        """Set ``spec_token_ids`` of the running sequences that may draft this step."""
+        limit = self.config.disable_by_batch_size
+        if limit is not None and len(running) > limit:
+            return
+        seqs, ks = [], []
+        for seq in running:
+            k = self.budget(seq)
+            if k > 0:
+                seqs.append(seq)
+                ks.append(k)
+        if seqs:
+            for seq, tokens in zip(seqs, self.draft(seqs, ks)):
+                seq.spec_token_ids = tokens
+
+    def budget(self, seq: Sequence) -> int:
+        """How many drafts ``seq`` may carry: 0 unless it is decoding with every token known
+        and its sampling needs nothing per position that the verify lacks (penalties,
+        min_tokens not yet reached, a grammar); never past max_tokens or max_model_len."""
+        p = seq.params
+        if (seq.is_finished or seq.num_pending or seq.num_computed_tokens != seq.num_tokens - 1
+                or p.needs_penalties or seq.grammar is not None or seq.num_output_tokens < p.min_tokens):
+            return 0
+        k = min(self.config.num_speculative_tokens, self.max_model_len - seq.num_tokens - 1)
+        if p.max_tokens is not None:
+            k = min(k, p.max_tokens - seq.num_output_tokens - 1)
+        return max(k, 0)
+
+    def record(self, sched: SchedulerOutput, result: StepResult) -> None:
+        """Count a verify step's drafts and accepted tokens."""
+        committed = iter(result.spec_token_ids)
+        for s in sched.scheduled:
+            if not s.samples:
+                continue
+            tokens = next(committed)
+            if s.draft_token_ids:
+                self.stats_.num_drafts += 1
+                self.stats_.num_draft_tokens += len(s.draft_token_ids)
+                self.stats_.num_accepted_tokens += len(tokens) - 1
+
+    def stats(self) -> dict:
+        return self.stats_.as_dict()
+
+
+class NgramDrafter(Proposer):
+    def __init__(self, config: SpeculativeConfig, max_model_len: int):
+        super().__init__(config, max_model_len)
+        from miniinfer.spec_decode.ngram import NgramProposer
+        self.ngram = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max, config.num_speculative_tokens)
+
+    def draft(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        return [self.ngram.propose(seq.token_ids, k) for seq, k in zip(seqs, ks)]
