@@ -70,14 +70,39 @@ def _validate_messages(messages: Any) -> None:
                              f"got {type(m['content']).__name__}")
 
 
-def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """Render ``messages`` with the tokenizer's chat template and return the prompt text."""
+class ChatMessages(list):
+    """Chat messages that carry the request's ``tools`` and ``chat_template_kwargs`` to
+    :func:`apply_chat_template`: the server's chat prompt travels through engine methods that
+    take only the messages, so the extras ride along with them."""
+
+    def __init__(self, messages: list[dict], tools: list[dict] | None = None,
+                 template_kwargs: dict[str, Any] | None = None) -> None:
+        super().__init__(messages)
+        self.tools = tools
+        self.template_kwargs = template_kwargs
+
+
+def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                        tools: list[dict] | None = None,
+                        chat_template_kwargs: dict[str, Any] | None = None) -> str:
+    """Render ``messages`` with the tokenizer's chat template and return the prompt text.
+
+    ``tools`` (OpenAI function definitions) and ``chat_template_kwargs`` (extra template
+    variables, e.g. ``enable_thinking``) go to HF's ``apply_chat_template``; when not given
+    they are taken from a :class:`ChatMessages`. A template may ignore the tools."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} "
                          "has no chat template; pass a plain prompt instead of chat messages")
     _validate_messages(messages)
+    if tools is None:
+        tools = getattr(messages, "tools", None)
+    if chat_template_kwargs is None:
+        chat_template_kwargs = getattr(messages, "template_kwargs", None)
+    extra: dict[str, Any] = dict(chat_template_kwargs or {})
+    if tools:
+        extra["tools"] = tools
     out = tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                        add_generation_prompt=add_generation_prompt)
+                                        add_generation_prompt=add_generation_prompt, **extra)
     if not isinstance(out, str):  # some versions wrap a single conversation in a list
         out = out[0] if isinstance(out, (list, tuple)) and len(out) == 1 else str(out)
     return out

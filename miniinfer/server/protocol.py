@@ -19,6 +19,11 @@ from pydantic import ConfigDict, Field, ValidationError
 from miniinfer.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
 from miniinfer.server.api_errors import APIError, invalid, validation_error_to_api_error  # noqa: F401
 from miniinfer.server.openapi import openapi_request_body  # noqa: F401
+from miniinfer.server.protocol_tools import (  # noqa: F401  (re-exported)
+    MAX_TEMPLATE_KWARGS, MAX_TOOLS, ChatTool, MessageToolCall, NamedToolChoice, call_dict,
+    check_template_kwargs, resolve_tool_choice, validate_tools,
+)
+from miniinfer.server.tool_parsers import function_parameters, required_calls_schema
 from miniinfer.server.responses import (  # noqa: F401  (re-exported)
     OpenAIBaseModel, TopLogprob, ChatLogprobToken, ChatChoiceLogprobs, ChatResponseMessage,
     PromptTokensDetails, UsageInfo, ChatCompletionChoice, ChatCompletionResponse, DeltaMessage,
@@ -213,6 +218,9 @@ class ChatMessage(RequestModel):
     role: str = Field(json_schema_extra={"enum": ["system", "developer", "user", "assistant", "tool"]})
     content: Optional[Union[str, list[ChatContentPart]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[MessageToolCall]] = None  # assistant messages
+    tool_call_id: Optional[str] = None  # tool messages: the call they answer
+    reasoning_content: Optional[str] = None  # assistant messages of reasoning models (Qwen3's template reads it)
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -220,6 +228,10 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Optional[int] = None
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: Optional[list[ChatTool]] = Field(None, json_schema_extra={"maxItems": MAX_TOOLS})
+    tool_choice: Optional[Union[str, NamedToolChoice]] = None  # none | auto | required | a named function
+    parallel_tool_calls: Optional[bool] = True
+    chat_template_kwargs: Optional[dict[str, Any]] = _doc(maxProperties=MAX_TEMPLATE_KWARGS)
 
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -231,25 +243,75 @@ class ChatCompletionRequest(_SamplingFields):
             return None
         return self.top_logprobs or 0
 
+    # ------------------------------------------------------------------ tools
+    def tool_dicts(self) -> list[dict] | None:
+        """The tools as plain dicts (for the chat template), validated: 400s name the field."""
+        return validate_tools(self.tools)
+
+    def tool_mode(self) -> tuple[str, str | None]:
+        """``(kind, function name)``: kind ``none`` | ``auto`` | ``required`` | ``named``."""
+        return resolve_tool_choice(self.tool_choice, self.tools)
+
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        """A forced tool call (``required`` / named) is a JSON schema on the output; it cannot
+        be combined with another constraint."""
+        user = super()._structured_outputs()
+        tools = self.tool_dicts()
+        kind, name = self.tool_mode()
+        if kind not in ("required", "named"):
+            return user
+        if user is not None:
+            rf = self.response_format
+            other = "response_format" if rf is not None and rf.type != "text" else next(
+                f for f in ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                if getattr(self, f) is not None)
+            raise invalid(f"{other} cannot be combined with tool_choice {kind if kind == 'required' else name!r}: "
+                          "the forced tool call already constrains the output", other)
+        assert tools is not None
+        if kind == "named":
+            tool = next(t for t in tools if t["function"]["name"] == name)
+            return StructuredOutputsParams(json=function_parameters(tool))
+        return StructuredOutputsParams(json=required_calls_schema(tools, self.parallel_tool_calls is not False))
+
+    def template_kwargs(self) -> dict[str, Any] | None:
+        """``chat_template_kwargs``, checked (see ``protocol_tools.check_template_kwargs``)."""
+        return check_template_kwargs(self.chat_template_kwargs)
+
+    # ------------------------------------------------------------------ messages
     def to_messages(self) -> list[dict]:
         if not self.messages:
             raise invalid("messages must be a non-empty list", "messages")
-        out = []
-        for i, m in enumerate(self.messages):
-            role = "system" if m.role == "developer" else m.role
-            content = m.content
-            if content is None:
-                content = ""
-            elif isinstance(content, list):
-                texts = []
-                for j, part in enumerate(content):
-                    if part.type != "text" or part.text is None:
-                        raise invalid(f"messages[{i}].content[{j}]: only text content parts are "
-                                      f"supported, got type {part.type!r}", f"messages.{i}.content")
-                    texts.append(part.text)
-                content = "\n".join(texts)  # vLLM joins text parts with newlines
-            out.append({"role": role, "content": content})
-        return out
+        return [_message_dict(i, m) for i, m in enumerate(self.messages)]
+
+
+def _message_dict(i: int, m: ChatMessage) -> dict:
+    """One message as the chat template expects it (tool call arguments as dicts, like HF)."""
+    role = "system" if m.role == "developer" else m.role
+    content = m.content
+    if content is None:
+        content = ""
+    elif isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if part.type != "text" or part.text is None:
+                raise invalid(f"messages[{i}].content[{j}]: only text content parts are "
+                              f"supported, got type {part.type!r}", f"messages.{i}.content")
+            texts.append(part.text)
+        content = "\n".join(texts)  # vLLM joins text parts with newlines
+    out: dict[str, Any] = {"role": role, "content": content}
+    if m.tool_calls:
+        if role != "assistant":
+            raise invalid(f"messages[{i}].tool_calls is only allowed in assistant messages", f"messages.{i}.tool_calls")
+        out["tool_calls"] = [call_dict(c) for j, c in enumerate(m.tool_calls)]
+    if role == "tool":
+        if not m.tool_call_id:
+            raise invalid(f"messages[{i}]: a tool message needs tool_call_id", f"messages.{i}.tool_call_id")
+        out["tool_call_id"] = m.tool_call_id
+        if m.name:
+            out["name"] = m.name
+    if m.reasoning_content is not None and role == "assistant":
+        out["reasoning_content"] = m.reasoning_content
+    return out
 
 
 # --------------------------------------------------------------------------- completions

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Union
+from typing import Any, Optional, Union
 
 from miniinfer.outputs import CompletionOutput, RequestOutput
+from miniinfer.tokenizer import ChatMessages
 
 
 class EngineDeadError(RuntimeError):
@@ -37,9 +38,17 @@ class EngineNotReadyError(RuntimeError):
 
 @dataclasses.dataclass
 class ChatPrompt:
-    """Chat messages; the engine thread renders them with the chat template."""
+    """Chat messages; the engine thread renders them with the chat template. ``tools`` and
+    ``chat_template_kwargs`` go to the template too: they ride on ``messages`` (a
+    ``tokenizer.ChatMessages``), which is all the engine's ``apply_chat_template`` receives."""
 
     messages: list[dict]
+    tools: Optional[list[dict]] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+
+    def __post_init__(self) -> None:
+        if self.tools is not None or self.chat_template_kwargs is not None:
+            self.messages = ChatMessages(self.messages, self.tools, self.chat_template_kwargs)
 
 
 Prompt = Union[str, list[int], ChatPrompt]

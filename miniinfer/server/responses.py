@@ -30,9 +30,36 @@ class ChatChoiceLogprobs(OpenAIBaseModel):
     content: Optional[list[ChatLogprobToken]] = None
 
 
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str  # a JSON string
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(OpenAIBaseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None  # a fragment; the fragments of one call concatenate to its JSON
+
+
+class DeltaToolCall(OpenAIBaseModel):
+    """A streamed piece of a tool call: the first for a call carries ``id``, ``type`` and the
+    name (``arguments`` ""), later ones argument fragments; ``index`` tells the calls apart."""
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: Optional[DeltaFunctionCall] = None
+
+
 class ChatResponseMessage(OpenAIBaseModel):
     role: str = "assistant"
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None  # with a reasoning parser: the thinking
+    tool_calls: Optional[list[ToolCall]] = None
 
 
 class PromptTokensDetails(OpenAIBaseModel):
@@ -67,6 +94,8 @@ class ChatCompletionResponse(OpenAIBaseModel):
 class DeltaMessage(OpenAIBaseModel):
     role: Optional[str] = None
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None
+    tool_calls: Optional[list[DeltaToolCall]] = None
 
 
 class ChatCompletionStreamChoice(OpenAIBaseModel):

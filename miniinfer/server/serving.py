@@ -299,7 +299,8 @@ class Generation:
 
     def delta_choice(self, index: int, c: CompletionOutput, text: str, ids: list[int],
                      lps: list | None, st: ChoiceState) -> Any:
-        """The streamed choice for new ``text`` / ``ids`` (``lps``: their logprobs, if wanted)."""
+        """The streamed choice for new ``text`` / ``ids`` (``lps``: their logprobs, if wanted),
+        or a list of choices, one chunk each (an empty list: nothing to send yet)."""
         raise NotImplementedError
 
     def final_choice(self, i: int, index: int, c: CompletionOutput) -> Any:
@@ -371,7 +372,8 @@ class Generation:
                     choice = self.delta_choice(i * self.n + c.index, c, text, ids, lps, st)
                     if c.finish_reason:
                         st.done = True
-                    yield self._chunk([choice])
+                    for one in choice if isinstance(choice, list) else [choice]:  # a list: one chunk each
+                        yield self._chunk([one])
             if self.include_usage:
                 yield self._chunk([], usage=self._usage(lasts))
             yield SSE_DONE

@@ -170,3 +170,39 @@ def test_chat_parser_finish_reason_and_deltas_shape():
     assert json.loads(args.function.arguments) == {"city": "Paris"}
     assert p.finish_reason("stop") == "tool_calls" and p.finish_reason("length") == "length"
     assert ChatOutputParser("auto").finish_reason("stop") == "stop"
+
+
+# --------------------------------------------------------------------------- the chat template
+
+class _RecordingTokenizer:
+    chat_template = "{{ messages }}"
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt, **kwargs):
+        self.seen = (messages, kwargs)
+        return "prompt"
+
+
+def test_tools_and_template_kwargs_reach_the_template():
+    from miniinfer.server.request_stream import ChatPrompt
+    from miniinfer.tokenizer import apply_chat_template
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    msgs = [{"role": "user", "content": "x"}]
+    prompt = ChatPrompt(msgs, tools, {"enable_thinking": False})
+    tok = _RecordingTokenizer()
+    assert apply_chat_template(tok, prompt.messages) == "prompt"  # what the engine thread calls
+    assert tok.seen == (msgs, {"tools": tools, "enable_thinking": False})
+    apply_chat_template(tok, ChatPrompt(msgs).messages)
+    assert tok.seen == (msgs, {})
+
+
+def test_assistant_tool_calls_become_dicts_for_the_template():
+    from miniinfer.server.protocol import ChatCompletionRequest
+    req = ChatCompletionRequest.model_validate({"messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "w", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21C"}]})
+    msgs = req.to_messages()
+    assert msgs[1] == {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "w", "arguments": {"city": "Paris"}}}]}
+    assert msgs[2] == {"role": "tool", "content": "21C", "tool_call_id": "call_1"}
