@@ -1,0 +1,147 @@
+"""Speculative decoding on the embedded SmolLM2 (fp32, real text): greedy output identical with
+each drafter on and off, at batch 1 and 8, under chunked prefill and preemption; a draft model
+equal to the target accepts every draft; the cache stays consistent after rejected drafts;
+stops and max_tokens landing mid-draft; logprobs of accepted tokens."""
+from __future__ import annotations
+
+import pytest
+
+from helpers import check_clean
+from miniinfer import LLM, SamplingParams
+from miniinfer.loader.embedded import embedded_model_path
+
+PROMPTS = [
+    "Write a Python function that returns the sum of a list, then show it called on [1, 2, 3].",
+    "Repeat this line three times: the quick brown fox jumps over the lazy dog.",
+    "List the numbers from 1 to 20, separated by commas.",
+    "What is the capital of France?",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n"
+    "# Rewrite the function above iteratively:\n",
+    "Write a short poem about the sea.",
+    "Translate to French: good morning, good evening, good night.",
+    "Explain what a hash map is in two sentences.",
+]
+MAX_TOKENS = 32
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+
+
+def _chat(llm, prompts=PROMPTS):
+    return [llm.engine.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+
+
+def _ids(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def reference(smol_llm):
+    return _ids(smol_llm.generate(_chat(smol_llm), GREEDY, use_tqdm=False))
+
+
+def _spec(**kw):
+    spec = kw.pop("spec")
+    return LLM(None, dtype="float32", max_model_len=2048, progress=False, speculative_config=spec, **kw)
+
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 3}
+DRAFT = {"method": "draft_model", "model": embedded_model_path(), "num_speculative_tokens": 3}
+
+
+@pytest.fixture(scope="module")
+def ngram_llm():
+    return _spec(spec=NGRAM)
+
+
+@pytest.fixture(scope="module")
+def draft_llm():
+    return _spec(spec=DRAFT)
+
+
+@pytest.mark.parametrize("which", ["ngram", "draft"])
+def test_greedy_identical_batch_1_and_8(which, ngram_llm, draft_llm, reference):
+    llm = ngram_llm if which == "ngram" else draft_llm
+    prompts = _chat(llm)
+    assert _ids(llm.generate(prompts, GREEDY, use_tqdm=False)) == reference  # batch 8
+    one_by_one = [_ids(llm.generate([p], GREEDY, use_tqdm=False))[0] for p in prompts]
+    assert one_by_one == reference
+    stats = llm.engine.stats()
+    assert stats["spec_num_draft_tokens"] > 0 and stats["spec_num_accepted_tokens"] > 0
+    check_clean(llm)
+
+
+def test_draft_equal_to_target_accepts_everything(draft_llm):
+    before = draft_llm.engine.stats()
+    draft_llm.generate(_chat(draft_llm), GREEDY, use_tqdm=False)
+    after = draft_llm.engine.stats()
+    drafted = after["spec_num_draft_tokens"] - before["spec_num_draft_tokens"]
+    accepted = after["spec_num_accepted_tokens"] - before["spec_num_accepted_tokens"]
+    assert drafted > 50 and accepted == drafted
+
+
+@pytest.mark.parametrize("spec", [NGRAM, DRAFT], ids=["ngram", "draft"])
+def test_chunked_prefill_and_preemption(spec, reference):
+    # 12 blocks of 16 tokens for 8 sequences of ~40 + 32 tokens: preemption is certain;
+    # a 64-token budget: the 77-token code prompt is prefilled in two chunks, drafts get trimmed
+    llm = _spec(spec=spec, num_kv_blocks=12, max_num_batched_tokens=64, max_num_seqs=8)
+    assert _ids(llm.generate(_chat(llm), GREEDY, use_tqdm=False)) == reference
+    assert llm.engine.stats()["num_preemptions"] > 0
+    check_clean(llm)
+
+
+def test_cache_consistent_after_rejected_drafts(ngram_llm, reference):
+    """Rejected drafts wrote K/V into pages that later hold other tokens; run every prompt
+    again so its pages come from the prefix cache: a wrong page would change the output."""
+    prompts = _chat(ngram_llm)
+    ngram_llm.generate(prompts, GREEDY, use_tqdm=False)
+    stats = ngram_llm.engine.stats()
+    assert stats["spec_num_accepted_tokens"] < stats["spec_num_draft_tokens"]  # some were rejected
+    # continue each finished conversation: its whole history (prompt + output) is a cached prefix
+    full = [p + ngram_llm.engine.tokenizer.decode(ids) for p, ids in zip(prompts, reference)]
+    hits = ngram_llm.engine.stats()["prefix_cache_hits"]
+    again = ngram_llm.generate(full, GREEDY, use_tqdm=False)
+    assert ngram_llm.engine.stats()["prefix_cache_hits"] > hits
+    base = LLM(None, dtype="float32", max_model_len=2048, progress=False, enable_prefix_caching=False)
+    assert _ids(again) == _ids(base.generate(full, GREEDY, use_tqdm=False))
+    check_clean(ngram_llm)
+
+
+def test_stop_and_max_tokens_mid_draft(ngram_llm, smol_llm):
+    prompt = _chat(ngram_llm, ["List the numbers from 1 to 20, separated by commas."])
+    for params in (SamplingParams(temperature=0, max_tokens=7), SamplingParams(temperature=0, max_tokens=40, stop=["9"]),
+                   SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[30])):
+        want = smol_llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+        got = ngram_llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+        assert (got.text, got.token_ids, got.finish_reason) == (want.text, want.token_ids, want.finish_reason)
+    check_clean(ngram_llm)
+
+
+def test_logprobs_of_accepted_tokens(ngram_llm, smol_llm):
+    prompt = _chat(ngram_llm, [PROMPTS[2]])
+    params = SamplingParams(temperature=0, max_tokens=24, logprobs=3)
+    want = smol_llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    got = ngram_llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    assert got.token_ids == want.token_ids and len(got.logprobs) == len(want.logprobs)
+    for a, b in zip(got.logprobs, want.logprobs):
+        assert list(a) == list(b)
+        for t in a:
+            assert abs(a[t].logprob - b[t].logprob) < 1e-3 and a[t].rank == b[t].rank
+
+
+def test_sampling_and_n_choices_run_clean(ngram_llm):
+    outs = ngram_llm.generate(_chat(ngram_llm)[:3], SamplingParams(temperature=0.8, top_p=0.9, seed=5, n=2,
+                                                                    max_tokens=32), use_tqdm=False)
+    assert all(len(o.outputs) == 2 and all(c.token_ids for c in o.outputs) for o in outs)
+    check_clean(ngram_llm)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"method": "medusa"}, "method must be one of"),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+    ({"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 2}, "prompt_lookup_min"),
+    ({"method": "draft_model"}, "speculative_config.model"),
+    ({"method": "ngram", "k": 3}, "unknown key"),
+])
+def test_bad_config_is_a_clear_error(bad, match):
+    from miniinfer.config import EngineConfig
+    with pytest.raises(ValueError, match=match):
+        EngineConfig(speculative_config=bad)
