@@ -142,7 +142,7 @@ class EngineConfig:
     reasoning_parser: str | None = None  # qwen3 | deepseek_r1: <think> split off, grammars start after it
     structured_output_overlap: bool = True  # fill grammar masks while the forward runs (off: after it, for A/B)
     # speculative decoding, e.g. {"method": "ngram", "num_speculative_tokens": 4} (spec_decode/config.py)
-    speculative_config: Any = None
+    speculative_config: Any = field(default=None, metadata={"json": True})
     trust_remote_code: bool = False  # accepted for API parity; never executes remote code
 
     def __post_init__(self) -> None:

@@ -208,6 +208,10 @@ def make_output(req: Request) -> RequestOutput:
         "finished_time": max(done) if req.finished and done else None,
         "num_generated_tokens": sum(s.num_output_tokens for s in seqs),
     }
+    drafted = sum(s.num_draft_tokens for s in seqs)
+    if drafted:  # speculative decoding
+        metrics["spec_num_draft_tokens"] = drafted
+        metrics["spec_num_accepted_tokens"] = sum(s.num_accepted_tokens for s in seqs)
     error = next((s.error for s in seqs if s.error is not None), None)
     return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, comps, req.finished,
                          num_cached_tokens=seqs[0].num_cached_tokens, metrics=metrics, error=error)

@@ -48,6 +48,8 @@ class Sequence:
     num_preemptions: int = 0
     spec_token_ids: list[int] = field(default_factory=list)  # drafts proposed for the next step
     spec_state: object | None = None  # the drafter's per-sequence state (e.g. its cache's valid length)
+    num_draft_tokens: int = 0  # drafts verified for this sequence ...
+    num_accepted_tokens: int = 0  # ... and how many of them the target accepted
     prefix_cursor: object | None = None  # KVCacheManager.insert's resume point
     # Overlap scheduling: tokens sampled by a step still running on the device sit at the end
     # of token_ids as PLACEHOLDER until that step is processed; pending_row is the row of the

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import ast
 import dataclasses
 import functools
@@ -27,6 +28,8 @@ _MODEL_HELP = "HF folder, .gguf file or preset; default: the embedded SmolLM2-13
 # the field's ``metadata["help"]``, or the comment at the end of the field's line in config.py.
 # Fields of other types than bool/int/float/str (or Optional/list/Literal of them) get no flag.
 _HELP = {
+    "speculative_config": 'speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                          "(methods: ngram, draft_model with \"model\")",
     "tokenizer": "tokenizer folder or .gguf file; default: the model's",
     "dtype": "auto | float32 | bfloat16 | float16 (auto: bfloat16 on CUDA, float32 on CPU)",
     "seed": "engine seed for requests that don't set their own",
@@ -115,7 +118,9 @@ def _flag_spec(f: dataclasses.Field, tp) -> tuple[list[str], dict] | None:
         action = "store_true" if default is False else argparse.BooleanOptionalAction
         return ["--" + name, *aliases], dict(kw, action=action, help=help_text)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Literal and args:
+    if f.metadata.get("json"):
+        kw["type"] = _json_arg
+    elif origin is typing.Literal and args:
         kw.update(choices=args, type=type(args[0]))
     elif origin in (list, tuple) and args and args[0] in (int, float, str):
         kw.update(nargs="+", type=args[0])
@@ -128,6 +133,13 @@ def _flag_spec(f: dataclasses.Field, tp) -> tuple[list[str], dict] | None:
     if default is not None and default is not argparse.SUPPRESS:
         help_text += " (default: %(default)s)"
     return ["--" + name, *aliases], dict(kw, help=help_text)
+
+
+def _json_arg(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
 
 
 def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = False) -> None:

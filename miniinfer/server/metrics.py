@@ -63,6 +63,11 @@ class _EngineCollector:
                       s["prefix_cache_queries"])
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s["prefix_cache_hits"])
         yield counter("num_preemptions", "Requests preempted for lack of KV-cache space.", s["num_preemptions"])
+        if "spec_num_drafts" in s:  # speculative decoding (vLLM's metric names)
+            yield counter("spec_decode_num_drafts", "Verify steps x sequences that carried drafts.",
+                          s["spec_num_drafts"])
+            yield counter("spec_decode_num_draft_tokens", "Draft tokens proposed.", s["spec_num_draft_tokens"])
+            yield counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.", s["spec_num_accepted_tokens"])
 
 
 class ServerMetrics:
@@ -166,6 +171,8 @@ class ServerMetrics:
             "prefix_cache_hits_total": h,
             "prefix_cache_hit_rate": (h / q) if q else 0.0,
             "num_preemptions_total": s["num_preemptions"],
+            "spec_acceptance_rate": s.get("spec_acceptance_rate"),  # None without speculation
+            "spec_mean_accepted_len": s.get("spec_mean_accepted_len"),
             "generation_throughput_tok_s": gen_tps,
             "prompt_throughput_tok_s": prompt_tps,
             "recent_requests": len(recent),

@@ -78,6 +78,8 @@ class Proposer:
                 self.stats_.num_drafts += 1
                 self.stats_.num_draft_tokens += len(s.draft_token_ids)
                 self.stats_.num_accepted_tokens += len(tokens) - 1
+                s.seq.num_draft_tokens += len(s.draft_token_ids)
+                s.seq.num_accepted_tokens += len(tokens) - 1
 
     def stats(self) -> dict:
         return self.stats_.as_dict()

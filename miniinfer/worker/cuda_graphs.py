@@ -3,7 +3,8 @@
 * decode graphs: B sequences × 1 token, B bucketed (1, 2, 4, 8, then multiples of 16 up
   to ``min(max_num_seqs, 512)``), logits of every row;
 * prefill graphs: one sequence's chunk of n ≤ T tokens, T bucketed (16 … 2048), logits of
-  row n − 1.
+  up to ``MAX_LOGIT_ROWS`` rows: the last (a prefill) or the last 1 + k (a speculative
+  verify of k drafts). The LM head reads its weights once either way.
 
 Replays copy the step's token inputs into this module's static buffers and its attention
 metadata into the attention backend's (``backend.make_graph_buffers``; padding rows write
@@ -20,6 +21,7 @@ from miniinfer.attention.metadata import forward_context
 from miniinfer.worker.input_batch import InputBatch
 
 PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+MAX_LOGIT_ROWS = 16  # = 1 + spec_decode.config.MAX_SPECULATIVE_TOKENS
 
 
 def decode_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -42,7 +44,7 @@ class CUDAGraphs:
         i64 = dict(dtype=torch.int64, device=device)
         self.input_ids = torch.zeros(ntok, **i64)
         self.positions = torch.zeros(ntok, **i64)
-        self.logit_row = torch.zeros(1, **i64)
+        self.logit_rows = torch.zeros(MAX_LOGIT_ROWS, **i64)
         self.attn = backend.make_graph_buffers(self.max_decode_bs, ntok, -(-max_model_len // block_size),
                                                max_model_len, device)
         self.decode: dict[int, tuple[Callable, torch.Tensor]] = {}  # batch size -> (replay, logits)
@@ -77,7 +79,7 @@ class CUDAGraphs:
             def prefill(t=t, meta=meta):
                 with forward_context(meta):
                     hidden = model(self.input_ids[:t], self.positions[:t])
-                    return model.compute_logits(hidden[self.logit_row])
+                    return model.compute_logits(hidden[self.logit_rows])
             replay, logits, pool = self._capture(prefill, pool)
             self.prefill[t] = (replay, logits)
         self.attn.reset()
@@ -107,10 +109,12 @@ class CUDAGraphs:
         replay, logits = self.prefill[t]
         self._copy_tokens(batch, n)
         self.attn.prepare_replay("prefill", t, batch.attn_metadata)
-        self.logit_row.copy_(batch.logits_indices)
+        rows = batch.logits_indices.shape[0]
+        self.logit_rows[:rows].copy_(batch.logits_indices)
+        self.logit_rows[rows:].zero_()  # stale rows of a larger bucket could index past this one
         replay()
         self.attn.after_replay("prefill")
-        return logits
+        return logits[:rows]
 
     def _copy_tokens(self, batch: InputBatch, n: int) -> None:
         self.input_ids[:n].copy_(batch.input_ids)

@@ -24,7 +24,7 @@ from miniinfer.parallel import TPGroup
 from miniinfer.sample import SamplingMetadata, sample
 from miniinfer.sampling_params import SamplingParams
 from miniinfer.worker import kv_cache
-from miniinfer.worker.cuda_graphs import CUDAGraphs
+from miniinfer.worker.cuda_graphs import MAX_LOGIT_ROWS, CUDAGraphs
 from miniinfer.worker.host_staging import PinnedStaging
 from miniinfer.worker.input_batch import meta_from_lists, prepare_inputs
 from miniinfer.worker.warmup import warmup_schedules
@@ -140,6 +140,7 @@ class ModelRunner:
         if graphs is not None and graphs.fits_decode(batch, n):
             logits = graphs.replay_decode(batch)
         elif (graphs is not None and n == 1 and batch.sampling_seqs
+              and batch.logits_indices.shape[0] <= MAX_LOGIT_ROWS
               and graphs.prefill_bucket(batch.input_ids.shape[0]) is not None):
             logits = graphs.replay_prefill(batch)
         else:

@@ -66,6 +66,8 @@ def test_greedy_identical_batch_1_and_8(which, ngram_llm, draft_llm, reference):
     assert one_by_one == reference
     stats = llm.engine.stats()
     assert stats["spec_num_draft_tokens"] > 0 and stats["spec_num_accepted_tokens"] > 0
+    m = llm.generate(prompts[1], GREEDY, use_tqdm=False)[0].metrics  # per request, too
+    assert m["spec_num_draft_tokens"] >= m["spec_num_accepted_tokens"] > 0
     check_clean(llm)
 
 

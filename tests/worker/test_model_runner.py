@@ -38,3 +38,25 @@ def test_graph_padding_paths_match_eager(tiny_llm):
     assert alone == want_alone
     assert used["decode"] > 0 and used["prefill"] >= 3
     check_clean(graphed)
+
+
+def test_verify_takes_the_prefill_graph_with_several_logit_rows(tiny_llm):
+    """A batch-1 speculative verify (1 + k rows of logits) replays a prefill graph."""
+    prompts = [[5, 6, 7, 8, 9] * 6, [11, 12, 13] * 9]  # repetitive: n-gram drafts are plentiful
+    params = SamplingParams(temperature=0, max_tokens=24)
+    eager = tiny_llm("qwen3", max_model_len=256)
+    want = [eager.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    spec = tiny_llm("qwen3", max_model_len=256, speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    spec.engine.runner.capture_cuda_graphs()
+    graphs = spec.engine.runner.cuda_graphs
+    rows = []
+    orig = graphs.replay_prefill
+
+    def counted(batch):
+        rows.append(batch.logits_indices.shape[0])
+        return orig(batch)
+    graphs.replay_prefill = counted
+    got = [spec.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    assert got == want
+    assert max(rows) > 1 and spec.engine.stats()["spec_num_draft_tokens"] > 0
+    check_clean(spec)

@@ -336,6 +336,11 @@
     $("stat-gen-tokens").textContent = fmt(st.generation_tokens_total);
     $("stat-prefix-hit").textContent = `${fmt((st.prefix_cache_hit_rate || 0) * 100, 1)}%`;
     $("stat-preemptions").textContent = fmt(st.num_preemptions_total);
+    if (st.spec_acceptance_rate !== null && st.spec_acceptance_rate !== undefined) {
+      $("stat-spec-row").hidden = false;
+      $("stat-spec").textContent =
+        `${fmt(st.spec_acceptance_rate * 100, 1)}% · ${fmt(st.spec_mean_accepted_len, 2)} tok/verify`;
+    }
     $("stat-kv-blocks").textContent = st.num_kv_blocks ? `${fmt(st.num_free_kv_blocks)} / ${fmt(st.num_kv_blocks)}` : "—";
     $("stat-max-len").textContent = st.max_model_len ? `${fmt(st.max_model_len)} tokens` : "—";
 

@@ -1,0 +1,171 @@
+"""Speculative decoding benchmark (shared/BENCHMARKS.md §11), baseline = the same engine with
+speculation off, in the same process.
+
+    python benchmarks/spec_decode_bench.py --out results.json [--device cuda|cpu] [--quick]
+        [--qwen7b .vllm/configs/Qwen2-7B]
+
+* embedded SmolLM2 (real weights), batch 1, greedy, 256 tokens, n-gram on code / repetitive
+  chat prompts: ``ngram_bs1_speedup_<dev>`` (TPOT off ÷ on), ``ngram_mean_accepted_len``;
+* Qwen2-7B dummy weights (GPU): ``verify_cost_ratio_<n>``: one verify forward + rejection
+  sampler over n tokens (1 + n − 1 linear drafts) ÷ one plain decode step, both at a 512-token
+  context (n ≤ 16 replay a prefill graph with 16 logits rows; larger n run eager);
+  ``spec_throughput_gain_bs<b>`` with n-gram on vs off (dummy weights: the acceptance says
+  nothing about real text, the cost of verifying does).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from miniinfer import LLM, SamplingParams
+from miniinfer.engine.sequence import Sequence
+from miniinfer.engine.step import ScheduledSeq, SchedulerOutput
+
+CODE_PROMPTS = [
+    "Write a Python class for a bank account with deposit, withdraw and balance methods, with docstrings.",
+    "Rewrite this function with type hints and a docstring:\ndef area(w, h):\n    return w * h\n"
+    "def perimeter(w, h):\n    return 2 * (w + h)\n",
+    "Write an HTML page with a table of five fruits and their colours.",
+    "List the first 30 even numbers separated by commas.",
+    "Repeat the following sentence five times: the cat sat on the mat and looked at the hat.",
+    "Write a SQL query that selects name, age and city from users where age > 30, then the same for age > 40.",
+    "Write a JSON array of 6 objects, each with fields id, name and email.",
+    "Convert to a Python dict: name=Alice, age=30, city=Paris, job=engineer, pet=cat.",
+]
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bs1_tpot(llm, prompts, max_tokens, device) -> tuple[float, int]:
+    """Mean per-token time (ms) over prompts run one at a time, and tokens generated."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    total_t, total_n = 0.0, 0
+    for p in prompts:
+        _sync(device)
+        t = time.perf_counter()
+        out = llm.generate([p], params, use_tqdm=False)[0]
+        _sync(device)
+        n = len(out.outputs[0].token_ids)
+        total_t += time.perf_counter() - t
+        total_n += n
+    return total_t / total_n * 1e3, total_n
+
+
+def smollm2_ngram(device: str, max_tokens: int, k: int, quick: bool) -> dict:
+    kw = dict(dtype="float32" if device == "cpu" else "bfloat16", device=device, max_model_len=2048, progress=False)
+    base = LLM(None, **kw)
+    prompts = [base.engine.apply_chat_template([{"role": "user", "content": p}]) for p in CODE_PROMPTS]
+    prompts = prompts[:3] if quick else prompts
+    bs1_tpot(base, prompts[:1], 16, device)  # warm
+    off_ms, n_off = bs1_tpot(base, prompts, max_tokens, device)
+    del base
+    spec = LLM(None, speculative_config={"method": "ngram", "num_speculative_tokens": k,
+                                         "prompt_lookup_min": 2, "prompt_lookup_max": 4}, **kw)
+    bs1_tpot(spec, prompts[:1], 16, device)
+    s0 = spec.engine.stats()
+    on_ms, n_on = bs1_tpot(spec, prompts, max_tokens, device)
+    s1 = spec.engine.stats()
+    drafts = s1["spec_num_drafts"] - s0["spec_num_drafts"]
+    acc = s1["spec_num_accepted_tokens"] - s0["spec_num_accepted_tokens"]
+    return {f"ngram_bs1_tpot_ms_off_{device}": off_ms, f"ngram_bs1_tpot_ms_on_{device}": on_ms,
+            f"ngram_bs1_speedup_{device}": off_ms / on_ms,
+            f"ngram_mean_accepted_len_{device}": 1 + acc / max(drafts, 1),
+            f"ngram_tokens_off_{device}": n_off, f"ngram_tokens_on_{device}": n_on}
+
+
+def _time_cuda(fn, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    xs = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        xs.append(time.perf_counter() - t)
+    return statistics.median(xs) * 1e3
+
+
+def verify_cost(llm, context: int = 512, sizes=(8, 16, 32, 64), reps: int = 30) -> dict:
+    """One verify (forward + rejection sampler) of n tokens ÷ one plain decode step (graph)."""
+    eng = llm.engine
+    runner, kv = eng.runner, eng.kv
+    seq = Sequence("bench", 0, list(range(100, 100 + context)), context, SamplingParams(temperature=0))
+    assert kv.allocate(seq.block_table, context + max(sizes))
+    seq.num_computed_tokens = context - 1
+
+    def step(n):
+        s = ScheduledSeq(seq, n, context - 1, list(range(200, 200 + n - 1)))
+        def run():
+            fwd = runner.forward(SchedulerOutput([s]), None)
+            st = runner.sample(fwd)
+            runner.collect(st)
+        return run
+    out = {"verify_decode_step_ms": _time_cuda(step(1), reps)}
+    for n in sizes:
+        ms = _time_cuda(step(n), reps)
+        out[f"verify_{n}_ms"] = ms
+        out[f"verify_cost_ratio_{n}"] = ms / out["verify_decode_step_ms"]
+    kv.free(seq.block_table)
+    return out
+
+
+def throughput_gain(llm_off, llm_on, batch_sizes, max_tokens) -> dict:
+    out = {}
+    for b in batch_sizes:
+        prompts = [{"prompt_token_ids": [(i * 37 + j * 11) % 10000 for j in range(128)]} for i in range(b)]
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        res = {}
+        for name, llm in (("off", llm_off), ("on", llm_on)):
+            llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            torch.cuda.synchronize()
+            res[name] = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
+        out[f"spec_tput_off_bs{b}_tok_s"] = res["off"]
+        out[f"spec_tput_on_bs{b}_tok_s"] = res["on"]
+        out[f"spec_throughput_gain_bs{b}"] = res["on"] / res["off"]
+    s = llm_on.engine.stats()
+    out["qwen2_7b_dummy_ngram_acceptance_rate"] = s["spec_acceptance_rate"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--qwen7b", default=None, help="Qwen2-7B config folder (GPU parts)")
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    metrics = smollm2_ngram(a.device, a.max_tokens, a.k, a.quick)
+    print(json.dumps(metrics), flush=True)
+    if a.qwen7b and a.device == "cuda":
+        kw = dict(load_format="dummy", dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.45,
+                  progress=False)
+        off = LLM(a.qwen7b, **kw)
+        metrics.update({f"qwen2_7b_{k}": v for k, v in verify_cost(off).items()})
+        print(json.dumps(metrics), flush=True)
+        on = LLM(a.qwen7b, speculative_config={"method": "ngram", "num_speculative_tokens": a.k}, **kw)
+        metrics.update({f"qwen2_7b_{k}": v for k, v in throughput_gain(off, on, (1, 8, 32), 128).items()})
+    device = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
+    result = {"device": device, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+              "metrics": metrics}
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
