@@ -1,0 +1,45 @@
+"""Speculative decoding on the GPU: the embedded SmolLM2 in fp32, greedy, is token-identical
+with n-gram and draft-model speculation on and off, at batch 1 (a verify replays a prefill
+CUDA graph with several logits rows) and batch 8 (eager verify), and leaves the cache clean."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+PROMPTS = [
+    "Write a Python function that returns the sum of a list, then show it called on [1, 2, 3].",
+    "Repeat this line three times: the quick brown fox jumps over the lazy dog.",
+    "List the numbers from 1 to 20, separated by commas.",
+    "What is the capital of France?",
+    "Write a JSON array of 4 objects with fields id and name.",
+    "Write a short poem about the sea.",
+    "Translate to French: good morning, good evening, good night.",
+    "Explain what a hash map is in two sentences.",
+]
+
+
+def test_greedy_identical_with_speculation_fp32():
+    from miniinfer import LLM, SamplingParams
+    from miniinfer.loader.embedded import embedded_model_path
+    kw = dict(dtype="float32", max_model_len=2048, gpu_memory_utilization=0.2, progress=False)
+    greedy = SamplingParams(temperature=0, max_tokens=64)
+    base = LLM(None, **kw)
+    prompts = [base.engine.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
+    want = [o.outputs[0].token_ids for o in base.generate(prompts, greedy, use_tqdm=False)]
+    del base
+    for spec in ({"method": "ngram", "num_speculative_tokens": 5},
+                 {"method": "draft_model", "model": embedded_model_path(), "num_speculative_tokens": 3}):
+        llm = LLM(None, speculative_config=spec, **kw)
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)] == want, spec
+        alone = [llm.generate([p], greedy, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+        assert alone == want, spec
+        s = llm.engine.stats()
+        assert s["spec_num_accepted_tokens"] > 0
+        if spec["method"] == "draft_model":
+            assert s["spec_num_accepted_tokens"] == s["spec_num_draft_tokens"]  # draft = target
+        llm.engine.check_integrity()
+        assert s["num_free_kv_blocks"] == s["num_kv_blocks"]
+        del llm
