@@ -10,6 +10,8 @@ Writes, for whatever results exist (a missing file or metric only drops its bar/
 * ``prefix_cache.png``     §5: mean TTFT and throughput with prefix caching on and off;
 * ``profile_kernels.png``  top GPU kernels of the decode-heavy profile (``*profile-decode*.json``);
 * ``overlap.png``          §6: overlap scheduling on vs off (only once its JSON exists).
+* ``structured_output.png`` §10: JSON ÷ plain TPOT, grammar-mask overlap on vs off;
+* ``spec_verify_cost.png``  §11: verify cost ratio against the number of tokens verified.
 
 Result files follow ../shared/BENCHMARKS.md: ``{"device", "date", "command", "metrics"}``
 (the profile file has its fields at the top level instead).
@@ -370,6 +372,73 @@ def plot_profile(results: list[Result], out_dir: str) -> str | None:
     return _save(fig, out_dir, "profile_kernels.png")
 
 
+# --- §10 structured output, §11 speculative decoding -------------------------------------
+def plot_structured_output(results: list[Result], out_dir: str) -> str | None:
+    """§10: constrained ÷ plain TPOT with the grammar-mask overlap on and off, per model and
+    batch size (``<model>_bs<b>_json_tpot_overhead`` and ``..._serial``), against the 1.03 goal."""
+    r = next((r for r in reversed(results) if r.kind.startswith("structured-output")), None)
+    if r is None:
+        print("no structured-output results: skipping structured_output.png")
+        return None
+    m = r.metrics
+    groups = sorted({k.removesuffix("_json_tpot_overhead") for k in m if k.endswith("_json_tpot_overhead")},
+                    key=lambda g: (int(re.search(r"_bs(\d+)$", g).group(1)), g))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(groups), 3.8))
+    width = 0.38
+    top = 0.0
+    for i, g in enumerate(groups):
+        for j, (suffix, tag, color) in enumerate((("", "mask overlap on", BLUE), ("_serial", "overlap off", GREY))):
+            v = float(m.get(f"{g}_json_tpot_overhead{suffix}", 0.0))
+            x = i + (j - 0.5) * width
+            ax.bar(x, v, width=width, color=color, label=tag if i == 0 else None)
+            ax.annotate(f"{v:.2f}", (x, v), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
+            top = max(top, v)
+    ax.axhline(1.03, color=RED, linestyle="--", linewidth=1, label="goal ≤ 1.03")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([g.replace("_bs", "\nbatch ").replace("qwen2_0_5b", "Qwen2-0.5B").replace("qwen2_7b", "Qwen2-7B")
+                        for g in groups], fontsize=8)
+    ax.set_ylabel("JSON TPOT ÷ plain TPOT")
+    ax.set_ylim(0, top * 1.18 or 1)
+    ax.legend(fontsize=7)
+    ax.set_title(f"§10 structured output overhead, {r.date} ({r.device})", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out_dir, "structured_output.png")
+
+
+def plot_verify_cost(results: list[Result], out_dir: str) -> str | None:
+    """§11: one verify forward of n tokens ÷ one plain decode step (``*verify_cost_ratio_<n>``),
+    against the ≤ 1.15 goal at 16; n above the prefill graphs' 16 logits rows runs eager."""
+    r = next((r for r in reversed(results) if any("verify_cost_ratio_" in k for k in r.metrics)), None)
+    if r is None:
+        print("no verify-cost results: skipping spec_verify_cost.png")
+        return None
+    pts = sorted((int(k.rsplit("_", 1)[1]), float(v)) for k, v in r.metrics.items() if "verify_cost_ratio_" in k)
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    xs, ys = [x for x, _ in pts], [y for _, y in pts]
+    ax.plot(xs, ys, color=GREY, linewidth=1, zorder=1)
+    for x, y in pts:
+        graph = x <= 16
+        ax.scatter([x], [y], color=BLUE if graph else RED, zorder=2,
+                   label=("prefill CUDA graph (≤ 16 logits rows)" if graph else "eager (> 16 logits rows)"))
+        ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    ax.axhline(1.15, color=GREEN, linestyle="--", linewidth=1, label="goal ≤ 1.15 at 16")
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="upper left")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([str(x) for x in xs])
+    ax.set_xlabel("tokens verified (1 + drafts)")
+    ax.set_ylabel("verify ÷ one decode step")
+    ax.set_ylim(0, max(ys) * 1.2)
+    step = r.metrics.get("qwen2_7b_verify_decode_step_ms")
+    ax.set_title(f"§11 verify cost, Qwen2-7B (dummy bf16), 512-token context\n"
+                 f"decode step {step:.2f} ms, {r.date} ({r.device})" if step else f"§11 verify cost ({r.device})",
+                 fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out_dir, "spec_verify_cost.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
@@ -379,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         print(f"no result files in {a.results}", file=sys.stderr)
         return 1
-    for fn in (plot_sweep, plot_targets, plot_vs_hf, plot_prefix, plot_overlap, plot_profile):
+    for fn in (plot_sweep, plot_targets, plot_vs_hf, plot_prefix, plot_overlap, plot_profile,
+               plot_structured_output, plot_verify_cost):
         fn(results, a.out)
     return 0
 
