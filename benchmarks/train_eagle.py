@@ -1,0 +1,609 @@
+#!/usr/bin/env python
+"""Train an EAGLE draft head for the embedded SmolLM2-135M-Instruct by self-distillation.
+
+Li et al., "EAGLE: Speculative Sampling Requires Rethinking Feature Uncertainty" (2024);
+EAGLE-2 (2024). The head (``miniinfer/spec_decode/eagle_head.py`` runs it in the engine) maps
+``concat([embed(x_p), f_{p-1}])`` through ``fc`` + one Llama decoder layer + RMSNorm to
+``h_p ≈ f_p``, where ``f_p`` is the target's post-norm final hidden state.
+
+Pipeline (one H200: about 3-4 minutes end to end; ``--quick`` runs a tiny version on CPU):
+
+1. prompts: ``--num-prompts`` chat prompts from templates × topics (explanations, how-tos, lists,
+   stories, emails, code in several languages, math word problems, rewriting, translation,
+   Q&A ...), deterministic in ``--seed``; plus the held-out ``benchmarks/eagle_eval_prompts.json``
+   (other templates and topics), used only for evaluation;
+2. responses from our engine (the embedded SmolLM2), half greedy, half temperature 0.7;
+3. features ``f_p`` of every position of prompt + response, from our engine's own model through
+   the paged path (exactly what the drafter sees at inference; ``--check-features`` compares
+   them with HF transformers' post-norm hidden states on CPU in fp32);
+4. training (fp32 master weights, bf16 autocast on CUDA): SmoothL1(h_p, f_p) + 0.1 × soft CE
+   between LM-head(h_p) and softmax(LM-head(f_p)), uniform noise on the input features; with
+   ``--train-depth 2`` also the second draft step (the head's own output as the feature,
+   weight ``--depth-weight``), which is what deeper drafts see;
+5. evaluation on held-out sequences: teacher-forced top-1 agreement with the target's argmax,
+   and the greedy acceptance of a ``--eval-depth``-token chain (mean accepted drafts).
+
+Writes the head (safetensors fp16, HF-style names: ``fc.weight``, ``layers.0.*``, ``norm.weight``)
+to ``--out`` and the metrics to ``--metrics`` (default: ``--out`` with ``.json``).
+
+    python benchmarks/train_eagle.py --out eagle_smollm2.safetensors        # GPU
+    python benchmarks/train_eagle.py --quick --device cpu --out /tmp/h.safetensors
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+EVAL_PROMPTS = os.path.join(HERE, "eagle_eval_prompts.json")
+
+# --- 1. prompts -------------------------------------------------------------------------------
+TOPICS = [
+    "photosynthesis", "black holes", "the water cycle", "volcanoes", "the immune system", "blockchain",
+    "machine learning", "the French Revolution", "climate change", "plate tectonics", "supply and demand",
+    "the Roman Empire", "quantum computing", "vaccines", "renewable energy", "the printing press",
+    "coral reefs", "the stock market", "DNA replication", "electric circuits", "the Silk Road",
+    "honeybees", "earthquakes", "the Internet", "compound interest", "rainforests", "the Renaissance",
+    "gravity", "recycling", "public libraries", "jazz music", "chess openings", "solar panels",
+    "the human heart", "glaciers", "ancient Egypt", "social media", "nutrition", "origami",
+    "space exploration", "tides", "antibiotics", "democracy", "the Olympic Games", "coffee",
+    "mushrooms", "lighthouses", "volunteering", "urban gardening", "time zones", "penguins",
+    "the metric system", "tea ceremonies", "bicycles", "rainbows", "meditation", "wind turbines",
+    "the Great Wall of China", "submarines", "bird migration",
+]
+PEOPLE = ["a student", "a nurse", "a farmer", "a pilot", "a librarian", "a chef", "an engineer",
+          "a musician", "a shopkeeper", "a scientist", "a painter", "a sailor"]
+LANGS = ["Python", "C", "Java", "Go", "C++", "TypeScript", "Ruby", "Haskell", "Kotlin", "Lua"]
+CODE_TASKS = ["reverses a linked list", "computes the nth Fibonacci number", "merges two sorted lists",
+              "counts word frequencies in a text", "finds the largest element of an array",
+              "checks whether a number is prime", "implements binary search", "flattens a nested list",
+              "removes duplicates from a list", "converts Celsius to Fahrenheit",
+              "computes the greatest common divisor of two integers", "sorts an array with quicksort",
+              "parses a CSV line into fields", "validates an email address with a simple rule"]
+SENTENCES = ["The meeting was postponed because of the storm.", "She quickly finished her homework.",
+             "Our team won the regional championship last night.", "The old bridge needs urgent repairs.",
+             "He forgot his umbrella at the station.", "The museum opens a new exhibition in May.",
+             "They planted tomatoes and basil in the garden.", "The price of fuel rose again this month."]
+TARGET_LANGS = ["French", "Spanish", "German", "Italian", "Portuguese"]
+TEMPLATES = [
+    "Explain {topic} in simple terms.", "What is {topic}?", "Why is {topic} important?",
+    "Give me a short overview of {topic}.", "List five interesting facts about {topic}.",
+    "How would you teach {topic} to {person}?", "Write a short story about {person} who discovers {topic}.",
+    "Write a poem about {topic}.", "Write an email to a colleague inviting them to a talk about {topic}.",
+    "What are common misconceptions about {topic}?", "Summarize the history of {topic} in a paragraph.",
+    "Ask me three quiz questions about {topic} and give the answers.",
+    "How does {topic} affect everyday life?", "Write a blog post introduction about {topic}.",
+    "Describe {topic} from the point of view of {person}.", "Give step-by-step instructions to learn about {topic}.",
+    "Compare {topic} and {topic2}.", "What would happen if {topic} disappeared?",
+    "Write a product description for a book about {topic}.", "Tell me a joke about {topic}.",
+]
+
+
+def _math_prompt(rng: random.Random) -> str:
+    a, b, c = rng.randint(2, 90), rng.randint(2, 40), rng.randint(2, 12)
+    item = rng.choice(["apples", "books", "marbles", "stickers", "pencils", "cookies", "tickets"])
+    who = rng.choice(["Tom", "Maria", "Aisha", "Ken", "Lena", "Omar", "Sofia", "Jack"])
+    forms = [f"{who} has {a} {item} and buys {b} more. Then {who} gives away {c}. How many {item} are left?",
+             f"A box holds {c} {item}. How many boxes are needed for {a * c + b} {item}?",
+             f"{who} reads {b} pages a day. How many days to finish a book of {a * b} pages?",
+             f"What is {a} times {b} plus {c}? Show your work.",
+             f"A shirt costs {a} dollars and is discounted by {c * 5} percent. What is the new price?"]
+    return rng.choice(forms)
+
+
+def _one_prompt(rng: random.Random) -> str:
+    kind = rng.random()
+    if kind < 0.15:
+        return f"Write a {rng.choice(LANGS)} function that {rng.choice(CODE_TASKS)}."
+    if kind < 0.25:
+        return _math_prompt(rng)
+    if kind < 0.32:
+        s = rng.choice(SENTENCES)
+        return rng.choice([f"Translate into {rng.choice(TARGET_LANGS)}: {s}", f"Rewrite this sentence more formally: {s}",
+                           f"Rewrite this sentence for a child: {s}", f"Fix the grammar and style: {s.lower()}"])
+    t1, t2 = rng.sample(TOPICS, 2)
+    return rng.choice(TEMPLATES).format(topic=t1, topic2=t2, person=rng.choice(PEOPLE))
+
+
+def build_prompts(n: int, seed: int) -> list[str]:
+    """``n`` distinct training prompts (deterministic in ``seed``), none of the held-out ones."""
+    rng = random.Random(seed)
+    held_out = set(load_eval_prompts())
+    out, seen = [], set()
+    while len(out) < n:
+        p = _one_prompt(rng)
+        if p not in seen and p not in held_out:
+            seen.add(p)
+            out.append(p)
+    return out
+
+
+def load_eval_prompts() -> list[str]:
+    with open(EVAL_PROMPTS) as f:
+        return json.load(f)["prompts"]
+
+
+# --- the head, in plain torch (HF names, dense causal attention) --------------------------------
+class _RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight.to(x.dtype)
+
+
+class _Attn(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+
+
+class _MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _Layer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = _RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = _Attn(cfg)
+        self.post_attention_layernorm = _RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = _MLP(cfg)
+
+
+def _rope(x, cos, sin):
+    """NeoX / HF ``rotate_half`` rotation of x [B, heads, L, D] by cos/sin [L, D/2] (fp32)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def step_mask(length: int, step: int, device) -> torch.Tensor | None:
+    """Keys visible to draft step ``step`` (1-based) at each query position, as a bool mask
+    [L, step * L] over the keys of steps 1..step laid side by side (None: plain causal for
+    step 1). The chain at query p started at anchor a = p - step + 1: it sees step 1's
+    (teacher-forced) keys at positions <= a and step i's key at position a + i - 1 only."""
+    if step == 1:
+        return None
+    p = torch.arange(length, device=device).unsqueeze(1)
+    c = torch.arange(length, device=device).unsqueeze(0)
+    blocks = [c <= p - step + 1] + [c == p - step + i for i in range(2, step + 1)]
+    return torch.cat(blocks, dim=1)
+
+
+class TrainHead(nn.Module):
+    """The training-time EAGLE head: same math and parameter names as the engine's
+    :class:`~miniinfer.spec_decode.eagle_head.EagleHead` (before fusion), over padded batches.
+
+    ``forward(embeds [B, L, H], feats [B, L, H], depth) -> [h_1, ..., h_depth]``, each
+    ``[B, L, H]``: ``feats[:, p]`` is f_{p-1} (zeros at p = 0); ``h_1`` is the teacher-forced
+    step; step j feeds ``h_{j-1}`` shifted by one position as the feature (the draft chain)
+    with the attention of :func:`step_mask`. Right padding is harmless (causal).
+    """
+
+    def __init__(self, cfg, max_positions: int):
+        super().__init__()
+        from miniinfer.models.rotary import build_cos_sin_cache
+        if cfg.qk_norm:
+            raise ValueError("TrainHead: qk_norm targets (Qwen3) are not supported")
+        self.cfg = cfg
+        self.fc = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.layers = nn.ModuleList([_Layer(cfg)])
+        self.norm = _RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        cache = build_cos_sin_cache(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
+        self.register_buffer("cos_sin", cache, persistent=False)
+
+    def _qkv(self, x, cos, sin):
+        b, length, _ = x.shape
+        a, d = self.layers[0].self_attn, self.cfg.head_dim
+        q = a.q_proj(x).view(b, length, -1, d).transpose(1, 2)
+        k = a.k_proj(x).view(b, length, -1, d).transpose(1, 2)
+        v = a.v_proj(x).view(b, length, -1, d).transpose(1, 2)
+        return _rope(q, cos, sin), _rope(k, cos, sin), v
+
+    def forward(self, embeds, feats, depth: int = 1):
+        b, length, hidden = embeds.shape
+        layer = self.layers[0]
+        cos, sin = self.cos_sin[:length].chunk(2, dim=-1)
+        keys, values, outs = [], [], []
+        for step in range(1, depth + 1):
+            x = self.fc(torch.cat([embeds, feats], dim=-1))
+            q, k, v = self._qkv(layer.input_layernorm(x), cos, sin)
+            keys.append(k)
+            values.append(v)
+            mask = step_mask(length, step, x.device)
+            o = F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(values, 2), attn_mask=mask,
+                                               is_causal=mask is None, enable_gqa=True)
+            x = x + layer.self_attn.o_proj(o.transpose(1, 2).reshape(b, length, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            h = self.norm(x)
+            outs.append(h)
+            feats = torch.cat([h.new_zeros(b, 1, hidden), h[:, :-1]], dim=1)
+        return outs
+
+    def hf_state_dict(self, dtype=torch.float16) -> dict[str, torch.Tensor]:
+        """The head file's tensors (names of ``eagle_head.py``'s docstring), contiguous, on CPU."""
+        return {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()}
+
+
+def init_from_target(head: TrainHead, model) -> None:
+    """Start the decoder layer from the target's last layer and ``norm`` from its final norm
+    (un-fusing qkv_proj / gate_up_proj); ``fc`` stays random."""
+    last, cfg = model.layers[-1], head.cfg
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    dst = head.layers[0]
+    with torch.no_grad():
+        qkv = last.self_attn.qkv_proj.weight.float()
+        for name, part in zip(("q_proj", "k_proj", "v_proj"), qkv.split([q, kv, kv])):
+            getattr(dst.self_attn, name).weight.copy_(part)
+        dst.self_attn.o_proj.weight.copy_(last.self_attn.o_proj.weight.float())
+        gate, up = last.mlp.gate_up_proj.weight.float().chunk(2)
+        dst.mlp.gate_proj.weight.copy_(gate)
+        dst.mlp.up_proj.weight.copy_(up)
+        dst.mlp.down_proj.weight.copy_(last.mlp.down_proj.weight.float())
+        dst.input_layernorm.weight.copy_(last.input_layernorm.weight.float())
+        dst.post_attention_layernorm.weight.copy_(last.post_attention_layernorm.weight.float())
+        head.norm.weight.copy_(model.norm.weight.float())
+
+
+# --- 2./3. data: responses from our engine, features from our model --------------------------------
+def generate(llm, prompts: list[str], max_tokens: int, seed: int) -> list[tuple[list[int], int, bool]]:
+    """(prompt + response token ids, prompt length, greedy?) per prompt; even rows greedy,
+    odd rows temperature 0.7."""
+    from miniinfer import SamplingParams
+    texts = [llm.engine.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    params = [SamplingParams(temperature=0.0, max_tokens=max_tokens) if i % 2 == 0 else
+              SamplingParams(temperature=0.7, top_p=0.95, max_tokens=max_tokens, seed=seed + i)
+              for i in range(len(prompts))]
+    outs = llm.generate(texts, params, use_tqdm=False)
+    return [(list(o.prompt_token_ids) + list(o.outputs[0].token_ids), len(o.prompt_token_ids), i % 2 == 0)
+            for i, o in enumerate(outs)]
+
+
+@torch.inference_mode()
+def target_features(runner, seqs: list[list[int]], max_batch_tokens: int) -> list[torch.Tensor]:
+    """f_p [len, H] (the model's dtype, on its device) of every position of each sequence:
+    our model's forward (post-norm hidden) through the paged path, many prompts per forward
+    over the runner's (idle) KV cache."""
+    from miniinfer.attention.metadata import forward_context
+    from miniinfer.worker.input_batch import meta_from_lists
+    bs, dev = runner.block_size, runner.device
+    budget = min(max_batch_tokens, (runner.num_blocks - len(seqs) - 1) * bs)
+    out: list[torch.Tensor] = []
+    i = 0
+    while i < len(seqs):
+        group, tokens = [], 0
+        while i < len(seqs) and (not group or tokens + len(seqs[i]) <= budget):
+            group.append(seqs[i])
+            tokens += len(seqs[i])
+            i += 1
+        lens = [len(s) for s in group]
+        tables, slots, block = [], [], 0
+        for n in lens:
+            nb = -(-n // bs)
+            tables.append(list(range(block, block + nb)))
+            slots.append(torch.arange(block * bs, block * bs + n))
+            block += nb
+        meta = meta_from_lists(lens, lens, tables, torch.cat(slots).to(dev), 0, dev)
+        ids = torch.tensor([t for s in group for t in s], dtype=torch.int64, device=dev)
+        pos = torch.cat([torch.arange(n) for n in lens]).to(dev)
+        with forward_context(meta):
+            hidden = runner.model(ids, pos)
+        out.extend(hidden.split(lens))
+    return out
+
+
+class Data:
+    """Sequences with their features, flat on the device; ``batch(idx)`` pads a group of
+    sequences: ids [B, L], embeds [B, L, H], shifted feats f_{p-1} [B, L, H], target f [B, L, H],
+    loss mask [B, L] (positions from the last prompt token on)."""
+
+    def __init__(self, seqs, feats, embed_weight):
+        self.ids = [torch.tensor(s[0]) for s in seqs]
+        self.prompt_lens = [s[1] for s in seqs]
+        self.greedy = [s[2] for s in seqs]
+        self.feats = feats
+        self.embed = embed_weight
+
+    def __len__(self):
+        return len(self.ids)
+
+    def tokens(self, idx) -> int:
+        return sum(len(self.ids[i]) for i in idx)
+
+    def batch(self, idx: list[int]):
+        dev, hidden = self.embed.device, self.embed.shape[1]
+        length = max(len(self.ids[i]) for i in idx)
+        ids = torch.zeros(len(idx), length, dtype=torch.int64)
+        mask = torch.zeros(len(idx), length, dtype=torch.bool)
+        f = torch.zeros(len(idx), length, hidden, dtype=self.feats[0].dtype, device=dev)
+        for r, i in enumerate(idx):
+            n = len(self.ids[i])
+            ids[r, :n] = self.ids[i]
+            mask[r, self.prompt_lens[i] - 1:n] = True
+            f[r, :n] = self.feats[i]
+        ids, mask = ids.to(dev), mask.to(dev)
+        prev = torch.cat([f.new_zeros(len(idx), 1, hidden), f[:, :-1]], dim=1)
+        return ids, self.embed[ids], prev, f, mask
+
+
+def make_batches(data: Data, indices: list[int], max_tokens: int, rng: random.Random | None) -> list[list[int]]:
+    """Groups of similar length (sorted, then chunked by padded tokens), shuffled if ``rng``."""
+    order = sorted(indices, key=lambda i: len(data.ids[i]))
+    batches, cur = [], []
+    for i in order:
+        if cur and len(data.ids[i]) * (len(cur) + 1) > max_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    if rng is not None:
+        rng.shuffle(batches)
+    return batches
+
+
+# --- 4./5. training and evaluation ----------------------------------------------------------------
+def lm_logits(x: torch.Tensor, lm_w: torch.Tensor) -> torch.Tensor:
+    """The target's LM head on x [N, H] (in the head weight's dtype), float32 logits [N, V]."""
+    return F.linear(x.to(lm_w.dtype), lm_w).float()
+
+
+def head_loss(h, f, mask, lm_w, ce_weight: float):
+    """SmoothL1(h, f) + ce_weight × CE(lm(h), softmax(lm(f))) over the masked positions."""
+    hs, fs = h[mask].float(), f[mask].float()
+    reg = F.smooth_l1_loss(hs, fs)
+    with torch.no_grad():
+        target = F.softmax(lm_logits(fs, lm_w), dim=-1)
+    ce = -(target * F.log_softmax(lm_logits(hs, lm_w), dim=-1)).sum(-1).mean()
+    return reg + ce_weight * ce, reg.detach(), ce.detach()
+
+
+def _autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def _lr(step: int, total: int, warmup: int, base: float) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def train(head, data, train_idx, lm_w, args, device) -> dict:
+    rng = random.Random(args.seed)
+    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    per_epoch = len(make_batches(data, train_idx, args.batch_tokens, None))
+    total = args.max_steps or args.epochs * per_epoch
+    weights = [1.0] + [args.depth_weight ** j for j in range(1, args.train_depth)]
+    feat_std = float(torch.cat([data.feats[i].float().flatten() for i in train_idx[:64]]).std())
+    step, t0, log = 0, time.time(), {}
+    head.train()
+    while step < total:
+        for b in make_batches(data, train_idx, args.batch_tokens, rng):
+            if step >= total or time.time() - t0 > args.train_seconds:
+                break
+            _, emb, prev, f, mask = data.batch(b)
+            noise = (torch.rand_like(prev, dtype=torch.float32) * 2 - 1) * (args.noise * feat_std)
+            for g in opt.param_groups:
+                g["lr"] = _lr(step, total, args.warmup, args.lr)
+            with _autocast(device):
+                hs = head(emb.float(), (prev.float() + noise), args.train_depth)
+            loss = reg = ce = 0.0
+            for w, h in zip(weights, hs):
+                lj, rj, cj = head_loss(h, f, mask, lm_w, args.ce_weight)
+                loss, reg, ce = loss + w * lj, reg + w * rj, ce + w * cj
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), args.clip)
+            opt.step()
+            step += 1
+            if step % args.log_every == 0 or step == 1 or step == total:
+                log = {"step": step, "loss": loss.item(), "smooth_l1": float(reg), "ce": float(ce),
+                       "lr": opt.param_groups[0]["lr"], "elapsed_s": round(time.time() - t0, 1)}
+                print(f"  step {step}/{total}  loss {log['loss']:.4f}  l1 {log['smooth_l1']:.4f}  "
+                      f"ce {log['ce']:.4f}  lr {log['lr']:.2e}  {log['elapsed_s']} s", flush=True)
+        if time.time() - t0 > args.train_seconds:
+            print(f"  stopped at the --train-seconds budget ({args.train_seconds} s)", flush=True)
+            break
+    head.eval()
+    return {"steps": step, "steps_per_epoch": per_epoch, "train_s": round(time.time() - t0, 1),
+            "feature_std": feat_std, "last": log}
+
+
+@torch.no_grad()
+def _argmax_rows(x: torch.Tensor, lm_w: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    out = [lm_logits(flat[i:i + chunk], lm_w).argmax(-1) for i in range(0, flat.shape[0], chunk)]
+    return torch.cat(out).view(x.shape[:-1])
+
+
+@torch.no_grad()
+def evaluate(head, data, idx, lm_w, depth: int, batch_tokens: int, device) -> dict:
+    """Teacher-forced top-1 agreement (head argmax == target argmax, all masked positions) and
+    the greedy chain of ``depth`` drafts from every anchor of the greedy sequences (their
+    tokens are the target's argmax, so an accepted draft is the next input): mean accepted
+    drafts, and P(first j drafts all accepted) for j = 1..depth."""
+    hits = total = anchors = 0
+    accepted = torch.zeros(depth, dtype=torch.float64)
+    for b in make_batches(data, idx, batch_tokens, None):
+        ids, emb, prev, f, mask = data.batch(b)
+        with _autocast(device):
+            hs = head(emb.float(), prev.float(), depth)
+        tgt = _argmax_rows(f, lm_w)
+        match = [(_argmax_rows(h, lm_w) == tgt) for h in hs]
+        hits += int(match[0][mask].sum())
+        total += int(mask.sum())
+        length = ids.shape[1]
+        if length < depth + 1:
+            continue
+        n = length - depth + 1  # anchors a with a + depth - 1 < L
+        ok = mask[:, :n] & mask[:, depth - 1:depth - 1 + n]
+        ok &= torch.tensor([data.greedy[i] for i in b], device=ids.device).unsqueeze(1)
+        for j in range(1, depth):  # the chain's next input x_{a+j} is the target's greedy token
+            ok &= ids[:, j:j + n] == tgt[:, j - 1:j - 1 + n]
+        run = torch.ones_like(ok)
+        for j in range(depth):
+            run = run & match[j][:, j:j + n]
+            accepted[j] += float((run & ok).sum())
+        anchors += int(ok.sum())
+    rates = (accepted / max(anchors, 1)).tolist()
+    return {"top1": hits / max(total, 1), "positions": total, "chain_depth": depth, "chain_anchors": anchors,
+            "mean_accepted": sum(rates), "p_accept_first_j": [round(r, 4) for r in rates]}
+
+
+# --- feature parity with HF transformers (CPU, fp32) ------------------------------------------------
+@torch.no_grad()
+def check_features(llm, texts: list[str]) -> dict:
+    """Our model's forward output vs HF's ``hidden_states[-1]`` (fp32, dense weights from the
+    same GGUF) for a few prompts: max abs difference, and whether HF's last hidden state is
+    post-norm (equal to ``model.model(...).last_hidden_state``)."""
+    from transformers import AutoModelForCausalLM
+    from miniinfer.loader.embedded import embedded_model_path
+    path = embedded_model_path()
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                              dtype=torch.float32).eval()
+    worst = worst_norm = 0.0
+    post_norm = True
+    for text in texts:
+        ids = llm.get_tokenizer().encode(text)
+        ours = target_features(llm.engine.runner, [ids], 4096)[0].float().cpu()
+        out = hf(torch.tensor([ids]), output_hidden_states=True)
+        last = out.hidden_states[-1][0]
+        base = hf.model(torch.tensor([ids])).last_hidden_state[0]
+        post_norm &= bool(torch.allclose(last, base, atol=1e-6))
+        worst = max(worst, float((ours - last).abs().max()))
+        worst_norm = max(worst_norm, float((ours - base).abs().max()))
+    return {"max_abs_diff_vs_hidden_states_last": worst, "max_abs_diff_vs_last_hidden_state": worst_norm,
+            "hf_hidden_states_last_is_post_norm": post_norm, "feature_abs_max": float(ours.abs().max())}
+
+
+# --- main ---------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="head file (safetensors, fp16)")
+    p.add_argument("--metrics", default=None, help="metrics JSON (default: --out with .json)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--quick", action="store_true", help="tiny CPU-sized run (20 prompts, 16 tokens, few steps)")
+    p.add_argument("--check-features", action="store_true", help="also compare our features with HF's (CPU fp32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-prompts", type=int, default=4000)
+    p.add_argument("--num-eval-prompts", type=int, default=32)
+    p.add_argument("--val-frac", type=float, default=0.03, help="training-distribution prompts held out")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--max-steps", type=int, default=0, help="0: epochs × batches")
+    p.add_argument("--train-seconds", type=float, default=120.0, help="stop training after this long")
+    p.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per batch")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--clip", type=float, default=0.5)
+    p.add_argument("--noise", type=float, default=0.1, help="uniform noise amplitude, × the features' std")
+    p.add_argument("--ce-weight", type=float, default=0.1)
+    p.add_argument("--train-depth", type=int, default=2, help="draft steps trained (1: teacher-forced only)")
+    p.add_argument("--depth-weight", type=float, default=0.5, help="loss weight of step j: this ** (j - 1)")
+    p.add_argument("--eval-depth", type=int, default=4)
+    p.add_argument("--init", default="last-layer", choices=["last-layer", "random"])
+    p.add_argument("--log-every", type=int, default=25)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.num_prompts, args.num_eval_prompts, args.max_tokens = 16, 4, 16
+        args.epochs, args.max_steps, args.warmup, args.batch_tokens, args.log_every = 1, 4, 2, 1024, 1
+        args.val_frac = 0.1
+        args.eval_depth = min(args.eval_depth, 3)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.metrics = args.metrics or os.path.splitext(args.out)[0] + ".json"
+    return args
+
+
+def build_llm(args):
+    from miniinfer import LLM
+    if args.device == "cuda":
+        return LLM(None, dtype="bfloat16", device="cuda", max_model_len=1024, max_num_seqs=args.max_num_seqs,
+                   gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed, progress=False)
+    # CPU: dense fp32 weights (no GGUF kernels / oneDNN packing), so the training code can read them
+    return LLM(None, dtype="float32", device="cpu", max_model_len=512, max_num_seqs=32, kv_cache_memory_gb=0.25,
+               cpu_gguf_kernels=False, cpu_packed_weights=False, seed=args.seed, progress=False)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    t_start = time.time()
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    llm = build_llm(args)
+    runner, cfg = llm.engine.runner, llm.engine.model_config
+    model = runner.model
+    print(f"[train_eagle] target loaded on {device} in {time.time() - t_start:.1f} s", flush=True)
+    metrics: dict = {"args": vars(args)}
+    if args.check_features:
+        metrics["feature_parity"] = check_features(llm, ["Hello! What is 2 + 2?", load_eval_prompts()[0]])
+        print(f"[train_eagle] feature parity: {metrics['feature_parity']}", flush=True)
+
+    prompts = build_prompts(args.num_prompts, args.seed)
+    eval_prompts = load_eval_prompts()[:args.num_eval_prompts]
+    t = time.time()
+    seqs = generate(llm, prompts + eval_prompts, args.max_tokens, args.seed)
+    n_tok = sum(len(s[0]) for s in seqs)
+    print(f"[train_eagle] generated {len(seqs)} responses ({n_tok} tokens) in {time.time() - t:.1f} s", flush=True)
+    t = time.time()
+    feats = target_features(runner, [s[0] for s in seqs], 32768)
+    print(f"[train_eagle] features in {time.time() - t:.1f} s", flush=True)
+
+    embed = model.embed_tokens.weight.detach()
+    lm_w = model.lm_head.weight.detach() if isinstance(model.lm_head, nn.Linear) else embed
+    data = Data(seqs, feats, embed)
+    n_val = max(2, int(len(prompts) * args.val_frac))
+    train_idx, val_idx = list(range(len(prompts) - n_val)), list(range(len(prompts) - n_val, len(prompts)))
+    eval_idx = list(range(len(prompts), len(seqs)))
+
+    head = TrainHead(cfg, max(len(s[0]) for s in seqs) + 1).to(device)
+    if args.init == "last-layer":
+        init_from_target(head, model)
+    metrics["before"] = {"val": evaluate(head, data, val_idx, lm_w, args.eval_depth, args.batch_tokens, device)}
+    print(f"[train_eagle] training on {len(train_idx)} sequences, validating on {len(val_idx)} + "
+          f"{len(eval_idx)} held-out prompts", flush=True)
+    metrics["train"] = train(head, data, train_idx, lm_w, args, device)
+    for name, idx in (("val", val_idx), ("eval_prompts", eval_idx)):
+        metrics[name] = evaluate(head, data, idx, lm_w, args.eval_depth, args.batch_tokens, device)
+        print(f"[train_eagle] {name}: {metrics[name]}", flush=True)
+
+    from safetensors.torch import save_file
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    save_file(head.hf_state_dict(torch.float16), args.out, metadata={"format": "pt", "kind": "eagle_head"})
+    metrics.update(data_sequences=len(seqs), data_tokens=n_tok, total_s=round(time.time() - t_start, 1),
+                   device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", out=args.out)
+    with open(args.metrics, "w") as f:
+        json.dump(metrics, f, indent=1)
+    print(f"[train_eagle] wrote {args.out} and {args.metrics} ({metrics['total_s']} s total)", flush=True)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
