@@ -256,9 +256,13 @@ class LLMEngine:
         try:
             if grammar:
                 fwd = self.runner.forward(sched, self.inflight)
-                done = self._complete(self.inflight)
-                self.inflight = None
-                return self.runner.sample(fwd), done
+                prev, self.inflight = self.inflight, None
+                result = self.runner.collect(prev)
+                advanced = self.output_processor.advance_grammars(prev.sched, result)
+                # the mask of step N fills on a worker thread while N-1's tokens are detokenized
+                fill = self._structured.start_fill(fwd.sampling_seqs) if self._structured.overlap else None
+                done = self._process(prev, result, advanced)
+                return self.runner.sample(fwd, fill), done
             return self.runner.launch(sched, self.inflight), done
         except BaseException:
             # The step's K/V may not have been written: roll the progress back so that an
@@ -268,10 +272,12 @@ class LLMEngine:
             raise
 
     def _complete(self, step: InFlightStep) -> list[RequestOutput]:
-        result = self.runner.collect(step)
+        return self._process(step, self.runner.collect(step))
+
+    def _process(self, step: InFlightStep, result, grammar=None) -> list[RequestOutput]:
         if result.spec_token_ids is not None and self.proposer is not None:
             self.proposer.record(step.sched, result)
-        outputs = self.output_processor.process(step.sched, result)
+        outputs = self.output_processor.process(step.sched, result, grammar)
         for out in outputs:
             if out.finished:
                 self._forget(self.requests[out.request_id])
