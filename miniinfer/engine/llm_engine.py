@@ -275,7 +275,7 @@ class LLMEngine:
         return self._process(step, self.runner.collect(step))
 
     def _process(self, step: InFlightStep, result, grammar=None) -> list[RequestOutput]:
-        if result.spec_token_ids is not None and self.proposer is not None:
+        if self.proposer is not None:
             self.proposer.record(step.sched, result)
         outputs = self.output_processor.process(step.sched, result, grammar)
         for out in outputs:

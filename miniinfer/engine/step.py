@@ -60,6 +60,9 @@ class ForwardOutput:
     # speculative verify: the logits rows of each sampling sequence (1 + its drafts); None:
     # one row per sampling sequence
     seq_rows: list[range] | None = None
+    # EAGLE: the final hidden states of every input token [T, H] (a CUDA graph's are static:
+    # valid until its next replay), when the runner keeps them
+    hidden: torch.Tensor | None = None
 
 
 @dataclass
@@ -73,6 +76,7 @@ class InFlightStep:
     sampler_output: "SamplerOutput | None"  # kept (device tensors) when some row wants logprobs
     num_tokens: torch.Tensor | None = None  # speculative verify: [B] committed tokens per sequence
     seq_rows: list[range] | None = None  # speculative verify: ForwardOutput.seq_rows
+    hidden: torch.Tensor | None = None  # ForwardOutput.hidden
 
 
 @dataclass
@@ -84,3 +88,4 @@ class StepResult:
     # recovered or bonus token) and the sampler_output row of the first of them
     spec_token_ids: list[list[int]] | None = None
     logits_rows: list[int] | None = None
+    hidden: torch.Tensor | None = None  # ForwardOutput.hidden

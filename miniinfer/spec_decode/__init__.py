@@ -17,6 +17,9 @@ def make_proposer(config: SpeculativeConfig, engine) -> Proposer:
     if config.method == "draft_model":
         from miniinfer.spec_decode.draft_model import DraftModelDrafter
         return DraftModelDrafter(config, engine)
+    if config.method == "eagle":
+        from miniinfer.spec_decode.eagle import EagleDrafter
+        return EagleDrafter(config, engine)
     raise ValueError(f"speculative_config.method {config.method!r} is not available yet")
 
 

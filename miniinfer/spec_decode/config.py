@@ -24,7 +24,7 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
     disable_by_batch_size: int | None = None
-    eagle_topk: int = 4
+    eagle_topk: int = 1  # branches per depth of an EAGLE-2 tree (1: a chain, what runs today)
     num_draft_tokens: int | None = None
 
     @classmethod
@@ -54,5 +54,8 @@ class SpeculativeConfig:
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
         if self.method == "draft_model" and not self.model:
             raise ValueError("speculative_config.model (the draft model's path) is required for draft_model")
+        if self.eagle_topk != 1:
+            raise ValueError("speculative_config.eagle_topk > 1 (EAGLE-2 dynamic trees) is not available yet; "
+                             "use 1 (a chain of drafts)")
         if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
             raise ValueError(f"speculative_config.disable_by_batch_size must be >= 1, got {self.disable_by_batch_size}")

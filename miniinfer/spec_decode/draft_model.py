@@ -90,6 +90,8 @@ class DraftModelDrafter(Proposer):
         """Also: the drafts the target accepted were fed to the draft model (all but the
         last): their draft K/V is valid too."""
         super().record(sched, result)
+        if result.spec_token_ids is None:
+            return
         committed = iter(result.spec_token_ids)
         for s in sched.scheduled:
             if not s.samples:

@@ -68,7 +68,9 @@ class Proposer:
         return max(k, 0)
 
     def record(self, sched: SchedulerOutput, result: StepResult) -> None:
-        """Count a verify step's drafts and accepted tokens."""
+        """Count a verify step's drafts and accepted tokens (called after every step)."""
+        if result.spec_token_ids is None:
+            return
         committed = iter(result.spec_token_ids)
         for s in sched.scheduled:
             if not s.samples:

@@ -51,12 +51,12 @@ class CUDAGraphs:
         self.prefill: dict[int, tuple[Callable, torch.Tensor]] = {}  # token bucket -> (replay, logits)
 
     def _capture(self, fn, pool):
-        """Capture ``fn`` (returning a tensor); returns (replay, output, pool)."""
+        """Capture ``fn`` (returning a tuple of tensors); returns (replay, outputs, pool)."""
         with torch.inference_mode():
             fn()  # eager run first: allocator and kernels warm
             if self.device.type != "cuda":
                 out = fn()
-                return (lambda: out.copy_(fn())), out, pool
+                return (lambda: [o.copy_(n) for o, n in zip(out, fn())]), out, pool
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
@@ -70,18 +70,19 @@ class CUDAGraphs:
 
             def decode(bs=bs, meta=meta):
                 with forward_context(meta):
-                    return model.compute_logits(model(self.input_ids[:bs], self.positions[:bs]))
-            replay, logits, pool = self._capture(decode, pool)
-            self.decode[bs] = (replay, logits)
+                    hidden = model(self.input_ids[:bs], self.positions[:bs])
+                    return model.compute_logits(hidden), hidden
+            replay, out, pool = self._capture(decode, pool)
+            self.decode[bs] = (replay, out)
         for t in reversed(self.prefill_tokens):
             meta = self.attn.capture_metadata("prefill", t)
 
             def prefill(t=t, meta=meta):
                 with forward_context(meta):
                     hidden = model(self.input_ids[:t], self.positions[:t])
-                    return model.compute_logits(hidden[self.logit_rows])
-            replay, logits, pool = self._capture(prefill, pool)
-            self.prefill[t] = (replay, logits)
+                    return model.compute_logits(hidden[self.logit_rows]), hidden
+            replay, out, pool = self._capture(prefill, pool)
+            self.prefill[t] = (replay, out)
         self.attn.reset()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -94,19 +95,22 @@ class CUDAGraphs:
     def prefill_bucket(self, num_tokens: int) -> int | None:
         return next((t for t in sorted(self.prefill) if t >= num_tokens), None)
 
-    def replay_decode(self, batch: InputBatch) -> torch.Tensor:
+    def replay_decode(self, batch: InputBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [n, V], hidden [n, H]); both are the graph's static outputs, valid until the
+        next replay."""
         n = batch.input_ids.shape[0]
         bs = next(b for b in sorted(self.decode) if b >= n)
-        replay, logits = self.decode[bs]
+        replay, (logits, hidden) = self.decode[bs]
         self._copy_tokens(batch, n)
         self.attn.prepare_replay("decode", bs, batch.attn_metadata)
         replay()
-        return logits[:n]
+        return logits[:n], hidden[:n]
 
-    def replay_prefill(self, batch: InputBatch) -> torch.Tensor:
+    def replay_prefill(self, batch: InputBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [rows, V], hidden [n, H]), static outputs as for ``replay_decode``."""
         n = batch.input_ids.shape[0]
         t = self.prefill_bucket(n)
-        replay, logits = self.prefill[t]
+        replay, (logits, hidden) = self.prefill[t]
         self._copy_tokens(batch, n)
         self.attn.prepare_replay("prefill", t, batch.attn_metadata)
         rows = batch.logits_indices.shape[0]
@@ -114,7 +118,7 @@ class CUDAGraphs:
         self.logit_rows[rows:].zero_()  # stale rows of a larger bucket could index past this one
         replay()
         self.attn.after_replay("prefill")
-        return logits[:rows]
+        return logits[:rows], hidden[:n]
 
     def _copy_tokens(self, batch: InputBatch, n: int) -> None:
         self.input_ids[:n].copy_(batch.input_ids)

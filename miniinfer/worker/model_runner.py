@@ -59,6 +59,8 @@ class ModelRunner:
         # Structured output's one hook: ``fill_bitmask(sampling_seqs) -> GrammarBitmask | None``,
         # called between the forward and the sampler (set by the engine when first needed).
         self.structured_output = None
+        # EAGLE drafting reads the target's final hidden states of every step's tokens
+        self.keep_hidden = False
         if self.device.type == "cuda" and cfg.warmup and not tp.enabled:
             self.warmup()
         if self.device.type == "cuda" and not cfg.enforce_eager and not tp.enabled:
@@ -138,18 +140,19 @@ class ModelRunner:
         n = len(sched.scheduled)
         graphs = self.cuda_graphs
         if graphs is not None and graphs.fits_decode(batch, n):
-            logits = graphs.replay_decode(batch)
+            logits, hidden = graphs.replay_decode(batch)
         elif (graphs is not None and n == 1 and batch.sampling_seqs
               and batch.logits_indices.shape[0] <= MAX_LOGIT_ROWS
               and graphs.prefill_bucket(batch.input_ids.shape[0]) is not None):
-            logits = graphs.replay_prefill(batch)
+            logits, hidden = graphs.replay_prefill(batch)
         else:
             with forward_context(batch.attn_metadata):
                 hidden = self.model(batch.input_ids, batch.positions)
             if not batch.sampling_seqs:
-                return ForwardOutput(sched, [], None)
+                return ForwardOutput(sched, [], None, hidden=hidden if self.keep_hidden else None)
             logits = self.model.compute_logits(hidden[batch.logits_indices])
-        return ForwardOutput(sched, batch.sampling_seqs, logits, batch.seq_rows)
+        return ForwardOutput(sched, batch.sampling_seqs, logits, batch.seq_rows,
+                             hidden if self.keep_hidden else None)
 
     @torch.inference_mode()
     def sample(self, fwd: ForwardOutput, grammar_fill=None) -> InFlightStep:
@@ -157,7 +160,7 @@ class ModelRunner:
         ``grammar_fill``: a future of this step's ``GrammarBitmask`` already being filled
         (``StructuredOutputManager.start_fill``); else the hook fills it here."""
         if fwd.logits is None:
-            return InFlightStep(fwd.sched, [], None, None, None, None)
+            return InFlightStep(fwd.sched, [], None, None, None, None, hidden=fwd.hidden)
         if fwd.seq_rows is not None:
             return self._verify(fwd)
         md = SamplingMetadata.build(fwd.sampling_seqs, fwd.logits.shape[-1], self.device, self.eos_token_ids,
@@ -180,7 +183,7 @@ class ModelRunner:
         else:
             host = out.token_ids
         return InFlightStep(fwd.sched, fwd.sampling_seqs, out.token_ids, host, event,
-                            out if md.want_logprobs else None)
+                            out if md.want_logprobs else None, hidden=fwd.hidden)
 
     def _verify(self, fwd: ForwardOutput) -> InFlightStep:
         """Speculative verify: every sampling sequence's rows (its last token and drafts)
@@ -204,7 +207,7 @@ class ModelRunner:
         out = rejection_sample(fwd.logits, md, draft_t, index_t, fwd.seq_rows,
                                [s.generator for s in fwd.sampling_seqs], self.cpu_generator)
         return InFlightStep(fwd.sched, fwd.sampling_seqs, out.token_ids, None, None, out.sampler_output,
-                            num_tokens=out.num_tokens, seq_rows=fwd.seq_rows)
+                            num_tokens=out.num_tokens, seq_rows=fwd.seq_rows, hidden=fwd.hidden)
 
     def launch(self, sched: SchedulerOutput, prev: InFlightStep | None) -> InFlightStep:
         """``forward`` then ``sample``: the whole step queued on the device."""
@@ -213,15 +216,15 @@ class ModelRunner:
     def collect(self, step: InFlightStep) -> StepResult:
         """Wait for a launched step's sampled ids (the step's only device-to-host sync)."""
         if step.token_ids is None:
-            return StepResult([], None)
+            return StepResult([], None, hidden=step.hidden)
         if step.num_tokens is not None:  # speculative verify (synchronous steps)
             rows, counts = step.token_ids.tolist(), step.num_tokens.tolist()
             committed = [r[:n] for r, n in zip(rows, counts)]
             return StepResult([c[0] for c in committed], step.sampler_output, committed,
-                              [r.start for r in step.seq_rows])
+                              [r.start for r in step.seq_rows], hidden=step.hidden)
         if step.event is not None:
             step.event.synchronize()
-        return StepResult(step.token_ids_host.tolist(), step.sampler_output)
+        return StepResult(step.token_ids_host.tolist(), step.sampler_output, hidden=step.hidden)
 
     def execute(self, sched: SchedulerOutput) -> StepResult:
         """Launch and wait: one synchronous step."""

@@ -1,5 +1,5 @@
 """Speculative decoding on the embedded SmolLM2 (fp32, real text): greedy output identical with
-each drafter on and off, at batch 1 and 8, under chunked prefill and preemption; a draft model
+each drafter (n-gram, draft model, the shipped EAGLE head) on and off, at batch 1 and 8, under chunked prefill and preemption; a draft model
 equal to the target accepts every draft; the cache stays consistent after rejected drafts;
 stops and max_tokens landing mid-draft; logprobs of accepted tokens."""
 from __future__ import annotations
@@ -47,6 +47,9 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
 DRAFT = {"method": "draft_model", "model": embedded_model_path(), "num_speculative_tokens": 3}
 
 
+EAGLE = {"method": "eagle", "num_speculative_tokens": 3}  # the head shipped for the embedded model
+
+
 @pytest.fixture(scope="module")
 def ngram_llm():
     return _spec(spec=NGRAM)
@@ -57,9 +60,9 @@ def draft_llm():
     return _spec(spec=DRAFT)
 
 
-@pytest.mark.parametrize("which", ["ngram", "draft"])
+@pytest.mark.parametrize("which", ["ngram", "draft", "eagle"])
 def test_greedy_identical_batch_1_and_8(which, ngram_llm, draft_llm, reference):
-    llm = ngram_llm if which == "ngram" else draft_llm
+    llm = {"ngram": ngram_llm, "draft": draft_llm}.get(which) or _spec(spec=EAGLE)
     prompts = _chat(llm)
     assert _ids(llm.generate(prompts, GREEDY, use_tqdm=False)) == reference  # batch 8
     one_by_one = [_ids(llm.generate([p], GREEDY, use_tqdm=False))[0] for p in prompts]
@@ -80,7 +83,7 @@ def test_draft_equal_to_target_accepts_everything(draft_llm):
     assert drafted > 50 and accepted == drafted
 
 
-@pytest.mark.parametrize("spec", [NGRAM, DRAFT], ids=["ngram", "draft"])
+@pytest.mark.parametrize("spec", [NGRAM, DRAFT, EAGLE], ids=["ngram", "draft", "eagle"])
 def test_chunked_prefill_and_preemption(spec, reference):
     # 12 blocks of 16 tokens for 8 sequences of ~40 + 32 tokens: preemption is certain;
     # a 64-token budget: the 77-token code prompt is prefilled in two chunks, drafts get trimmed
@@ -141,9 +144,15 @@ def test_sampling_and_n_choices_run_clean(ngram_llm):
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
     ({"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 2}, "prompt_lookup_min"),
     ({"method": "draft_model"}, "speculative_config.model"),
+    ({"method": "eagle", "eagle_topk": 4}, "eagle_topk"),
     ({"method": "ngram", "k": 3}, "unknown key"),
 ])
 def test_bad_config_is_a_clear_error(bad, match):
     from miniinfer.config import EngineConfig
     with pytest.raises(ValueError, match=match):
         EngineConfig(speculative_config=bad)
+
+
+def test_eagle_head_needs_a_file_for_other_models(tiny_model):
+    with pytest.raises(ValueError, match="EAGLE head file"):
+        LLM(tiny_model("llama")[0], dtype="float32", progress=False, speculative_config={"method": "eagle"})
