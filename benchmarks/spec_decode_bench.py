@@ -6,6 +6,8 @@ speculation off, in the same process.
 
 * embedded SmolLM2 (real weights), batch 1, greedy, 256 tokens, n-gram on code / repetitive
   chat prompts: ``ngram_bs1_speedup_<dev>`` (TPOT off ÷ on), ``ngram_mean_accepted_len``;
+  its EAGLE head on the 32 held-out chat prompts (benchmarks/eagle_eval_prompts.json):
+  ``eagle_bs1_speedup_<gpu|cpu>``, ``eagle_mean_accepted_len_<gpu|cpu>``;
 * Qwen2-7B dummy weights (GPU): ``verify_cost_ratio_<n>``: one verify forward + rejection
   sampler over n tokens (1 + n − 1 linear drafts) ÷ one plain decode step, both at a 512-token
   context (n ≤ 16 replay a prefill graph with 16 logits rows; larger n run eager);
@@ -82,6 +84,33 @@ def smollm2_ngram(device: str, max_tokens: int, k: int, quick: bool) -> dict:
             f"ngram_tokens_off_{device}": n_off, f"ngram_tokens_on_{device}": n_on}
 
 
+def smollm2_eagle(device: str, max_tokens: int, k: int, quick: bool, head: str | None = None) -> dict:
+    """The embedded SmolLM2 with its EAGLE head on the 32 held-out chat prompts, batch 1."""
+    import os
+    path = os.path.join(os.path.dirname(__file__), "eagle_eval_prompts.json")
+    with open(path) as f:
+        texts = json.load(f)["prompts"]
+    texts = texts[:4] if quick else texts
+    kw = dict(dtype="float32" if device == "cpu" else "bfloat16", device=device, max_model_len=2048, progress=False)
+    base = LLM(None, **kw)
+    prompts = [base.engine.apply_chat_template([{"role": "user", "content": p}]) for p in texts]
+    bs1_tpot(base, prompts[:1], 16, device)
+    off_ms, _ = bs1_tpot(base, prompts, max_tokens, device)
+    del base
+    spec = {"method": "eagle", "num_speculative_tokens": k, **({"model": head} if head else {})}
+    llm = LLM(None, speculative_config=spec, **kw)
+    bs1_tpot(llm, prompts[:1], 16, device)
+    s0 = llm.engine.stats()
+    on_ms, _ = bs1_tpot(llm, prompts, max_tokens, device)
+    s1 = llm.engine.stats()
+    drafts = s1["spec_num_drafts"] - s0["spec_num_drafts"]
+    acc = s1["spec_num_accepted_tokens"] - s0["spec_num_accepted_tokens"]
+    tag = "gpu" if device == "cuda" else "cpu"
+    return {f"eagle_bs1_tpot_ms_off_{tag}": off_ms, f"eagle_bs1_tpot_ms_on_{tag}": on_ms,
+            f"eagle_bs1_speedup_{tag}": off_ms / on_ms, f"eagle_mean_accepted_len_{tag}": 1 + acc / max(drafts, 1),
+            f"eagle_acceptance_rate_{tag}": acc / max(s1["spec_num_draft_tokens"] - s0["spec_num_draft_tokens"], 1)}
+
+
 def _time_cuda(fn, reps: int) -> float:
     for _ in range(3):
         fn()
@@ -148,11 +177,16 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--qwen7b", default=None, help="Qwen2-7B config folder (GPU parts)")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: smollm2,verify")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: smollm2,eagle,verify")
+    ap.add_argument("--eagle-head", default=None, help="EAGLE head file (default: the shipped one)")
+    ap.add_argument("--eagle-k", type=int, default=3)
     a = ap.parse_args()
     skip = set(a.skip.split(","))
     metrics = {} if "smollm2" in skip else smollm2_ngram(a.device, a.max_tokens, a.k, a.quick)
     print(json.dumps(metrics), flush=True)
+    if "eagle" not in skip:
+        metrics.update(smollm2_eagle(a.device, a.max_tokens, a.eagle_k, a.quick, a.eagle_head))
+        print(json.dumps(metrics), flush=True)
     if a.qwen7b and a.device == "cuda":
         # two engines side by side: an explicit cache size each (32k tokens, ~1.8 GB)
         kw = dict(load_format="dummy", dtype="bfloat16", max_model_len=4096, num_kv_blocks=2048, progress=False)

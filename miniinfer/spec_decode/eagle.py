@@ -72,13 +72,41 @@ class EagleDrafter(Proposer):
         self.target = runner.model
         self.head = EagleHead(engine.model_config, runner.backend, engine.max_model_len, runner.device,
                               runner.dtype)
-        self.head.load(config.model or default_head_path(engine))
+        path = config.model or default_head_path(engine)
+        self.head.load(path)
+        self._draft_vocab(path, engine)
         self.head.allocate_kv_cache(engine.kv.num_blocks, engine.kv.block_size)
         self.kv = engine.kv
         self.block_size = engine.kv.block_size
         self.staging = PinnedStaging(runner.device)
         self.hidden_size = engine.model_config.hidden_size
         runner.keep_hidden = True
+
+    def _draft_vocab(self, path: str, engine) -> None:
+        """Frequency-ranked drafting (Zhao et al., "FR-Spec", 2025): the head's logits over the
+        most frequent tokens only (``draft_vocab`` in the head's JSON sidecar, plus the stop
+        tokens), so a draft step reads a slice of the LM head. Without the list: all tokens."""
+        import json
+        self.vocab_ids = self.vocab_w = None
+        sidecar = path.removesuffix(".safetensors") + ".json"
+        if not os.path.isfile(sidecar):
+            return
+        with open(sidecar) as f:
+            ids = json.load(f).get("draft_vocab")
+        if not ids:
+            return
+        lm = self.target.lm_head
+        weight = self.target.embed_tokens.weight if lm is None else getattr(lm, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or self.target.tp.enabled:
+            return  # a quantized untied head: full logits
+        ids = sorted(set(ids) | set(engine.eos_token_ids))
+        self.vocab_ids = torch.tensor(ids, dtype=torch.int64, device=weight.device)
+        self.vocab_w = weight[self.vocab_ids].to(self.head.dtype).contiguous()  # [Vd, H]
+
+    def _argmax(self, h: torch.Tensor) -> list[int]:
+        if self.vocab_w is None:
+            return self.target.compute_logits(h).argmax(-1).tolist()
+        return self.vocab_ids[(h.to(self.vocab_w.dtype) @ self.vocab_w.t()).argmax(-1)].tolist()
 
     # --- features from the target ------------------------------------------------------
     def record(self, sched: SchedulerOutput, result: StepResult) -> None:
@@ -164,4 +192,4 @@ class EagleDrafter(Proposer):
         with forward_context(batch.attn_metadata):
             h = self.head(self.target.embed(batch.input_ids), features, batch.positions)
         last = h[batch.logits_indices]
-        return self.target.compute_logits(last).argmax(-1).tolist(), last
+        return self._argmax(last), last

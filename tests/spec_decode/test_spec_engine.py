@@ -156,3 +156,21 @@ def test_bad_config_is_a_clear_error(bad, match):
 def test_eagle_head_needs_a_file_for_other_models(tiny_model):
     with pytest.raises(ValueError, match="EAGLE head file"):
         LLM(tiny_model("llama")[0], dtype="float32", progress=False, speculative_config={"method": "eagle"})
+
+
+def test_eagle_with_a_draft_vocabulary(tmp_path, reference):
+    """FR-Spec: the head drafts over a token subset listed beside its file; still lossless."""
+    import json
+    import shutil
+
+    from miniinfer.spec_decode.eagle import EMBEDDED_HEAD
+    head = tmp_path / "head.safetensors"
+    shutil.copy(EMBEDDED_HEAD, head)
+    vocab = sorted({t for ids in reference for t in ids} | set(range(4096)))
+    (tmp_path / "head.json").write_text(json.dumps({"draft_vocab": vocab}))
+    llm = _spec(spec={"method": "eagle", "num_speculative_tokens": 3, "model": str(head)})
+    drafter = llm.engine.proposer
+    assert drafter.vocab_w is not None and drafter.vocab_w.shape[0] == len(vocab)
+    assert _ids(llm.generate(_chat(llm), GREEDY, use_tqdm=False)) == reference
+    assert llm.engine.stats()["spec_num_accepted_tokens"] > 0
+    check_clean(llm)
