@@ -81,6 +81,9 @@ class EagleDrafter(Proposer):
         self.staging = PinnedStaging(runner.device)
         self.hidden_size = engine.model_config.hidden_size
         runner.keep_hidden = True
+        self.graphs = None
+        if runner.device.type == "cuda" and not engine.config.enforce_eager:
+            self.capture_cuda_graphs(engine)
 
     def _draft_vocab(self, path: str, engine) -> None:
         """Frequency-ranked drafting (Zhao et al., "FR-Spec", 2025): the head's logits over the
@@ -185,11 +188,47 @@ class EagleDrafter(Proposer):
                 x[lo + 1 - start:hi + 1 - start] = kept[lo - st.feat_start:hi - st.feat_start]
         return x
 
+    def capture_cuda_graphs(self, engine) -> None:
+        """Graphs of the head steps (the target's two families, ``worker/cuda_graphs.py``): B
+        sequences × 1 token for the draft steps, one sequence's catch-up of up to 2048 tokens."""
+        from miniinfer.worker.cuda_graphs import CUDAGraphs
+        self._graph_model = _GraphedHead(self, max(engine.config.max_num_seqs, 2048))
+        self.graphs = CUDAGraphs(self._graph_model, self.head.backend, engine.config.max_num_seqs,
+                                 engine.max_model_len, self.block_size, self.head.device)
+        self.graphs.capture()
+
     def _head_step(self, sched: SchedulerOutput, features: torch.Tensor) -> tuple[list[int], torch.Tensor]:
         """One head forward over ``sched`` (rows in its order); returns the greedy draft of each
         sequence's last row and the head's outputs of those rows [B, H]."""
         batch, _, _ = prepare_inputs(sched, self.block_size, self.staging)
-        with forward_context(batch.attn_metadata):
-            h = self.head(self.target.embed(batch.input_ids), features, batch.positions)
+        g, n = self.graphs, len(sched.scheduled)
+        if g is not None and (g.fits_decode(batch, n) or (n == 1 and g.prefill_bucket(batch.input_ids.shape[0]))):
+            self._graph_model.features[:features.shape[0]].copy_(features)
+            if g.fits_decode(batch, n):
+                _, h = g.replay_decode(batch)
+            else:
+                _, h = g.replay_prefill(batch)
+        else:
+            with forward_context(batch.attn_metadata):
+                h = self.head(self.target.embed(batch.input_ids), features, batch.positions)
         last = h[batch.logits_indices]
         return self._argmax(last), last
+
+
+class _GraphedHead(torch.nn.Module):
+    """The head as ``CUDAGraphs`` wants a model: ``forward(input_ids, positions)``, the features
+    in a static buffer filled before each replay, and ``compute_logits`` (not used: the
+    drafter takes the argmax over its draft vocabulary from the returned hidden states)."""
+
+    def __init__(self, drafter: EagleDrafter, max_tokens: int):
+        super().__init__()
+        self.drafter = drafter
+        self.features = torch.zeros(max_tokens, drafter.hidden_size, dtype=drafter.head.dtype,
+                                    device=drafter.head.device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        d = self.drafter
+        return d.head(d.target.embed(input_ids), self.features[:input_ids.shape[0]], positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden[:, :1]

@@ -174,3 +174,32 @@ def test_eagle_with_a_draft_vocabulary(tmp_path, reference):
     assert _ids(llm.generate(_chat(llm), GREEDY, use_tqdm=False)) == reference
     assert llm.engine.stats()["spec_num_accepted_tokens"] > 0
     check_clean(llm)
+
+
+def test_eagle_head_graph_paths_match(reference):
+    """The head's CUDA-graph paths (CPU stand-in graphs: same static buffers and padding):
+    draft steps replay decode graphs, single-sequence catch-ups replay prefill graphs."""
+    llm = _spec(spec=EAGLE, max_num_seqs=8)
+    drafter = llm.engine.proposer
+    drafter.capture_cuda_graphs(llm.engine)
+    used = {"decode": 0, "prefill": 0}
+    for name in ("decode", "prefill"):
+        orig = getattr(drafter.graphs, f"replay_{name}")
+
+        def counted(batch, _orig=orig, _name=name):
+            used[_name] += 1
+            return _orig(batch)
+        setattr(drafter.graphs, f"replay_{name}", counted)
+    prompts = _chat(llm)
+    eager = _spec(spec=EAGLE, max_num_seqs=8)
+    for run in (lambda m: m.generate(prompts, GREEDY, use_tqdm=False),
+                lambda m: [m.generate([p], GREEDY, use_tqdm=False)[0] for p in prompts[:2]]):
+        got = _ids(run(llm))
+        assert got == reference[:len(got)]
+        _ids(run(eager))
+    assert used["decode"] > 0 and used["prefill"] > 0
+    s, e = llm.engine.stats(), eager.engine.stats()
+    assert s["spec_num_accepted_tokens"] > 0
+    assert (s["spec_num_draft_tokens"], s["spec_num_accepted_tokens"]) == \
+        (e["spec_num_draft_tokens"], e["spec_num_accepted_tokens"])  # the same drafts
+    check_clean(llm)
