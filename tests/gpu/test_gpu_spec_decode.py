@@ -1,5 +1,5 @@
 """Speculative decoding on the GPU: the embedded SmolLM2 in fp32, greedy, is token-identical
-with n-gram and draft-model speculation on and off, at batch 1 (a verify replays a prefill
+with n-gram, draft-model and EAGLE (the shipped head, its steps in CUDA graphs) speculation on and off, at batch 1 (a verify replays a prefill
 CUDA graph with several logits rows) and batch 8 (eager verify), and leaves the cache clean."""
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def test_greedy_identical_with_speculation_fp32():
     want = [o.outputs[0].token_ids for o in base.generate(prompts, greedy, use_tqdm=False)]
     del base
     for spec in ({"method": "ngram", "num_speculative_tokens": 5},
-                 {"method": "draft_model", "model": embedded_model_path(), "num_speculative_tokens": 3}):
+                 {"method": "draft_model", "model": embedded_model_path(), "num_speculative_tokens": 3},
+                 {"method": "eagle", "num_speculative_tokens": 3}):
         llm = LLM(None, speculative_config=spec, **kw)
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)] == want, spec
         alone = [llm.generate([p], greedy, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
