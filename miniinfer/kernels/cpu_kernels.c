@@ -1,5 +1,7 @@
 // MiniInfer's CPU kernels, built at run time by cpu_kernels.py and called through ctypes:
 //   q4_1_gemm               Y[M, N] = X[M, K] @ W[N, K]^T, W in GGUF's Q4_1 kept 4-bit, fp32 X, Y
+//   q4_1_gemm_int8          the same with X quantized to int8 per row and 32-block (as llama.cpp's
+//                           Q8_1) and integer dot products: AVX-512 VNNI, or AVX2 vpmaddubsw
 //   q8_0_gemm               the same for GGUF's Q8_0 (w = d * q, q int8; e.g. a tied LM head)
 //   paged_decode_attention  one query token per sequence against its paged fp32 K/V cache
 //   rms_norm, silu_and_mul  a decoder layer's element-wise ops (fp32), one call each
@@ -54,6 +56,7 @@
 #define RECORD_Q4_1 320  // bytes per Q4_1 record: 16 d, 16 m (fp16), 16 x 16 nibble bytes
 #define RECORD_Q8_0 544  // bytes per Q8_0 record: 16 d (fp16), 16 x 32 int8
 #define CHUNK_M 96       // activation rows kept hot in cache per pass over the weights
+#define CHUNK_M_Q8 256   // the same for int8 activation rows (K bytes each)
 #define MAX_HEAD_DIM 128
 
 #define INLINE static inline __attribute__((always_inline))
@@ -141,14 +144,27 @@ int miniinfer_cpu_isas(void) {
     return mask;
 }
 
+typedef void (*GemmQ8)(const uint8_t*, const int8_t*, const float*, const float*, float*, int, int, int);
+
 static int active_isa = 0;
 static const Kernels* active = &kernel_table[0];
+static GemmQ8 active_q8 = 0;  // Q4_1 x int8 activations of the active path (none: portable)
+
+#if MI_X86
+static int cpu_has_avx512_vnni(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+}
+#endif
 
 // Use ISA `isa` from now on; returns it, or -1 (and changes nothing) where this CPU can't.
 int miniinfer_set_isa(int isa) {
     if (isa < 0 || isa > 2 || !(miniinfer_cpu_isas() >> isa & 1)) return -1;
     active = &kernel_table[isa];
     active_isa = isa;
+#if MI_X86
+    active_q8 = isa == 2 && cpu_has_avx512_vnni() ? gemm_q8_avx512 : isa >= 1 ? gemm_q8_avx2 : 0;
+#endif
     return isa;
 }
 
@@ -164,6 +180,58 @@ void q4_1_gemm(const uint8_t* packed, const float* X, float* Y, int M, int N, in
     if (!xsum) return;  // (M * K / 32 floats: never large; Y is left as allocated)
     active->gemm(packed, X, xsum, Y, M, N, K, 0);
     free(xsum);
+}
+
+// X [rows, K] -> int8 per 32-block (Q8_1 as llama.cpp): xq = round(x / xd), xd = max|x| / 127,
+// xs = xd * sum(xq) (the sum of the values the products see: the result is then exactly a GEMM
+// of the dequantized weights and dequantized activations, up to fp32 summation order).
+static void quantize_q8(const float* X, int8_t* xq, float* xd, float* xs, size_t blocks) {
+    for (size_t j = 0; j < blocks; j++) {
+        const float* x = X + 32 * j;
+        float amax = 0.0f;
+        for (int i = 0; i < 32; i++) {
+            const float a = fabsf(x[i]);
+            amax = a > amax ? a : amax;
+        }
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int sum = 0;
+        for (int i = 0; i < 32; i++) {
+            const float r = (x[i] * inv + 12582912.0f) - 12582912.0f;  // round to nearest (|.| <= 127)
+            const int q = (int)r;
+            xq[32 * j + i] = (int8_t)q;
+            sum += q;
+        }
+        xd[j] = amax / 127.0f;
+        xs[j] = xd[j] * (float)sum;
+    }
+}
+
+// Q4_1 x int8 activations where the active path has it (avx512: VNNI, else the AVX2 code;
+// avx2: AVX2): returns 0; on the portable path it runs q4_1_gemm (fp32) and returns 1.
+int q4_1_gemm_int8(const uint8_t* packed, const float* X, float* Y, int M, int N, int K) {
+    if (!active_q8) {
+        q4_1_gemm(packed, X, Y, M, N, K);
+        return 1;
+    }
+    const size_t blocks = (size_t)M * (K / 32);
+    void* scratch = malloc(blocks * (32 + 2 * sizeof(float)));
+    if (!scratch) return 2;  // (M * K * 1.25 bytes: never large; Y is left as allocated)
+    float* xd = (float*)scratch;
+    float* xs = xd + blocks;
+    int8_t* xq = (int8_t*)(xs + blocks);
+    quantize_q8(X, xq, xd, xs, blocks);
+    active_q8(packed, xq, xd, xs, Y, M, N, K);
+    free(scratch);
+    return 0;
+}
+
+// Which int8 kernel q4_1_gemm_int8 runs now: 0 none (fp32), 1 AVX2 (vpmaddubsw), 2 AVX-512 VNNI.
+int miniinfer_int8_kernel(void) {
+#if MI_X86
+    return active_q8 == gemm_q8_avx512 ? 2 : active_q8 == gemm_q8_avx2 ? 1 : 0;
+#else
+    return 0;
+#endif
 }
 
 void q8_0_gemm(const uint8_t* packed, const float* X, float* Y, int M, int N, int K) {
@@ -278,6 +346,57 @@ INLINE void F(tile)(const uint8_t* rec, const float* X, const float* xsum, float
     }
     for (int i = 0; i < mr; i++) _mm512_storeu_ps(Y + (size_t)(m0 + i) * N + n0, acc[i]);
 }
+
+// ---- Q4_1 x int8 activations (q4_1_gemm_int8), VNNI: X quantized per row and 32-block to
+// int8 (xq, scale xd, xs = xd * sum of the block's xq). In a record's 64-byte group h, lane l
+// masked with 0x0f holds row l's weights 4h..4h+3 as bytes, shifted down 4 its weights
+// 4h+16..4h+19: one vpdpbusd against the broadcast int8 word h (x[4h..4h+3]), resp. word
+// 4 + h, adds 4 exact products per row. Per row and block the integer sum is scaled once:
+// y += d * xd * sum(q * xq) + m * xs.
+#define Q8_TILE_M 8
+#define TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
+
+TARGET_VNNI INLINE __m512i F(x_word)(const int8_t* p) {  // 4 int8 at p, broadcast to 16 lanes
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return _mm512_set1_epi32(v);
+}
+
+TARGET_VNNI INLINE void F(q8_tile)(const uint8_t* rec, const int8_t* xq, const float* xd, const float* xs,
+                                   float* Y, int N, int K, int n0, int m0, const int mr) {
+    const int nb = K / 32;
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    __m512 acc[Q8_TILE_M];
+    for (int i = 0; i < mr; i++) acc[i] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++, rec += RECORD_Q4_1) {
+        __m512i w[8];  // w[t]: the weights that multiply x word t of the block
+#pragma GCC unroll 4
+        for (int h = 0; h < 4; h++) {
+            const __m512i p = _mm512_loadu_si512(rec + 64 + 64 * h);
+            w[h] = _mm512_and_si512(p, low);
+            w[4 + h] = _mm512_and_si512(_mm512_srli_epi32(p, 4), low);
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)rec));
+        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(rec + 32)));
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++) {
+            const int8_t* x = xq + (size_t)(m0 + i) * K + 32 * b;
+            __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], F(x_word)(x));
+            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4], F(x_word)(x + 16));
+#pragma GCC unroll 3
+            for (int t = 1; t < 4; t++) {
+                s0 = _mm512_dpbusd_epi32(s0, w[t], F(x_word)(x + 4 * t));
+                s1 = _mm512_dpbusd_epi32(s1, w[4 + t], F(x_word)(x + 16 + 4 * t));
+            }
+            const size_t j = (size_t)(m0 + i) * nb + b;
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)),
+                                     _mm512_mul_ps(d, _mm512_set1_ps(xd[j])), acc[i]);
+            acc[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[j]), acc[i]);
+        }
+    }
+    for (int i = 0; i < mr; i++) _mm512_storeu_ps(Y + (size_t)(m0 + i) * N + n0, acc[i]);
+}
+#define Q8_TARGET TARGET_VNNI
 
 INLINE void F(block_sums)(const float* X, float* xsum, int n) {  // xsum[j] = sum of X[32j, 32j + 32)
     for (int j = 0; j < n; j++) {
@@ -520,6 +639,56 @@ INLINE void F(tile)(const uint8_t* rec, const float* X, const float* xsum, float
                 const __m256 xs = _mm256_broadcast_ss(xsum + (size_t)(m0 + i) * nb + b);
                 acc[i][0] = _mm256_fmadd_ps(m0v, xs, acc[i][0]);
                 acc[i][1] = _mm256_fmadd_ps(m1v, xs, acc[i][1]);
+            }
+        }
+    }
+    for (int i = 0; i < mr; i++) {
+        _mm256_storeu_ps(Y + (size_t)(m0 + i) * N + n0, acc[i][0]);
+        _mm256_storeu_ps(Y + (size_t)(m0 + i) * N + n0 + 8, acc[i][1]);
+    }
+}
+
+// ---- Q4_1 x int8 activations (q4_1_gemm_int8; also the avx512 path's where the CPU lacks
+// AVX-512 VNNI): as the VNNI version, per 8-row half of a record; vpmaddubsw multiplies the
+// unsigned nibbles by the int8 x word's bytes and adds pairs (|.| <= 2 * 15 * 127), the 8
+// words' results add up in int16 (|.| <= 30480: no overflow), vpmaddwd by 1 makes them int32.
+#define Q8_TILE_M 4
+#define Q8_TARGET
+
+INLINE __m256i F(x_word)(const int8_t* p) {  // 4 int8 at p, broadcast to 8 lanes
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return _mm256_set1_epi32(v);
+}
+
+INLINE void F(q8_tile)(const uint8_t* rec, const int8_t* xq, const float* xd, const float* xs,
+                       float* Y, int N, int K, int n0, int m0, const int mr) {
+    const int nb = K / 32;
+    const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    __m256 acc[Q8_TILE_M][2];
+    for (int i = 0; i < mr; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++, rec += RECORD_Q4_1) {
+#pragma GCC unroll 2
+        for (int half = 0; half < 2; half++) {
+            __m256i s[Q8_TILE_M];
+#pragma GCC unroll 8
+            for (int t = 0; t < 8; t++) {  // x word t: low nibbles of group t, high of group t - 4
+                const __m256i p = _mm256_loadu_si256((const __m256i*)(rec + 64 + 64 * (t & 3) + 32 * half));
+                const __m256i w = t < 4 ? _mm256_and_si256(p, low) : _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
+#pragma GCC unroll 4
+                for (int i = 0; i < mr; i++) {
+                    const __m256i prod = _mm256_maddubs_epi16(w, F(x_word)(xq + (size_t)(m0 + i) * K + 32 * b + 4 * t));
+                    s[i] = t ? _mm256_add_epi16(s[i], prod) : prod;
+                }
+            }
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(rec + 16 * half)));
+            const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(rec + 32 + 16 * half)));
+#pragma GCC unroll 4
+            for (int i = 0; i < mr; i++) {
+                const size_t j = (size_t)(m0 + i) * nb + b;
+                const __m256 q = _mm256_cvtepi32_ps(_mm256_madd_epi16(s[i], ones));
+                acc[i][half] = _mm256_fmadd_ps(q, _mm256_mul_ps(d, _mm256_set1_ps(xd[j])), acc[i][half]);
+                acc[i][half] = _mm256_fmadd_ps(m, _mm256_set1_ps(xs[j]), acc[i][half]);
             }
         }
     }
@@ -855,6 +1024,36 @@ static void F(gemm)(const uint8_t* packed, const float* X, float* xsum, float* Y
 #endif
 }
 
+#ifdef Q8_TILE_M
+// Q4_1 weights x int8 activations (quantized by the caller, see quantize_q8): Y [M, N].
+Q8_TARGET static void F(gemm_q8)(const uint8_t* packed, const int8_t* xq, const float* xd, const float* xs,
+                                 float* Y, int M, int N, int K) {
+    const int nb = K / 32, groups = N / ROWS;
+#pragma omp parallel
+    for (int mc = 0; mc < M; mc += CHUNK_M_Q8) {
+        const int me = mc + CHUNK_M_Q8 < M ? mc + CHUNK_M_Q8 : M;
+#pragma omp for schedule(static)
+        for (int g = 0; g < groups; g++) {
+            const uint8_t* rec = packed + (size_t)g * nb * RECORD_Q4_1;
+            int m = mc;
+            for (; m + Q8_TILE_M <= me; m += Q8_TILE_M) F(q8_tile)(rec, xq, xd, xs, Y, N, K, g * ROWS, m, Q8_TILE_M);
+            switch (me - m) {  // constant mr per call
+#if Q8_TILE_M > 4
+                case 7: F(q8_tile)(rec, xq, xd, xs, Y, N, K, g * ROWS, m, 7); break;
+                case 6: F(q8_tile)(rec, xq, xd, xs, Y, N, K, g * ROWS, m, 6); break;
+                case 5: F(q8_tile)(rec, xq, xd, xs, Y, N, K, g * ROWS, m, 5); break;
+                case 4: F(q8_tile)(rec, xq, xd, xs, Y, N, K, g * ROWS, m, 4); break;
+#endif
+                case 3: F(q8_tile)(rec, xq, xd, xs, Y, N, K, g * ROWS, m, 3); break;
+                case 2: F(q8_tile)(rec, xq, xd, xs, Y, N, K, g * ROWS, m, 2); break;
+                case 1: F(q8_tile)(rec, xq, xd, xs, Y, N, K, g * ROWS, m, 1); break;
+                default: break;
+            }
+        }
+    }
+}
+#endif
+
 // Decode attention over the paged cache: q [B, H, D], caches [blocks, block_size, Hkv, D],
 // block_tables [B, bt_stride], seq_lens [B] (tokens to attend, including the new one, whose
 // K/V are already stored), out [B, H, D]; scores: scratch of B * H * max_len floats.
@@ -938,6 +1137,9 @@ static void F(store_kv)(const float* k, long k_stride, const float* v, long v_st
 
 #undef TILE_M
 #undef PRESCALE_X
+#undef Q8_TILE_M
+#undef Q8_TARGET
+#undef TARGET_VNNI
 #undef ATTEND_TASK_CASES
 #undef ATTEND_VECTORS
 #undef F

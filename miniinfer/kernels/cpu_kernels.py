@@ -108,6 +108,8 @@ def _library() -> ctypes.CDLL | None:
     lib.q4_1_gemm.restype = None
     lib.q8_0_gemm.argtypes = [p, p, p, i, i, i]
     lib.q8_0_gemm.restype = None
+    lib.q4_1_gemm_int8.argtypes = [p, p, p, i, i, i]
+    lib.q4_1_gemm_int8.restype = i
     lib.paged_decode_attention.argtypes = [p, p, p, p, i, p, p, i, i, i, i, i, i, ctypes.c_float, i]
     lib.paged_decode_attention.restype = i
     lib.rms_norm.argtypes = [p, p, p, p, i, i, ctypes.c_float]
@@ -119,7 +121,7 @@ def _library() -> ctypes.CDLL | None:
     lib.rope_neox.restype = i
     lib.store_kv.argtypes = [p, lg, p, lg, p, p, p, i, i, lg]
     lib.store_kv.restype = i
-    for name in ("miniinfer_cpu_isas", "miniinfer_isa"):
+    for name in ("miniinfer_cpu_isas", "miniinfer_isa", "miniinfer_int8_kernel"):
         getattr(lib, name).argtypes, getattr(lib, name).restype = [], i
     lib.miniinfer_set_isa.argtypes, lib.miniinfer_set_isa.restype = [i], i
     supported = _supported(lib)
@@ -222,9 +224,19 @@ def dequantize(blocks: torch.Tensor, in_features: int, fmt: str = "Q4_1") -> tor
     return torch.from_numpy((d * q + m).reshape(n, in_features))
 
 
+def int8_kernel() -> str | None:
+    """The Q4_1 x int8-activation kernel that ``gemm(..., int8=True)`` runs on the active path:
+    ``"avx512-vnni"``, ``"avx2"`` (also the avx512 path's on CPUs without AVX-512 VNNI) or None
+    (portable path, or no kernels: fp32 activations)."""
+    lib = _library()
+    return None if lib is None else (None, "avx2", "avx512-vnni")[lib.miniinfer_int8_kernel()]
+
+
 def gemm(x: torch.Tensor, packed: torch.Tensor, out_features: int, in_features: int,
-         fmt: str = "Q4_1") -> torch.Tensor:
-    """``x [M, K] fp32 @ W.T`` for a weight packed by :func:`repack`."""
+         fmt: str = "Q4_1", int8: bool = False) -> torch.Tensor:
+    """``x [M, K] fp32 @ W.T`` for a weight packed by :func:`repack`. ``int8`` (Q4_1 only):
+    quantize x per row and 32-block to int8 (scale max|x| / 127, as llama.cpp's Q8_1) and
+    multiply with integer dot products (:func:`int8_kernel`; the portable path stays fp32)."""
     lib = _library()
     if lib is None:
         raise RuntimeError("the CPU kernels are not available on this machine")
@@ -235,7 +247,10 @@ def gemm(x: torch.Tensor, packed: torch.Tensor, out_features: int, in_features: 
     y = torch.empty(m, out_features, dtype=torch.float32)
     if m == 0:
         return y
-    if fmt == "Q4_1":
+    if fmt == "Q4_1" and int8:
+        if lib.q4_1_gemm_int8(packed.data_ptr(), x.data_ptr(), y.data_ptr(), m, out_features, in_features) == 2:
+            raise MemoryError("q4_1_gemm_int8: out of memory")
+    elif fmt == "Q4_1":
         lib.q4_1_gemm(packed.data_ptr(), x.data_ptr(), y.data_ptr(), m, out_features, in_features)
     elif fmt == "Q8_0":
         lib.q8_0_gemm(packed.data_ptr(), x.data_ptr(), y.data_ptr(), m, out_features, in_features)

@@ -135,6 +135,9 @@ def build_model(source: ModelSource, model_config: ModelConfig, backend: Attenti
                                              quantized_rows=quantized))
         if quantized:
             model.use_quantized_weights(quantized)
+            if cfg.cpu_int8_activations:
+                from miniinfer.models.packed_linear import use_int8_activations
+                use_int8_activations(model)
     else:
         model.load_weights(iter_safetensors(source.weights_path, progress))
     if cfg.cpu_packed_weights and packing_available(device, dtype):
