@@ -6,12 +6,16 @@ EAGLE-2 (2024). The head (``miniinfer/spec_decode/eagle_head.py`` runs it in the
 ``concat([embed(x_p), f_{p-1}])`` through ``fc`` + one Llama decoder layer + RMSNorm to
 ``h_p ≈ f_p``, where ``f_p`` is the target's post-norm final hidden state.
 
-Pipeline (one H200: about 3-4 minutes end to end; ``--quick`` runs a tiny version on CPU):
+Pipeline (one H200: about 4 minutes end to end; ``--quick`` runs a tiny version on CPU):
 
-1. prompts: ``--num-prompts`` chat prompts from templates × topics (explanations, how-tos, lists,
-   stories, emails, code in several languages, math word problems, rewriting, translation,
-   Q&A ...), deterministic in ``--seed``; plus the held-out ``benchmarks/eagle_eval_prompts.json``
-   (other templates and topics), used only for evaluation;
+1. prompts: ``--num-prompts`` chats from a ``--mix`` of sources (``benchmarks/eagle_prompts.py``):
+   user prompts the target itself writes in a first generation pass (temperature 0.9, few-shot
+   writer instructions over a large topic pool, cleaned and deduplicated), real text of local files
+   (stdlib / site-packages / repo docs, docstrings and functions wrapped in "Summarize this:",
+   "Explain this code:" ...), the original templates × topics, and two-turn chats built on the
+   target's own first answers; a few with a system prompt. Nothing near a prompt of the held-out
+   ``benchmarks/eagle_eval_prompts.json`` (used only for evaluation) is kept; a random
+   ``--val-frac`` of the training prompts is held out too (per-source numbers in the metrics);
 2. responses from our engine (the embedded SmolLM2), half greedy, half temperature 0.7;
 3. features ``f_p`` of every position of prompt + response, from our engine's own model through
    the paged path (exactly what the drafter sees at inference; ``--check-features`` compares
@@ -45,92 +49,95 @@ from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)  # eagle_prompts
 EVAL_PROMPTS = os.path.join(HERE, "eagle_eval_prompts.json")
 
-# --- 1. prompts -------------------------------------------------------------------------------
-TOPICS = [
-    "photosynthesis", "black holes", "the water cycle", "volcanoes", "the immune system", "blockchain",
-    "machine learning", "the French Revolution", "climate change", "plate tectonics", "supply and demand",
-    "the Roman Empire", "quantum computing", "vaccines", "renewable energy", "the printing press",
-    "coral reefs", "the stock market", "DNA replication", "electric circuits", "the Silk Road",
-    "honeybees", "earthquakes", "the Internet", "compound interest", "rainforests", "the Renaissance",
-    "gravity", "recycling", "public libraries", "jazz music", "chess openings", "solar panels",
-    "the human heart", "glaciers", "ancient Egypt", "social media", "nutrition", "origami",
-    "space exploration", "tides", "antibiotics", "democracy", "the Olympic Games", "coffee",
-    "mushrooms", "lighthouses", "volunteering", "urban gardening", "time zones", "penguins",
-    "the metric system", "tea ceremonies", "bicycles", "rainbows", "meditation", "wind turbines",
-    "the Great Wall of China", "submarines", "bird migration",
-]
-PEOPLE = ["a student", "a nurse", "a farmer", "a pilot", "a librarian", "a chef", "an engineer",
-          "a musician", "a shopkeeper", "a scientist", "a painter", "a sailor"]
-LANGS = ["Python", "C", "Java", "Go", "C++", "TypeScript", "Ruby", "Haskell", "Kotlin", "Lua"]
-CODE_TASKS = ["reverses a linked list", "computes the nth Fibonacci number", "merges two sorted lists",
-              "counts word frequencies in a text", "finds the largest element of an array",
-              "checks whether a number is prime", "implements binary search", "flattens a nested list",
-              "removes duplicates from a list", "converts Celsius to Fahrenheit",
-              "computes the greatest common divisor of two integers", "sorts an array with quicksort",
-              "parses a CSV line into fields", "validates an email address with a simple rule"]
-SENTENCES = ["The meeting was postponed because of the storm.", "She quickly finished her homework.",
-             "Our team won the regional championship last night.", "The old bridge needs urgent repairs.",
-             "He forgot his umbrella at the station.", "The museum opens a new exhibition in May.",
-             "They planted tomatoes and basil in the garden.", "The price of fuel rose again this month."]
-TARGET_LANGS = ["French", "Spanish", "German", "Italian", "Portuguese"]
-TEMPLATES = [
-    "Explain {topic} in simple terms.", "What is {topic}?", "Why is {topic} important?",
-    "Give me a short overview of {topic}.", "List five interesting facts about {topic}.",
-    "How would you teach {topic} to {person}?", "Write a short story about {person} who discovers {topic}.",
-    "Write a poem about {topic}.", "Write an email to a colleague inviting them to a talk about {topic}.",
-    "What are common misconceptions about {topic}?", "Summarize the history of {topic} in a paragraph.",
-    "Ask me three quiz questions about {topic} and give the answers.",
-    "How does {topic} affect everyday life?", "Write a blog post introduction about {topic}.",
-    "Describe {topic} from the point of view of {person}.", "Give step-by-step instructions to learn about {topic}.",
-    "Compare {topic} and {topic2}.", "What would happen if {topic} disappeared?",
-    "Write a product description for a book about {topic}.", "Tell me a joke about {topic}.",
-]
-
-
-def _math_prompt(rng: random.Random) -> str:
-    a, b, c = rng.randint(2, 90), rng.randint(2, 40), rng.randint(2, 12)
-    item = rng.choice(["apples", "books", "marbles", "stickers", "pencils", "cookies", "tickets"])
-    who = rng.choice(["Tom", "Maria", "Aisha", "Ken", "Lena", "Omar", "Sofia", "Jack"])
-    forms = [f"{who} has {a} {item} and buys {b} more. Then {who} gives away {c}. How many {item} are left?",
-             f"A box holds {c} {item}. How many boxes are needed for {a * c + b} {item}?",
-             f"{who} reads {b} pages a day. How many days to finish a book of {a * b} pages?",
-             f"What is {a} times {b} plus {c}? Show your work.",
-             f"A shirt costs {a} dollars and is discounted by {c * 5} percent. What is the new price?"]
-    return rng.choice(forms)
-
-
-def _one_prompt(rng: random.Random) -> str:
-    kind = rng.random()
-    if kind < 0.15:
-        return f"Write a {rng.choice(LANGS)} function that {rng.choice(CODE_TASKS)}."
-    if kind < 0.25:
-        return _math_prompt(rng)
-    if kind < 0.32:
-        s = rng.choice(SENTENCES)
-        return rng.choice([f"Translate into {rng.choice(TARGET_LANGS)}: {s}", f"Rewrite this sentence more formally: {s}",
-                           f"Rewrite this sentence for a child: {s}", f"Fix the grammar and style: {s.lower()}"])
-    t1, t2 = rng.sample(TOPICS, 2)
-    return rng.choice(TEMPLATES).format(topic=t1, topic2=t2, person=rng.choice(PEOPLE))
-
-
-def build_prompts(n: int, seed: int) -> list[str]:
-    """``n`` distinct training prompts (deterministic in ``seed``), none of the held-out ones."""
-    rng = random.Random(seed)
-    held_out = set(load_eval_prompts())
-    out, seen = [], set()
-    while len(out) < n:
-        p = _one_prompt(rng)
-        if p not in seen and p not in held_out:
-            seen.add(p)
-            out.append(p)
-    return out
-
-
+# --- 1. prompts (sources in benchmarks/eagle_prompts.py) ------------------------------------------
 def load_eval_prompts() -> list[str]:
     with open(EVAL_PROMPTS) as f:
         return json.load(f)["prompts"]
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    mix = {k: float(v) for k, v in (kv.split("=") for kv in text.split(",") if kv.strip())}
+    unknown = set(mix) - set(SOURCES)
+    if unknown or not mix or min(mix.values()) < 0 or sum(mix.values()) <= 0:
+        raise ValueError(f"--mix: bad {text!r} (sources: {', '.join(SOURCES)})")
+    total = sum(mix.values())
+    return {k: mix.get(k, 0.0) / total for k in SOURCES}
+
+
+SOURCES = ("generated", "local_text", "template", "chat")
+
+
+def build_items(llm, args, rng: random.Random) -> tuple[list[dict], dict]:
+    """The training items ``{"source", "messages"}`` (shuffled; ``args.num_prompts`` of them
+    unless a source runs short, then templates fill in) and their stats. With ``llm``, a first
+    generation pass lets the target write user prompts (``generated``) and answer seed prompts
+    (``chat``: user / answer / follow-up); without it those two sources are templates."""
+    import eagle_prompts as EP
+    mix, n = parse_mix(args.mix), args.num_prompts
+    want = {k: int(round(mix[k] * n)) for k in SOURCES}
+    leak = EP.LeakFilter(load_eval_prompts())
+    stats: dict = {"requested": want, "leak_dropped": 0, "dup_dropped": 0}
+    seen: set[str] = set()
+    items: list[dict] = []
+
+    def add(source: str, messages: list[dict]) -> bool:
+        key = json.dumps(messages)
+        if key in seen:
+            stats["dup_dropped"] += 1
+            return False
+        if leak(EP.user_text(messages)):
+            stats["leak_dropped"] += 1
+            return False
+        seen.add(key)
+        items.append({"source": source, "messages": messages})
+        return True
+
+    t = time.time()
+    for p in EP.local_text_prompts(want["local_text"], rng, args.local_max_chars, args.local_max_files,
+                                   os.path.dirname(HERE)):
+        add("local_text", [{"role": "user", "content": p}])
+    stats["local_text_s"] = round(time.time() - t, 1)
+
+    if llm is not None and (want["generated"] or want["chat"]):
+        from miniinfer import SamplingParams
+        t = time.time()
+        writers = EP.writer_requests(int(want["generated"] * args.writer_oversample) + 1 if want["generated"] else 0, rng)
+        seeds = [EP.template_prompt(rng) for _ in range(want["chat"])]
+        reqs = writers + [[{"role": "user", "content": q}] for q in seeds]
+        params = [SamplingParams(temperature=args.writer_temperature, top_p=0.95, max_tokens=args.writer_tokens, seed=args.seed + 10**6 + i)
+                  for i in range(len(writers))]
+        params += [SamplingParams(temperature=0.7, top_p=0.95, max_tokens=args.chat_answer_tokens,
+                                  seed=args.seed + 2 * 10**6 + i) for i in range(len(seeds))]
+        outs = llm.generate([llm.engine.apply_chat_template(m) for m in reqs], params, use_tqdm=False)
+        texts = [o.outputs[0].text for o in outs]
+        n_gen = 0
+        for raw in texts[:len(writers)]:
+            if n_gen >= want["generated"]:
+                break
+            p = EP.clean_generated(raw)
+            if p is not None and add("generated", [{"role": "user", "content": p}]):
+                n_gen += 1
+        stats["writer_requests"], stats["writer_kept"] = len(writers), n_gen
+        for msgs in EP.chat_items(seeds, texts[len(writers):], rng):
+            add("chat", msgs)
+        stats["first_pass_s"] = round(time.time() - t, 1)
+        stats["first_pass_tokens"] = sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outs)
+
+    while sum(it["source"] == "template" for it in items) < want["template"] or len(items) < n:
+        add("template", [{"role": "user", "content": EP.template_prompt(rng)}])
+    rng.shuffle(items)
+    items = items[:n] if len(items) > n else items
+    for it in items:  # a few system prompts, of every source
+        if rng.random() < args.system_frac:
+            it["messages"] = [{"role": "system", "content": rng.choice(EP.SYSTEMS)}] + it["messages"]
+    counts = {k: sum(it["source"] == k for it in items) for k in SOURCES}
+    stats.update(prompts=len(items), per_source=counts,
+                 with_system_prompt=sum(it["messages"][0]["role"] == "system" for it in items),
+                 user_chars_mean=round(sum(len(EP.user_text(it["messages"])) for it in items) / max(1, len(items)), 1))
+    return items, stats
 
 
 # --- the head, in plain torch (HF names, dense causal attention) --------------------------------
@@ -270,14 +277,14 @@ def init_from_target(head: TrainHead, model) -> None:
 
 
 # --- 2./3. data: responses from our engine, features from our model --------------------------------
-def generate(llm, prompts: list[str], max_tokens: int, seed: int) -> list[tuple[list[int], int, bool]]:
-    """(prompt + response token ids, prompt length, greedy?) per prompt; even rows greedy,
-    odd rows temperature 0.7."""
+def generate(llm, chats: list[list[dict]], max_tokens: int, seed: int) -> list[tuple[list[int], int, bool]]:
+    """(prompt + response token ids, prompt length, greedy?) per chat (a list of messages);
+    even rows greedy, odd rows temperature 0.7."""
     from miniinfer import SamplingParams
-    texts = [llm.engine.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    texts = [llm.engine.apply_chat_template(m) for m in chats]
     params = [SamplingParams(temperature=0.0, max_tokens=max_tokens) if i % 2 == 0 else
               SamplingParams(temperature=0.7, top_p=0.95, max_tokens=max_tokens, seed=seed + i)
-              for i in range(len(prompts))]
+              for i in range(len(chats))]
     outs = llm.generate(texts, params, use_tqdm=False)
     return [(list(o.prompt_token_ids) + list(o.outputs[0].token_ids), len(o.prompt_token_ids), i % 2 == 0)
             for i, o in enumerate(outs)]
@@ -510,13 +517,23 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny CPU-sized run (20 prompts, 16 tokens, few steps)")
     p.add_argument("--check-features", action="store_true", help="also compare our features with HF's (CPU fp32)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-prompts", type=int, default=4000)
+    p.add_argument("--num-prompts", type=int, default=8000, help="training prompts (incl. the --val-frac held out)")
+    p.add_argument("--mix", default="generated=0.4,local_text=0.25,template=0.25,chat=0.1",
+                   help="share of each prompt source (benchmarks/eagle_prompts.py)")
+    p.add_argument("--writer-oversample", type=float, default=1.6,
+                   help="first-pass writer requests per wanted generated prompt (some are filtered out)")
+    p.add_argument("--writer-tokens", type=int, default=64, help="max tokens of a written prompt")
+    p.add_argument("--writer-temperature", type=float, default=0.9, help="sampling temperature of the written prompts")
+    p.add_argument("--chat-answer-tokens", type=int, default=160, help="max tokens of the first answer of a chat")
+    p.add_argument("--local-max-chars", type=int, default=1500, help="cap of a local text excerpt")
+    p.add_argument("--local-max-files", type=int, default=1500, help="local files read at most")
+    p.add_argument("--system-frac", type=float, default=0.05, help="items given a system prompt")
     p.add_argument("--num-eval-prompts", type=int, default=32)
     p.add_argument("--val-frac", type=float, default=0.03, help="training-distribution prompts held out")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.3)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--max-steps", type=int, default=0, help="0: epochs × batches")
     p.add_argument("--train-seconds", type=float, default=120.0, help="stop training after this long")
     p.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per batch")
@@ -533,6 +550,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.num_prompts, args.num_eval_prompts, args.max_tokens = 16, 4, 16
+        args.writer_tokens, args.chat_answer_tokens, args.local_max_files = 16, 12, 60
         args.epochs, args.max_steps, args.warmup, args.batch_tokens, args.log_every = 1, 4, 2, 1024, 1
         args.val_frac = 0.1
         args.eval_depth = min(args.eval_depth, 3)
@@ -566,12 +584,15 @@ def main(argv=None) -> dict:
         metrics["feature_parity"] = check_features(llm, ["Hello! What is 2 + 2?", load_eval_prompts()[0]])
         print(f"[train_eagle] feature parity: {metrics['feature_parity']}", flush=True)
 
-    prompts = build_prompts(args.num_prompts, args.seed)
-    eval_prompts = load_eval_prompts()[:args.num_eval_prompts]
+    t = time.time()
+    items, data_stats = build_items(llm, args, random.Random(args.seed))
+    print(f"[train_eagle] {len(items)} training prompts in {time.time() - t:.1f} s: {data_stats}", flush=True)
+    prompts = [it["messages"] for it in items]
+    eval_prompts = [[{"role": "user", "content": p}] for p in load_eval_prompts()[:args.num_eval_prompts]]
     t = time.time()
     seqs = generate(llm, prompts + eval_prompts, args.max_tokens, args.seed)
-    n_tok = sum(len(s[0]) for s in seqs)
-    print(f"[train_eagle] generated {len(seqs)} responses ({n_tok} tokens) in {time.time() - t:.1f} s", flush=True)
+    n_tok, gen_s = sum(len(s[0]) for s in seqs), time.time() - t
+    print(f"[train_eagle] generated {len(seqs)} responses ({n_tok} tokens) in {gen_s:.1f} s", flush=True)
     t = time.time()
     feats = target_features(runner, [s[0] for s in seqs], 32768)
     print(f"[train_eagle] features in {time.time() - t:.1f} s", flush=True)
@@ -582,6 +603,14 @@ def main(argv=None) -> dict:
     n_val = max(2, int(len(prompts) * args.val_frac))
     train_idx, val_idx = list(range(len(prompts) - n_val)), list(range(len(prompts) - n_val, len(prompts)))
     eval_idx = list(range(len(prompts), len(seqs)))
+    data_stats["generation_s"] = round(gen_s, 1)
+    data_stats["tokens"] = {"train": data.tokens(train_idx), "val": data.tokens(val_idx), "eval": data.tokens(eval_idx),
+                            "response_train": sum(len(seqs[i][0]) - seqs[i][1] for i in train_idx)}
+    data_stats["tokens_per_source"] = {k: sum(len(seqs[i][0]) for i in range(len(prompts)) if items[i]["source"] == k)
+                                       for k in sorted({it["source"] for it in items})}
+    data_stats["val_per_source"] = {k: sum(items[i]["source"] == k for i in val_idx)
+                                    for k in sorted({it["source"] for it in items})}
+    metrics["data"] = data_stats
 
     head = TrainHead(cfg, max(len(s[0]) for s in seqs) + 1).to(device)
     if args.init == "last-layer":
@@ -593,6 +622,12 @@ def main(argv=None) -> dict:
     for name, idx in (("val", val_idx), ("eval_prompts", eval_idx)):
         metrics[name] = evaluate(head, data, idx, lm_w, args.eval_depth, args.batch_tokens, device)
         print(f"[train_eagle] {name}: {metrics[name]}", flush=True)
+    metrics["val_by_source"] = {}
+    for src in sorted({items[i]["source"] for i in val_idx}):
+        m = evaluate(head, data, [i for i in val_idx if items[i]["source"] == src], lm_w, args.eval_depth,
+                     args.batch_tokens, device)
+        metrics["val_by_source"][src] = {k: m[k] for k in ("top1", "positions", "mean_accepted")}
+    print(f"[train_eagle] val by source: {metrics['val_by_source']}", flush=True)
 
     from safetensors.torch import save_file
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
