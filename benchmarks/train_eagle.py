@@ -36,6 +36,7 @@ to ``--out`` and the metrics to ``--metrics`` (default: ``--out`` with ``.json``
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -545,6 +546,8 @@ def parse_args(argv=None):
     p.add_argument("--train-depth", type=int, default=2, help="draft steps trained (1: teacher-forced only)")
     p.add_argument("--depth-weight", type=float, default=0.5, help="loss weight of step j: this ** (j - 1)")
     p.add_argument("--eval-depth", type=int, default=4)
+    p.add_argument("--draft-vocab-size", type=int, default=8192,
+                   help="FR-Spec: the most frequent output tokens the drafter scores (0: all)")
     p.add_argument("--init", default="last-layer", choices=["last-layer", "random"])
     p.add_argument("--log-every", type=int, default=25)
     args = p.parse_args(argv)
@@ -632,6 +635,11 @@ def main(argv=None) -> dict:
     from safetensors.torch import save_file
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_file(head.hf_state_dict(torch.float16), args.out, metadata={"format": "pt", "kind": "eagle_head"})
+    if args.draft_vocab_size:  # FR-Spec: the drafter's logits over the most frequent output tokens
+        counts = collections.Counter(t for i in train_idx for t in seqs[i][0][seqs[i][1]:])
+        top = counts.most_common(args.draft_vocab_size)
+        metrics["draft_vocab"] = sorted(t for t, _ in top)
+        metrics["draft_vocab_coverage"] = sum(c for _, c in top) / max(sum(counts.values()), 1)
     metrics.update(data_sequences=len(seqs), data_tokens=n_tok, total_s=round(time.time() - t_start, 1),
                    device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", out=args.out)
     with open(args.metrics, "w") as f:
