@@ -177,7 +177,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--qwen7b", default=None, help="Qwen2-7B config folder (GPU parts)")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: smollm2,eagle,verify")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: smollm2,eagle,verify,tput")
     ap.add_argument("--eagle-head", default=None, help="EAGLE head file (default: the shipped one)")
     ap.add_argument("--eagle-k", type=int, default=3)
     a = ap.parse_args()
@@ -194,8 +194,9 @@ def main() -> None:
         if "verify" not in skip:
             metrics.update({f"qwen2_7b_{k}": v for k, v in verify_cost(off).items()})
         print(json.dumps(metrics), flush=True)
-        on = LLM(a.qwen7b, speculative_config={"method": "ngram", "num_speculative_tokens": a.k}, **kw)
-        metrics.update({f"qwen2_7b_{k}": v for k, v in throughput_gain(off, on, (1, 8, 32), 128).items()})
+        if "tput" not in skip:
+            on = LLM(a.qwen7b, speculative_config={"method": "ngram", "num_speculative_tokens": a.k}, **kw)
+            metrics.update({f"qwen2_7b_{k}": v for k, v in throughput_gain(off, on, (1, 8, 32), 128).items()})
     device = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
     result = {"device": device, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
               "metrics": metrics}
