@@ -163,13 +163,13 @@ def test_int8_activations_end_to_end_close_to_fp32():
     per GEMM, compounded over 30 layers), and most greedy top-1 picks agree. (Greedy text vs
     transformers may differ at near-ties: the option is off by default.)"""
     from miniinfer import LLM
-    from miniinfer.models.packed_linear import QuantizedLinear, use_int8_activations
+    from miniinfer.models.packed_linear import INT8_MIN_ROWS, QuantizedLinear, use_int8_activations
     if cpu_kernels.int8_kernel() is None:
         pytest.skip("no int8 kernel on this machine's path")
     llm = LLM(None, dtype="float32", max_model_len=512, progress=False, cpu_int8_activations=True)
     model = llm.engine.runner.model
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.fmt == "Q4_1"]
-    assert layers and all(m.int8_min_rows == 1 for m in layers)
+    assert layers and all(m.int8_min_rows == INT8_MIN_ROWS for m in layers)
     ids = llm.get_tokenizer().encode("The quick brown fox jumps over the lazy dog. " * 6, add_special_tokens=False)
     ours = llm.engine.runner.forward_logits(ids)
     assert use_int8_activations(model, None) == len(layers)
