@@ -258,11 +258,8 @@ class LLMEngine:
                 fwd = self.runner.forward(sched, self.inflight)
                 prev, self.inflight = self.inflight, None
                 result = self.runner.collect(prev)
-                advanced = self.output_processor.advance_grammars(prev.sched, result)
-                # the mask of step N fills on a worker thread while N-1's tokens are detokenized
-                fill = self._structured.start_fill(fwd.sampling_seqs) if self._structured.overlap else None
-                done = self._process(prev, result, advanced)
-                return self.runner.sample(fwd, fill), done
+                done = self._process(prev, result)  # matchers advance by N-1's tokens
+                return self.runner.sample(fwd), done  # N's mask is filled there, while N's forward runs
             return self.runner.launch(sched, self.inflight), done
         except BaseException:
             # The step's K/V may not have been written: roll the progress back so that an

@@ -53,9 +53,8 @@ class OutputProcessor:
 
     def advance_grammars(self, sched: SchedulerOutput, result: StepResult) -> dict[int, GrammarOutcome]:
         """Advance the grammar matcher of every constrained sequence by the step's tokens (and
-        wake grammars whose reasoning ended). Runs first in ``process``, or earlier on its own,
-        so the engine can fill the next step's bitmask on another thread while the rest of
-        ``process`` (detokenizing, stop checks) runs; ``process`` then touches no matcher."""
+        wake grammars whose reasoning ended): the one place a matcher moves. Runs first in
+        ``process`` (or earlier, passed in); the rest of ``process`` touches no matcher."""
         outcome: dict[int, GrammarOutcome] = {}
         row = 0
         for s in sched.scheduled:

@@ -11,7 +11,7 @@ import json
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError as FutureTimeout
+from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import torch
@@ -113,11 +113,9 @@ class StructuredOutputManager:
         self._host = [torch.empty(shape, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self._turn = 0
         self.overlap = True  # False: wait for the forward before filling (the A/B baseline)
-        # xgrammar's C++ thread pool fills many rows at once (30-150 µs a row on one core); it
-        # releases the GIL, so the engine thread goes on meanwhile (two cores left to it)
-        threads = min(16, (os.cpu_count() or 2) - 2)
+        # xgrammar's C++ thread pool fills many rows at once (30-150 µs a row on one core)
+        threads = min(16, (os.cpu_count() or 2) - 1)
         self._batch = xgr.BatchGrammarMatcher(max_threads=threads) if threads >= 2 else None
-        self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="miniinfer-bitmask")
         self.fill_times_us: collections.deque[float] = collections.deque(maxlen=100_000)  # host time per fill
 
     # --- compilation ---------------------------------------------------------------------
@@ -175,17 +173,6 @@ class StructuredOutputManager:
         if not self.overlap and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # serial baseline: the fill starts after the forward
         return self._fill(seqs, rows)
-
-    def start_fill(self, seqs: list) -> Future:
-        """``fill_bitmask`` on the manager's worker thread: returns a future of its result. The
-        rows are chosen now; the caller must not advance these matchers until it resolved."""
-        rows = [i for i, s in enumerate(seqs)
-                if s.grammar_active and not s.is_finished and not s.grammar.is_terminated()]
-        if not rows:
-            done: Future = Future()
-            done.set_result(None)
-            return done
-        return self._filler.submit(self._fill, seqs, rows)
 
     def _fill(self, seqs: list, rows: list[int]) -> GrammarBitmask:
         t0 = time.perf_counter()

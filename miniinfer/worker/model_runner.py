@@ -155,19 +155,15 @@ class ModelRunner:
                              hidden if self.keep_hidden else None)
 
     @torch.inference_mode()
-    def sample(self, fwd: ForwardOutput, grammar_fill=None) -> InFlightStep:
-        """Sample the forward's logits and start copying the ids to the host (no wait).
-        ``grammar_fill``: a future of this step's ``GrammarBitmask`` already being filled
-        (``StructuredOutputManager.start_fill``); else the hook fills it here."""
+    def sample(self, fwd: ForwardOutput) -> InFlightStep:
+        """Sample the forward's logits and start copying the ids to the host (no wait)."""
         if fwd.logits is None:
             return InFlightStep(fwd.sched, [], None, None, None, None, hidden=fwd.hidden)
         if fwd.seq_rows is not None:
             return self._verify(fwd)
         md = SamplingMetadata.build(fwd.sampling_seqs, fwd.logits.shape[-1], self.device, self.eos_token_ids,
                                     to_device=self.staging.to_device, rng=self.sample_rng)
-        if grammar_fill is not None:
-            md.grammar_bitmask = grammar_fill.result()
-        elif self.structured_output is not None:  # the host fills the mask while the forward runs
+        if self.structured_output is not None:  # the host fills the mask while the forward runs
             md.grammar_bitmask = self.structured_output.fill_bitmask(fwd.sampling_seqs)
         self.staging.end_step()
         out = sample(fwd.logits, md, self.cpu_generator)

@@ -130,25 +130,23 @@ def test_n_choices_each_have_a_matcher(smol):
 
 def test_overlap_samples_after_the_previous_step_is_processed(smol):
     """With overlap scheduling a constrained step's forward is queued first, then the previous
-    step's tokens advance the matchers, the mask starts filling on the worker thread while the
-    rest of that step is processed, then the step samples with its mask."""
+    step is processed (its tokens advance the matchers), then the step samples: its mask is
+    filled there, while its forward runs."""
     eng = smol.engine
     events = []
-    so = eng.structured_output
-    fwd, smp, proc, fill = eng.runner.forward, eng.runner.sample, eng._process, so.start_fill
+    fwd, smp, proc = eng.runner.forward, eng.runner.sample, eng._process
     eng.runner.forward = lambda *a: (events.append("forward"), fwd(*a))[1]
     eng.runner.sample = lambda *a: (events.append("sample"), smp(*a))[1]
     eng._process = lambda *a: (events.append("process"), proc(*a))[1]
-    so.start_fill = lambda *a: (events.append("bitmask"), fill(*a))[1]
     try:
         out = smol.generate(_prompt(smol, SCHEMAS[2]), SamplingParams(
             temperature=0, max_tokens=30, structured_outputs=StructuredOutputsParams(json=SCHEMAS[2])),
             use_tqdm=False)[0].outputs[0]
     finally:
-        del eng.runner.forward, eng.runner.sample, eng._process, so.start_fill
+        del eng.runner.forward, eng.runner.sample, eng._process
     jsonschema.validate(json.loads(out.text), SCHEMAS[2])
     assert eng.config.overlap_scheduling
-    assert "".join(e[0] for e in events).count("fbps") >= 3, events
+    assert "".join(e[0] for e in events).count("fps") >= 3, events
     check_clean(smol)
 
 
