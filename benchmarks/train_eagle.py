@@ -280,9 +280,14 @@ def init_from_target(head: TrainHead, model) -> None:
 # --- 2./3. data: responses from our engine, features from our model --------------------------------
 def generate(llm, chats: list[list[dict]], max_tokens: int, seed: int) -> list[tuple[list[int], int, bool]]:
     """(prompt + response token ids, prompt length, greedy?) per chat (a list of messages);
-    even rows greedy, odd rows temperature 0.7."""
+    even rows greedy, odd rows temperature 0.7. Prompts longer than max_model_len − max_tokens
+    keep their last tokens (local files differ per machine; a long excerpt must not fail)."""
     from miniinfer import SamplingParams
-    texts = [llm.engine.apply_chat_template(m) for m in chats]
+    limit = llm.engine.max_model_len - max_tokens  # a longer prompt keeps its end (the assistant turn's start)
+    texts = []
+    for m in chats:
+        ids = llm.engine.tokenize(llm.engine.apply_chat_template(m))
+        texts.append({"prompt_token_ids": ids[-limit:]})
     params = [SamplingParams(temperature=0.0, max_tokens=max_tokens) if i % 2 == 0 else
               SamplingParams(temperature=0.7, top_p=0.95, max_tokens=max_tokens, seed=seed + i)
               for i in range(len(chats))]
