@@ -33,11 +33,18 @@ class GrammarBitmask:
     token allowed), applied to the rows in ``rows`` only (row order = the step's sampling rows)."""
     bitmask: torch.Tensor
     rows: list[int]
+    # ``rows`` on the logits' device (int32), or None when every row is constrained. A list
+    # would reach the GPU through a pageable copy, which makes the host wait for the stream to
+    # drain: the forward this mask was filled beside.
+    indices: torch.Tensor | None = None
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """Set the logits of forbidden tokens to -inf, in place, on the constrained rows."""
         import xgrammar as xgr
-        xgr.apply_token_bitmask_inplace(logits, self.bitmask, indices=self.rows)
+        if logits.device.type == "cpu":
+            xgr.apply_token_bitmask_inplace(logits, self.bitmask, indices=self.rows)
+        else:
+            xgr.apply_token_bitmask_inplace(logits, self.bitmask, indices=self.indices)
         return logits
 
 
@@ -111,6 +118,7 @@ class StructuredOutputManager:
         shape = xgr.get_bitmask_shape(max(max_num_seqs, 1), self.info.vocab_size)
         pin = device.type == "cuda"
         self._host = [torch.empty(shape, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self._rows = [torch.empty(shape[0], dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self._turn = 0
         self.overlap = True  # False: wait for the forward before filling (the A/B baseline)
         # xgrammar's C++ thread pool fills many rows at once (30-150 µs a row on one core)
@@ -180,6 +188,7 @@ class StructuredOutputManager:
         if len(seqs) > self._host[0].shape[0]:  # speculative verify steps have several rows per sequence
             self._host = [torch.empty((len(seqs), t.shape[1]), dtype=torch.int32, pin_memory=t.is_pinned())
                           for t in self._host]
+            self._rows = [torch.empty(len(seqs), dtype=torch.int32, pin_memory=t.is_pinned()) for t in self._rows]
         host = self._host[self._turn][:len(seqs)]
         if self._batch is not None and len(rows) >= BATCH_FILL_MIN_ROWS:
             self._batch.batch_fill_next_token_bitmask([seqs[i].grammar for i in rows], host, rows)
@@ -187,5 +196,11 @@ class StructuredOutputManager:
             for i in rows:
                 seqs[i].grammar.fill_next_token_bitmask(host, i)
         self.fill_times_us.append((time.perf_counter() - t0) * 1e6)
-        dev = host.to(self.device, non_blocking=True) if self.device.type == "cuda" else host
-        return GrammarBitmask(dev, rows)
+        if self.device.type != "cuda":
+            return GrammarBitmask(host, rows)
+        indices = None
+        if len(rows) < len(seqs):
+            pinned = self._rows[self._turn][:len(rows)]
+            pinned.copy_(torch.tensor(rows, dtype=torch.int32))
+            indices = pinned.to(self.device, non_blocking=True)
+        return GrammarBitmask(host.to(self.device, non_blocking=True), rows, indices)
