@@ -21,7 +21,7 @@ import torch
 from miniinfer.engine.sequence import Sequence
 from miniinfer.engine.step import ScheduledSeq, SchedulerOutput, StepResult
 from miniinfer.spec_decode.config import SpeculativeConfig
-from miniinfer.spec_decode.proposer import Proposer
+from miniinfer.spec_decode.proposer import Proposer, verified
 
 
 class DraftModelDrafter(Proposer):
@@ -90,13 +90,7 @@ class DraftModelDrafter(Proposer):
         """Also: the drafts the target accepted were fed to the draft model (all but the
         last): their draft K/V is valid too."""
         super().record(sched, result)
-        if result.spec_token_ids is None:
-            return
-        committed = iter(result.spec_token_ids)
-        for s in sched.scheduled:
-            if not s.samples:
-                continue
-            tokens = next(committed)
+        for s, tokens in verified(sched, result):
             if s.draft_token_ids and s.seq.spec_state is not None:
                 pre, valid = s.seq.spec_state
                 fed = len(s.draft_token_ids) - 1

@@ -8,9 +8,10 @@ sequences draft this step, how many tokens each may, and the acceptance statisti
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 from miniinfer.engine.sequence import Sequence
-from miniinfer.engine.step import SchedulerOutput, StepResult
+from miniinfer.engine.step import ScheduledSeq, SchedulerOutput, StepResult
 from miniinfer.spec_decode.config import SpeculativeConfig
 
 
@@ -69,13 +70,7 @@ class Proposer:
 
     def record(self, sched: SchedulerOutput, result: StepResult) -> None:
         """Count a verify step's drafts and accepted tokens (called after every step)."""
-        if result.spec_token_ids is None:
-            return
-        committed = iter(result.spec_token_ids)
-        for s in sched.scheduled:
-            if not s.samples:
-                continue
-            tokens = next(committed)
+        for s, tokens in verified(sched, result):
             if s.draft_token_ids:
                 self.stats_.num_drafts += 1
                 self.stats_.num_draft_tokens += len(s.draft_token_ids)
@@ -85,6 +80,17 @@ class Proposer:
 
     def stats(self) -> dict:
         return self.stats_.as_dict()
+
+
+def verified(sched: SchedulerOutput, result: StepResult) -> Iterator[tuple[ScheduledSeq, list[int]]]:
+    """(scheduled sequence, its committed tokens) for every sequence that sampled in a verify
+    step (speculation's steps; nothing for a step without ``spec_token_ids``)."""
+    if result.spec_token_ids is None:
+        return
+    committed = iter(result.spec_token_ids)
+    for s in sched.scheduled:
+        if s.samples:
+            yield s, next(committed)
 
 
 class NgramDrafter(Proposer):
