@@ -62,26 +62,33 @@ def bs1_tpot(llm, prompts, max_tokens, device) -> tuple[float, int]:
     return total_t / total_n * 1e3, total_n
 
 
-def smollm2_ngram(device: str, max_tokens: int, k: int, quick: bool) -> dict:
+def _bs1_on_off(texts: list[str], spec: dict, device: str, max_tokens: int) -> dict:
+    """The embedded SmolLM2, chat prompts one at a time: TPOT without and with ``spec``."""
     kw = dict(dtype="float32" if device == "cpu" else "bfloat16", device=device, max_model_len=2048, progress=False)
     base = LLM(None, **kw)
-    prompts = [base.engine.apply_chat_template([{"role": "user", "content": p}]) for p in CODE_PROMPTS]
-    prompts = prompts[:3] if quick else prompts
+    prompts = [base.engine.apply_chat_template([{"role": "user", "content": p}]) for p in texts]
     bs1_tpot(base, prompts[:1], 16, device)  # warm
     off_ms, n_off = bs1_tpot(base, prompts, max_tokens, device)
     del base
-    spec = LLM(None, speculative_config={"method": "ngram", "num_speculative_tokens": k,
-                                         "prompt_lookup_min": 2, "prompt_lookup_max": 4}, **kw)
-    bs1_tpot(spec, prompts[:1], 16, device)
-    s0 = spec.engine.stats()
-    on_ms, n_on = bs1_tpot(spec, prompts, max_tokens, device)
-    s1 = spec.engine.stats()
-    drafts = s1["spec_num_drafts"] - s0["spec_num_drafts"]
-    acc = s1["spec_num_accepted_tokens"] - s0["spec_num_accepted_tokens"]
-    return {f"ngram_bs1_tpot_ms_off_{device}": off_ms, f"ngram_bs1_tpot_ms_on_{device}": on_ms,
-            f"ngram_bs1_speedup_{device}": off_ms / on_ms,
-            f"ngram_mean_accepted_len_{device}": 1 + acc / max(drafts, 1),
-            f"ngram_tokens_off_{device}": n_off, f"ngram_tokens_on_{device}": n_on}
+    llm = LLM(None, speculative_config=spec, **kw)
+    bs1_tpot(llm, prompts[:1], 16, device)
+    s0 = llm.engine.stats()
+    on_ms, n_on = bs1_tpot(llm, prompts, max_tokens, device)
+    s1 = llm.engine.stats()
+    drafts, drafted, acc = (s1[k] - s0[k] for k in ("spec_num_drafts", "spec_num_draft_tokens",
+                                                    "spec_num_accepted_tokens"))
+    return {"tpot_ms_off": off_ms, "tpot_ms_on": on_ms, "speedup": off_ms / on_ms,
+            "mean_accepted_len": 1 + acc / max(drafts, 1), "acceptance_rate": acc / max(drafted, 1),
+            "tokens_off": n_off, "tokens_on": n_on}
+
+
+def smollm2_ngram(device: str, max_tokens: int, k: int, quick: bool) -> dict:
+    r = _bs1_on_off(CODE_PROMPTS[:3] if quick else CODE_PROMPTS,
+                    {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 2, "prompt_lookup_max": 4},
+                    device, max_tokens)
+    return {f"ngram_bs1_tpot_ms_off_{device}": r["tpot_ms_off"], f"ngram_bs1_tpot_ms_on_{device}": r["tpot_ms_on"],
+            f"ngram_bs1_speedup_{device}": r["speedup"], f"ngram_mean_accepted_len_{device}": r["mean_accepted_len"],
+            f"ngram_tokens_off_{device}": r["tokens_off"], f"ngram_tokens_on_{device}": r["tokens_on"]}
 
 
 def smollm2_eagle(device: str, max_tokens: int, k: int, quick: bool, head: str | None = None) -> dict:
@@ -90,25 +97,12 @@ def smollm2_eagle(device: str, max_tokens: int, k: int, quick: bool, head: str |
     path = os.path.join(os.path.dirname(__file__), "eagle_eval_prompts.json")
     with open(path) as f:
         texts = json.load(f)["prompts"]
-    texts = texts[:4] if quick else texts
-    kw = dict(dtype="float32" if device == "cpu" else "bfloat16", device=device, max_model_len=2048, progress=False)
-    base = LLM(None, **kw)
-    prompts = [base.engine.apply_chat_template([{"role": "user", "content": p}]) for p in texts]
-    bs1_tpot(base, prompts[:1], 16, device)
-    off_ms, _ = bs1_tpot(base, prompts, max_tokens, device)
-    del base
     spec = {"method": "eagle", "num_speculative_tokens": k, **({"model": head} if head else {})}
-    llm = LLM(None, speculative_config=spec, **kw)
-    bs1_tpot(llm, prompts[:1], 16, device)
-    s0 = llm.engine.stats()
-    on_ms, _ = bs1_tpot(llm, prompts, max_tokens, device)
-    s1 = llm.engine.stats()
-    drafts = s1["spec_num_drafts"] - s0["spec_num_drafts"]
-    acc = s1["spec_num_accepted_tokens"] - s0["spec_num_accepted_tokens"]
+    r = _bs1_on_off(texts[:4] if quick else texts, spec, device, max_tokens)
     tag = "gpu" if device == "cuda" else "cpu"
-    return {f"eagle_bs1_tpot_ms_off_{tag}": off_ms, f"eagle_bs1_tpot_ms_on_{tag}": on_ms,
-            f"eagle_bs1_speedup_{tag}": off_ms / on_ms, f"eagle_mean_accepted_len_{tag}": 1 + acc / max(drafts, 1),
-            f"eagle_acceptance_rate_{tag}": acc / max(s1["spec_num_draft_tokens"] - s0["spec_num_draft_tokens"], 1)}
+    return {f"eagle_bs1_tpot_ms_off_{tag}": r["tpot_ms_off"], f"eagle_bs1_tpot_ms_on_{tag}": r["tpot_ms_on"],
+            f"eagle_bs1_speedup_{tag}": r["speedup"], f"eagle_mean_accepted_len_{tag}": r["mean_accepted_len"],
+            f"eagle_acceptance_rate_{tag}": r["acceptance_rate"]}
 
 
 def _time_cuda(fn, reps: int) -> float:

@@ -271,10 +271,10 @@ class LLMEngine:
     def _complete(self, step: InFlightStep) -> list[RequestOutput]:
         return self._process(step, self.runner.collect(step))
 
-    def _process(self, step: InFlightStep, result, grammar=None) -> list[RequestOutput]:
+    def _process(self, step: InFlightStep, result) -> list[RequestOutput]:
         if self.proposer is not None:
             self.proposer.record(step.sched, result)
-        outputs = self.output_processor.process(step.sched, result, grammar)
+        outputs = self.output_processor.process(step.sched, result)
         for out in outputs:
             if out.finished:
                 self._forget(self.requests[out.request_id])

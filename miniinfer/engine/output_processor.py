@@ -49,30 +49,11 @@ class OutputProcessor:
         self.max_model_len = max_model_len
         self.scheduler = scheduler
         self.generation_tokens_total = 0
-        self._grammar: dict[int, GrammarOutcome] = {}  # the step being processed: advance_grammars' outcome
 
-    def advance_grammars(self, sched: SchedulerOutput, result: StepResult) -> dict[int, GrammarOutcome]:
-        """Advance the grammar matcher of every constrained sequence by the step's tokens (and
-        wake grammars whose reasoning ended): the one place a matcher moves. Runs first in
-        ``process`` (or earlier, passed in); the rest of ``process`` touches no matcher."""
-        outcome: dict[int, GrammarOutcome] = {}
-        row = 0
-        for s in sched.scheduled:
-            if not s.samples:
-                continue
-            tokens = [result.token_ids[row]] if result.spec_token_ids is None else result.spec_token_ids[row]
-            row += 1
-            if s.seq.grammar is not None and not s.seq.is_finished:
-                outcome[id(s.seq)] = _advance_grammar(s.seq, tokens)
-        return outcome
-
-    def process(self, sched: SchedulerOutput, result: StepResult,
-                grammar: dict[int, GrammarOutcome] | None = None) -> list[RequestOutput]:
+    def process(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         """Apply a step's sampled ids; returns the outputs due (streaming requests that moved,
-        and every request that finished). ``grammar``: ``advance_grammars``'s result when the
-        caller already ran it."""
+        and every request that finished)."""
         now = time.monotonic()
-        self._grammar = self.advance_grammars(sched, result) if grammar is None else grammar
         touched: set[str] = set()
         row = 0
         for s in sched.scheduled:
@@ -123,7 +104,7 @@ class OutputProcessor:
         self.generation_tokens_total += 1
         if seq.first_token_time is None:
             seq.first_token_time = now
-        grammar = self._grammar.get(id(seq)) if seq.grammar is not None else None
+        grammar = _advance_grammar(seq, token) if seq.grammar is not None else None
         if grammar is not None and grammar.error is not None:
             raise RuntimeError(grammar.error)
         self.check_stop(seq, token)
@@ -217,21 +198,17 @@ class GrammarOutcome:
     terminated: bool = False  # the grammar is complete: the sequence stops
 
 
-def _advance_grammar(seq: Sequence, tokens: list[int]) -> GrammarOutcome:
-    """Feed a sequence's new tokens to its matcher; a dormant grammar (reasoning) wakes after
-    the token that completes the end marker, and constrains from the next one."""
-    end = seq.reasoning_end
-    tail = seq.token_ids[:len(seq.token_ids) - seq.num_pending][-len(end):] if end else []
-    for t in tokens:
-        if seq.reasoning_end is None:
-            if not seq.grammar.accept_token(t):
-                return GrammarOutcome(f"the grammar rejected token {t}, which the mask should have forbidden")
-            if seq.grammar.is_terminated():
-                return GrammarOutcome(terminated=True)
-        else:
-            tail = (tail + [t])[-len(end):]
-            if tail == end:
-                seq.reasoning_end = None
+def _advance_grammar(seq: Sequence, token: int) -> GrammarOutcome:
+    """Feed a committed token to the sequence's matcher (the one place a matcher moves); a
+    dormant grammar (reasoning) wakes after the token that completes the end marker and
+    constrains from the next one."""
+    if seq.reasoning_end is None:
+        if not seq.grammar.accept_token(token):
+            return GrammarOutcome(f"the grammar rejected token {token}, which the mask should have forbidden")
+        return GrammarOutcome(terminated=seq.grammar.is_terminated())
+    end = len(seq.token_ids) - seq.num_pending  # the committed tokens, this one included, end here
+    if seq.token_ids[end - len(seq.reasoning_end):end] == seq.reasoning_end:
+        seq.reasoning_end = None
     return GrammarOutcome()
 
 

@@ -180,9 +180,6 @@ class StructuredOutputManager:
             return None
         if not self.overlap and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # serial baseline: the fill starts after the forward
-        return self._fill(seqs, rows)
-
-    def _fill(self, seqs: list, rows: list[int]) -> GrammarBitmask:
         t0 = time.perf_counter()
         self._turn ^= 1
         if len(seqs) > self._host[0].shape[0]:  # speculative verify steps have several rows per sequence

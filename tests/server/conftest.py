@@ -40,3 +40,15 @@ def live_server():
         yield srv
     finally:
         srv.close()
+
+
+@pytest.fixture(scope="module")
+def client(live_server):
+    """An openai SDK client of ``live_server`` (test modules with their own server define their own)."""
+    import openai
+    return openai.OpenAI(base_url=live_server.base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id

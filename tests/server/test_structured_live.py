@@ -7,7 +7,6 @@ import re
 import threading
 
 import httpx
-import openai
 import pydantic
 import pytest
 from srv_harness import API_KEY
@@ -19,16 +18,6 @@ class City(pydantic.BaseModel):
     name: str = pydantic.Field(max_length=20)
     country: str = pydantic.Field(max_length=20)
     population_millions: int
-
-
-@pytest.fixture(scope="module")
-def client(live_server):
-    return openai.OpenAI(base_url=live_server.base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
 
 
 def test_openai_sdk_parse_returns_the_pydantic_object(client, model):

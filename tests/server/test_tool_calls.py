@@ -7,7 +7,6 @@ import json
 
 import httpx
 import jsonschema
-import openai
 import pytest
 from srv_harness import API_KEY
 
@@ -24,16 +23,6 @@ TIME = {"type": "function", "function": {
                    "required": ["zone"], "additionalProperties": False}}}
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-@pytest.fixture(scope="module")
-def client(live_server):
-    return openai.OpenAI(base_url=live_server.base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
 
 
 def post(live_server, body, timeout=300):
