@@ -35,7 +35,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from miniinfer.server import serving_chat, serving_completion
+from miniinfer.server import router_endpoints, serving_chat, serving_completion
 from miniinfer.server.async_engine import AsyncEngine, ServerDrainingError
 from miniinfer.server.metrics import ServerMetrics
 from miniinfer.server.middleware import GuardMiddleware
@@ -235,6 +235,7 @@ def create_app(engine: AsyncEngine, *, api_key: str | None = None, max_n: int = 
     app.include_router(serving_completion.router)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    router_endpoints.install(app)  # data-parallel router support (docs/DEPLOYMENT.md)
     app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes)
     return app
 
