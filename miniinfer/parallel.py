@@ -1,20 +1,23 @@
 """Tensor parallelism: the rank's place in the group, collectives, and weight shards.
 
 Rank 0 is the engine process (scheduler, sampler, front ends); ranks 1..N-1 are worker
-processes it starts, each holding a shard of every layer and of the KV cache. Every rank runs
-every forward; rank 0 broadcasts each step's packed inputs (one int64 tensor, no pickle).
+processes (started by the engine, or by ``torchrun``), each holding a shard of every layer
+and of the KV cache. Every rank runs every forward, fed by ``worker/step_channel.py``.
 
     column-parallel: qkv_proj, gate_up_proj   (output rows split: heads / intermediate)
     row-parallel:    o_proj, down_proj         (input columns split, then all-reduce)
-    vocab-parallel:  embed_tokens, lm_head     (vocab rows split; all-reduce / all-gather)
+    vocab-parallel:  lm_head                   (vocab rows split, then all-gather)
+    replicated:      embed_tokens, norms       (a tied LM head uses this rank's vocab rows)
 
 KV heads are split across ranks when there are at least as many as ranks, and replicated
-(rank r holds head r // (tp / num_kv_heads)) when there are fewer.
+(rank r holds head r // (tp / num_kv_heads)) when there are fewer. On CUDA the all-reduces
+go through ``comm.CudaCommunicator`` (NCCL or one-shot over symmetric memory).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,22 +30,30 @@ TP_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVS
 class TPGroup:
     rank: int = 0
     size: int = 1
+    comm: Any = field(default=None, compare=False)  # comm.CudaCommunicator on CUDA, else None
+    single_host: bool = True  # every rank on this machine (the step channel may use shared memory)
 
     @property
     def enabled(self) -> bool:
         return self.size > 1
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.size > 1:
-            dist.all_reduce(x)
+        """The sum over ranks (in place for NCCL / gloo; a new tensor for one-shot)."""
+        if self.size == 1:
+            return x
+        if self.comm is not None:
+            return self.comm.all_reduce(x)
+        dist.all_reduce(x)
         return x
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [N, D] from every rank -> [N, size * D] in rank order (one collective)."""
         if self.size == 1:
             return x
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=-1)
+        n, d = x.shape
+        out = torch.empty(self.size * n, d, dtype=x.dtype, device=x.device)
+        _all_gather(out, x.contiguous())
+        return out.view(self.size, n, d).transpose(0, 1).reshape(n, self.size * d)
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
@@ -66,12 +77,28 @@ class TPGroup:
         return 1, self.rank // (self.size // num_kv_heads)
 
 
-def init_tp(rank: int, size: int, init_method: str, device: str) -> TPGroup:
+# torch >= 2.13 renamed it (the old name warns); the GPU machine's torch has the old one only
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def init_tp(rank: int, size: int, init_method: str, device: str, dtype: torch.dtype = torch.bfloat16,
+            all_reduce_mode: str = "auto", single_host: bool = True) -> TPGroup:
+    """Join the group (``init_method``: ``tcp://host:port`` or ``env://`` under torchrun);
+    on CUDA rank r drives GPU ``local rank`` = r modulo the GPUs visible."""
     os.environ.update(TP_ENV)
     if size == 1:
         return TPGroup()
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size)
-    return TPGroup(rank, size)
+    cuda = device.startswith("cuda")
+    kw = {}
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
+        torch.cuda.set_device(local)
+        kw["device_id"] = torch.device("cuda", local)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank, world_size=size, **kw)
+    comm = None
+    if cuda:
+        from miniinfer.comm import CudaCommunicator
+        dist.all_reduce(torch.ones(1, device="cuda"))  # NCCL's communicator exists before any graph capture
+        comm = CudaCommunicator(dist.group.WORLD, torch.device("cuda", torch.cuda.current_device()), dtype,
+                                all_reduce_mode if single_host else "nccl")
+    return TPGroup(rank, size, comm, single_host)

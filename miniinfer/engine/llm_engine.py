@@ -58,13 +58,22 @@ class LLMEngine:
             from miniinfer.tokenizer import eos_token_ids
             eos |= set(eos_token_ids(tokenizer, source.hf_config))
         self.tp_procs: list = []
-        tp = TPGroup()
-        if config.tensor_parallel_size > 1:
+        tp, channel = TPGroup(), None
+        if config.tensor_parallel_size > 1 and config.distributed_executor_backend == "external_launcher":
+            from miniinfer.worker.tp_worker import join_external
+            tp, channel = join_external(config, self.model_config, source, requested_len)  # ranks > 0 stay there
+        elif config.tensor_parallel_size > 1:
             from miniinfer.worker.tp_worker import start_workers
-            tp, self.tp_procs = start_workers(config, self.model_config, source, requested_len)
+            tp, self.tp_procs, channel = start_workers(config, self.model_config, source, requested_len)
+        if channel is not None:
             import atexit
             atexit.register(self.shutdown)
         self.runner = ModelRunner(config, self.model_config, source, requested_len, progress, tp)
+        if channel is not None:
+            procs = self.tp_procs
+            self.runner.channel = channel
+            if procs:
+                self.runner.tp_alive = lambda: all(p.is_alive() for p in procs)
         layout = self.runner.kv_layout  # read once: nothing flows back to the runner
         self.max_model_len = layout.max_model_len
         self.kv = KVCacheManager(layout.num_blocks, layout.block_size, config.enable_prefix_caching)
@@ -308,10 +317,11 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (idempotent; also runs at interpreter exit)."""
-        if self.tp_procs:
+        if self.runner.channel is not None:
             from miniinfer.worker.tp_worker import stop_workers
             procs, self.tp_procs = self.tp_procs, []
             stop_workers(self.runner, procs)
+            self.runner.channel = None
 
     def on_idle(self, raise_errors: bool = True) -> None:
         """Front ends call this when no request is left: drop a stale in-flight step and verify

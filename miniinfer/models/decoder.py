@@ -149,7 +149,9 @@ class DecoderForCausalLM(nn.Module):
         # float32 whatever the weights' dtype; shared by every layer; not a parameter.
         cos_sin = build_cos_sin_cache(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
         self.cos_sin_cache = cos_sin
-        self.embed_tokens = nn.Embedding(self.vocab_local, cfg.hidden_size)
+        # Replicated on every rank (the lookup reads only its rows; a vocab-parallel table
+        # would cost an all-reduce per forward and break comm.py's even all-reduce count).
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, backend, cos_sin, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.tie_word_embeddings:
@@ -159,12 +161,7 @@ class DecoderForCausalLM(nn.Module):
         self.packed_lm_head: nn.Module | None = None  # a tied head's CPU copy (pack_for_cpu)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if not self.tp.enabled:
-            return self.embed_tokens(input_ids)
-        local = input_ids - self.vocab_start
-        mine = (local >= 0) & (local < self.vocab_local)
-        hidden = self.embed_tokens(local.clamp(0, self.vocab_local - 1)) * mine.unsqueeze(-1)
-        return self.tp.all_reduce(hidden)
+        return self.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed(input_ids)
@@ -180,9 +177,12 @@ class DecoderForCausalLM(nn.Module):
             logits = self.lm_head(hidden)
         elif self.packed_lm_head is not None:
             logits = self.packed_lm_head(hidden)
-        else:
-            logits = torch.matmul(hidden, self.embed_tokens.weight.t())
-        return self.tp.all_gather_last_dim(logits.float())
+        else:  # tied: this rank's vocabulary rows of the (replicated) embedding
+            weight = self.embed_tokens.weight
+            if self.tp.enabled:
+                weight = weight[self.vocab_start:self.vocab_start + self.vocab_local]
+            logits = torch.matmul(hidden, weight.t())
+        return self.tp.all_gather_last_dim(logits).float()
 
     def use_quantized_weights(self, rows: dict[str, tuple[str, torch.Tensor]]) -> int:
         """CPU: swap every projection whose HF parts all came in one GGUF format the kernels
@@ -255,7 +255,7 @@ class DecoderForCausalLM(nn.Module):
         """This rank's part of a non-fused HF tensor."""
         if not self.tp.enabled:
             return tensor
-        if name in ("embed_tokens.weight", "lm_head.weight"):
+        if name == "lm_head.weight":
             return tensor[self.vocab_start:self.vocab_start + self.vocab_local]
         if name.endswith(("o_proj.weight", "down_proj.weight")):
             cols = tensor.shape[1] // self.tp.size

@@ -90,7 +90,7 @@ class CUDAGraphs:
     def fits_decode(self, batch: InputBatch, num_scheduled: int) -> bool:
         """Every scheduled sequence is a sampling decode and the batch fits the largest graph."""
         return (bool(self.decode) and batch.attn_metadata.num_decodes == num_scheduled
-                and len(batch.sampling_seqs) == num_scheduled and num_scheduled <= self.max_decode_bs)
+                and batch.logits_indices.shape[0] == num_scheduled and num_scheduled <= self.max_decode_bs)
 
     def prefill_bucket(self, num_tokens: int) -> int | None:
         return next((t for t in sorted(self.prefill) if t >= num_tokens), None)

@@ -7,7 +7,8 @@ pinned staging), described by a :class:`StepHeader`, and are split there into vi
     [input_ids T][positions T][slot_mapping T][logits_indices L][query_start_loc B+1]
     [seq_lens B][block_tables B*W][fill_at F][fill_rows F]
 
-Tensor-parallel ranks receive the header and the buffer and rebuild the same views.
+Tensor-parallel ranks receive the header and the host buffer (``worker/step_channel.py``)
+and rebuild the same views (``inputs_from_host``).
 A sequence verifying k draft tokens (speculative decoding) feeds its last token and the
 drafts as one (1 + k)-token extend and gets a logits row for each of them.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from miniinfer.attention.metadata import AttentionMetadata, cache_slot, cache_slots
@@ -58,9 +60,9 @@ class InputBatch:
 
 
 def prepare_inputs(sched: SchedulerOutput, block_size: int,
-                   staging: PinnedStaging) -> tuple[InputBatch, StepHeader, torch.Tensor]:
+                   staging: PinnedStaging) -> tuple[InputBatch, StepHeader, np.ndarray]:
     """Flatten the batch into one host int64 buffer and copy it to the device once.
-    Returns the batch, its header and the device buffer (for tensor-parallel ranks)."""
+    Returns the batch, its header and the host buffer (for tensor-parallel ranks)."""
     staging.begin_step()
     input_ids: list[int] = []
     positions: list[int] = []
@@ -106,15 +108,30 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int,
         flat_tables.extend([0] * (width - len(t)))
     header = StepHeader(STEP, len(input_ids), len(logits_idx), len(q_lens), width, len(fill_at), num_decodes,
                         max(q_lens), max(seq_lens))
-    buf = staging.to_device(input_ids + positions + slots + logits_idx + qsl + seq_lens
-                            + flat_tables + fill_at + fill_rows, torch.int64)
+    host = np.array(input_ids + positions + slots + logits_idx + qsl + seq_lens + flat_tables + fill_at + fill_rows,
+                    dtype=np.int64)
+    buf = staging.to_device(torch.from_numpy(host), torch.int64)
     staging.end_step()
     batch = unpack_inputs(buf, header)
     batch.sampling_seqs = sampling_seqs
     if len(logits_idx) > len(sampling_seqs):
         batch.seq_rows = seq_rows
     batch.attn_metadata.query_start_loc_cpu, batch.attn_metadata.seq_lens_cpu = qsl, seq_lens
-    return batch, header, buf
+    return batch, header, host
+
+
+def inputs_from_host(header: StepHeader, host: np.ndarray, staging: PinnedStaging) -> InputBatch:
+    """A tensor-parallel worker's batch from the header and host buffer rank 0 published
+    (no sampling sequences: only rank 0 samples)."""
+    staging.begin_step()
+    buf = staging.to_device(torch.from_numpy(host), torch.int64)
+    staging.end_step()
+    batch = unpack_inputs(buf, header)
+    at = 3 * header.num_tokens + header.num_logits
+    b = header.num_seqs
+    batch.attn_metadata.query_start_loc_cpu = host[at:at + b + 1].tolist()
+    batch.attn_metadata.seq_lens_cpu = host[at + b + 1:at + 2 * b + 1].tolist()
+    return batch
 
 
 def unpack_inputs(buf: torch.Tensor, h: StepHeader) -> InputBatch:

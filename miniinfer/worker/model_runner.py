@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 
 import torch
 
@@ -26,7 +27,7 @@ from miniinfer.sampling_params import SamplingParams
 from miniinfer.worker import kv_cache
 from miniinfer.worker.cuda_graphs import MAX_LOGIT_ROWS, CUDAGraphs
 from miniinfer.worker.host_staging import PinnedStaging
-from miniinfer.worker.input_batch import meta_from_lists, prepare_inputs
+from miniinfer.worker.input_batch import InputBatch, StepHeader, inputs_from_host, meta_from_lists, prepare_inputs
 from miniinfer.worker.warmup import warmup_schedules
 
 log = logging.getLogger("miniinfer")
@@ -61,9 +62,16 @@ class ModelRunner:
         self.structured_output = None
         # EAGLE drafting reads the target's final hidden states of every step's tokens
         self.keep_hidden = False
-        if self.device.type == "cuda" and cfg.warmup and not tp.enabled:
+        # Tensor parallelism: rank 0 publishes every step here (worker/step_channel.py; set
+        # after start-up, whose warm-up and graph captures every rank runs alike on its own);
+        # ``tp_alive()`` says whether the other ranks still live (checked while waiting).
+        self.channel = None
+        self.tp_alive = None
+        if tp.enabled:  # placeholders' sampled ids, sent from rank 0 to the others
+            self._tp_ids = torch.zeros(max(cfg.max_num_seqs, 1), dtype=torch.int64, device=self.device)
+        if self.device.type == "cuda" and cfg.warmup:
             self.warmup()
-        if self.device.type == "cuda" and not cfg.enforce_eager and not tp.enabled:
+        if self.device.type == "cuda" and not cfg.enforce_eager:
             self.capture_cuda_graphs()
 
     @property
@@ -127,32 +135,53 @@ class ModelRunner:
         Inputs that are placeholders (tokens sampled by ``prev``, still on the device) are
         filled from ``prev``'s sampled-ids tensor on the device. Raises ``RuntimeError`` if a
         placeholder has no step in flight to come from."""
-        batch, header, buf = prepare_inputs(sched, self.block_size, self.staging)
-        if self.tp.enabled:  # the other ranks run the same forward on the same inputs
-            from miniinfer.worker.tp_worker import broadcast_step
-            broadcast_step(self.tp, header, buf)
+        batch, header, host = prepare_inputs(sched, self.block_size, self.staging)
+        if self.channel is not None:  # the other ranks run the same forward on the same inputs
+            self.channel.publish(header, host)
         if batch.fill_at is not None:
-            if self.tp.enabled:  # the workers get the buffer before the fill: overlap is off under TP
-                raise RuntimeError("placeholder inputs under tensor parallelism (overlap scheduling must be off)")
             if prev is None or prev.token_ids is None:
                 raise RuntimeError("a step input is a placeholder but no previous step is in flight")
-            batch.input_ids[batch.fill_at] = prev.token_ids[batch.fill_rows]
-        n = len(sched.scheduled)
-        graphs = self.cuda_graphs
-        if graphs is not None and graphs.fits_decode(batch, n):
-            logits, hidden = graphs.replay_decode(batch)
-        elif (graphs is not None and n == 1 and batch.sampling_seqs
-              and batch.logits_indices.shape[0] <= MAX_LOGIT_ROWS
-              and graphs.prefill_bucket(batch.input_ids.shape[0]) is not None):
-            logits, hidden = graphs.replay_prefill(batch)
-        else:
-            with forward_context(batch.attn_metadata):
-                hidden = self.model(batch.input_ids, batch.positions)
-            if not batch.sampling_seqs:
-                return ForwardOutput(sched, [], None, hidden=hidden if self.keep_hidden else None)
-            logits = self.model.compute_logits(hidden[batch.logits_indices])
+            ids = self._share_sampled(prev.token_ids) if self.tp.enabled else prev.token_ids
+            batch.input_ids[batch.fill_at] = ids[batch.fill_rows]
+        logits, hidden = self._run_model(batch, len(sched.scheduled))
+        if logits is None:
+            return ForwardOutput(sched, [], None, hidden=hidden if self.keep_hidden else None)
         return ForwardOutput(sched, batch.sampling_seqs, logits, batch.seq_rows,
                              hidden if self.keep_hidden else None)
+
+    def _run_model(self, batch: InputBatch, num_scheduled: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(logits of the batch's logits rows or None when it has none, hidden): a decode or
+        prefill graph when one fits, else eager. The choice depends only on what the packed
+        inputs say, so every tensor-parallel rank makes the same one (same collectives)."""
+        num_logits = batch.logits_indices.shape[0]
+        graphs = self.cuda_graphs
+        if graphs is not None and graphs.fits_decode(batch, num_scheduled):
+            return graphs.replay_decode(batch)
+        if (graphs is not None and num_scheduled == 1 and 0 < num_logits <= MAX_LOGIT_ROWS
+                and graphs.prefill_bucket(batch.input_ids.shape[0]) is not None):
+            return graphs.replay_prefill(batch)
+        with forward_context(batch.attn_metadata):
+            hidden = self.model(batch.input_ids, batch.positions)
+        if num_logits == 0:
+            return None, hidden
+        return self.model.compute_logits(hidden[batch.logits_indices]), hidden
+
+    def _share_sampled(self, token_ids: torch.Tensor | None) -> torch.Tensor:
+        """Tensor parallelism with overlap scheduling: the last step's sampled ids exist on
+        rank 0's device only; one broadcast (queued on the stream, no host wait) gives every
+        rank the same ``[max_num_seqs]`` buffer to fill its placeholders from."""
+        if token_ids is not None:
+            self._tp_ids[:token_ids.shape[0]].copy_(token_ids)
+        self.tp.broadcast(self._tp_ids)
+        return self._tp_ids
+
+    @torch.inference_mode()
+    def run_published(self, header: StepHeader, host) -> None:
+        """Ranks > 0: one step's forward from what rank 0 published (see ``forward``)."""
+        batch = inputs_from_host(header, host, self.staging)
+        if batch.fill_at is not None:
+            batch.input_ids[batch.fill_at] = self._share_sampled(None)[batch.fill_rows]
+        self._run_model(batch, header.num_seqs)
 
     @torch.inference_mode()
     def sample(self, fwd: ForwardOutput) -> InFlightStep:
@@ -219,8 +248,21 @@ class ModelRunner:
             return StepResult([c[0] for c in committed], step.sampler_output, committed,
                               [r.start for r in step.seq_rows], hidden=step.hidden)
         if step.event is not None:
-            step.event.synchronize()
+            self._wait_for(step.event)
         return StepResult(step.token_ids_host.tolist(), step.sampler_output, hidden=step.hidden)
+
+    def _wait_for(self, event) -> None:
+        """``event.synchronize()``; under tensor parallelism a poll that raises ``RuntimeError``
+        if another rank died (its collectives would never complete: no hang)."""
+        if self.tp_alive is None:
+            event.synchronize()
+            return
+        spins = 0
+        while not event.query():
+            spins += 1
+            if spins % 256 == 0 and not self.tp_alive():
+                raise RuntimeError("a tensor-parallel rank died: the step can't complete")
+            time.sleep(0)
 
     def execute(self, sched: SchedulerOutput) -> StepResult:
         """Launch and wait: one synchronous step."""

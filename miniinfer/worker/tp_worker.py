@@ -1,13 +1,18 @@
 """Starting and stopping the tensor-parallel worker processes (ranks 1..N-1).
 
-Each worker builds its shard of the model and KV cache, then runs :func:`serve`: every
-forward rank 0 broadcasts (a :class:`StepHeader` and the packed input buffer of
-``worker/input_batch.py``), until rank 0 broadcasts STOP. A worker whose parent dies
-exits at once (watchdog thread), so no rank outlives the engine; a rank that dies makes the
-others' next collective fail with an error instead of hanging.
+Each worker builds its shard of the model and KV cache (running the same start-up as rank 0:
+profile run, warm-up, CUDA-graph captures, so their collectives pair up), then runs
+:func:`serve`: every step rank 0 publishes on the step channel, until it publishes STOP.
+
+Processes are started with ``spawn`` (a forked child can't use CUDA once the parent
+touched it, and a forked child of a threaded parent may deadlock), so the caller's script
+must be import-safe (``if __name__ == "__main__":``) as with vLLM. A worker whose parent
+dies exits at once (watchdog thread), so no rank outlives the engine; rank 0 checks the
+workers while it waits on them and raises ``RuntimeError`` if one died.
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import socket
@@ -16,13 +21,15 @@ import time
 
 import torch
 
-from miniinfer.attention.metadata import forward_context
 from miniinfer.config import EngineConfig, ModelConfig
 from miniinfer.loader.model_loader import ModelSource
 from miniinfer.parallel import TPGroup, init_tp
-from miniinfer.worker.input_batch import STOP, StepHeader, unpack_inputs
+from miniinfer.worker.input_batch import STOP, StepHeader
+from miniinfer.worker.step_channel import (BroadcastStepChannel, ShmStepChannel, max_step_numel)
 
+log = logging.getLogger("miniinfer")
 HEADER_LEN = len(StepHeader._fields)
+SHM_SLOTS = 2
 
 
 def _free_port() -> int:
@@ -39,14 +46,23 @@ def _watch_parent(parent: int) -> None:
 
 
 def _worker_main(rank: int, size: int, init_method: str, cfg: EngineConfig, model_config: ModelConfig,
-                 source: ModelSource, max_model_len: int, parent: int) -> None:
+                 source: ModelSource, max_model_len: int, parent: int, shm: torch.Tensor | None,
+                 slot_numel: int) -> None:
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-    from miniinfer.worker.model_runner import ModelRunner
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
-    tp = init_tp(rank, size, init_method, cfg.device)
+    tp = init_tp(rank, size, init_method, cfg.device, cfg.torch_dtype, cfg.all_reduce_mode)
+    channel = (ShmStepChannel(shm, size - 1, slot_numel, SHM_SLOTS, reader=rank) if shm is not None
+               else BroadcastStepChannel(tp, torch.device(cfg.device)))
+    run_worker(cfg, model_config, source, max_model_len, tp, channel)
+
+
+def run_worker(cfg: EngineConfig, model_config: ModelConfig, source: ModelSource, max_model_len: int,
+               tp: TPGroup, channel) -> None:
+    """A rank > 0 from start to end: build the runner, serve, leave the group."""
+    from miniinfer.worker.model_runner import ModelRunner
     runner = ModelRunner(cfg, model_config, source, max_model_len, progress=False, tp=tp)
     try:
-        serve(runner)
+        serve(runner, channel)
     finally:
         import torch.distributed as dist
         if dist.is_initialized():
@@ -54,56 +70,83 @@ def _worker_main(rank: int, size: int, init_method: str, cfg: EngineConfig, mode
 
 
 def start_workers(cfg: EngineConfig, model_config: ModelConfig, source: ModelSource,
-                  max_model_len: int) -> tuple[TPGroup, list[mp.Process]]:
-    """Spawn ranks 1..N-1 and join the group as rank 0."""
+                  max_model_len: int) -> tuple[TPGroup, list[mp.Process], object]:
+    """Spawn ranks 1..N-1 and join the group as rank 0. Returns (group, processes, channel)."""
     size = cfg.tensor_parallel_size
     init_method = f"tcp://127.0.0.1:{_free_port()}"
-    # fork (like vLLM) on CPU; spawn on CUDA, which a forked child can't initialize again
-    # (spawn needs the caller's script to be import-safe: `if __name__ == "__main__":`).
-    ctx = mp.get_context("spawn" if cfg.device.startswith("cuda") or torch.cuda.is_initialized() else "fork")
-    procs = []
+    slot_numel = max_step_numel(cfg.max_num_batched_tokens + cfg.max_num_seqs, cfg.max_num_seqs,
+                                max_model_len, cfg.block_size)
+    procs: list[mp.Process] = []
+    channel = ShmStepChannel.create(size - 1, slot_numel, SHM_SLOTS, alive=lambda: all(p.is_alive() for p in procs))
+    log.info("tensor parallelism: %d ranks, step channel %.1f MB of shared memory", size,
+             channel.buffer.numel() * 8 / 1e6)
+    ctx = mp.get_context("spawn")
     for rank in range(1, size):
         p = ctx.Process(target=_worker_main, daemon=True, name=f"miniinfer-tp{rank}",
-                        args=(rank, size, init_method, cfg, model_config, source, max_model_len, os.getpid()))
+                        args=(rank, size, init_method, cfg, model_config, source, max_model_len, os.getpid(),
+                              channel.buffer, slot_numel))
         p.start()
         procs.append(p)
-    return init_tp(0, size, init_method, cfg.device), procs
+    return init_tp(0, size, init_method, cfg.device, cfg.torch_dtype, cfg.all_reduce_mode), procs, channel
 
 
-def broadcast_step(tp: TPGroup, header: StepHeader, buf: torch.Tensor) -> None:
-    """Rank 0: send one step's inputs to the other ranks."""
-    tp.broadcast(torch.tensor(header, dtype=torch.int64).to(buf.device))
-    tp.broadcast(buf)
+def join_external(cfg: EngineConfig, model_config: ModelConfig, source: ModelSource,
+                  max_model_len: int) -> tuple[TPGroup, object]:
+    """``distributed_executor_backend="external_launcher"``: every rank is a process started by
+    ``torchrun`` (any number of machines) running the same command. Joins the group from
+    torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``).
+    Rank 0 returns (group, channel) and goes on as the engine; every other rank serves rank 0
+    here and then exits the process (``SystemExit(0)``) when rank 0 shuts down.
+
+    Raises ``ValueError`` if torchrun's world size differs from ``tensor_parallel_size``."""
+    env = os.environ
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        raise ValueError("distributed_executor_backend=external_launcher needs torchrun's RANK / WORLD_SIZE "
+                         "environment (start every rank with torchrun)")
+    rank, size = int(env["RANK"]), int(env["WORLD_SIZE"])
+    if size != cfg.tensor_parallel_size:
+        raise ValueError(f"tensor_parallel_size ({cfg.tensor_parallel_size}) must equal torchrun's world size ({size})")
+    single_host = int(env.get("LOCAL_WORLD_SIZE", size)) == size
+    tp = init_tp(rank, size, "env://", cfg.device, cfg.torch_dtype, cfg.all_reduce_mode, single_host)
+    channel = BroadcastStepChannel(tp, torch.device(cfg.device))
+    if rank == 0:
+        return tp, channel
+    run_worker(cfg, model_config, source, max_model_len, tp, channel)
+    raise SystemExit(0)
 
 
-def serve(runner) -> None:
-    """Ranks > 0: run every forward rank 0 broadcasts, until it broadcasts STOP."""
-    header_t = torch.empty(HEADER_LEN, dtype=torch.int64, device=runner.device)
+def serve(runner, channel) -> None:
+    """Ranks > 0: run every step rank 0 publishes, until it publishes STOP."""
     with torch.inference_mode():
         while True:
-            runner.tp.broadcast(header_t)
-            header = StepHeader(*header_t.tolist())
+            header, host = channel.receive()
             if header.kind == STOP:
                 return
-            buf = torch.empty(header.buffer_len, dtype=torch.int64, device=runner.device)
-            runner.tp.broadcast(buf)
-            batch = unpack_inputs(buf, header)
-            with forward_context(batch.attn_metadata):
-                hidden = runner.model(batch.input_ids, batch.positions)
-            if header.num_logits:
-                runner.model.compute_logits(hidden[batch.logits_indices])
+            runner.run_published(header, host)
 
 
 def stop_workers(runner, procs: list[mp.Process]) -> None:
+    """Publish STOP, join the workers (killing any that linger) and leave the group."""
     import torch.distributed as dist
+    alive = all(p.is_alive() for p in procs)
     try:
-        if all(p.is_alive() for p in procs):
-            stop = StepHeader(STOP, *([0] * (HEADER_LEN - 1)))
-            runner.tp.broadcast(torch.tensor(stop, dtype=torch.int64).to(runner.device))
+        if alive and runner.channel is not None:
+            runner.channel.publish(StepHeader(STOP, *([0] * (HEADER_LEN - 1))), [])
     finally:
         for p in procs:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
         if dist.is_initialized():
-            dist.destroy_process_group()
+            if alive:
+                dist.destroy_process_group()
+            else:  # a dead peer: NCCL's orderly teardown could wait for it forever
+                _abort_group()
+
+
+def _abort_group() -> None:
+    import torch.distributed as dist
+    try:
+        dist.distributed_c10d._abort_process_group()  # torch >= 2.6
+    except Exception:  # noqa: BLE001 - best effort: the process is going on without the group
+        log.warning("could not abort the tensor-parallel process group after a rank died")

@@ -1,0 +1,166 @@
+"""All-reduce microbenchmark (shared/BENCHMARKS.md §13): NCCL against the one-shot all-reduce
+over symmetric (peer-mapped) memory of ``miniinfer/comm.py``, and torch's two-shot, all inside
+CUDA graphs as the engine runs them, bf16, 8 KB - 32 MB. Needs >= 2 GPUs.
+
+    python benchmarks/allreduce_bench.py --out results.json [--world-size 2] [--iters 20]
+
+Reports, per message size, microseconds per all-reduce (a graph of ``--iters`` all-reduces
+replayed ``--reps`` times, timed with CUDA events on rank 0) and checks every result.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from miniinfer.parallel import TP_ENV  # noqa: E402
+
+SIZES = [8 << 10 << i for i in range(13)]  # 8 KB .. 32 MB
+
+
+def _graph_time(fn, iters: int, reps: int) -> float:
+    """Microseconds per call of ``fn`` captured ``iters`` times in one graph."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(iters):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    dist.barrier()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        g.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / (iters * reps)
+
+
+def _eager_time(fn, iters: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / iters
+
+
+def _worker(rank: int, world: int, port: int, args, queue) -> None:
+    os.environ.update(TP_ENV)
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            device_id=torch.device("cuda", rank))
+    from miniinfer.comm import CudaCommunicator
+    dev, dt = torch.device("cuda", rank), torch.bfloat16
+    group = dist.group.WORLD
+    out: dict = {"ops": sorted(n for n in ("one_shot_all_reduce", "one_shot_all_reduce_out",
+                                           "one_shot_all_reduce_copy", "two_shot_all_reduce_",
+                                           "multimem_all_reduce_") if hasattr(torch.ops.symm_mem, n))}
+    results: dict[str, dict[int, float]] = {"nccl_eager": {}, "nccl_graph": {}, "one_shot_graph": {},
+                                            "two_shot_graph": {}}
+    errors: dict[str, str] = {}
+    comm = None
+    try:
+        comm = CudaCommunicator(group, dev, dt, mode="one_shot", one_shot_max_bytes=max(SIZES))
+    except Exception as e:  # noqa: BLE001
+        errors["one_shot"] = f"{type(e).__name__}: {e}"
+    two = None
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+        two = symm_mem.empty(max(SIZES) // 2, dtype=dt, device=dev)
+        symm_mem.rendezvous(two, group.group_name)
+    except Exception as e:  # noqa: BLE001
+        errors["two_shot"] = f"{type(e).__name__}: {e}"
+    dist.all_reduce(torch.ones(1, device=dev))
+    for size in SIZES:
+        n = size // 2
+        x = torch.full((n,), float(rank + 1), dtype=dt, device=dev)
+        want = float(world * (world + 1) // 2)
+
+        def nccl(x=x):  # in place, as the engine calls it
+            dist.all_reduce(x)
+            return x
+        cases = {"nccl_eager": None, "nccl_graph": nccl}
+        if comm is not None:  # the engine's path (one_shot_all_reduce_copy where torch has it)
+            cases["one_shot_graph"] = lambda x=x: comm.all_reduce(x)
+        if two is not None and "two_shot_all_reduce_" in out["ops"]:
+            def two_shot(x=x, n=n):
+                b = two[:n]
+                b.copy_(x)  # torch has no two-shot with the copy inside
+                torch.ops.symm_mem.two_shot_all_reduce_(b, "sum", group.group_name)
+                return b
+            cases["two_shot_graph"] = two_shot
+        for name, fn in cases.items():
+            try:
+                if name == "nccl_eager":
+                    us = _eager_time(lambda: dist.all_reduce(x), args.iters * args.reps)
+                    results[name][size] = us
+                    continue
+                x.fill_(float(rank + 1))
+                y = fn()
+                torch.cuda.synchronize()
+                if not torch.all(y == want):
+                    raise RuntimeError(f"wrong sum: {y[:4].tolist()} != {want}")
+                x.fill_(0.0)  # timed runs in place: keep the values finite
+                results[name][size] = _graph_time(fn, args.iters, args.reps)
+            except Exception as e:  # noqa: BLE001
+                errors.setdefault(name, f"{size}: {type(e).__name__}: {e}\n{traceback.format_exc()[-800:]}")
+    out["us"] = results
+    out["errors"] = errors
+    if rank == 0:
+        queue.put(out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--world-size", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=10)
+    args = ap.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, args.world_size, port, args, queue)) for r in range(args.world_size)]
+    for p in procs:
+        p.start()
+    res = queue.get(timeout=600)
+    for p in procs:
+        p.join(timeout=60)
+    metrics = {}
+    for name, per in res["us"].items():
+        for size, us in per.items():
+            metrics[f"allreduce_{name}_{size // 1024}kb_us"] = round(us, 2)
+    for size in SIZES:
+        a, b = res["us"]["nccl_graph"].get(size), res["us"]["one_shot_graph"].get(size)
+        if a and b:
+            metrics[f"allreduce_one_shot_speedup_{size // 1024}kb"] = round(a / b, 3)
+    doc = {"device": f"{args.world_size}x {torch.cuda.get_device_name(0)}",
+           "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+           "metrics": metrics, "symm_mem_ops": res["ops"], "errors": res["errors"]}
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=1)
+    print(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    main()
