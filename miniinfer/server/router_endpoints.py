@@ -39,7 +39,7 @@ _MARKERS = tuple(f'"{k}"'.encode() for k in ROUTER_DEFAULT_FIELDS)
 router = APIRouter()
 
 
-@router.get("/get_load")
+@router.get("/get_load", include_in_schema=False)  # the router's probe, not part of the documented API
 async def get_load(request: Request) -> JSONResponse:
     """The requests this server holds (queued, running, or finishing their response): the load
     ``vllm-router --policy power_of_two`` compares between two replicas."""
