@@ -203,13 +203,18 @@ def _advance_grammar(seq: Sequence, token: int) -> GrammarOutcome:
     dormant grammar (reasoning) wakes after the token that completes the end marker and
     constrains from the next one."""
     if seq.reasoning_end is None:
-        if not seq.grammar.accept_token(token):
+        matcher = seq.grammar
+        if not matcher.accept_token(token):
             return GrammarOutcome(f"the grammar rejected token {token}, which the mask should have forbidden")
-        return GrammarOutcome(terminated=seq.grammar.is_terminated())
+        return _TERMINATED if matcher.is_terminated() else _ADVANCED
     end = len(seq.token_ids) - seq.num_pending  # the committed tokens, this one included, end here
     if seq.token_ids[end - len(seq.reasoning_end):end] == seq.reasoning_end:
         seq.reasoning_end = None
-    return GrammarOutcome()
+    return _ADVANCED
+
+
+_ADVANCED = GrammarOutcome()  # shared, never mutated: no allocation per row and step
+_TERMINATED = GrammarOutcome(terminated=True)
 
 
 def make_output(req: Request) -> RequestOutput:

@@ -7,6 +7,7 @@ cache, so filling one row of the ``[B, ceil(V / 32)]`` int32 bitmask takes micro
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import threading
@@ -25,6 +26,7 @@ MAX_SCHEMA_NODES = 20_000  # values in a JSON schema, counted as a tree (a share
 COMPILE_TIMEOUT_S = 10.0  # wall-clock limit of one compilation
 COMPILE_CACHE_BYTES = 128 << 20
 BATCH_FILL_MIN_ROWS = 4  # from this many constrained rows on, rows are filled by a thread pool
+MAX_FILL_THREADS = 16
 
 
 @dataclass
@@ -121,9 +123,9 @@ class StructuredOutputManager:
         self._rows = [torch.empty(shape[0], dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self._turn = 0
         self.overlap = True  # False: wait for the forward before filling (the A/B baseline)
-        # xgrammar's C++ thread pool fills many rows at once (30-150 µs a row on one core)
-        threads = min(16, (os.cpu_count() or 2) - 1)
-        self._batch = xgr.BatchGrammarMatcher(max_threads=threads) if threads >= 2 else None
+        # Many rows are filled by threads of our own, started once (30-150 µs a row on one
+        # core); see _FillPool for why not xgrammar's BatchGrammarMatcher(max_threads=n).
+        self._fill_pool = _FillPool(_fill_threads()) if _fill_threads() >= 2 else None
         self.fill_times_us: collections.deque[float] = collections.deque(maxlen=100_000)  # host time per fill
 
     # --- compilation ---------------------------------------------------------------------
@@ -187,8 +189,8 @@ class StructuredOutputManager:
                           for t in self._host]
             self._rows = [torch.empty(len(seqs), dtype=torch.int32, pin_memory=t.is_pinned()) for t in self._rows]
         host = self._host[self._turn][:len(seqs)]
-        if self._batch is not None and len(rows) >= BATCH_FILL_MIN_ROWS:
-            self._batch.batch_fill_next_token_bitmask([seqs[i].grammar for i in rows], host, rows)
+        if self._fill_pool is not None and len(rows) >= BATCH_FILL_MIN_ROWS:
+            self._fill_pool.fill([seqs[i].grammar for i in rows], host, rows)
         else:
             for i in rows:
                 seqs[i].grammar.fill_next_token_bitmask(host, i)
@@ -201,3 +203,65 @@ class StructuredOutputManager:
             pinned.copy_(torch.tensor(rows, dtype=torch.int32))
             indices = pinned.to(self.device, non_blocking=True)
         return GrammarBitmask(host.to(self.device, non_blocking=True), rows, indices)
+
+
+def _fill_threads() -> int:
+    """Threads that fill a step's mask rows (the engine thread is one of them): the CPUs this
+    process may run on (not ``os.cpu_count()``, the whole host's), at most MAX_FILL_THREADS."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(MAX_FILL_THREADS, n))
+
+
+class _FillPool:
+    """Fills many matchers' rows at once on threads started once, the caller being one of them.
+
+    xgrammar 0.2.9's ``BatchGrammarMatcher(max_threads=n)`` creates and joins ``n`` OS threads
+    inside every ``batch_fill_next_token_bitmask`` call (counted with strace: 2 clones per call
+    at n = 2): ~60 µs per step on 2 cores, and with 16 threads more than many of the rows cost
+    themselves. Here each thread (a persistent worker, or the caller) takes chunks of rows from
+    a shared counter and fills each chunk with one ``BatchGrammarMatcher(max_threads=1)`` call
+    of its own, which runs in the calling thread with the GIL released (no thread created).
+    Chunks are interleaved rows, twice as many as threads, taken in turn: a slow row delays
+    only its own chunk. Distinct matchers write distinct rows, as in xgrammar's own batch fill."""
+
+    def __init__(self, threads: int):
+        import xgrammar as xgr
+        self.threads = threads
+        self._xgr = xgr
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="miniinfer-fill")
+
+    def _batch(self):
+        b = getattr(self._local, "batch", None)
+        if b is None:
+            b = self._local.batch = self._xgr.BatchGrammarMatcher(max_threads=1)
+        return b
+
+    def _work(self, chunks, counter, matchers, bitmask) -> None:
+        batch = self._batch()
+        while True:
+            k = next(counter)  # atomic under the GIL
+            if k >= len(chunks):
+                return
+            rows = chunks[k]
+            batch.batch_fill_next_token_bitmask([matchers[j] for j in rows[0]], bitmask, rows[1])
+
+    def fill(self, matchers: list, bitmask: torch.Tensor, rows: list[int]) -> None:
+        """Fill ``bitmask[rows[j]]`` from ``matchers[j]`` for every j."""
+        n = len(rows)
+        helpers = min(self.threads, -(-n // BATCH_FILL_MIN_ROWS)) - 1
+        if helpers <= 0:
+            self._batch().batch_fill_next_token_bitmask(matchers, bitmask, rows)
+            return
+        k = min(n, 2 * (helpers + 1))
+        chunks = [(range(j, n, k), rows[j::k]) for j in range(k)]
+        counter = itertools.count()
+        futures = [self._pool.submit(self._work, chunks, counter, matchers, bitmask) for _ in range(helpers)]
+        try:
+            self._work(chunks, counter, matchers, bitmask)
+        finally:
+            for f in futures:
+                f.result()  # every row written (and a worker's error raised) before the mask is used

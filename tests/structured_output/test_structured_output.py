@@ -157,3 +157,33 @@ def test_min_tokens_with_a_grammar_is_refused(smol):
             choice=["yes", "no"])), use_tqdm=False)
     assert ei.value.param == "min_tokens"
     check_clean(smol)
+
+
+def test_fill_pool_writes_what_one_by_one_fills_write(smol):
+    """The threaded fill (persistent threads, chunks of interleaved rows) writes exactly the
+    rows the one-by-one fill writes, and no other row, for matchers in different states."""
+    import torch
+    import xgrammar as xgr
+    from miniinfer.structured_output.manager import _FillPool
+    so = smol.engine.structured_output
+    grammar = so.compile(StructuredOutputsParams(json=SCHEMAS[0]))
+    width = xgr.get_bitmask_shape(1, so.info.vocab_size)[1]
+    one = torch.empty((1, width), dtype=torch.int32)
+    stop = set(so.info.stop_token_ids)
+    matchers = []
+    for i in range(23):  # matcher i has accepted i % 7 tokens: the (i // 7)-th allowed one each time
+        m = so.new_matcher(grammar)
+        for _ in range(i % 7):
+            m.fill_next_token_bitmask(one, 0)
+            allowed = [w * 32 + b for w, x in enumerate(one[0].tolist()) if x for b in range(32)
+                       if (x >> b) & 1 and w * 32 + b not in stop]
+            assert m.accept_token(allowed[min(i // 7, len(allowed) - 1)])
+        matchers.append(m)
+    rows = [3 * i + 1 for i in range(len(matchers))]  # not contiguous: row 0, 2, 3, ... stay untouched
+    want = torch.full((3 * len(matchers) + 2, width), 7, dtype=torch.int32)
+    for m, r in zip(matchers, rows):
+        m.fill_next_token_bitmask(want, r)
+    for threads in (2, 3, 8):
+        got = torch.full_like(want, 7)
+        _FillPool(threads).fill(matchers, got, rows)
+        assert torch.equal(got, want), threads
