@@ -225,11 +225,19 @@ class _FillPool:
     a shared counter and fills each chunk with one ``BatchGrammarMatcher(max_threads=1)`` call
     of its own, which runs in the calling thread with the GIL released (no thread created).
     Chunks are interleaved rows, twice as many as threads, taken in turn: a slow row delays
-    only its own chunk. Distinct matchers write distinct rows, as in xgrammar's own batch fill."""
+    only its own chunk. Distinct matchers write distinct rows, as in xgrammar's own batch fill.
+
+    How many threads: waking a worker costs tens of µs, and a row costs from ~5 µs (a 49k
+    vocabulary) to ~300 µs (151k, inside a bounded string), so the count follows the work: one
+    thread per ``WORK_PER_THREAD_US`` of the step's expected fill (rows × the running mean of a
+    row's CPU time, measured per chunk), at least one, at most ``threads``."""
+
+    WORK_PER_THREAD_US = 100.0
 
     def __init__(self, threads: int):
         import xgrammar as xgr
         self.threads = threads
+        self.row_us = 100.0  # running mean of one row's fill, CPU µs (first steps: a guess)
         self._xgr = xgr
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="miniinfer-fill")
@@ -240,28 +248,30 @@ class _FillPool:
             b = self._local.batch = self._xgr.BatchGrammarMatcher(max_threads=1)
         return b
 
-    def _work(self, chunks, counter, matchers, bitmask) -> None:
+    def _work(self, chunks, counter, matchers, bitmask, cpu: list) -> None:
         batch = self._batch()
+        t0 = time.thread_time()
         while True:
             k = next(counter)  # atomic under the GIL
             if k >= len(chunks):
-                return
+                break
             rows = chunks[k]
             batch.batch_fill_next_token_bitmask([matchers[j] for j in rows[0]], bitmask, rows[1])
+        cpu.append(time.thread_time() - t0)
 
     def fill(self, matchers: list, bitmask: torch.Tensor, rows: list[int]) -> None:
         """Fill ``bitmask[rows[j]]`` from ``matchers[j]`` for every j."""
         n = len(rows)
-        helpers = min(self.threads, -(-n // BATCH_FILL_MIN_ROWS)) - 1
-        if helpers <= 0:
-            self._batch().batch_fill_next_token_bitmask(matchers, bitmask, rows)
-            return
-        k = min(n, 2 * (helpers + 1))
+        threads = max(1, min(self.threads, n, int(n * self.row_us / self.WORK_PER_THREAD_US)))
+        k = 1 if threads == 1 else min(n, 2 * threads)
         chunks = [(range(j, n, k), rows[j::k]) for j in range(k)]
         counter = itertools.count()
-        futures = [self._pool.submit(self._work, chunks, counter, matchers, bitmask) for _ in range(helpers)]
+        cpu: list[float] = []
+        futures = [self._pool.submit(self._work, chunks, counter, matchers, bitmask, cpu)
+                   for _ in range(threads - 1)]
         try:
-            self._work(chunks, counter, matchers, bitmask)
+            self._work(chunks, counter, matchers, bitmask, cpu)
         finally:
             for f in futures:
                 f.result()  # every row written (and a worker's error raised) before the mask is used
+        self.row_us += 0.2 * (sum(cpu) * 1e6 / n - self.row_us)
