@@ -1,6 +1,7 @@
-"""All-reduce microbenchmark (shared/BENCHMARKS.md §13): NCCL against the one-shot all-reduce
-over symmetric (peer-mapped) memory of ``miniinfer/comm.py``, and torch's two-shot, all inside
-CUDA graphs as the engine runs them, bf16, 8 KB - 32 MB. Needs >= 2 GPUs.
+"""All-reduce microbenchmark (shared/BENCHMARKS.md §13): NCCL against the one-shot and two-shot
+all-reduces over symmetric (peer-mapped) memory of ``miniinfer/comm.py`` (each forced at every
+size, and the engine's choice by size), inside CUDA graphs as the engine runs them, bf16,
+8 KB - 32 MB, in place as the engine calls them. Needs >= 2 GPUs.
 
     python benchmarks/allreduce_bench.py --out results.json [--world-size 2] [--iters 20]
 
@@ -72,20 +73,18 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
                                            "one_shot_all_reduce_copy", "two_shot_all_reduce_",
                                            "multimem_all_reduce_") if hasattr(torch.ops.symm_mem, n))}
     results: dict[str, dict[int, float]] = {"nccl_eager": {}, "nccl_graph": {}, "one_shot_graph": {},
-                                            "two_shot_graph": {}}
+                                            "two_shot_graph": {}, "engine_graph": {}}
     errors: dict[str, str] = {}
-    comm = None
-    try:
-        comm = CudaCommunicator(group, dev, dt, mode="one_shot", one_shot_max_bytes=max(SIZES))
-    except Exception as e:  # noqa: BLE001
-        errors["one_shot"] = f"{type(e).__name__}: {e}"
-    two = None
-    try:
-        import torch.distributed._symmetric_memory as symm_mem
-        two = symm_mem.empty(max(SIZES) // 2, dtype=dt, device=dev)
-        symm_mem.rendezvous(two, group.group_name)
-    except Exception as e:  # noqa: BLE001
-        errors["two_shot"] = f"{type(e).__name__}: {e}"
+    comms = {}
+    top = max(SIZES)
+    for name, kw in (("one_shot_graph", dict(one_shot_max_bytes=top, two_shot_max_bytes=top)),
+                     ("two_shot_graph", dict(one_shot_max_bytes=0, two_shot_max_bytes=top)),
+                     ("engine_graph", {})):  # the engine's defaults: one-shot, two-shot, NCCL by size
+        try:
+            comms[name] = CudaCommunicator(group, dev, dt, mode="symm_mem", **kw)
+        except Exception as e:  # noqa: BLE001
+            errors[name] = f"{type(e).__name__}: {e}"
+    out["engine_methods"] = {}
     dist.all_reduce(torch.ones(1, device=dev))
     for size in SIZES:
         n = size // 2
@@ -96,15 +95,10 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
             dist.all_reduce(x)
             return x
         cases = {"nccl_eager": None, "nccl_graph": nccl}
-        if comm is not None:  # the engine's path (one_shot_all_reduce_copy where torch has it)
-            cases["one_shot_graph"] = lambda x=x: comm.all_reduce(x)
-        if two is not None and "two_shot_all_reduce_" in out["ops"]:
-            def two_shot(x=x, n=n):
-                b = two[:n]
-                b.copy_(x)  # torch has no two-shot with the copy inside
-                torch.ops.symm_mem.two_shot_all_reduce_(b, "sum", group.group_name)
-                return b
-            cases["two_shot_graph"] = two_shot
+        for name, comm in comms.items():
+            cases[name] = lambda x=x, comm=comm: comm.all_reduce(x)
+        if "engine_graph" in comms:
+            out["engine_methods"][size] = comms["engine_graph"].method(x)
         for name, fn in cases.items():
             try:
                 if name == "nccl_eager":
@@ -151,12 +145,13 @@ def main() -> None:
         for size, us in per.items():
             metrics[f"allreduce_{name}_{size // 1024}kb_us"] = round(us, 2)
     for size in SIZES:
-        a, b = res["us"]["nccl_graph"].get(size), res["us"]["one_shot_graph"].get(size)
+        a, b = res["us"]["nccl_graph"].get(size), res["us"]["engine_graph"].get(size)
         if a and b:
-            metrics[f"allreduce_one_shot_speedup_{size // 1024}kb"] = round(a / b, 3)
+            metrics[f"allreduce_engine_speedup_vs_nccl_{size // 1024}kb"] = round(a / b, 3)
     doc = {"device": f"{args.world_size}x {torch.cuda.get_device_name(0)}",
            "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
-           "metrics": metrics, "symm_mem_ops": res["ops"], "errors": res["errors"]}
+           "metrics": metrics, "symm_mem_ops": res["ops"], "engine_methods": res["engine_methods"],
+           "errors": res["errors"]}
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)
     print(json.dumps(doc, indent=1))

@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--out-len", type=int, default=64)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (rank 0's kernels are traced)")
     ap.add_argument("--overlap", dest="overlap", action="store_true")
     ap.add_argument("--no-overlap", dest="overlap", action="store_false")
     ap.set_defaults(overlap=True)
@@ -43,7 +44,8 @@ def main() -> None:
     a, _ = ap.parse_known_args()
     out_dir = os.environ.get("OUT", "artifacts")
     os.makedirs(out_dir, exist_ok=True)
-    llm = LLM(a.model, load_format="dummy", max_model_len=4096, overlap_scheduling=a.overlap, progress=False)
+    llm = LLM(a.model, load_format="dummy", max_model_len=4096, overlap_scheduling=a.overlap, progress=False,
+              tensor_parallel_size=a.tp)
     rng = random.Random(0)
     if a.workload == "prefix":  # shared/BENCHMARKS.md §5 (Qwen2-0.5B in the bench)
         system = [rng.randrange(10000) for _ in range(2048)]
@@ -77,7 +79,8 @@ def main() -> None:
         return wrap
 
     eng.scheduler.schedule = timed("schedule", eng.scheduler.schedule)
-    eng.runner.prepare = timed("prepare", eng.runner.prepare)
+    import miniinfer.worker.model_runner as mr  # the runner's input packing, by its module-level name
+    mr.prepare_inputs = timed("prepare", mr.prepare_inputs)
     spans = []  # (start event, end event, decode-only step?)
     trace: list[dict] = []
     t_gen = [0.0]

@@ -141,7 +141,7 @@ class EngineConfig:
     max_logprobs: int = 20
     tensor_parallel_size: int = 1
     distributed_executor_backend: str = "mp"  # mp: the engine spawns its ranks | external_launcher: torchrun did
-    all_reduce_mode: str = "auto"  # tensor parallelism on CUDA: auto | nccl | one_shot (see comm.py)
+    all_reduce_mode: str = "auto"  # tensor parallelism on CUDA: auto | nccl | symm_mem (one-/two-shot, see comm.py)
     reasoning_parser: str | None = None  # qwen3 | deepseek_r1: <think> split off, grammars start after it
     structured_output_overlap: bool = True  # fill grammar masks while the forward runs (off: after it, for A/B)
     # speculative decoding, e.g. {"method": "ngram", "num_speculative_tokens": 4} (spec_decode/config.py)
@@ -173,8 +173,8 @@ class EngineConfig:
         if self.distributed_executor_backend not in ("mp", "external_launcher"):
             raise ValueError("distributed_executor_backend must be mp or external_launcher, got "
                              f"{self.distributed_executor_backend!r}")
-        if self.all_reduce_mode not in ("auto", "nccl", "one_shot"):
-            raise ValueError(f"all_reduce_mode must be auto, nccl or one_shot, got {self.all_reduce_mode!r}")
+        if self.all_reduce_mode not in ("auto", "nccl", "symm_mem"):
+            raise ValueError(f"all_reduce_mode must be auto, nccl or symm_mem, got {self.all_reduce_mode!r}")
         if self.tensor_parallel_size > 1 and self.speculative_config is not None:
             raise ValueError("speculative_config: speculative decoding with tensor_parallel_size > 1 "
                              "is not supported yet")

@@ -89,6 +89,9 @@ def init_tp(rank: int, size: int, init_method: str, device: str, dtype: torch.dt
     if size == 1:
         return TPGroup()
     cuda = device.startswith("cuda")
+    if dist.is_initialized():
+        raise RuntimeError("this process already belongs to a process group (an earlier tensor-parallel "
+                           "engine that could not leave it): start tensor parallelism in a new process")
     kw = {}
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()

@@ -68,7 +68,13 @@ class LLMEngine:
         if channel is not None:
             import atexit
             atexit.register(self.shutdown)
-        self.runner = ModelRunner(config, self.model_config, source, requested_len, progress, tp)
+        try:
+            self.runner = ModelRunner(config, self.model_config, source, requested_len, progress, tp)
+        except BaseException:
+            if self.tp_procs:  # the workers would wait on this rank's collectives forever
+                from miniinfer.worker.tp_worker import kill_workers
+                kill_workers(self.tp_procs)
+            raise
         if channel is not None:
             procs = self.tp_procs
             self.runner.channel = channel

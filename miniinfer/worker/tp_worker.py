@@ -63,10 +63,13 @@ def run_worker(cfg: EngineConfig, model_config: ModelConfig, source: ModelSource
     runner = ModelRunner(cfg, model_config, source, max_model_len, progress=False, tp=tp)
     try:
         serve(runner, channel)
-    finally:
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    except BaseException:
+        leave_group(peers_alive=False)
+        raise
+    if cfg.device.startswith("cuda"):  # STOP: process exit tears down all there is (see leave_group)
+        torch.cuda.synchronize()
+        os._exit(0)
+    leave_group()
 
 
 def start_workers(cfg: EngineConfig, model_config: ModelConfig, source: ModelSource,
@@ -132,16 +135,48 @@ def stop_workers(runner, procs: list[mp.Process]) -> None:
     try:
         if alive and runner.channel is not None:
             runner.channel.publish(StepHeader(STOP, *([0] * (HEADER_LEN - 1))), [])
+        if dist.is_initialized():
+            leave_group(alive)
     finally:
         for p in procs:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-        if dist.is_initialized():
-            if alive:
-                dist.destroy_process_group()
-            else:  # a dead peer: NCCL's orderly teardown could wait for it forever
-                _abort_group()
+
+
+def leave_group(peers_alive: bool = True) -> None:
+    """Leave the process group at shutdown. gloo: the orderly teardown. NCCL: an abort once
+    this rank's work is done — its orderly teardown is collective and was seen to hang on
+    2x H200 with CUDA graphs holding NCCL kernels; after STOP nothing is pending anyway."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "nccl":
+        if peers_alive:
+            torch.cuda.synchronize()
+        # Seen to hang on 2x H200 (destroy and abort alike, with symmetric memory mapped and
+        # graphs holding NCCL kernels): never let it hang the caller.
+        t = threading.Thread(target=_abort_group, daemon=True, name="miniinfer-tp-teardown")
+        t.start()
+        t.join(timeout=10)
+        if t.is_alive():
+            log.warning("tensor parallelism: the NCCL group did not tear down within 10 s; "
+                        "a new tensor-parallel engine needs a new process")
+    elif peers_alive:
+        dist.destroy_process_group()
+    else:
+        _abort_group()
+
+
+def kill_workers(procs: list[mp.Process]) -> None:
+    """Rank 0 failed during start-up: end the workers (which wait on its collectives) and
+    leave the group without the orderly teardown."""
+    import torch.distributed as dist
+    for p in procs:
+        p.kill()
+        p.join(timeout=10)
+    if dist.is_initialized():
+        _abort_group()
 
 
 def _abort_group() -> None:
