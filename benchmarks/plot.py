@@ -12,6 +12,7 @@ Writes, for whatever results exist (a missing file or metric only drops its bar/
 * ``overlap.png``          §6: overlap scheduling on vs off (only once its JSON exists).
 * ``structured_output.png`` §10: JSON ÷ plain TPOT, grammar-mask overlap on vs off;
 * ``spec_verify_cost.png``  §11: verify cost ratio against the number of tokens verified.
+* ``allreduce.png``         §13: all-reduce latency against message size (2x GPU, in CUDA graphs).
 
 Result files follow ../shared/BENCHMARKS.md: ``{"device", "date", "command", "metrics"}``
 (the profile file has its fields at the top level instead).
@@ -439,6 +440,61 @@ def plot_verify_cost(results: list[Result], out_dir: str) -> str | None:
     return _save(fig, out_dir, "spec_verify_cost.png")
 
 
+ALLREDUCE_METHODS = (("nccl_graph", "NCCL", RED), ("one_shot_graph", "one-shot (symm. memory)", GREEN),
+                     ("two_shot_graph", "two-shot (symm. memory)", BLUE), ("engine_graph", "engine's choice", "black"))
+
+
+def allreduce_runs(data: dict) -> list[tuple[str, dict[str, list[tuple[int, float]]]]]:
+    """``[(run name, {method: [(KB, µs), ...]})]`` from a TP results file's
+    ``allreduce_us_run<N>_*`` blocks (or an ``allreduce_bench.py`` file's ``metrics``), newest run first."""
+    blocks = sorted(((k, v) for k, v in data.items() if k.startswith("allreduce_us_") and isinstance(v, dict)),
+                    reverse=True)
+    if not blocks and any(k.startswith("allreduce_") for k in data.get("metrics", {})):
+        blocks = [("allreduce_bench", data["metrics"])]
+    out = []
+    for name, block in blocks:
+        per: dict[str, list[tuple[int, float]]] = {}
+        for key, us in block.items():
+            m = re.fullmatch(r"allreduce_(\w+?)_(\d+)kb_us", key)
+            if m and isinstance(us, (int, float)):
+                per.setdefault(m.group(1), []).append((int(m.group(2)), float(us)))
+        if per:
+            out.append((re.sub(r"^allreduce_us_(run\d+).*", r"\1", name), {k: sorted(v) for k, v in per.items()}))
+    return out
+
+
+def plot_allreduce(results: list[Result], out_dir: str) -> str | None:
+    """§13: microseconds per all-reduce against message size, log-log, one line per method
+    (NCCL, one-shot, two-shot, the engine's choice), all inside CUDA graphs; the newest run
+    solid, earlier runs dashed and lighter (NCCL's small-message time moved between runs)."""
+    r = next((r for r in reversed(results) if allreduce_runs(r.raw)), None)
+    if r is None:
+        print("no all-reduce results: skipping allreduce.png")
+        return None
+    runs = allreduce_runs(r.raw)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, (run, per) in enumerate(runs):
+        for method, label, color in ALLREDUCE_METHODS:
+            pts = per.get(method)
+            if not pts:
+                continue
+            ax.plot([x for x, _ in pts], [y for _, y in pts], color=color, marker="o" if i == 0 else ".",
+                    markersize=3.5, linewidth=1.4 if i == 0 else 0.9, linestyle="-" if i == 0 else "--",
+                    alpha=1.0 if i == 0 else 0.55, label=f"{label}, {run}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    xs = sorted({x for _, per in runs for pts in per.values() for x, _ in pts})
+    ax.set_xticks(xs)
+    ax.set_xticklabels([f"{x // 1024} MB" if x >= 1024 else f"{x} KB" for x in xs], rotation=45, fontsize=7)
+    ax.set_xlabel("message size (bf16)")
+    ax.set_ylabel("µs per all-reduce (in a CUDA graph)")
+    ax.grid(True, which="both", linewidth=0.3, alpha=0.5)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title(f"§13 all-reduce, 2 ranks, {r.device}\n{r.date}, benchmarks/allreduce_bench.py", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out_dir, "allreduce.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
@@ -449,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no result files in {a.results}", file=sys.stderr)
         return 1
     for fn in (plot_sweep, plot_targets, plot_vs_hf, plot_prefix, plot_overlap, plot_profile,
-               plot_structured_output, plot_verify_cost):
+               plot_structured_output, plot_verify_cost, plot_allreduce):
         fn(results, a.out)
     return 0
 
