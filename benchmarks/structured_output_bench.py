@@ -1,22 +1,36 @@
 """§10 structured output (shared/BENCHMARKS.md): JSON-schema-constrained vs unconstrained
 decoding on the same prompts, grammar-mask overlap on and off, mask fill time, compile latency.
 
-GPU (Qwen2 configs with dummy bf16 weights and the stand-in tokenizer of
-``benchmarks/make_bench_tokenizer.py``, both models in one process: ~90-115 s on an H200, engine
-starts included). The device image has no xgrammar: carry its wheels (cp312: xgrammar 0.2.9,
+GPU (Qwen2 configs with dummy bf16 weights and a Qwen2 tokenizer, both models in one process:
+~90-115 s on an H200, engine starts included). The tokenizer: **Qwen2's real vocabulary**, built
+from llama.cpp's vocab-only ``ggml-vocab-qwen2.gguf`` by ``benchmarks/qwen2_vocab_tokenizer.py``
+(transformers' GGUF conversion; the GGUF is read out of the ``llama_cpp_python==0.3.36`` PyPI
+sdist, downloaded when ``--gguf`` is not given; 151,643 BPE tokens + the 3 specials, eos
+``<|endoftext|>`` 151643; a 5.4 MB folder, checked against llama.cpp's own tokenization tests)::
+
+    python benchmarks/qwen2_vocab_tokenizer.py .vllm/bench_tokenizer_qwen2
+
+Prefer it to the stand-in of ``benchmarks/make_bench_tokenizer.py`` (a BPE trained on local text
+with Qwen2's size and id layout, ``.vllm/bench_tokenizer``), kept as the fallback when neither
+the sdist nor the GGUF can be had: xgrammar's per-row mask fill on ``SCHEMA`` costs ~6x more
+with the stand-in (2-core CPU, one valid 190-token JSON walked row by row: mean ~88 vs ~15 µs),
+so results measured with it overstate the grammar overhead; record which tokenizer a result
+used (the result's ``details.tokenizer`` copies its ``bench_tokenizer_stats.json``).
+The device image has no xgrammar: carry its wheels (cp312: xgrammar 0.2.9,
 apache-tvm-ffi, pydantic, pydantic-core, annotated-types, typing-inspection, typing-extensions)
 in ``.whl`` and install them with ``pip install --no-index --no-deps --target /tmp/site``
-first (``PYTHONPATH=/tmp/site``); carry ``.vllm/bench_tokenizer`` and ``.vllm/configs``::
+first (``PYTHONPATH=/tmp/site``); carry ``.vllm`` (the tokenizer folder and ``.vllm/configs``;
+the folder needs only transformers + tokenizers there, not gguf)::
 
     python3 benchmarks/structured_output_bench.py \\
         --model-dir .vllm/configs/Qwen2-0.5B .vllm/configs/Qwen2-7B \\
-        --tokenizer .vllm/bench_tokenizer --batch-sizes 1 64 --max-tokens 256 \\
+        --tokenizer .vllm/bench_tokenizer_qwen2 --batch-sizes 1 64 --max-tokens 256 \\
         --out benchmarks/results/<date>-structured-output-h200.json
 
 CPU smoke run (tiny shape of the 0.5B config, a few tokens; exercises every code path)::
 
     python benchmarks/structured_output_bench.py --quick --device cpu \\
-        --model-dir .vllm/configs/Qwen2-0.5B --tokenizer .vllm/bench_tokenizer
+        --model-dir .vllm/configs/Qwen2-0.5B --tokenizer .vllm/bench_tokenizer_qwen2
 
 Workload, per model and batch size B (1 and 64):
 * B prompts of 128 random token ids in [0, 10000) (``random.Random(B)``), the same prompts in
