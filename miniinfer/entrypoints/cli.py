@@ -235,7 +235,13 @@ def cmd_chat(a) -> int:
 def cmd_serve(a) -> int:
     from miniinfer.server.api_server import run_server
     api_key = a.api_key or os.environ.get("MINIINFER_API_KEY")
-    run_server(engine_config_from_args(a), host=a.host, port=a.port, api_key=api_key, max_n=a.max_n,
+    config = engine_config_from_args(a)
+    if config.distributed_executor_backend == "external_launcher" and int(os.environ.get("RANK", "0")) > 0:
+        # a torchrun rank > 0: no server; it serves rank 0's engine and exits with it
+        from miniinfer.engine.llm_engine import LLMEngine
+        LLMEngine(config, progress=False)
+        return 0
+    run_server(config, host=a.host, port=a.port, api_key=api_key, max_n=a.max_n,
                served_model_name=a.served_model_name, shutdown_grace_s=a.shutdown_grace,
                request_timeout_s=a.request_timeout)
     return 0

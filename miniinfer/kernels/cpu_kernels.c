@@ -288,6 +288,89 @@ int store_kv(const float* k, long k_stride, const float* v, long v_stride, const
     return 0;
 }
 
+// A batch of decode tokens (row b = sequence b's next token) through L decoder layers in one
+// call, the exported kernels above chained without returning to Python (batch-1 decode spent
+// ~40 % of its step in the Python between them). Per layer (Llama / Qwen2 / Qwen3):
+//   residual += hidden; xn = rms_norm(residual) * ln1          (layer 0: residual starts at 0)
+//   qkv = xn @ Wqkv.T (+ bias); [Qwen3: q, k rms-normed per head]; q, k NeoX-rotated
+//   K/V stored at their slots; attn = paged decode attention; hidden = attn @ Wo.T
+//   residual += hidden; xn = rms_norm(residual) * ln2; hidden = down(silu(gate) * up)
+// The caller applies the final norm (residual += hidden). `layers` holds DECODE_PTRS int64 per
+// layer: Wqkv, Wo, Wgate_up, Wdown (packed), their formats (0 Q4_1, 1 Q8_0), qkv bias or 0,
+// ln1, ln2, q_norm or 0, k_norm or 0, k_cache, v_cache. Scratch: decode_scratch_floats().
+// Returns what the exported kernels return for the same bad input (1: a position, slot or
+// seq_len out of range, 2: a block out of range), or 3 out of memory, doing nothing.
+#define DECODE_PTRS 15
+
+long decode_scratch_floats(int B, int H, int Hq, int Hkv, int D, int I) {
+    const long qkv = (long)(Hq + 2 * Hkv) * D;
+    return (long)B * (H + qkv + 2L * (Hq + Hkv) * D + (long)Hq * D + 2L * I + I);
+}
+
+int decode_layers(const int64_t* layers, int L, float* hidden, float* residual, float* scratch,
+                  int B, int H, int Hq, int Hkv, int D, int I, float eps,
+                  const int64_t* positions, const float* cos_sin, int rot, long n_positions,
+                  const int64_t* slots, long n_slots, const int32_t* block_tables, int bt_stride,
+                  const int32_t* seq_lens, int block_size, int max_len, float scale, int num_blocks) {
+    const long limit = max_len < (long)bt_stride * block_size ? max_len : (long)bt_stride * block_size;
+    for (int b = 0; b < B; b++) {
+        if (positions[b] < 0 || positions[b] >= n_positions || slots[b] < -1 || slots[b] >= n_slots) return 1;
+        if (seq_lens[b] < 1 || seq_lens[b] > limit) return 1;
+        const int32_t* table = block_tables + (size_t)b * bt_stride;
+        for (int i = 0; i < (seq_lens[b] + block_size - 1) / block_size; i++)
+            if (table[i] < 0 || table[i] >= num_blocks) return 2;
+    }
+    const int nqkv = (Hq + 2 * Hkv) * D, kv = Hkv * D;
+    float* xn = scratch;                               // [B, H]
+    float* qkv = xn + (size_t)B * H;                   // [B, nqkv]
+    float* qn = qkv + (size_t)B * nqkv;                // [B, Hq, D]  (normed, Qwen3)
+    float* kn = qn + (size_t)B * Hq * D;               // [B, Hkv, D]
+    float* qr = kn + (size_t)B * kv;                   // [B, Hq, D]  rotated
+    float* kr = qr + (size_t)B * Hq * D;               // [B, Hkv, D]
+    float* attn = kr + (size_t)B * kv;                 // [B, Hq, D]
+    float* gu = attn + (size_t)B * Hq * D;             // [B, 2I]
+    float* act = gu + (size_t)B * 2 * I;               // [B, I]
+    float* scores = (float*)malloc(sizeof(float) * (size_t)B * Hq * max_len);
+    float* xsum = (float*)malloc(sizeof(float) * (size_t)B * ((H > I ? H : I) + Hq * D) / 32 + 64);
+    if (!scores || !xsum) { free(scores); free(xsum); return 3; }
+    memset(residual, 0, sizeof(float) * (size_t)B * H);
+#define GEMM(w, fmt, X, Y, N, K) active->gemm((const uint8_t*)(w), X, (fmt) ? 0 : xsum, Y, B, N, K, (int)(fmt))
+    for (int l = 0; l < L; l++) {
+        const int64_t* p = layers + (size_t)l * DECODE_PTRS;
+        const float* bias = (const float*)p[8];
+        const float *q_norm = (const float*)p[11], *k_norm = (const float*)p[12];
+        float *k_cache = (float*)p[13], *v_cache = (float*)p[14];
+        active->rms_norm(hidden, residual, (const float*)p[9], xn, B, H, eps);
+        GEMM(p[0], p[4], xn, qkv, nqkv, H);
+        if (bias)
+            for (int b = 0; b < B; b++)
+                for (int j = 0; j < nqkv; j++) qkv[(size_t)b * nqkv + j] += bias[j];
+        const float *qsrc = qkv, *ksrc = qkv + (size_t)Hq * D;
+        long qstride = nqkv, kstride = nqkv;
+        if (q_norm) {
+            for (int b = 0; b < B; b++) {
+                active->rms_norm(qkv + (size_t)b * nqkv, 0, q_norm, qn + (size_t)b * Hq * D, Hq, D, eps);
+                active->rms_norm(qkv + (size_t)b * nqkv + (size_t)Hq * D, 0, k_norm, kn + (size_t)b * kv, Hkv, D, eps);
+            }
+            qsrc = qn, ksrc = kn, qstride = (long)Hq * D, kstride = kv;
+        }
+        active->rope_neox(qsrc, qstride, B, Hq, D, rot, positions, cos_sin, qr);
+        active->rope_neox(ksrc, kstride, B, Hkv, D, rot, positions, cos_sin, kr);
+        active->store_kv(kr, kv, qkv + (size_t)(Hq + Hkv) * D, nqkv, slots, k_cache, v_cache, B, kv);
+        active->paged_decode_attention(qr, k_cache, v_cache, block_tables, bt_stride, seq_lens, attn, scores,
+                                       B, Hq, Hkv, D, block_size, max_len, scale);
+        GEMM(p[1], p[5], attn, hidden, H, Hq * D);
+        active->rms_norm(hidden, residual, (const float*)p[10], xn, B, H, eps);
+        GEMM(p[2], p[6], xn, gu, 2 * I, H);
+        active->silu_and_mul(gu, act, B, I);
+        GEMM(p[3], p[7], act, hidden, H, I);
+    }
+#undef GEMM
+    free(scores);
+    free(xsum);
+    return 0;
+}
+
 #else  // ---------------------------------------------- the kernels of one ISA (MI_ISA 0, 1, 2)
 
 #if MI_ISA == 0

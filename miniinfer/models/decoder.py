@@ -159,18 +159,39 @@ class DecoderForCausalLM(nn.Module):
         else:
             self.lm_head = nn.Linear(cfg.hidden_size, self.vocab_local, bias=False)
         self.packed_lm_head: nn.Module | None = None  # a tied head's CPU copy (pack_for_cpu)
+        # models/cpu_decode.CPUDecodePlan once built, False when the model can't use it
+        self.cpu_decode = None
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed(input_ids)
+        if not hidden.is_cuda and self.cpu_decode is not False:  # CPU decode steps: one C call
+            out = self._cpu_decode(hidden, positions)
+            if out is not None:
+                hidden, residual = out
+                return self.norm(hidden, residual)[0]
         residual = None
         rope = ops.rope_tables(positions, self.cos_sin_cache)  # None on the Triton path
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, rope)
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def _cpu_decode(self, hidden: torch.Tensor, positions: torch.Tensor):
+        """(last layer's output, residual) from ``models/cpu_decode.py`` when the step fits, else None."""
+        from miniinfer.models.cpu_decode import CPUDecodePlan
+        cache = self.layers[0].self_attn.k_cache
+        if cache.numel() == 0:  # no KV cache bound (yet)
+            return None
+        plan = self.cpu_decode
+        if plan is None or plan.k_cache is not cache:  # first step, or a new cache: pointers change
+            plan = self.cpu_decode = CPUDecodePlan.build(self) or False  # False: never fits, stop asking
+            if not plan:
+                return None
+        meta = get_attention_metadata()
+        return plan.run(hidden, positions, meta) if plan.fits(hidden, meta) else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:

@@ -99,7 +99,7 @@ def join_external(cfg: EngineConfig, model_config: ModelConfig, source: ModelSou
     ``torchrun`` (any number of machines) running the same command. Joins the group from
     torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``).
     Rank 0 returns (group, channel) and goes on as the engine; every other rank serves rank 0
-    here and then exits the process (``SystemExit(0)``) when rank 0 shuts down.
+    here and then ends the process (exit status 0) when rank 0 shuts down.
 
     Raises ``ValueError`` if torchrun's world size differs from ``tensor_parallel_size``."""
     env = os.environ
@@ -115,7 +115,8 @@ def join_external(cfg: EngineConfig, model_config: ModelConfig, source: ModelSou
     if rank == 0:
         return tp, channel
     run_worker(cfg, model_config, source, max_model_len, tp, channel)
-    raise SystemExit(0)
+    logging.shutdown()
+    os._exit(0)  # not SystemExit: the engine may have been built on a thread (a server's)
 
 
 def serve(runner, channel) -> None:
