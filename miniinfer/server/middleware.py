@@ -79,13 +79,18 @@ class GuardMiddleware:
             if not msg.get("more_body", False):
                 break
         body = b"".join(chunks)
-        replayed = False
+        await self.app(scope, replaying(body, receive), send)
 
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
 
-        await self.app(scope, replay, send)
+def replaying(body: bytes, receive):
+    """An ASGI ``receive`` that first returns ``body`` as the whole request (already read by a
+    middleware), then defers to the original ``receive`` (disconnects)."""
+    replayed = False
+
+    async def replay() -> dict:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+    return replay

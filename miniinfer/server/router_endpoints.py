@@ -22,6 +22,8 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from miniinfer.server.middleware import replaying
+
 # fields the router adds to every generation body, with the value it adds; none changes what
 # this server generates when it has that value
 ROUTER_DEFAULT_FIELDS: dict[str, Any] = {
@@ -88,16 +90,7 @@ class RouterFieldsMiddleware:
         if body is not raw:
             headers = [(k, v) for k, v in scope.get("headers", []) if k != b"content-length"]
             scope = {**scope, "headers": headers + [(b"content-length", str(len(body)).encode())]}
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(body, receive), send)
 
 
 def install(app: FastAPI) -> None:
