@@ -136,6 +136,13 @@ def stop_workers(runner, procs: list[mp.Process]) -> None:
     try:
         if alive and runner.channel is not None:
             runner.channel.publish(StepHeader(STOP, *([0] * (HEADER_LEN - 1))), [])
+        # Graphs that captured NCCL kernels hold NCCL resources (graph buffer registration):
+        # free them before the communicator goes (a suspect of the teardown hang seen on GPUs).
+        runner.cuda_graphs = None
+        if dist.is_initialized() and torch.cuda.is_available():
+            import gc
+            gc.collect()
+            torch.cuda.synchronize()
         if dist.is_initialized():
             leave_group(alive)
     finally:
