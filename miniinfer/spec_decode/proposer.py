@@ -58,10 +58,13 @@ class Proposer:
     def budget(self, seq: Sequence) -> int:
         """How many drafts ``seq`` may carry: 0 unless it is decoding with every token known
         and its sampling needs nothing per position that the verify lacks (penalties,
-        min_tokens not yet reached, a grammar); never past max_tokens or max_model_len."""
+        min_tokens not yet reached, a grammar still dormant: it would wake mid-draft, its
+        masks unfilled); never past max_tokens or max_model_len. A grammar that constrains gets
+        one mask row per draft (``StructuredOutputManager.fill_verify_bitmask``)."""
         p = seq.params
+        dormant = seq.grammar is not None and not seq.grammar_active
         if (seq.is_finished or seq.num_pending or seq.num_computed_tokens != seq.num_tokens - 1
-                or p.needs_penalties or seq.grammar is not None or seq.num_output_tokens < p.min_tokens):
+                or p.needs_penalties or dormant or seq.num_output_tokens < p.min_tokens):
             return 0
         k = min(self.config.num_speculative_tokens, self.max_model_len - seq.num_tokens - 1)
         if p.max_tokens is not None:

@@ -184,26 +184,68 @@ class StructuredOutputManager:
         if not self.overlap and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # serial baseline: the fill starts after the forward
         t0 = time.perf_counter()
-        self._turn ^= 1
-        if len(seqs) > self._host[0].shape[0]:  # speculative verify steps have several rows per sequence
-            self._host = [torch.empty((len(seqs), t.shape[1]), dtype=torch.int32, pin_memory=t.is_pinned())
-                          for t in self._host]
-            self._rows = [torch.empty(len(seqs), dtype=torch.int32, pin_memory=t.is_pinned()) for t in self._rows]
-        host = self._host[self._turn][:len(seqs)]
+        host = self._next_host(len(seqs))
         if self._fill_pool is not None and len(rows) >= BATCH_FILL_MIN_ROWS:
             self._fill_pool.fill([seqs[i].grammar for i in rows], host, rows)
         else:
             for i in rows:
                 seqs[i].grammar.fill_next_token_bitmask(host, i)
         self.fill_times_us.append((time.perf_counter() - t0) * 1e6)
+        return self._to_device(host, rows)
+
+    def _next_host(self, num_rows: int) -> torch.Tensor:
+        """This step's host bitmask rows: the other of two (pinned on CUDA) buffers, grown when
+        a step has more rows (speculative verifies: one per draft position)."""
+        self._turn ^= 1
+        if num_rows > self._host[0].shape[0]:
+            self._host = [torch.empty((num_rows, t.shape[1]), dtype=torch.int32, pin_memory=t.is_pinned())
+                          for t in self._host]
+            self._rows = [torch.empty(num_rows, dtype=torch.int32, pin_memory=t.is_pinned()) for t in self._rows]
+        return self._host[self._turn][:num_rows]
+
+    def _to_device(self, host: torch.Tensor, rows: list[int]) -> GrammarBitmask:
+        """The mask on the logits' device, copied without making the host wait (pinned)."""
         if self.device.type != "cuda":
             return GrammarBitmask(host, rows)
         indices = None
-        if len(rows) < len(seqs):
+        if len(rows) < host.shape[0]:
             pinned = self._rows[self._turn][:len(rows)]
             pinned.copy_(torch.tensor(rows, dtype=torch.int32))
             indices = pinned.to(self.device, non_blocking=True)
         return GrammarBitmask(host.to(self.device, non_blocking=True), rows, indices)
+
+
+    def fill_verify_bitmask(self, seqs: list, drafts: list[list[int]], seq_rows: list[range]
+                            ) -> GrammarBitmask | None:
+        """A speculative verify's mask: for each constrained sequence (``seqs[i]`` with draft
+        tokens ``drafts[i]``, logits rows ``seq_rows[i]`` = its last token, then one per draft),
+        row j allows what the grammar allows after the first j drafts. xgrammar walks the
+        draft (a chain: a tree with one child per node) from the matcher's state and rolls it
+        back (``GrammarMatcher.traverse_draft_tree``). Rows past a draft the grammar forbids
+        are never used (the verify stops at that draft) and allow everything, so that no row is
+        all -inf. None when no sequence is constrained."""
+        rows: list[int] = []
+        num_rows = seq_rows[-1].stop
+        constrained = [i for i, s in enumerate(seqs) if s.grammar_active and not s.is_finished]
+        if not constrained:
+            return None
+        if not self.overlap and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        host = self._next_host(num_rows)
+        host.fill_(-1)
+        for i in constrained:
+            r, k = seq_rows[i], len(drafts[i])
+            n = k + 1
+            nxt = torch.arange(1, n + 1, dtype=torch.int64)
+            nxt[-1] = -1
+            tokens = torch.tensor([0] + drafts[i], dtype=torch.int64)  # node 0: the committed state
+            block = host[r.start:r.start + n]
+            seqs[i].grammar.traverse_draft_tree(nxt, torch.full((n,), -1, dtype=torch.int64), tokens, block)
+            block[(block == 0).all(dim=1)] = -1  # a forbidden draft's row (unused, see above)
+            rows.extend(range(r.start, r.start + n))
+        self.fill_times_us.append((time.perf_counter() - t0) * 1e6)
+        return self._to_device(host, rows)
 
 
 def _fill_threads(device: torch.device) -> int:

@@ -217,9 +217,9 @@ class ModelRunner:
         row_seqs = [seq for seq, rows in zip(fwd.sampling_seqs, fwd.seq_rows) for _ in rows]
         md = SamplingMetadata.build(row_seqs, fwd.logits.shape[-1], self.device, self.eos_token_ids,
                                     to_device=self.staging.to_device, rng=self.sample_rng)
-        if self.structured_output is not None:
-            md.grammar_bitmask = self.structured_output.fill_bitmask(row_seqs)
         drafts = [s.draft_token_ids for s in fwd.sched.scheduled if s.samples]
+        if self.structured_output is not None:  # one mask row per draft position, filled while the forward runs
+            md.grammar_bitmask = self.structured_output.fill_verify_bitmask(fwd.sampling_seqs, drafts, fwd.seq_rows)
         width = max(len(r) for r in fwd.seq_rows)
         draft_ids: list[int] = []
         row_index: list[int] = []
