@@ -24,6 +24,7 @@ import torch
 
 from miniinfer.loader.gguf_config import gguf_head_counts, read_gguf_config
 from miniinfer.loader.gguf_reader import SUPPORTED_GGML_TYPES, GGUFFile, GGUFTensorInfo, check_ggml_type
+from miniinfer.loader.gguf_requant import to_kernel_rows
 from miniinfer.models.registry import gguf_family
 
 __all__ = ["SUPPORTED_GGML_TYPES", "gguf_to_hf_name", "iter_gguf_weights", "read_gguf_config"]
@@ -51,8 +52,9 @@ _LAYER_NAMES = {
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 # Tensors llama.cpp stores that have no HF counterpart (consumed by read_gguf_config).
 _SKIP = {"rope_freqs.weight"}
-# formats the CPU kernels multiply without dequantizing (models/packed_linear.py)
-_KERNEL_FORMATS = ("Q4_1", "Q8_0")
+# formats the CPU kernels multiply without dequantizing (models/packed_linear.py): Q4_1 / Q8_0
+# as stored, Q4_0 / Q4_K converted to Q4_1 and Q6_K to Q8_0 at load (loader/gguf_requant.py)
+_KERNEL_FORMATS = ("Q4_1", "Q8_0", "Q4_0", "Q4_K", "Q6_K")
 
 
 def gguf_to_hf_name(name: str) -> str | None:
@@ -76,7 +78,9 @@ def iter_gguf_weights(path: str, dtype: torch.dtype = torch.float32, progress: b
     tensor, its type and the supported ones; likewise for an unsupported architecture or a
     truncated file).  With ``quantized_rows``, every Q4_1 / Q8_0 matrix is also stored there
     as ``(type, raw blocks uint8 [out, bytes per row])`` (rows un-permuted the same way) for
-    the CPU kernels that multiply them directly.
+    the CPU kernels that multiply them directly; Q4_0 / Q4_K matrices go there converted to
+    Q4_1 and Q6_K ones to Q8_0 (``loader/gguf_requant.py``: Q4_0 exactly, the K-quants to
+    within ~1e-3 / ~5e-3 relative).
     """
     from tqdm.auto import tqdm
 
@@ -98,15 +102,20 @@ def iter_gguf_weights(path: str, dtype: torch.dtype = torch.float32, progress: b
                     logger.warning("%s: ignoring GGUF tensor %r (no HF counterpart)", path, t.name)
                 continue
             w = _to_torch(g, t, dtype)
-            raw = None
+            raw = fmt = None
             if quantized_rows is not None and t.type_name in _KERNEL_FORMATS and len(t.hf_shape) == 2:
-                raw = torch.from_numpy(g.raw(t).copy())
+                kept = to_kernel_rows(t.type_name, g.raw(t))
+                if kept is None:
+                    logger.info("%s: %s tensor %r kept dequantized (a scale overflows fp16 when "
+                                "converted)", path, t.type_name, t.name)
+                else:
+                    fmt, raw = kept[0], torch.from_numpy(kept[1])
             n_head = next((n for key, n in permuted.items() if key in t.name), None)
             if n_head is not None:
                 w = _unpermute_rotary(w, n_head)
                 raw = None if raw is None else _unpermute_rotary(raw, n_head)
             if raw is not None:
-                quantized_rows[hf_name] = (t.type_name, raw)
+                quantized_rows[hf_name] = (fmt, raw)
             yield hf_name, w
         bar.close()
     finally:
