@@ -288,9 +288,12 @@ int store_kv(const float* k, long k_stride, const float* v, long v_stride, const
     return 0;
 }
 
-// A batch of decode tokens (row b = sequence b's next token) through L decoder layers in one
-// call, the exported kernels above chained without returning to Python (batch-1 decode spent
-// ~40 % of its step in the Python between them). Per layer (Llama / Qwen2 / Qwen3):
+// A step's new tokens through L decoder layers in one call, the exported kernels above chained
+// without returning to Python (batch-1 decode spent ~40 % of its step in the Python between
+// them). Row b is one token: its position, cache slot, block table and the number of keys it
+// sees (a decode: its sequence's length; a token of an extend chunk: up to itself, as in
+// paged_decode_attention's rows). Every row's K/V is stored before any row attends. Per layer
+// (Llama / Qwen2 / Qwen3):
 //   residual += hidden; xn = rms_norm(residual) * ln1          (layer 0: residual starts at 0)
 //   qkv = xn @ Wqkv.T (+ bias); [Qwen3: q, k rms-normed per head]; q, k NeoX-rotated
 //   K/V stored at their slots; attn = paged decode attention; hidden = attn @ Wo.T

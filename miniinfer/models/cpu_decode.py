@@ -1,13 +1,13 @@
-"""CPU decode steps in one C call: every decoder layer of a decode-only step run by
-``decode_layers`` in ``kernels/cpu_kernels.c`` (the same kernels, in the same order, as the
+"""CPU steps in one C call: every decoder layer of a decode step (or of a small extend: a
+short prompt, a speculative verify) run by ``decode_layers`` in ``kernels/cpu_kernels.c`` (the same kernels, in the same order, as the
 per-module path, so the results are the same bits), instead of ~10 Python module calls and
 ~40 small torch ops per layer. Measured on the embedded SmolLM2 (2 cores): the Python between
 the kernels was ~40 % of a batch-1 decode step.
 
 Taken when the model is fp32 on the CPU without tensor parallelism, every projection is a
 GGUF :class:`~miniinfer.models.packed_linear.QuantizedLinear` (Q4_1 / Q8_0) running fp32
-activations at the step's batch size, the attention backend is the C one, and the step is all
-decodes. Anything else returns None and the module path runs.
+activations at the step's size, the attention backend is the C one, and every new token of
+the step is a row of the C attention (``CPUDecodePlan.rows``). Otherwise the module path runs.
 """
 from __future__ import annotations
 
@@ -73,15 +73,23 @@ class CPUDecodePlan:
                            caches[0].data_ptr(), caches[1].data_ptr()])
         return cls(model, torch.tensor(rows, dtype=torch.int64).contiguous(), keep)
 
-    def fits(self, hidden: torch.Tensor, meta: AttentionMetadata) -> bool:
-        """Whether this step can run here: all decodes, fp32, int8 activations not due."""
+    def rows(self, hidden: torch.Tensor, meta: AttentionMetadata):
+        """The step as attention rows — (block table per token, keys each token sees, the most
+        keys) — if it can run here, else None: fp32, int8 activations not due, and every new
+        token a row of the C attention (decodes, and extends / prefill chunks small enough
+        for the C path: ``attention/cpu_backend.py``; speculative verifies are such extends)."""
+        from miniinfer.attention.cpu_backend import _token_rows
         t = hidden.shape[0]
         int8 = self.model.layers[0].self_attn.qkv_proj.int8_min_rows
-        return (meta.num_decodes == t > 0 and meta.seq_lens_cpu is not None and hidden.dtype == torch.float32
-                and (int8 is None or t < int8) and self.model.layers[0].self_attn.k_cache is self.k_cache)
+        qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+        if (t == 0 or qsl is None or lens is None or hidden.dtype != torch.float32
+                or (int8 is not None and t >= int8) or self.model.layers[0].self_attn.k_cache is not self.k_cache):
+            return None
+        rows = _token_rows(meta, qsl, lens)
+        return rows if rows is not None and rows[0].shape[0] == t else None
 
-    def run(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """``hidden`` [B, H] (the embeddings, overwritten) -> the last layer's (output, residual);
+    def run(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, rows) -> torch.Tensor:
+        """``hidden`` [T, H] (the embeddings, overwritten) -> the last layer's (output, residual);
         the caller applies the final norm. Raises ``ValueError`` for out-of-range inputs."""
         h, hq, hkv, d, inter = self.dims
         b = hidden.shape[0]
@@ -91,15 +99,15 @@ class CPUDecodePlan:
         cos_sin = self.model.cos_sin_cache
         pos = positions.to(torch.int64).contiguous()
         slots = meta.slot_mapping.to(torch.int64).contiguous()
-        tables = meta.block_tables.to(torch.int32).contiguous()
-        lens = meta.seq_lens.to(torch.int32).contiguous()
+        tables = rows[0].to(torch.int32).contiguous()
+        lens = rows[1].to(torch.int32).contiguous()
         kc = self.k_cache
         n_slots = kc.shape[0] * kc.shape[1]
         err = lib.decode_layers(
             self.table.data_ptr(), self.table.shape[0], hidden.data_ptr(), residual.data_ptr(), scratch.data_ptr(),
             b, h, hq, hkv, d, inter, ctypes.c_float(self.eps), pos.data_ptr(), cos_sin.data_ptr(),
             cos_sin.shape[-1], cos_sin.shape[0], slots.data_ptr(), n_slots, tables.data_ptr(), tables.shape[1],
-            lens.data_ptr(), kc.shape[1], max(meta.seq_lens_cpu), ctypes.c_float(self.scale), kc.shape[0])
+            lens.data_ptr(), kc.shape[1], rows[2], ctypes.c_float(self.scale), kc.shape[0])
         if err:
             raise ValueError("decode step inputs out of range" if err < 3 else "out of memory")
         return hidden, residual

@@ -167,7 +167,7 @@ class DecoderForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed(input_ids)
-        if not hidden.is_cuda and self.cpu_decode is not False:  # CPU decode steps: one C call
+        if not hidden.is_cuda and self.cpu_decode is not False:  # CPU steps of small chunks: one C call
             out = self._cpu_decode(hidden, positions)
             if out is not None:
                 hidden, residual = out
@@ -191,7 +191,8 @@ class DecoderForCausalLM(nn.Module):
             if not plan:
                 return None
         meta = get_attention_metadata()
-        return plan.run(hidden, positions, meta) if plan.fits(hidden, meta) else None
+        rows = plan.rows(hidden, meta)
+        return plan.run(hidden, positions, meta, rows) if rows is not None else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:
