@@ -33,17 +33,8 @@ import sys
 
 
 def device() -> str:
-    """``device_name()`` plus what the issue asks for: the CPU's family/model and its SIMD flags."""
-    from miniinfer.bench.common import device_name
-    from miniinfer.kernels import cpu_kernels
-    info = {}
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            info.setdefault(k.strip(), v.strip())
-    simd = [x for x in info.get("flags", "").split() if x.startswith(("avx", "fma", "f16c", "amx"))]
-    return (f"{device_name()}, family {info.get('cpu family')} model {info.get('model')}, "
-            f"{' '.join(simd)}; MiniInfer ISA paths: {', '.join(cpu_kernels.supported_isas())}")
+    from miniinfer.bench.common import cpu_device_description
+    return cpu_device_description()
 
 
 def _worker(threads: int) -> dict:

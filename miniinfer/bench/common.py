@@ -25,6 +25,23 @@ def device_name() -> str:
     return f"cpu ({os.cpu_count()} cores, {model or platform.processor() or platform.machine()})"
 
 
+def cpu_device_description() -> str:
+    """``device_name()`` plus the CPU's family / model, its SIMD flags and the C kernels' ISA
+    paths it runs (the CPU benchmarks' device field: results from different CPUs don't compare)."""
+    from miniinfer.kernels import cpu_kernels
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                info.setdefault(k.strip(), v.strip())
+    except OSError:
+        pass
+    simd = [x for x in info.get("flags", "").split() if x.startswith(("avx", "fma", "f16c", "amx"))]
+    return (f"{device_name()}, family {info.get('cpu family')} model {info.get('model')}, "
+            f"{' '.join(simd)}; MiniInfer ISA paths: {', '.join(cpu_kernels.supported_isas())}")
+
+
 def write_result(path: str | None, metrics: dict, name: str = "") -> dict:
     result = {
         "device": device_name(),
