@@ -57,8 +57,8 @@ def _worker_main(rank: int, size: int, init_method: str, cfg: EngineConfig, mode
 
 
 def run_worker(cfg: EngineConfig, model_config: ModelConfig, source: ModelSource, max_model_len: int,
-               tp: TPGroup, channel) -> None:
-    """A rank > 0 from start to end: build the runner, serve, leave the group."""
+               tp: TPGroup, channel, leave: bool = True) -> None:
+    """A rank > 0 from start to end: build the runner, serve, leave the group (``leave``)."""
     from miniinfer.worker.model_runner import ModelRunner
     runner = ModelRunner(cfg, model_config, source, max_model_len, progress=False, tp=tp)
     try:
@@ -69,7 +69,8 @@ def run_worker(cfg: EngineConfig, model_config: ModelConfig, source: ModelSource
     if cfg.device.startswith("cuda"):  # STOP: process exit tears down all there is (see leave_group)
         torch.cuda.synchronize()
         os._exit(0)
-    leave_group()
+    if leave:
+        leave_group()
 
 
 def start_workers(cfg: EngineConfig, model_config: ModelConfig, source: ModelSource,
@@ -114,7 +115,8 @@ def join_external(cfg: EngineConfig, model_config: ModelConfig, source: ModelSou
     channel = BroadcastStepChannel(tp, torch.device(cfg.device))
     if rank == 0:
         return tp, channel
-    run_worker(cfg, model_config, source, max_model_len, tp, channel)
+    # under torchrun the process ends right after: no teardown racing rank 0's and the agents'
+    run_worker(cfg, model_config, source, max_model_len, tp, channel, leave=False)
     logging.shutdown()
     os._exit(0)  # not SystemExit: the engine may have been built on a thread (a server's)
 
@@ -143,7 +145,7 @@ def stop_workers(runner, procs: list[mp.Process]) -> None:
             import gc
             gc.collect()
             torch.cuda.synchronize()
-        if dist.is_initialized():
+        if dist.is_initialized() and procs:  # (torchrun's ranks: the group ends with the process)
             leave_group(alive)
     finally:
         for p in procs:

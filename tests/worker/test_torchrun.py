@@ -42,6 +42,19 @@ def test_two_node_torchrun_equals_one_rank(tmp_path):
         prompts, SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)]
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
+    codes, logs = _launch(script, folder, prompts)
+    if codes != [0, 0] and any("DistNetworkError" in log for log in logs) and "RESULT " in logs[0]:
+        # Seen twice on a loaded 2-core machine, never reproduced alone: a node's exit failed on
+        # a closed store connection after the run had finished. Once more, then it counts.
+        codes, logs = _launch(script, folder, prompts)
+    assert codes == [0, 0]
+    line = next(ln for ln in logs[0].splitlines() if ln.startswith("RESULT "))
+    assert json.loads(line.removeprefix("RESULT ")) == want
+    assert "RESULT" not in logs[1]  # rank 1 served rank 0 and never returned from LLM()
+
+
+def _launch(script, folder: str, prompts) -> tuple[list[int], list[str]]:
+    """Two torchrun "nodes" of one process each on 127.0.0.1: (exit codes, outputs)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -55,7 +68,6 @@ def test_two_node_torchrun_equals_one_rank(tmp_path):
     finally:
         for n in nodes:
             n.kill()
-    assert [n.returncode for n in nodes] == [0, 0], logs
-    line = next(ln for ln in logs[0].splitlines() if ln.startswith("RESULT "))
-    assert json.loads(line.removeprefix("RESULT ")) == want
-    assert "RESULT" not in logs[1]  # rank 1 served rank 0 and never returned from LLM()
+    for r, log in enumerate(logs):
+        print(f"--- node {r} (exit {nodes[r].returncode}) ---\n{log}")  # shown on failure
+    return [n.returncode for n in nodes], logs
