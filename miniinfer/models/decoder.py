@@ -337,10 +337,19 @@ def _quantized_linear(rows: dict[str, tuple[str, torch.Tensor]], names: list[str
                       bias: torch.Tensor | None = None) -> nn.Module | None:
     """The raw blocks of ``names`` (one GGUF format, stacked by rows) as one
     :class:`QuantizedLinear` standing for ``weight`` [out, in]; None if a part is missing,
-    the formats differ, or the kernels do not take the shape."""
+    the formats differ, or the kernels do not take the shape. Parts mixing Q4_1 and Q8_0 are
+    all made Q8_0 (``gguf_requant.q4_1_to_q8_0``, error ~1/254 of a block's max)."""
     from miniinfer.models.packed_linear import QuantizedLinear, kernel_fits
     got = [rows.get(n) for n in names]
-    if any(g is None for g in got) or len({fmt for fmt, _ in got}) != 1:
+    if any(g is None for g in got):
+        return None
+    if {fmt for fmt, _ in got} == {"Q4_1", "Q8_0"}:  # e.g. Q4_K q/k next to a Q6_K v: all Q8_0
+        from miniinfer.loader.gguf_requant import q4_1_to_q8_0
+        conv = [b if f == "Q8_0" else q4_1_to_q8_0(b.numpy()) for f, b in got]
+        if any(b is None for b in conv):
+            return None
+        got = [("Q8_0", b if isinstance(b, torch.Tensor) else torch.from_numpy(b)) for b in conv]
+    if len({fmt for fmt, _ in got}) != 1:
         return None
     blocks = torch.cat([b for _, b in got]) if len(got) > 1 else got[0][1]
     out_features, in_features = weight.shape

@@ -143,11 +143,51 @@ def test_quantized_linear_over_converted_rows(qtype):
     torch.testing.assert_close(q(x), ref, rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 100.0])
+def test_q4_1_to_q8_0_within_1_over_254(scale):
+    """Random Q4_1 blocks (normal fp16 d'): max error <= max |v| / 254 (+ fp16 rounding of
+    d') in every block, against both our and gguf-py's dequantization of the Q4_1 rows."""
+    n, k = 64, 1024
+    rng = np.random.default_rng(11)
+    raw = rng.integers(0, 256, (n, k // 32, 20), dtype=np.uint8)
+    raw[:, :, 0:2] = _f16_bytes(rng.uniform(0.1, 2.0, (n, k // 32, 1)) * scale)
+    raw[:, :, 2:4] = _f16_bytes(rng.uniform(-10.0, 10.0, (n, k // 32, 1)) * scale)
+    raw = raw.reshape(n, -1)
+    rows = R.q4_1_to_q8_0(raw)
+    assert rows.dtype == np.uint8 and rows.shape == (n, k // 32 * 34)
+    got = cpu_kernels.dequantize(torch.from_numpy(rows), k, "Q8_0").numpy().reshape(n, -1, 32)
+    ref = cpu_kernels.dequantize(torch.from_numpy(raw), k, "Q4_1").numpy().reshape(n, -1, 32)
+    np.testing.assert_array_equal(ref, gguf.quants.dequantize(raw, Q.Q4_1).reshape(n, -1, 32))
+    rel = np.abs(got - ref).max(axis=-1) / np.abs(ref).max(axis=-1)
+    assert rel.max() <= (1 + 2 ** -10) / 254
+    # chunked conversion == one pass
+    big = np.concatenate([raw] * (R._CHUNK_ROWS // n + 1))
+    np.testing.assert_array_equal(R.q4_1_to_q8_0(big), np.concatenate([rows] * (R._CHUNK_ROWS // n + 1)))
+
+
+def test_q4_1_to_q8_0_subnormal_scale_and_zero_block():
+    """Tiny blocks (subnormal fp16 d'): the next fp16 up is used rather than clipping; an
+    all-zero block stays zero."""
+    rng = np.random.default_rng(12)
+    raw = rng.integers(0, 256, (16, 8, 20), dtype=np.uint8)
+    raw[:, :, 0:2] = _f16_bytes(rng.uniform(0.1, 2.0, (16, 8, 1)) * 1e-6)
+    raw[:, :, 2:4] = _f16_bytes(rng.uniform(-10.0, 10.0, (16, 8, 1)) * 1e-6)
+    raw[0, 0, :] = 0
+    raw = raw.reshape(16, -1)
+    got = cpu_kernels.dequantize(torch.from_numpy(R.q4_1_to_q8_0(raw)), 256, "Q8_0").numpy()
+    ref = cpu_kernels.dequantize(torch.from_numpy(raw), 256, "Q4_1").numpy()
+    assert (got[0, :32] == 0).all()
+    step = 2.0 ** -24  # fp16 subnormal spacing: d' is off max|v|/127 by at most one step
+    amax = np.abs(ref.reshape(16, 8, 32)).max(axis=-1)
+    err = np.abs(got - ref).reshape(16, 8, 32).max(axis=-1)
+    assert (err <= (amax / 127 + step) / 2 * (1 + 1e-6)).all()
+
+
 # ---------------------------------------------------------------------------------------
 # end to end: a tiny Llama GGUF with Q4_0 / Q4_K / Q6_K projections
 # ---------------------------------------------------------------------------------------
 
-def _write_tiny_llama(path: str, vocab: int) -> None:
+def _write_tiny_llama(path: str, vocab: int, kinds_override: dict | None = None) -> None:
     hidden, heads, kv, ffn, hd = 256, 4, 2, 512, 64
     rng = np.random.default_rng(7)
     w = gguf.GGUFWriter(path, "llama")
@@ -168,7 +208,7 @@ def _write_tiny_llama(path: str, vocab: int) -> None:
     shapes = {"attn_q": heads * hd, "attn_k": kv * hd, "attn_v": kv * hd, "attn_output": hidden,
               "ffn_gate": ffn, "ffn_up": ffn, "ffn_down": hidden}
     kinds = {"attn_q": Q.Q4_K, "attn_k": Q.Q4_K, "attn_v": Q.Q4_K, "attn_output": Q.Q4_0,
-             "ffn_gate": Q.Q4_K, "ffn_up": Q.Q4_K, "ffn_down": Q.Q6_K}
+             "ffn_gate": Q.Q4_K, "ffn_up": Q.Q4_K, "ffn_down": Q.Q6_K, **(kinds_override or {})}
     for layer in range(2):
         for name, rows in shapes.items():
             cols = ffn if name == "ffn_down" else hidden
@@ -185,12 +225,14 @@ def _write_tiny_llama(path: str, vocab: int) -> None:
 
 
 @needs_kernels
-def test_tiny_llama_gguf_stays_quantized(tmp_path):
+@pytest.mark.parametrize("v_kind", [Q.Q4_K, Q.Q6_K], ids=["v_Q4_K", "v_Q6_K"])
+def test_tiny_llama_gguf_stays_quantized(tmp_path, v_kind):
+    """With a Q6_K attn_v next to Q4_K q/k (as in real Q4_K_M files) qkv_proj is all Q8_0."""
     from miniinfer import LLM, SamplingParams
     from miniinfer.models.packed_linear import QuantizedLinear
     from tests.helpers import TINY_VOCAB, write_tiny_tokenizer
     path = str(tmp_path / "tiny.gguf")
-    _write_tiny_llama(path, TINY_VOCAB)
+    _write_tiny_llama(path, TINY_VOCAB, {"attn_v": v_kind})
     tok = write_tiny_tokenizer(str(tmp_path / "tok"))
     kw = dict(tokenizer=tok, dtype="float32", progress=False, num_kv_blocks=16)
     quant, dense = LLM(path, **kw), LLM(path, cpu_gguf_kernels=False, **kw)
@@ -199,7 +241,7 @@ def test_tiny_llama_gguf_stays_quantized(tmp_path):
         mods = {"qkv": layer.self_attn.qkv_proj, "o": layer.self_attn.o_proj,
                 "gate_up": layer.mlp.gate_up_proj, "down": layer.mlp.down_proj}
         assert {k: (type(m), m.fmt) for k, m in mods.items()} == {
-            "qkv": (QuantizedLinear, "Q4_1"), "o": (QuantizedLinear, "Q4_1"),
+            "qkv": (QuantizedLinear, "Q4_1" if v_kind == Q.Q4_K else "Q8_0"), "o": (QuantizedLinear, "Q4_1"),
             "gate_up": (QuantizedLinear, "Q4_1"), "down": (QuantizedLinear, "Q8_0")}
     assert isinstance(model.lm_head, QuantizedLinear) and model.lm_head.fmt == "Q8_0"
     assert not any(isinstance(m, QuantizedLinear) for m in dense.engine.runner.model.modules())
