@@ -252,3 +252,5 @@ def test_tiny_llama_gguf_stays_quantized(tmp_path, v_kind):
     got = quant.generate([ids], sp, use_tqdm=False)[0].outputs[0].token_ids
     expect = dense.generate([ids], sp, use_tqdm=False)[0].outputs[0].token_ids
     assert list(got) == list(expect) and len(got) == 8
+    from miniinfer.models.cpu_decode import CPUDecodePlan
+    assert isinstance(model.cpu_decode, CPUDecodePlan)  # every projection quantized: the one-call CPU path ran
