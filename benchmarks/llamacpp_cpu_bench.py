@@ -245,17 +245,8 @@ def main() -> None:
             for tag in (f"{isa}_t{threads}", f"{isa}_int8_t{threads}"):
                 if f"miniinfer_decode_tok_s_{tag}" not in m:
                     continue
-                m[f"decode_ratio_vs_llamacpp_{tag}"] = (m[f"miniinfer_decode_tok_s_{tag}"]
-                                                        / m[f"llamacpp_tg128_tok_s_{isa}_t{threads}"])
-                m[f"prefill_ratio_vs_llamacpp_{tag}"] = (m[f"miniinfer_prefill_tok_s_{tag}"]
-                                                         / m[f"llamacpp_pp512_tok_s_{isa}_t{threads}"])
-                m[f"prefill40_ratio_vs_llamacpp_{tag}"] = (m[f"llamacpp_pp40_ms_{isa}_t{threads}"]
-                                                           / m[f"miniinfer_prefill40_ms_{tag}"])
-                if f"miniinfer_e2e16_tok_s_{tag}" in m:
-                    m[f"e2e16_ratio_vs_llamacpp_{tag}"] = (m[f"miniinfer_e2e16_tok_s_{tag}"]
-                                                           / m[f"llamacpp_batched_e2e16_tok_s_{isa}_t{threads}"])
-                for label in extras:  # ours on the Q4_1 file vs llama.cpp on its own best type
-                    ll = f"llamacpp_{label}"
+                # vs llama.cpp on the same file, then on each extra type (its own best), one naming
+                for ll in ["llamacpp"] + [f"llamacpp_{label}" for label in extras]:
                     m[f"decode_ratio_vs_{ll}_{tag}"] = (m[f"miniinfer_decode_tok_s_{tag}"]
                                                         / m[f"{ll}_tg128_tok_s_{isa}_t{threads}"])
                     m[f"prefill_ratio_vs_{ll}_{tag}"] = (m[f"miniinfer_prefill_tok_s_{tag}"]

@@ -19,7 +19,7 @@ from miniinfer.kernels import cpu_kernels
 MAX_EXTEND_PAIRS = 1 << 16
 
 
-def _token_rows(meta: AttentionMetadata, qsl: list[int], lens: list[int]):
+def token_rows(meta: AttentionMetadata, qsl: list[int], lens: list[int]):
     """Per new token: its sequence's block table and the keys it sees; None if a chunk is big."""
     def build():
         seq_of_token: list[int] = []
@@ -54,12 +54,12 @@ class CPUAttentionBackend(TorchAttentionBackend):
         qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
         if qsl is None or lens is None:
             qsl, lens = meta.query_start_loc.tolist(), meta.seq_lens.tolist()
-        token_rows = _token_rows(meta, qsl, lens) if lens else None
-        if token_rows is None or token_rows[0].shape[0] != q.shape[0]:
+        rows = token_rows(meta, qsl, lens) if lens else None
+        if rows is None or rows[0].shape[0] != q.shape[0]:
             # a long prefill chunk (torch SDPA; decodes still in C, below), or padded rows
             # beyond the last sequence (graph-style buckets), which the torch path leaves alone
             return self._attend(q, k_cache, v_cache, meta, scale, torch.float32)
-        tables, seen, max_len = token_rows
+        tables, seen, max_len = rows
         return cpu_kernels.paged_decode_attention(q, k_cache, v_cache, tables, seen, max_len, scale)
 
     def _decode_batch(self, q, k_cache, v_cache, meta: AttentionMetadata, lens: list[int], scale, group, work):

@@ -195,15 +195,7 @@ def q4_1_to_q8_0(rows: np.ndarray) -> np.ndarray | None:
     <= d'/2, about 1/254 of the block's max |v| (up to ~1/145 measured where ``d'`` is a coarse
     fp16 subnormal, ``max |v| < 127 * 2^-14``); None on fp16 overflow. Converted in chunks of
     rows (bounds the float64 temporaries)."""
-    parts = []
-    for start in range(0, rows.shape[0], _CHUNK_ROWS):
-        part = _q4_1_to_q8_0_chunk(rows[start:start + _CHUNK_ROWS])
-        if part is None:
-            return None
-        parts.append(part)
-    if not parts:
-        return None
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return _in_chunks(_q4_1_to_q8_0_chunk, rows)
 
 
 def _q4_1_to_q8_0_chunk(rows: np.ndarray) -> np.ndarray | None:
@@ -253,6 +245,13 @@ def to_kernel_rows(fmt: str, rows: np.ndarray) -> tuple[str, np.ndarray] | None:
     convert = _CONVERT.get(fmt)
     if convert is None or rows.ndim != 2:
         return None
+    out = _in_chunks(convert, rows)
+    return None if out is None else (KERNEL_TARGET[fmt], out)
+
+
+def _in_chunks(convert, rows: np.ndarray) -> np.ndarray | None:
+    """``convert`` applied to ``_CHUNK_ROWS`` rows at a time (bounds the float64 temporaries);
+    None if any chunk gives None, or for no rows."""
     parts = []
     for start in range(0, rows.shape[0], _CHUNK_ROWS):
         part = convert(rows[start:start + _CHUNK_ROWS])
@@ -261,4 +260,4 @@ def to_kernel_rows(fmt: str, rows: np.ndarray) -> tuple[str, np.ndarray] | None:
         parts.append(part)
     if not parts:
         return None
-    return KERNEL_TARGET[fmt], (parts[0] if len(parts) == 1 else np.concatenate(parts))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)

@@ -15,6 +15,7 @@ import ctypes
 
 import torch
 
+from miniinfer.attention.cpu_backend import token_rows
 from miniinfer.attention.metadata import AttentionMetadata
 from miniinfer.kernels import cpu_kernels
 from miniinfer.models.packed_linear import QuantizedLinear
@@ -78,14 +79,13 @@ class CPUDecodePlan:
         keys) — if it can run here, else None: fp32, int8 activations not due, and every new
         token a row of the C attention (decodes, and extends / prefill chunks small enough
         for the C path: ``attention/cpu_backend.py``; speculative verifies are such extends)."""
-        from miniinfer.attention.cpu_backend import _token_rows
         t = hidden.shape[0]
         int8 = self.model.layers[0].self_attn.qkv_proj.int8_min_rows
         qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
         if (t == 0 or qsl is None or lens is None or hidden.dtype != torch.float32
                 or (int8 is not None and t >= int8) or self.model.layers[0].self_attn.k_cache is not self.k_cache):
             return None
-        rows = _token_rows(meta, qsl, lens)
+        rows = token_rows(meta, qsl, lens)
         return rows if rows is not None and rows[0].shape[0] == t else None
 
     def run(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, rows) -> torch.Tensor:

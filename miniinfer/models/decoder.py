@@ -181,12 +181,12 @@ class DecoderForCausalLM(nn.Module):
 
     def _cpu_decode(self, hidden: torch.Tensor, positions: torch.Tensor):
         """(last layer's output, residual) from ``models/cpu_decode.py`` when the step fits, else None."""
-        from miniinfer.models.cpu_decode import CPUDecodePlan
         cache = self.layers[0].self_attn.k_cache
         if cache.numel() == 0:  # no KV cache bound (yet)
             return None
         plan = self.cpu_decode
         if plan is None or plan.k_cache is not cache:  # first step, or a new cache: pointers change
+            from miniinfer.models.cpu_decode import CPUDecodePlan
             plan = self.cpu_decode = CPUDecodePlan.build(self) or False  # False: never fits, stop asking
             if not plan:
                 return None
