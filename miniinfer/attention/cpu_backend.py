@@ -7,6 +7,9 @@ token; a prefill / extend chunk of n tokens becomes n rows over the same block t
 lengths grow by one (token i sees ``L - n + i + 1`` keys: the causal mask). Chunks with more
 than ``MAX_EXTEND_PAIRS`` query-key pairs stay on torch SDPA (the C rows don't share K/V
 reads across queries, which only pays for short chunks).
+
+With a tree mask (``AttentionMetadata.tree_mask``), a tree row sees its sequence's whole KV
+length and the C kernel masks the last 64 keys by the row's bits; rows of -1 stay causal.
 """
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ MAX_EXTEND_PAIRS = 1 << 16
 
 
 def token_rows(meta: AttentionMetadata, qsl: list[int], lens: list[int]):
-    """Per new token: its sequence's block table and the keys it sees; None if a chunk is big."""
+    """Per new token: (its sequence's block table [T, max_blocks] int32, the keys it sees [T]
+    int32, the most keys, its tree bits [T] int64 or None where the step has no tree row);
+    None if a chunk is big."""
     def build():
         seq_of_token: list[int] = []
         seen: list[int] = []
@@ -30,7 +35,14 @@ def token_rows(meta: AttentionMetadata, qsl: list[int], lens: list[int]):
                 return None
             seq_of_token += [i] * n
             seen += range(L - n + 1, L + 1)
-        return meta.block_tables[torch.tensor(seq_of_token)], torch.tensor(seen, dtype=torch.int32), max(lens)
+        bits = meta.tree_rows()
+        if bits is not None and any(x != -1 for x in bits[:len(seen)]):
+            seen = [lens[i] if x != -1 else s for i, x, s in zip(seq_of_token, bits, seen)]  # tree rows: all L
+            bits = torch.tensor(bits[:len(seen)], dtype=torch.int64)
+        else:
+            bits = None
+        return (meta.block_tables[torch.tensor(seq_of_token)], torch.tensor(seen, dtype=torch.int32), max(lens),
+                bits)
     return meta.step_cached("cpu_rows", build)
 
 
@@ -59,8 +71,8 @@ class CPUAttentionBackend(TorchAttentionBackend):
             # a long prefill chunk (torch SDPA; decodes still in C, below), or padded rows
             # beyond the last sequence (graph-style buckets), which the torch path leaves alone
             return self._attend(q, k_cache, v_cache, meta, scale, torch.float32)
-        tables, seen, max_len = rows
-        return cpu_kernels.paged_decode_attention(q, k_cache, v_cache, tables, seen, max_len, scale)
+        tables, seen, max_len, bits = rows
+        return cpu_kernels.paged_decode_attention(q, k_cache, v_cache, tables, seen, max_len, scale, bits)
 
     def _decode_batch(self, q, k_cache, v_cache, meta: AttentionMetadata, lens: list[int], scale, group, work):
         if not _c_attention_fits(q, k_cache, v_cache):

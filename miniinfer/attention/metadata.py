@@ -13,6 +13,19 @@ Token layout of a step (decodes first, then prefill / extend chunks)::
 
 A sequence's new tokens sit at positions ``seq_len - q_len ... seq_len - 1``; they attend
 to every cached token before them and causally to each other.
+
+Tree mask (speculative verify of a draft tree), optional: ``tree_mask`` [T] int64, one value
+per new token in the row order above. For token t of a sequence with KV length
+``L = seq_lens[b]`` after the step::
+
+    tree_mask[t] == -1   causal, as above
+    otherwise            key j (0 <= j < L) is seen iff j < L - 64
+                         or bit (j - (L - 64)) of tree_mask[t] is set
+
+i.e. the window is always the sequence's last 64 keys (bit 0 = key L - 64, bit 63 = key
+L - 1, the sign bit); bits of a window starting below key 0 are ignored. The rule is on KV
+indices, so a window may hold tree keys written by earlier steps. The builder makes every
+token see at least itself. Decode rows (q_len 1) may ignore it; ``None``: all causal.
 """
 from __future__ import annotations
 
@@ -36,6 +49,9 @@ class AttentionMetadata:
     # Host copies, for backends that loop per sequence (the torch path on CPU).
     query_start_loc_cpu: list[int] | None = None
     seq_lens_cpu: list[int] | None = None
+    # Tree mask (see the module docstring): [T] int64 on device, -1 = causal row; host copy.
+    tree_mask: torch.Tensor | None = None
+    tree_mask_cpu: list[int] | None = None
     # What a backend derives from the above once per step and reuses in every layer
     # (e.g. the torch path's gather indices and mask). Dies with the step.
     per_step: dict = field(default_factory=dict)
@@ -50,6 +66,14 @@ class AttentionMetadata:
             if value is not None and self.seq_lens_cpu is not None:
                 self.per_step[key] = value
         return value
+
+    def tree_rows(self) -> list[int] | None:
+        """The tree mask on the host (one device read per step at most), None without one."""
+        if self.tree_mask is None:
+            return None
+        if self.tree_mask_cpu is not None:
+            return self.tree_mask_cpu
+        return self.step_cached("tree_mask_cpu", self.tree_mask.tolist)
 
     @property
     def num_seqs(self) -> int:

@@ -3,7 +3,9 @@
 Decodes are batched into one SDPA call over K/V gathered through the block tables
 (padded to the longest sequence and masked; the gather indices and the mask are built
 once per step and shared by all layers); each prefill / extend chunk runs its own causal
-SDPA against its gathered prefix plus its new tokens.
+SDPA against its gathered prefix plus its new tokens, or, when the step has a tree mask
+(``AttentionMetadata.tree_mask``) with tree rows in the chunk, an SDPA under the chunk's
+[n, L] mask (``chunk_mask``: causal rows as usual, tree rows by their window bits).
 
 On CPU the math runs in fp32 whatever the model dtype (CPU SDPA is several times slower
 in bf16/fp16), and the model runner keeps the CPU cache in fp32 so gathers need no upcast.
@@ -47,6 +49,29 @@ def _decode_plan(meta: AttentionMetadata, nd: int, lens: list[int], block_size: 
     return meta.step_cached("torch_decode", build)
 
 
+def chunk_mask(bits: list[int], L: int, device) -> torch.Tensor:
+    """[n, L] bool: which of the sequence's L keys each of its n new tokens sees, given their
+    tree-mask values ``bits`` (-1: causal, query i sees keys 0 .. L - n + i; otherwise key j
+    iff j < L - 64 or bit j - (L - 64) is set)."""
+    n = len(bits)
+    keys = torch.arange(L, device=device)
+    causal = keys[None, :] <= torch.arange(L - n, L, device=device)[:, None]
+    b = torch.tensor(bits, dtype=torch.int64, device=device)[:, None]
+    rel = keys - (L - 64)
+    tree = (rel < 0)[None, :] | (((b >> rel.clamp(0, 63)) & 1) != 0)
+    return torch.where(b != -1, tree, causal)
+
+
+def _tree_masks(meta: AttentionMetadata, qsl: list[int], lens: list[int], first: int, device) -> list:
+    """Per sequence from ``first`` on: its ``chunk_mask``, or None where it has no tree row."""
+    def build():
+        bits = meta.tree_rows()
+        return [chunk_mask(bits[qsl[i]:qsl[i + 1]], lens[i], device)
+                if any(x != -1 for x in bits[qsl[i]:qsl[i + 1]]) else None
+                for i in range(first, len(lens))]
+    return meta.step_cached(f"torch_tree_{first}", build)
+
+
 class TorchAttentionBackend(PagedAttentionBase):
     name = "torch"
 
@@ -70,11 +95,12 @@ class TorchAttentionBackend(PagedAttentionBase):
             nd = 0  # multi-token "decodes" (speculative verify): the extend path handles them
         if nd:
             out[:nd] = self._decode_batch(q[:nd], k_cache, v_cache, meta, lens, scale, group, work)
+        masks = _tree_masks(meta, qsl, lens, nd, q.device) if meta.tree_mask is not None else None
         for i in range(nd, len(lens)):
             s, e, L = qsl[i], qsl[i + 1], lens[i]
             kk = _gather(k_cache, meta.block_tables[i], L).to(work)
             vv = _gather(v_cache, meta.block_tables[i], L).to(work)
-            out[s:e] = self._extend(q[s:e], kk, vv, scale, group)
+            out[s:e] = self._extend(q[s:e], kk, vv, scale, group, masks[i - nd] if masks else None)
         return out
 
     def _decode_batch(self, q, k_cache, v_cache, meta: AttentionMetadata, lens: list[int], scale, group, work):
@@ -94,10 +120,13 @@ class TorchAttentionBackend(PagedAttentionBase):
         return o.squeeze(2)
 
     @staticmethod
-    def _extend(q, kk, vv, scale, group):
+    def _extend(q, kk, vv, scale, group, mask=None):
+        """``mask`` [n, L] bool (a tree chunk), else causal."""
         n, L = q.shape[0], kk.shape[0]
         qt, kt, vt = q.transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1)
-        if n == L:
+        if mask is not None:
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=group > 1)
+        elif n == L:
             o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=group > 1)
         else:
             # query i sits at position L - n + i and sees keys 0 .. L - n + i

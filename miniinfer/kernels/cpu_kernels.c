@@ -4,6 +4,7 @@
 //                           Q8_1) and integer dot products: AVX-512 VNNI, or AVX2 vpmaddubsw
 //   q8_0_gemm               the same for GGUF's Q8_0 (w = d * q, q int8; e.g. a tied LM head)
 //   paged_decode_attention  one query token per sequence against its paged fp32 K/V cache
+//                           (optionally a tree-mask row: speculative verify of a draft tree)
 //   rms_norm, silu_and_mul  a decoder layer's element-wise ops (fp32), one call each
 //   rope_neox, store_kv     RoPE on q and k together; the new K/V rows into their cache slots
 //
@@ -76,6 +77,16 @@ static inline float half_to_float(const uint8_t* p) {
     return (h & 0x8000) ? -f : f;
 }
 
+// A tree row (the verify of a draft tree) of L keys sees every key below the window [L - 64, L)
+// and key L - 64 + i of the window iff bit i of `bits` is set (bits == -1: not a tree row, never
+// called). The others get -inf before the softmax; the exps clamp at exp(-87) ~ 1e-38, so a
+// masked key weighs nothing next to the row's own key in fp32.
+static inline void mask_tree_window(float* s, int L, int64_t bits) {
+    const int w0 = L - 64;
+    for (int t = w0 > 0 ? w0 : 0; t < L; t++)
+        if (!(((uint64_t)bits >> (t - w0)) & 1)) s[t] = -INFINITY;
+}
+
 // ---- one pass per ISA (#include "cpu_kernels.c": this file, found next to itself however the
 // compiler was called)
 #define MI_ISA 0
@@ -113,7 +124,8 @@ static inline float half_to_float(const uint8_t* p) {
 typedef struct {
     void (*gemm)(const uint8_t*, const float*, float*, float*, int, int, int, int);
     void (*paged_decode_attention)(const float*, const float*, const float*, const int32_t*, int,
-                                   const int32_t*, float*, float*, int, int, int, int, int, int, float);
+                                   const int32_t*, const int64_t*, float*, float*, int, int, int, int, int,
+                                   int, float);
     void (*rms_norm)(const float*, float*, const float*, float*, int, int, float);
     void (*silu_and_mul)(const float*, float*, int, int);
     void (*rope_neox)(const float*, long, int, int, int, int, const int64_t*, const float*, float*);
@@ -242,12 +254,14 @@ void q8_0_gemm(const uint8_t* packed, const float* X, float* Y, int M, int N, in
 // here instead of torch reductions per call in Python) and return nonzero, doing nothing, when
 // it fails; the Python side raises.
 
+// tree_bits: NULL, or B int64 (-1: a plain row; else a tree row, whose seq_lens entry must be
+// its sequence's whole KV length: see mask_tree_window).
 // Returns 1 (nothing done) if a seq_len is outside [1, min(max_len, bt_stride * block_size)],
 // 2 if a block that a sequence reads is outside [0, num_blocks), 3 if out of memory.
 int paged_decode_attention(const float* q, const float* k_cache, const float* v_cache,
                            const int32_t* block_tables, int bt_stride, const int32_t* seq_lens,
                            float* out, int B, int H, int Hkv, int D, int block_size, int max_len,
-                           float scale, int num_blocks) {
+                           float scale, int num_blocks, const int64_t* tree_bits) {
     const long limit = max_len < (long)bt_stride * block_size ? max_len : (long)bt_stride * block_size;
     for (int b = 0; b < B; b++) {
         if (seq_lens[b] < 1 || seq_lens[b] > limit) return 1;
@@ -258,8 +272,8 @@ int paged_decode_attention(const float* q, const float* k_cache, const float* v_
     if (B == 0) return 0;
     float* scores = (float*)malloc(sizeof(float) * (size_t)B * H * max_len);  // softmax rows
     if (!scores) return 3;
-    active->paged_decode_attention(q, k_cache, v_cache, block_tables, bt_stride, seq_lens, out, scores,
-                                   B, H, Hkv, D, block_size, max_len, scale);
+    active->paged_decode_attention(q, k_cache, v_cache, block_tables, bt_stride, seq_lens, tree_bits, out,
+                                   scores, B, H, Hkv, D, block_size, max_len, scale);
     free(scores);
     return 0;
 }
@@ -292,7 +306,8 @@ int store_kv(const float* k, long k_stride, const float* v, long v_stride, const
 // without returning to Python (batch-1 decode spent ~40 % of its step in the Python between
 // them). Row b is one token: its position, cache slot, block table and the number of keys it
 // sees (a decode: its sequence's length; a token of an extend chunk: up to itself, as in
-// paged_decode_attention's rows). Every row's K/V is stored before any row attends. Per layer
+// paged_decode_attention's rows; a tree row: its sequence's length, masked by tree_bits[b],
+// tree_bits NULL or B int64 as there). Every row's K/V is stored before any row attends. Per layer
 // (Llama / Qwen2 / Qwen3):
 //   residual += hidden; xn = rms_norm(residual) * ln1          (layer 0: residual starts at 0)
 //   qkv = xn @ Wqkv.T (+ bias); [Qwen3: q, k rms-normed per head]; q, k NeoX-rotated
@@ -314,7 +329,8 @@ int decode_layers(const int64_t* layers, int L, float* hidden, float* residual, 
                   int B, int H, int Hq, int Hkv, int D, int I, float eps,
                   const int64_t* positions, const float* cos_sin, int rot, long n_positions,
                   const int64_t* slots, long n_slots, const int32_t* block_tables, int bt_stride,
-                  const int32_t* seq_lens, int block_size, int max_len, float scale, int num_blocks) {
+                  const int32_t* seq_lens, int block_size, int max_len, float scale, int num_blocks,
+                  const int64_t* tree_bits) {
     const long limit = max_len < (long)bt_stride * block_size ? max_len : (long)bt_stride * block_size;
     for (int b = 0; b < B; b++) {
         if (positions[b] < 0 || positions[b] >= n_positions || slots[b] < -1 || slots[b] >= n_slots) return 1;
@@ -360,8 +376,8 @@ int decode_layers(const int64_t* layers, int L, float* hidden, float* residual, 
         active->rope_neox(qsrc, qstride, B, Hq, D, rot, positions, cos_sin, qr);
         active->rope_neox(ksrc, kstride, B, Hkv, D, rot, positions, cos_sin, kr);
         active->store_kv(kr, kv, qkv + (size_t)(Hq + Hkv) * D, nqkv, slots, k_cache, v_cache, B, kv);
-        active->paged_decode_attention(qr, k_cache, v_cache, block_tables, bt_stride, seq_lens, attn, scores,
-                                       B, Hq, Hkv, D, block_size, max_len, scale);
+        active->paged_decode_attention(qr, k_cache, v_cache, block_tables, bt_stride, seq_lens, tree_bits, attn,
+                                       scores, B, Hq, Hkv, D, block_size, max_len, scale);
         GEMM(p[1], p[5], attn, hidden, H, Hq * D);
         active->rms_norm(hidden, residual, (const float*)p[10], xn, B, H, eps);
         GEMM(p[2], p[6], xn, gu, 2 * I, H);
@@ -533,8 +549,8 @@ static float F(exp_minus_max)(float* s, int n, float mx) {
 // its q (QK) or its output (PV) held in dv registers while the sequence's rows stream by
 // (they stay in L1/L2 between the group's heads).
 INLINE void F(attend_task)(const float* qh, const float* k_cache, const float* v_cache, const int32_t* table,
-                           int L, float* s, int max_len, float* oh, int group, int Hkv, int kvh, int D,
-                           int block_size, float scale, const int dv) {
+                           int L, int64_t bits, float* s, int max_len, float* oh, int group, int Hkv,
+                           int kvh, int D, int block_size, float scale, const int dv) {
     const size_t token_stride = (size_t)Hkv * D;  // floats between consecutive tokens of a block
     for (int j = 0; j < group; j++) {
         __m512 qv[8];
@@ -550,6 +566,7 @@ INLINE void F(attend_task)(const float* qh, const float* k_cache, const float* v
                 sj[t0 + i] = _mm512_reduce_add_ps(acc) * scale;
             }
         }
+        if (bits != -1) mask_tree_window(sj, L, bits);
         float mx = -INFINITY;
 #pragma omp simd reduction(max : mx)
         for (int t = 0; t < L; t++) mx = sj[t] > mx ? sj[t] : mx;
@@ -832,8 +849,8 @@ static float F(exp_minus_max)(float* s, int n, float mx) {
 // As the AVX-512 task with head_dim = 8 * dv (dv <= 16): q is read from L1 for QK; the
 // output is held in registers for at most 64 dims at a time (dv > 8: two passes over V).
 INLINE void F(attend_task)(const float* qh, const float* k_cache, const float* v_cache, const int32_t* table,
-                           int L, float* s, int max_len, float* oh, int group, int Hkv, int kvh, int D,
-                           int block_size, float scale, const int dv) {
+                           int L, int64_t bits, float* s, int max_len, float* oh, int group, int Hkv,
+                           int kvh, int D, int block_size, float scale, const int dv) {
     const size_t token_stride = (size_t)Hkv * D;
     for (int j = 0; j < group; j++) {
         const float* qj = qh + (size_t)j * D;
@@ -852,6 +869,7 @@ INLINE void F(attend_task)(const float* qh, const float* k_cache, const float* v
                 sj[t0 + i] = F(hsum)(_mm256_add_ps(a0, a1)) * scale;
             }
         }
+        if (bits != -1) mask_tree_window(sj, L, bits);
         float mx = -INFINITY;
 #pragma omp simd reduction(max : mx)
         for (int t = 0; t < L; t++) mx = sj[t] > mx ? sj[t] : mx;
@@ -1005,8 +1023,8 @@ static float F(exp_minus_max)(float* s, int n, float mx) {
 }
 
 INLINE void F(attend_task)(const float* qh, const float* k_cache, const float* v_cache, const int32_t* table,
-                           int L, float* s, int max_len, float* oh, int group, int Hkv, int kvh, int D,
-                           int block_size, float scale, const int dv) {
+                           int L, int64_t bits, float* s, int max_len, float* oh, int group, int Hkv,
+                           int kvh, int D, int block_size, float scale, const int dv) {
     (void)dv;
     const size_t token_stride = (size_t)Hkv * D;
     for (int j = 0; j < group; j++) {
@@ -1023,6 +1041,7 @@ INLINE void F(attend_task)(const float* qh, const float* k_cache, const float* v
                 sj[t0 + i] = dot * scale;
             }
         }
+        if (bits != -1) mask_tree_window(sj, L, bits);
         float mx = -INFINITY;
 #pragma omp simd reduction(max : mx)
         for (int t = 0; t < L; t++) mx = sj[t] > mx ? sj[t] : mx;
@@ -1142,14 +1161,15 @@ Q8_TARGET static void F(gemm_q8)(const uint8_t* packed, const int8_t* xq, const 
 
 // Decode attention over the paged cache: q [B, H, D], caches [blocks, block_size, Hkv, D],
 // block_tables [B, bt_stride], seq_lens [B] (tokens to attend, including the new one, whose
-// K/V are already stored), out [B, H, D]; scores: scratch of B * H * max_len floats.
+// K/V are already stored), tree_bits NULL or [B] (mask_tree_window; -1: none), out [B, H, D];
+// scores: scratch of B * H * max_len floats.
 // Query head j of sequence b reads KV head j / (H / Hkv). fp32 softmax with the max
 // subtracted. One (sequence, KV head) pair per task: its K/V rows are read once for all the
 // query heads that share them. D is a multiple of 16, at most 128 (checked in Python).
 static void F(paged_decode_attention)(const float* q, const float* k_cache, const float* v_cache,
                                       const int32_t* block_tables, int bt_stride, const int32_t* seq_lens,
-                                      float* out, float* scores, int B, int H, int Hkv, int D, int block_size,
-                                      int max_len, float scale) {
+                                      const int64_t* tree_bits, float* out, float* scores, int B, int H,
+                                      int Hkv, int D, int block_size, int max_len, float scale) {
     const int group = H / Hkv;
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
     for (int b = 0; b < B; b++) {
@@ -1159,7 +1179,8 @@ static void F(paged_decode_attention)(const float* q, const float* k_cache, cons
             const float* qh = q + first * D;
             float* s = scores + first * max_len;
             float* oh = out + first * D;
-#define ATTEND_TASK(dv) F(attend_task)(qh, k_cache, v_cache, table, seq_lens[b], s, max_len, oh, group, \
+            const int64_t bits = tree_bits ? tree_bits[b] : -1;
+#define ATTEND_TASK(dv) F(attend_task)(qh, k_cache, v_cache, table, seq_lens[b], bits, s, max_len, oh, group, \
                                        Hkv, kvh, D, block_size, scale, dv)
             switch (ATTEND_VECTORS) {  // a constant register count per call: the loops over it unroll
                 ATTEND_TASK_CASES

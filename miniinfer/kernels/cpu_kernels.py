@@ -110,7 +110,7 @@ def _library() -> ctypes.CDLL | None:
     lib.q8_0_gemm.restype = None
     lib.q4_1_gemm_int8.argtypes = [p, p, p, i, i, i]
     lib.q4_1_gemm_int8.restype = i
-    lib.paged_decode_attention.argtypes = [p, p, p, p, i, p, p, i, i, i, i, i, i, ctypes.c_float, i]
+    lib.paged_decode_attention.argtypes = [p, p, p, p, i, p, p, i, i, i, i, i, i, ctypes.c_float, i, p]
     lib.paged_decode_attention.restype = i
     lib.rms_norm.argtypes = [p, p, p, p, i, i, ctypes.c_float]
     lib.rms_norm.restype = None
@@ -123,7 +123,7 @@ def _library() -> ctypes.CDLL | None:
     lib.store_kv.restype = i
     lib.decode_scratch_floats.argtypes, lib.decode_scratch_floats.restype = [i] * 6, lg
     lib.decode_layers.argtypes = [p, i, p, p, p, i, i, i, i, i, i, ctypes.c_float, p, p, i, lg, p, lg, p, i, p,
-                                  i, i, ctypes.c_float, i]
+                                  i, i, ctypes.c_float, i, p]
     lib.decode_layers.restype = i
     for name in ("miniinfer_cpu_isas", "miniinfer_isa", "miniinfer_int8_kernel"):
         getattr(lib, name).argtypes, getattr(lib, name).restype = [], i
@@ -265,9 +265,12 @@ def gemm(x: torch.Tensor, packed: torch.Tensor, out_features: int, in_features: 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int,
-                           scale: float) -> torch.Tensor:
+                           scale: float, tree_bits: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence (q ``[B, H, D]`` fp32) against its first ``seq_lens[b]``
-    cached tokens (fp32 caches ``[blocks, block_size, Hkv, D]``, int32 block tables)."""
+    cached tokens (fp32 caches ``[blocks, block_size, Hkv, D]``, int32 block tables).
+    ``tree_bits`` [B] int64 (optional): -1 for a plain row; otherwise row b sees keys below
+    ``seq_lens[b] - 64`` and, of the last 64, those whose bit is set (bit 0 = the oldest; see
+    ``AttentionMetadata``'s tree mask, ``seq_lens[b]`` being the sequence's whole KV length)."""
     lib = _library()
     if lib is None:
         raise RuntimeError("the CPU kernels are not available on this machine")
@@ -285,10 +288,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     lens = _int_rows(seq_lens, torch.int32)
     if tables.shape[0] != b or lens.shape[0] != b:
         raise ValueError(f"{b} queries but {tables.shape[0]} block tables and {lens.shape[0]} lengths")
+    bits = None if tree_bits is None else _int_rows(tree_bits, torch.int64)
+    if bits is not None and bits.shape != (b,):
+        raise ValueError(f"{b} queries but tree_bits of shape {tuple(bits.shape)}")
     out = torch.empty_like(q)
     err = lib.paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
                                      tables.stride(0), lens.data_ptr(), out.data_ptr(), b, h, hkv, d,
-                                     block_size, max_len, scale, k_cache.shape[0])
+                                     block_size, max_len, scale, k_cache.shape[0],
+                                     None if bits is None else bits.data_ptr())
     if err:  # the C code checks what would read out of bounds (it did nothing)
         raise ValueError(f"seq_lens must be in [1, {min(max_len, tables.shape[1] * block_size)}]" if err == 1 else
                          f"block table entries must be in [0, {k_cache.shape[0]})" if err == 2 else

@@ -76,9 +76,10 @@ class CPUDecodePlan:
 
     def rows(self, hidden: torch.Tensor, meta: AttentionMetadata):
         """The step as attention rows — (block table per token, keys each token sees, the most
-        keys) — if it can run here, else None: fp32, int8 activations not due, and every new
-        token a row of the C attention (decodes, and extends / prefill chunks small enough
-        for the C path: ``attention/cpu_backend.py``; speculative verifies are such extends)."""
+        keys, tree bits per token or None: ``cpu_backend.token_rows``) — if it can run here,
+        else None: fp32, int8 activations not due, and every new token a row of the C attention
+        (decodes, and extends / prefill chunks small enough for the C path:
+        ``attention/cpu_backend.py``; speculative verifies are such extends)."""
         t = hidden.shape[0]
         int8 = self.model.layers[0].self_attn.qkv_proj.int8_min_rows
         qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
@@ -101,13 +102,15 @@ class CPUDecodePlan:
         slots = meta.slot_mapping.to(torch.int64).contiguous()
         tables = rows[0].to(torch.int32).contiguous()
         lens = rows[1].to(torch.int32).contiguous()
+        bits = None if rows[3] is None else rows[3].to(torch.int64).contiguous()
         kc = self.k_cache
         n_slots = kc.shape[0] * kc.shape[1]
         err = lib.decode_layers(
             self.table.data_ptr(), self.table.shape[0], hidden.data_ptr(), residual.data_ptr(), scratch.data_ptr(),
             b, h, hq, hkv, d, inter, ctypes.c_float(self.eps), pos.data_ptr(), cos_sin.data_ptr(),
             cos_sin.shape[-1], cos_sin.shape[0], slots.data_ptr(), n_slots, tables.data_ptr(), tables.shape[1],
-            lens.data_ptr(), kc.shape[1], rows[2], ctypes.c_float(self.scale), kc.shape[0])
+            lens.data_ptr(), kc.shape[1], rows[2], ctypes.c_float(self.scale), kc.shape[0],
+            None if bits is None else bits.data_ptr())
         if err:
             raise ValueError("decode step inputs out of range" if err < 3 else "out of memory")
         return hidden, residual

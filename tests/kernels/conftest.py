@@ -20,7 +20,7 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if not HAS_CUDA and HAS_TRITON:
     os.environ["TRITON_INTERPRET"] = "1"
-CPU_ONLY_MODULES = {"test_cpu_kernels"}  # C kernels, no triton
+CPU_ONLY_MODULES = {"test_cpu_kernels", "test_cpu_tree_mask"}  # C kernels, no triton
 
 
 

@@ -78,3 +78,69 @@ def test_dense_weights_keep_the_module_path(tiny_llm):
     llm = tiny_llm("qwen2")
     llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3), use_tqdm=False)
     assert llm.engine.runner.model.cpu_decode is False
+
+
+def _tree_step(model, seed: int):
+    """A decode, a draft-tree verify (root + 15 nodes over a 90-token prefix) and a plain extend,
+    over random K/V in the model's bound cache; tree bits per the rule in attention/metadata.py."""
+    from miniinfer.attention.metadata import AttentionMetadata
+    g = torch.Generator().manual_seed(seed)
+    attn = model.layers[0].self_attn
+    bs = attn.k_cache.shape[1]
+    for layer in model.layers:
+        layer.self_attn.k_cache.copy_(torch.randn(layer.self_attn.k_cache.shape, generator=g))
+        layer.self_attn.v_cache.copy_(torch.randn(layer.self_attn.v_cache.shape, generator=g))
+    parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, 16)]
+    P, n = 90, len(parents)
+    L = P + n
+    bits, depth = [], []
+    for i in range(n):
+        seen, a = set(range(P)), i
+        while a >= 0:
+            seen.add(P + a)
+            a = parents[a]
+        depth.append(len(seen) - P - 1)
+        u = sum(1 << (j - (L - 64)) for j in seen if j >= L - 64)
+        bits.append(u - (1 << 64) if u >= 1 << 63 else u)
+    seqs = [(40, 1), (P, n), (25, 3)]
+    perm = torch.randperm(attn.k_cache.shape[0], generator=g).tolist()
+    tables = [perm[8 * i:8 * i + 8] for i in range(3)]
+    slots = [t[p // bs] * bs + p % bs for t, (pre, m) in zip(tables, seqs) for p in range(pre, pre + m)]
+    positions = [40] + [P + d for d in depth] + [25, 26, 27]
+    qsl, lens = [0, 1, 1 + n, 4 + n], [41, L, 28]
+    tree = [-1] + bits + [-1] * 3
+    meta = AttentionMetadata(
+        num_decodes=1, num_decode_tokens=1, query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+        seq_lens=torch.tensor(lens, dtype=torch.int32), block_tables=torch.tensor(tables, dtype=torch.int32),
+        slot_mapping=torch.tensor(slots), max_query_len=n, max_seq_len=L, query_start_loc_cpu=qsl,
+        seq_lens_cpu=lens, tree_mask=torch.tensor(tree), tree_mask_cpu=tree)
+    ids = torch.randint(0, model.embed_tokens.num_embeddings, (len(slots),), generator=g)
+    return ids, torch.tensor(positions), meta
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_fused_tree_verify_equals_module_path(tiny_llm, isa):
+    """decode_layers with a tree mask (the one-call path) against the module path (per-layer
+    attention backend, itself checked against the rule in tests/attention/test_tree_mask.py)."""
+    from miniinfer.attention.metadata import forward_context
+    from miniinfer.models.cpu_decode import CPUDecodePlan
+    if isa not in cpu_kernels.supported_isas():
+        pytest.skip(f"this CPU does not run the {isa} kernels")
+    llm = tiny_llm("qwen2", cpu_packed_weights=False)
+    model = llm.engine.runner.model
+    _quantize_projections(model, "Q4_1", seed=5)
+    ids, pos, meta = _tree_step(model, seed=1)
+    outs = {}
+    with cpu_kernels.use_isa(isa), torch.no_grad():
+        for name, mode, tree in (("fused", None, True), ("module", False, True), ("causal", None, False)):
+            model.cpu_decode = mode
+            meta.per_step.clear()
+            meta.tree_mask, meta.tree_mask_cpu = (meta.tree_mask, meta.tree_mask_cpu) if tree else (None, None)
+            with forward_context(meta):
+                outs[name] = model(ids, pos)
+            if name == "fused":
+                assert isinstance(model.cpu_decode, CPUDecodePlan)
+                assert model.cpu_decode.rows(model.embed(ids), meta) is not None  # it ran the one C call
+    torch.testing.assert_close(outs["fused"], outs["module"], rtol=1e-4, atol=1e-4)
+    assert (outs["fused"][1:17] - outs["causal"][1:17]).abs().amax() > 1e-2  # the mask mattered
+    torch.testing.assert_close(outs["fused"][17:], outs["causal"][17:], rtol=1e-4, atol=1e-4)
