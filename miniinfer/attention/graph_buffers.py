@@ -7,7 +7,9 @@ owns the graphs, the attention backend owns these buffers):
 * ``"decode"``: ``size`` sequences × 1 token. Rows past the live batch are padding: slot −1
   (no K/V write) and length 1 (they attend over one token of block 0; nobody reads them).
 * ``"prefill"``: one sequence's chunk of up to ``size`` tokens. Tokens past the chunk have
-  slot −1 and lie outside the sequence's query range.
+  slot −1 and lie outside the sequence's query range. Captured with a tree mask (all −1), so
+  a replay serves both a plain chunk (its rows −1: the causal path) and a batch-1 draft-tree
+  verify (``meta.tree_mask`` copied in); the decode family has none.
 
 A backend whose metadata has more (e.g. a tree mask) subclasses this and extends
 ``capture_metadata`` / ``prepare_replay``.
@@ -29,6 +31,8 @@ class GraphBuffers:
         self.block_tables = torch.zeros(max_seqs, max_blocks, **i32)  # [B, max_blocks]
         self.decode_qsl = torch.arange(max_seqs + 1, **i32)  # [B + 1]: one token per sequence
         self.prefill_qsl = torch.zeros(2, **i32)  # [2]: one sequence
+        self.tree_mask = torch.full((max(max_seqs, max_tokens),), -1, **i64)  # [T], -1: causal row
+        self._tree_rows = 0  # rows [0, _tree_rows) may hold bits other than -1
 
     def capture_metadata(self, kind: str, size: int) -> AttentionMetadata:
         """Metadata views over the buffers for a graph of ``size`` sequences (decode) or tokens
@@ -43,7 +47,8 @@ class GraphBuffers:
         return AttentionMetadata(
             num_decodes=0, num_decode_tokens=0, query_start_loc=self.prefill_qsl,
             seq_lens=self.seq_lens[:1], block_tables=self.block_tables[:1],
-            slot_mapping=self.slots[:size], max_query_len=size, max_seq_len=self.max_seq_len)
+            slot_mapping=self.slots[:size], max_query_len=size, max_seq_len=self.max_seq_len,
+            tree_mask=self.tree_mask[:size])
 
     def prepare_replay(self, kind: str, size: int, meta: AttentionMetadata) -> None:
         """Copy a live step's metadata (``n`` real rows / tokens ≤ ``size``) in and pad the rest."""
@@ -56,7 +61,20 @@ class GraphBuffers:
             self.seq_lens[b:size].fill_(1)
         else:
             self.prefill_qsl.copy_(meta.query_start_loc)
+            self._replay_tree_mask(n, meta)
         self.block_tables[:b, :meta.block_tables.shape[1]].copy_(meta.block_tables)
+
+    def _replay_tree_mask(self, n: int, meta: AttentionMetadata) -> None:
+        """The step's tree mask over rows [0, n), -1 everywhere else (rows past the last
+        replay's are -1 already: a plain chunk after a plain chunk writes nothing)."""
+        if meta.tree_mask is not None:
+            self.tree_mask[:n].copy_(meta.tree_mask[:n])
+            if self._tree_rows > n:
+                self.tree_mask[n:self._tree_rows].fill_(-1)
+            self._tree_rows = n
+        elif self._tree_rows:
+            self.tree_mask[:self._tree_rows].fill_(-1)
+            self._tree_rows = 0
 
     def after_replay(self, kind: str) -> None:
         if kind == "prefill":
@@ -65,6 +83,8 @@ class GraphBuffers:
     def reset(self) -> None:
         """After capture: every row back to the padding state."""
         self.seq_lens.fill_(1)
+        self.tree_mask.fill_(-1)
+        self._tree_rows = 0
 
 
 class PagedAttentionBase:

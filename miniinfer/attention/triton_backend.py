@@ -8,7 +8,8 @@ Per step (token layout: decodes first, then extend/prefill chunks; see forward_c
    ``paged_decode_attention`` with ``meta.max_seq_len`` as the split-count bound;
 3. the remaining sequences go through ``paged_extend_attention``. Its
    ``query_start_loc`` holds absolute rows of ``q``, so ``meta.query_start_loc[num_decodes:]``
-   is passed as is (no re-basing op) together with the full ``q`` / ``out``.
+   is passed as is (no re-basing op) together with the full ``q`` / ``out``, and so is the
+   full ``meta.tree_mask`` (indexed by absolute row; decode rows ignore it).
 
 Nothing reads device tensors on the host, so a pure-decode step is CUDA-graph capturable
 (pass the capture-time upper bound as ``meta.max_seq_len``).
@@ -46,6 +47,6 @@ class TritonAttentionBackend(PagedAttentionBase):
         if num_seqs > nd:
             paged_extend_attention(
                 q, k_cache, v_cache, meta.block_tables[nd:], meta.query_start_loc[nd:],
-                meta.seq_lens[nd:], meta.max_query_len, scale, out=out,
+                meta.seq_lens[nd:], meta.max_query_len, scale, out=out, tree_mask=meta.tree_mask,
             )
         return out

@@ -10,12 +10,19 @@ Layout::
     query_start_loc int32 [B+1]   sequence b's queries are rows qsl[b] .. qsl[b+1]-1 of q
                                   (absolute row indices: qsl[0] need not be 0)
     seq_lens        int32 [B]     KV length of sequence b including its new tokens
+    tree_mask       int64 [T]     optional, indexed by absolute row of q: -1 = causal; else
+                                  the row sees keys < L - 64 and, of the last 64, those whose
+                                  bit is set (bit 0 = key L - 64; see attention/metadata.py)
 
 Query row ``i`` of sequence ``b`` sits at position ``seq_lens[b] - q_len_b + i`` and attends
 to kv positions ``<=`` its own. Grid ``(cdiv(max_query_len, BLOCK_M), H, B)``; each program
 walks the prefix every query of its tile can see without a mask, then the diagonal band
 with the causal mask. Online softmax in base 2 with fp32 accumulation. Rows of ``out``
 outside ``query_start_loc`` ranges are left untouched.
+
+With a tree mask (the ``HAS_TREE`` variant), a query tile holding a tree row moves the split
+down to ``min(prefix + m_start, seq_len - 64)`` and masks the rest up to ``seq_len`` per row
+(causal rows by position, tree rows by bit); a tile of -1 rows runs the split above.
 """
 from __future__ import annotations
 
@@ -31,10 +38,11 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attn_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, n0, lo_mask_end, pos_m, kvh,
+def _attn_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, n0, lo_mask_end, pos_m, bits, win0, kvh,
                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, qk_scale,
                offs_n, offs_d, mask_d,
-               PAGE: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+               PAGE: tl.constexpr, CAUSAL: tl.constexpr, TREE: tl.constexpr, UPCAST: tl.constexpr,
+               PREC: tl.constexpr):
     offs = n0 + offs_n
     mask_n = offs < lo_mask_end
     page = tl.load(bt_row + offs // PAGE, mask=mask_n, other=0).to(tl.int64)
@@ -49,13 +57,22 @@ def _attn_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, n0, lo_mask_end, pos_m,
         v = v.to(tl.float32)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
     if CAUSAL:
-        keep = mask_n[None, :] & (offs[None, :] <= pos_m[:, None])
+        seen = offs[None, :] <= pos_m[:, None]
+        if TREE:  # rows with bits: key win0 + i iff bit i (logical test: bit 63 is the sign)
+            rel = offs - win0
+            shift = tl.minimum(tl.maximum(rel, 0), 63).to(tl.int64)
+            hit = ((bits[:, None] >> shift[None, :]) & 1) != 0
+            seen = tl.where((bits != -1)[:, None], (rel < 0)[None, :] | hit, seen)
+        keep = mask_n[None, :] & seen
     else:
         keep = mask_n[None, :]
     qk = tl.where(keep, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
+    m_sub = m_new
+    if TREE:  # a tree row may see no key of a tile yet: no (-inf) - (-inf)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_sub)
+    p = tl.exp2(qk - m_sub[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     return acc, m_new, l_i
@@ -64,9 +81,10 @@ def _attn_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, n0, lo_mask_end, pos_m,
 # The block-table width varies per step, and the metadata pointers are row slices (``[nd:]``,
 # after the decodes) whose 16-byte alignment varies with the number of decodes: specializing
 # on either would compile fresh variants mid-run, after warmup.
-@triton.jit(do_not_specialize=["stride_bt"], do_not_specialize_on_alignment=["bt_ptr", "qsl_ptr", "sl_ptr"])
+@triton.jit(do_not_specialize=["stride_bt"],
+            do_not_specialize_on_alignment=["bt_ptr", "qsl_ptr", "sl_ptr", "tm_ptr"])
 def _extend_kernel(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, sl_ptr, out_ptr,
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, sl_ptr, tm_ptr, out_ptr,
     qk_scale,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -75,7 +93,7 @@ def _extend_kernel(
     stride_ot, stride_oh,
     G: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_TREE: tl.constexpr,
 ):
     # Heaviest (last, most keys under the causal mask) query tiles are scheduled first.
     mt = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -110,18 +128,27 @@ def _extend_kernel(
 
     # Keys every query of this tile sees: positions [0, prefix + m_start).
     full_end = prefix + m_start
-    for n0 in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = _attn_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, n0, full_end, pos_m, kvh,
-                                   stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                   qk_scale, offs_n, offs_d, mask_d,
-                                   PAGE=PAGE, CAUSAL=False, UPCAST=UPCAST, PREC=PREC)
     # Diagonal band: positions [prefix + m_start, min(prefix + m_start + BLOCK_M, seq_len)).
     band_end = tl.minimum(full_end + BLOCK_M, seq_len)
-    for n0 in range(full_end, band_end, BLOCK_N):
-        acc, m_i, l_i = _attn_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, n0, band_end, pos_m, kvh,
-                                   stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    win0 = seq_len - 64
+    if HAS_TREE:
+        bits = tl.load(tm_ptr + rows, mask=mask_m, other=-1)
+        any_tree = tl.max((bits != -1).to(tl.int32), 0) > 0
+        # with a tree row: all keys from the window (or the tile's first position) on are masked
+        full_end = tl.where(any_tree, tl.maximum(tl.minimum(full_end, win0), 0), full_end)
+        band_end = tl.where(any_tree, seq_len, band_end)
+    else:
+        bits = pos_m.to(tl.int64)  # unused
+    for n0 in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _attn_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, n0, full_end, pos_m, bits, win0,
+                                   kvh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                                    qk_scale, offs_n, offs_d, mask_d,
-                                   PAGE=PAGE, CAUSAL=True, UPCAST=UPCAST, PREC=PREC)
+                                   PAGE=PAGE, CAUSAL=False, TREE=False, UPCAST=UPCAST, PREC=PREC)
+    for n0 in range(full_end, band_end, BLOCK_N):
+        acc, m_i, l_i = _attn_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, n0, band_end, pos_m, bits, win0,
+                                   kvh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                   qk_scale, offs_n, offs_d, mask_d,
+                                   PAGE=PAGE, CAUSAL=True, TREE=HAS_TREE, UPCAST=UPCAST, PREC=PREC)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -142,8 +169,11 @@ def paged_extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                            seq_lens: torch.Tensor, max_query_len: int, scale: float,
                            out: torch.Tensor | None = None,
-                           block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
-    """Causal attention of each sequence's new tokens over its whole paged KV.
+                           block_m: int | None = None, block_n: int | None = None,
+                           tree_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its whole paged KV; with
+    ``tree_mask`` (int64, one value per row of q, indexed by absolute row), tree rows by
+    their window bits (module docstring).
 
     Returns ``out [T, H, D]`` (allocated if not given). ``max_query_len`` is a host-side
     upper bound on ``qsl[b+1] - qsl[b]`` (query tiles beyond a sequence's length exit at
@@ -161,6 +191,8 @@ def paged_extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if out is None:
         out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     assert out.shape == (T, H, D) and out.stride(2) == 1
+    if tree_mask is not None:
+        assert tree_mask.dtype == torch.int64 and tree_mask.shape[0] >= T and tree_mask.stride(0) == 1
     if B == 0 or T == 0 or max_query_len <= 0:
         return out
     bm, bn, num_warps = _default_blocks(D, max_query_len, q.dtype)
@@ -168,7 +200,8 @@ def paged_extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_n = block_n or bn
     grid = (triton.cdiv(max_query_len, block_m), H, B)
     _extend_kernel[grid](
-        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out,
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
+        tree_mask if tree_mask is not None else seq_lens, out,
         scale * _LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -177,7 +210,7 @@ def paged_extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out.stride(0), out.stride(1),
         G=H // Hkv, PAGE=page, D=D,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=next_pow2(D),
-        UPCAST=dot_upcast(q.dtype, q.device), PREC=dot_precision(q.dtype),
+        UPCAST=dot_upcast(q.dtype, q.device), PREC=dot_precision(q.dtype), HAS_TREE=tree_mask is not None,
         num_warps=num_warps, num_stages=2,
     )
     return out
@@ -185,9 +218,10 @@ def paged_extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def paged_extend_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, query_start_loc: torch.Tensor,
-                               seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                               seq_lens: torch.Tensor, scale: float,
+                               tree_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sequence torch reference (fp32 math, host loop). Rows outside the query ranges
-    are zero."""
+    are zero. ``tree_mask`` as in :func:`paged_extend_attention`."""
     T, H, D = q.shape
     page, Hkv = k_cache.shape[1], k_cache.shape[2]
     G = H // Hkv
@@ -205,7 +239,13 @@ def paged_extend_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         scores = torch.einsum("qhd,lhd->hql", q[s:e].float(), k) * scale  # [H, n, L]
         qpos = torch.arange(L - n, L, device=q.device)[:, None]
         kpos = torch.arange(L, device=q.device)[None, :]
-        scores = scores.masked_fill(kpos > qpos, float("-inf"))
+        hidden = kpos > qpos
+        if tree_mask is not None:
+            bits = tree_mask[s:e].cpu().long()[:, None]
+            rel = torch.arange(L)[None, :] - (L - 64)
+            tree_seen = (rel < 0) | (((bits >> rel.clamp(0, 63)) & 1) != 0)
+            hidden = torch.where(bits != -1, ~tree_seen, hidden.cpu()).to(q.device)
+        scores = scores.masked_fill(hidden, float("-inf"))
         probs = scores.softmax(dim=-1)
         out[s:e] = torch.einsum("hql,lhd->qhd", probs, v).to(q.dtype)
     return out

@@ -82,6 +82,8 @@ def _compile_all():
         da.paged_decode_attention(q, kc, vc, bt, sl, 0.1, max_seq_len=4096)
         qsl = torch.zeros(3, dtype=torch.int32)
         ea.paged_extend_attention(q, kc, vc, bt, qsl, sl[:2], 512, 0.1)
+        ea.paged_extend_attention(q, kc, vc, bt, qsl, sl[:2], 512, 0.1,
+                                  tree_mask=torch.full((T,), -1, dtype=torch.int64))  # HAS_TREE
     x = torch.zeros(4, 2048, dtype=dt)
     rms_norm(x, torch.ones(2048, dtype=dt), 1e-6)
     fused_add_rms_norm_(x, x.clone(), torch.ones(2048, dtype=dt), 1e-6)

@@ -29,5 +29,6 @@ def test_kernels_compile_for_sm90():
     assert {"_decode_stage1_kernel", "_decode_stage2_kernel", "_extend_kernel", "_rope_kernel",
             "_rms_norm_kernel", "_fused_add_rms_norm_kernel", "_silu_and_mul_kernel",
             "_store_kv_kernel"} <= names
+    assert sum(k["name"] == "_extend_kernel" for k in result["kernels"]) == 4  # 2 shapes x (plain, HAS_TREE)
     for k in result["kernels"]:
         assert k["shared"] <= 227 * 1024, k  # fits an H100 SM
