@@ -37,8 +37,17 @@ import torch.distributed as dist
 log = logging.getLogger("miniinfer")
 
 MODES = ("auto", "nccl", "symm_mem")
+# Group names this process has mapped symmetric memory for. torch keeps that registration per
+# group name for the process's life; a later group reuses the name ("0") and its rendezvous was
+# seen to hang on 2x H200 (a second TP engine in one process). Process-level fact, not step state.
+_SYMM_MEM_GROUPS: set[str] = set()
 ONE_SHOT_MAX_BYTES = 256 * 1024
 TWO_SHOT_MAX_BYTES = 64 * 1024 * 1024  # a prefill chunk of 8192 tokens x 3584 x bf16 is 58.7 MB
+
+
+def symm_mem_used_in_process() -> bool:
+    """Whether this process already set up symmetric memory for a (now gone) group."""
+    return bool(_SYMM_MEM_GROUPS)
 
 
 def symm_mem_available() -> bool:
@@ -85,6 +94,7 @@ class CudaCommunicator:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 symm_mem.enable_symm_mem_for_group(self.group_name)
+        _SYMM_MEM_GROUPS.add(self.group_name)
         for _ in range(2):  # two allocations (each with its own signal pad), not two halves of one
             buf = symm_mem.empty(self.max_numel, dtype=self.dtype, device=device)
             symm_mem.rendezvous(buf, self.group_name)

@@ -12,6 +12,8 @@ workers while it waits on them and raises ``RuntimeError`` if one died.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import multiprocessing as mp
 import os
@@ -77,6 +79,7 @@ def start_workers(cfg: EngineConfig, model_config: ModelConfig, source: ModelSou
                   max_model_len: int) -> tuple[TPGroup, list[mp.Process], object]:
     """Spawn ranks 1..N-1 and join the group as rank 0. Returns (group, processes, channel)."""
     size = cfg.tensor_parallel_size
+    cfg = _all_reduce_mode_for_this_process(cfg)
     init_method = f"tcp://127.0.0.1:{_free_port()}"
     slot_numel = max_step_numel(cfg.max_num_batched_tokens + cfg.max_num_seqs, cfg.max_num_seqs,
                                 max_model_len, cfg.block_size)
@@ -92,6 +95,21 @@ def start_workers(cfg: EngineConfig, model_config: ModelConfig, source: ModelSou
         p.start()
         procs.append(p)
     return init_tp(0, size, init_method, cfg.device, cfg.torch_dtype, cfg.all_reduce_mode), procs, channel
+
+
+def _all_reduce_mode_for_this_process(cfg: EngineConfig) -> EngineConfig:
+    """NCCL for every rank when rank 0's process mapped symmetric memory for an earlier engine
+    (see ``comm._SYMM_MEM_GROUPS``); the ranks must agree, so rank 0 decides before spawning.
+    Raises ``RuntimeError`` if ``all_reduce_mode="symm_mem"`` was asked for explicitly."""
+    from miniinfer.comm import symm_mem_used_in_process
+    if cfg.all_reduce_mode == "nccl" or not cfg.device.startswith("cuda") or not symm_mem_used_in_process():
+        return cfg
+    if cfg.all_reduce_mode == "symm_mem":
+        raise RuntimeError("all_reduce_mode='symm_mem': this process already mapped symmetric memory for an "
+                           "earlier tensor-parallel engine; start the new engine in a new process")
+    log.warning("tensor parallelism: symmetric memory was set up by an earlier engine in this process; "
+                "this engine all-reduces with NCCL")
+    return dataclasses.replace(cfg, all_reduce_mode="nccl")
 
 
 def join_external(cfg: EngineConfig, model_config: ModelConfig, source: ModelSource,
