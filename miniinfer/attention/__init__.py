@@ -9,7 +9,7 @@ the step's queries against everything cached for their sequences::
 
 and owns the static metadata buffers its CUDA graphs replay over
 (``make_graph_buffers``, see ``attention/graph_buffers.py``): a backend with other
-metadata (a tree mask for speculative verify, say) brings its own buffers.
+metadata brings its own buffers (the tree mask of a speculative verify is in the shared ones).
 
 ``get_backend(name, device)`` builds one; the table below is the whole registry (no
 import side effects). ``auto`` picks ``triton`` on CUDA, and on CPU ``cpu`` where the C

@@ -11,7 +11,7 @@ owns the graphs, the attention backend owns these buffers):
   a replay serves both a plain chunk (its rows −1: the causal path) and a batch-1 draft-tree
   verify (``meta.tree_mask`` copied in); the decode family has none.
 
-A backend whose metadata has more (e.g. a tree mask) subclasses this and extends
+A backend whose metadata has more subclasses this and extends
 ``capture_metadata`` / ``prepare_replay``.
 """
 from __future__ import annotations
