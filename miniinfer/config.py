@@ -13,6 +13,7 @@ _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # auto: the model dtype; fp8*: float8_e4m3fn (GPU only)
 
 
 def parse_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
@@ -125,6 +126,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192  # per-step token budget (chunked prefill)
     block_size: int = 16
+    kv_cache_dtype: str = "auto"  # auto (the model dtype) | fp8 | fp8_e4m3: e4m3 KV cache, half the bytes (CUDA only)
     num_kv_blocks: int | None = None  # overrides the memory-based sizing
     kv_cache_memory_gb: float | None = None  # CPU KV budget; default 2 GiB
     gpu_memory_utilization: float = 0.9
@@ -151,6 +153,12 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype != "auto" and not self.device.startswith("cuda"):
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is a GPU option (the Triton path); "
+                             f"device {self.device!r} keeps the model-dtype cache: use kv_cache_dtype='auto'")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
         if self.max_num_seqs < 1:

@@ -88,7 +88,13 @@ class GraphBuffers:
 
 
 class PagedAttentionBase:
-    """What every paged backend shares: the default CUDA-graph buffers."""
+    """What every paged backend shares: the default CUDA-graph buffers, and the per-tensor
+    scales of an FP8 KV cache (floats, value = fp8 * scale; ``worker/kv_cache.py`` sets them
+    when it allocates an fp8 cache; 1.0 is vLLM's default without calibration). Ignored for
+    other cache dtypes."""
+
+    k_scale: float = 1.0
+    v_scale: float = 1.0
 
     def make_graph_buffers(self, max_seqs: int, max_tokens: int, max_blocks: int, max_seq_len: int,
                            device: torch.device) -> GraphBuffers:

@@ -9,6 +9,11 @@ SDPA against its gathered prefix plus its new tokens, or, when the step has a tr
 
 On CPU the math runs in fp32 whatever the model dtype (CPU SDPA is several times slower
 in bf16/fp16), and the model runner keeps the CPU cache in fp32 so gathers need no upcast.
+
+An FP8 cache (``float8_e4m3fn``; the engine allows it on CUDA only, this path serves as the
+reference on any device) is written as ``x / scale`` saturated to +-448 and read back cast
+to the work dtype (exact); ``k_scale`` is folded into the softmax scale and ``v_scale`` into
+the output. fp8 has no CPU index kernels, so its rows move as bytes.
 """
 from __future__ import annotations
 
@@ -17,22 +22,34 @@ import torch.nn.functional as F
 
 from miniinfer.attention.graph_buffers import PagedAttentionBase
 from miniinfer.attention.metadata import AttentionMetadata, context_slots
+from miniinfer.kernels._common import is_fp8, quantize_fp8
 
 
 def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+                   slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """k, v [T, Hkv, D] into the caches [num_blocks, block_size, Hkv, D] at ``slot_mapping``
+    [T] int64 (-1: skipped); an FP8 cache stores ``x / scale`` saturated (scales ignored otherwise)."""
     keep = slot_mapping >= 0
     if not bool(keep.all()):
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    for x, cache, s in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        rows = cache.view(-1, *cache.shape[2:])
+        if is_fp8(cache.dtype):
+            rows.view(torch.uint8).index_copy_(0, slot_mapping, quantize_fp8(x, s).view(torch.uint8))
+        else:
+            rows.index_copy_(0, slot_mapping, x.to(cache.dtype))
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """The first ``length`` cached tokens of one sequence: [length, Hkv, D]."""
+def _bytes(cache: torch.Tensor) -> torch.Tensor:
+    """An FP8 cache's uint8 view (gathers work on it), any other cache as is."""
+    return cache.view(torch.uint8) if is_fp8(cache.dtype) else cache
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int, work: torch.dtype) -> torch.Tensor:
+    """The first ``length`` cached tokens of one sequence: [length, Hkv, D] in ``work`` (unscaled)."""
     block_size = cache.shape[1]
     nblocks = (length + block_size - 1) // block_size
-    return cache[block_table[:nblocks]].flatten(0, 1)[:length]
+    return _bytes(cache)[block_table[:nblocks]].view(cache.dtype).flatten(0, 1)[:length].to(work)
 
 
 def _decode_plan(meta: AttentionMetadata, nd: int, lens: list[int], block_size: int, device):
@@ -76,8 +93,12 @@ class TorchAttentionBackend(PagedAttentionBase):
     name = "torch"
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        work = torch.float32 if q.device.type == "cpu" else k_cache.dtype
+        store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+        fp8 = is_fp8(k_cache.dtype)
+        work = torch.float32 if q.device.type == "cpu" else (q.dtype if fp8 else k_cache.dtype)
+        if fp8:  # fp8 * k_scale: in the softmax scale; fp8 * v_scale: on the output
+            out = self._attend(q.to(work), k_cache, v_cache, meta, scale * self.k_scale, work)
+            return out.mul_(self.v_scale).to(q.dtype)
         if q.dtype != work:
             return self._attend(q.to(work), k_cache, v_cache, meta, scale, work).to(q.dtype)
         return self._attend(q, k_cache, v_cache, meta, scale, work)
@@ -98,8 +119,8 @@ class TorchAttentionBackend(PagedAttentionBase):
         masks = _tree_masks(meta, qsl, lens, nd, q.device) if meta.tree_mask is not None else None
         for i in range(nd, len(lens)):
             s, e, L = qsl[i], qsl[i + 1], lens[i]
-            kk = _gather(k_cache, meta.block_tables[i], L).to(work)
-            vv = _gather(v_cache, meta.block_tables[i], L).to(work)
+            kk = _gather(k_cache, meta.block_tables[i], L, work)
+            vv = _gather(v_cache, meta.block_tables[i], L, work)
             out[s:e] = self._extend(q[s:e], kk, vv, scale, group, masks[i - nd] if masks else None)
         return out
 
@@ -112,8 +133,9 @@ class TorchAttentionBackend(PagedAttentionBase):
     def _decode(q, k_cache, v_cache, slots, mask, max_len: int, scale, group, work):
         b, hkv, d = q.shape[0], k_cache.shape[2], k_cache.shape[3]
         # index_select on [slots, Hkv * D] rows: one contiguous copy per token
-        kk = k_cache.view(-1, hkv * d).index_select(0, slots).view(b, max_len, hkv, d).to(work)
-        vv = v_cache.view(-1, hkv * d).index_select(0, slots).view(b, max_len, hkv, d).to(work)
+        kk = _bytes(k_cache).view(-1, hkv * d).index_select(0, slots).view(k_cache.dtype)
+        vv = _bytes(v_cache).view(-1, hkv * d).index_select(0, slots).view(v_cache.dtype)
+        kk, vv = kk.view(b, max_len, hkv, d).to(work), vv.view(b, max_len, hkv, d).to(work)
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2), kk.transpose(1, 2), vv.transpose(1, 2),
             attn_mask=mask, scale=scale, enable_gqa=group > 1)

@@ -13,6 +13,9 @@ Per step (token layout: decodes first, then extend/prefill chunks; see forward_c
 
 Nothing reads device tensors on the host, so a pure-decode step is CUDA-graph capturable
 (pass the capture-time upper bound as ``meta.max_seq_len``).
+
+An FP8 cache (``float8_e4m3fn``) takes the kernels' FP8 variants with the backend's
+``k_scale``/``v_scale`` (floats, baked into captured graphs: they are fixed at allocation).
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ class TritonAttentionBackend(PagedAttentionBase):
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         T, H, D = q.shape
-        store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        ks, vs = self.k_scale, self.v_scale
+        store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, ks, vs)
         out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
         num_seqs = meta.num_seqs
         nd = meta.num_decodes
@@ -42,11 +46,12 @@ class TritonAttentionBackend(PagedAttentionBase):
         if nd > 0:
             paged_decode_attention(
                 q[:nd_tok], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
-                out=out[:nd_tok], max_seq_len=meta.max_seq_len,
+                out=out[:nd_tok], max_seq_len=meta.max_seq_len, k_scale=ks, v_scale=vs,
             )
         if num_seqs > nd:
             paged_extend_attention(
                 q, k_cache, v_cache, meta.block_tables[nd:], meta.query_start_loc[nd:],
                 meta.seq_lens[nd:], meta.max_query_len, scale, out=out, tree_mask=meta.tree_mask,
+                k_scale=ks, v_scale=vs,
             )
         return out

@@ -38,3 +38,33 @@ def dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: exact ("ieee") products so fp32 runs can be compared tightly with torch;
     # fp16/bf16 ignore this and use tensor cores.
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# --- FP8 (e4m3) KV cache ---------------------------------------------------------------
+FP8_E4M3_MAX = 448.0  # the largest finite float8_e4m3fn; writes saturate to +-this
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    """Whether a KV-cache dtype is the FP8 one (``torch.float8_e4m3fn``)."""
+    return dtype == torch.float8_e4m3fn
+
+
+def quantize_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x / scale`` in fp32, saturated to +-448, rounded to ``float8_e4m3fn`` (same shape).
+    The stored value ``q`` stands for ``q * scale`` (vLLM's convention)."""
+    inv = 1.0 / scale
+    return (x.float() * inv).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def dequantize_fp8(x: torch.Tensor, scale: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``x.float() * scale`` in ``dtype`` (the inverse of :func:`quantize_fp8`, up to rounding)."""
+    return (x.float() * scale).to(dtype)
+
+
+def pages_f32(cache: torch.Tensor, pages: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``cache[pages]`` (cache ``[num_blocks, block_size, Hkv, D]``, pages int64) as fp32
+    ``[len(pages) * block_size, Hkv, D]``; an FP8 cache dequantized (``* scale``), others cast."""
+    Hkv, D = cache.shape[2], cache.shape[3]
+    if is_fp8(cache.dtype):  # no CPU gather kernel for fp8: gather the bytes
+        return dequantize_fp8(cache.view(torch.uint8)[pages].view(cache.dtype), scale).reshape(-1, Hkv, D)
+    return cache[pages].reshape(-1, Hkv, D).float()

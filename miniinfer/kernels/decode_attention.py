@@ -20,6 +20,10 @@ the SM count); each program derives its partition from the sequence's *actual* l
 the device, ``partition = ceil(ceil(seq_len / BLOCK_N) / num_splits) * BLOCK_N`` tokens. So
 a graph captured with a loose bound (``max_model_len``) still spreads a short context over
 many programs instead of handing it all to the first split, and any bound is correct.
+
+FP8 cache (``float8_e4m3fn``, the ``FP8`` variant): K/V tiles are converted to q's dtype
+(exact for bf16/fp16) and the per-tensor scales are folded in: ``k_scale`` into the qk scale,
+``v_scale`` into each partition's normalised output (linear, so stage 2 is unchanged).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from miniinfer.kernels._common import dot_precision, dot_upcast, next_pow2, num_sms
+from miniinfer.kernels._common import dot_precision, dot_upcast, is_fp8, next_pow2, num_sms, pages_f32
 
 _LOG2E = 1.4426950408889634
 _MIN_PARTITION = 128  # tokens: below this, splitting costs more than it buys (untuned)
@@ -46,7 +50,7 @@ _VARYING = ["stride_bt", "stride_mob", "stride_moh", "stride_mlb", "stride_mlh",
 @triton.jit(do_not_specialize=_VARYING)
 def _decode_stage1_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, sl_ptr, mo_ptr, ml_ptr, out_ptr,
-    qk_scale,
+    qk_scale, v_scale,
     stride_qb, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -57,7 +61,7 @@ def _decode_stage1_kernel(
     num_splits,
     G: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    DIRECT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    DIRECT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, FP8: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -95,7 +99,10 @@ def _decode_stage1_kernel(
                     + offs_d[None, :], mask=mask_nd, other=0.0)
         v = tl.load(vc_ptr + (page * stride_vb + within * stride_vs + kvh * stride_vh)[:, None]
                     + offs_d[None, :], mask=mask_nd, other=0.0)
-        if UPCAST:
+        if FP8:  # e4m3 -> q's dtype (exact); k_scale is in qk_scale, v_scale applied to o
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
+        elif UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
@@ -109,6 +116,8 @@ def _decode_stage1_kernel(
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
+    if FP8:
+        o = o * v_scale
     if DIRECT:
         tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=mask_gd)
@@ -196,13 +205,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            mid_out: torch.Tensor | None = None,
                            mid_lse: torch.Tensor | None = None,
                            block_n: int | None = None, num_warps: int | None = None,
-                           num_stages: int = 2) -> torch.Tensor:
+                           num_stages: int = 2, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Attention of one query token per sequence over its paged KV; returns ``out [B, H, D]``.
 
     ``max_seq_len`` (host int) bounds ``seq_lens`` for picking the split count (a loose or
     even wrong bound only costs speed); default: ``max_blocks * block_size`` (never syncs).
     ``num_splits`` forces a split count. ``mid_out``/``mid_lse`` are optional fp32
     workspaces (shapes from :func:`decode_workspace_shapes`, split dim may be larger).
+    ``k_scale``/``v_scale``: an FP8 cache's per-tensor scales (value = fp8 * scale); ignored
+    for other cache dtypes.
     """
     B, H, D = q.shape
     _, page, Hkv, Dk = k_cache.shape
@@ -244,9 +255,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         ml_strides = (mid_lse.stride(0), mid_lse.stride(1))
     if num_warps is None:
         num_warps = 8 if (block_d > 64 and block_g > 16) else 4
+    fp8 = is_fp8(k_cache.dtype)
+    qk_scale = scale * _LOG2E * k_scale if fp8 else scale * _LOG2E
     _decode_stage1_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, mo, ml, out,
-        scale * _LOG2E,
+        qk_scale, v_scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -255,7 +268,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out.stride(0), out.stride(1),
         splits,
         G=G, PAGE=page, D=D, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n,
-        DIRECT=direct, UPCAST=dot_upcast(q.dtype, q.device), PREC=dot_precision(q.dtype),
+        DIRECT=direct, UPCAST=dot_upcast(q.dtype, q.device), PREC=dot_precision(q.dtype), FP8=fp8,
         num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
@@ -271,8 +284,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                               scale: float) -> torch.Tensor:
-    """Per-sequence torch reference (fp32 math, host loop; reads seq_lens on the host)."""
+                               scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+    """Per-sequence torch reference (fp32 math, host loop; reads seq_lens on the host).
+    An FP8 cache is dequantized (``fp8 * scale``) before the math."""
     B, H, D = q.shape
     page, Hkv = k_cache.shape[1], k_cache.shape[2]
     G = H // Hkv
@@ -282,11 +296,12 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         if L == 0:
             continue
         pages = block_tables[b, : math.ceil(L / page)].long()
-        k = k_cache[pages].reshape(-1, Hkv, D)[:L].float()  # [L, Hkv, D]
-        v = v_cache[pages].reshape(-1, Hkv, D)[:L].float()
+        k = pages_f32(k_cache, pages, k_scale)[:L]  # [L, Hkv, D]
+        v = pages_f32(v_cache, pages, v_scale)[:L]
         k = k.repeat_interleave(G, dim=1)  # [L, H, D]
         v = v.repeat_interleave(G, dim=1)
         scores = torch.einsum("hd,lhd->hl", q[b].float(), k) * scale
         probs = scores.softmax(dim=-1)
         out[b] = torch.einsum("hl,lhd->hd", probs, v).to(q.dtype)
     return out
+

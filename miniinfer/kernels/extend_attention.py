@@ -23,6 +23,10 @@ outside ``query_start_loc`` ranges are left untouched.
 With a tree mask (the ``HAS_TREE`` variant), a query tile holding a tree row moves the split
 down to ``min(prefix + m_start, seq_len - 64)`` and masks the rest up to ``seq_len`` per row
 (causal rows by position, tree rows by bit); a tile of -1 rows runs the split above.
+
+FP8 cache (``float8_e4m3fn``, the ``FP8`` variant): K/V tiles are converted to q's dtype
+(exact for bf16/fp16); ``k_scale`` is folded into the qk scale and ``v_scale`` multiplies the
+normalised output.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from miniinfer.kernels._common import dot_precision, dot_upcast, next_pow2
+from miniinfer.kernels._common import dot_precision, dot_upcast, is_fp8, next_pow2, pages_f32
 
 _LOG2E = 1.4426950408889634
 
@@ -42,7 +46,7 @@ def _attn_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, n0, lo_mask_end, pos_m,
                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, qk_scale,
                offs_n, offs_d, mask_d,
                PAGE: tl.constexpr, CAUSAL: tl.constexpr, TREE: tl.constexpr, UPCAST: tl.constexpr,
-               PREC: tl.constexpr):
+               PREC: tl.constexpr, FP8: tl.constexpr):
     offs = n0 + offs_n
     mask_n = offs < lo_mask_end
     page = tl.load(bt_row + offs // PAGE, mask=mask_n, other=0).to(tl.int64)
@@ -52,7 +56,10 @@ def _attn_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, n0, lo_mask_end, pos_m,
                 + offs_d[None, :], mask=mask_nd, other=0.0)
     v = tl.load(vc_ptr + (page * stride_vb + within * stride_vs + kvh * stride_vh)[:, None]
                 + offs_d[None, :], mask=mask_nd, other=0.0)
-    if UPCAST:
+    if FP8:  # e4m3 -> q's dtype (exact); the scales are applied by the caller
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
+    elif UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
@@ -85,7 +92,7 @@ def _attn_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, n0, lo_mask_end, pos_m,
             do_not_specialize_on_alignment=["bt_ptr", "qsl_ptr", "sl_ptr", "tm_ptr"])
 def _extend_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, sl_ptr, tm_ptr, out_ptr,
-    qk_scale,
+    qk_scale, v_scale,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -93,7 +100,7 @@ def _extend_kernel(
     stride_ot, stride_oh,
     G: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_TREE: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_TREE: tl.constexpr, FP8: tl.constexpr,
 ):
     # Heaviest (last, most keys under the causal mask) query tiles are scheduled first.
     mt = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -143,15 +150,17 @@ def _extend_kernel(
         acc, m_i, l_i = _attn_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, n0, full_end, pos_m, bits, win0,
                                    kvh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                                    qk_scale, offs_n, offs_d, mask_d,
-                                   PAGE=PAGE, CAUSAL=False, TREE=False, UPCAST=UPCAST, PREC=PREC)
+                                   PAGE=PAGE, CAUSAL=False, TREE=False, UPCAST=UPCAST, PREC=PREC, FP8=FP8)
     for n0 in range(full_end, band_end, BLOCK_N):
         acc, m_i, l_i = _attn_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, n0, band_end, pos_m, bits, win0,
                                    kvh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                                    qk_scale, offs_n, offs_d, mask_d,
-                                   PAGE=PAGE, CAUSAL=True, TREE=HAS_TREE, UPCAST=UPCAST, PREC=PREC)
+                                   PAGE=PAGE, CAUSAL=True, TREE=HAS_TREE, UPCAST=UPCAST, PREC=PREC, FP8=FP8)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
+    if FP8:
+        o = o * v_scale
     tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=mask_md)
 
@@ -170,14 +179,16 @@ def paged_extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            seq_lens: torch.Tensor, max_query_len: int, scale: float,
                            out: torch.Tensor | None = None,
                            block_m: int | None = None, block_n: int | None = None,
-                           tree_mask: torch.Tensor | None = None) -> torch.Tensor:
+                           tree_mask: torch.Tensor | None = None,
+                           k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole paged KV; with
     ``tree_mask`` (int64, one value per row of q, indexed by absolute row), tree rows by
     their window bits (module docstring).
 
     Returns ``out [T, H, D]`` (allocated if not given). ``max_query_len`` is a host-side
     upper bound on ``qsl[b+1] - qsl[b]`` (query tiles beyond a sequence's length exit at
-    once). ``block_m``/``block_n`` override the tile sizes (tests).
+    once). ``block_m``/``block_n`` override the tile sizes (tests). ``k_scale``/``v_scale``:
+    an FP8 cache's per-tensor scales (value = fp8 * scale); ignored for other cache dtypes.
     """
     T, H, D = q.shape
     _, page, Hkv, Dk = k_cache.shape
@@ -199,10 +210,12 @@ def paged_extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_m = block_m or bm
     block_n = block_n or bn
     grid = (triton.cdiv(max_query_len, block_m), H, B)
+    fp8 = is_fp8(k_cache.dtype)
+    qk_scale = scale * _LOG2E * k_scale if fp8 else scale * _LOG2E
     _extend_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
         tree_mask if tree_mask is not None else seq_lens, out,
-        scale * _LOG2E,
+        qk_scale, v_scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -211,7 +224,7 @@ def paged_extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         G=H // Hkv, PAGE=page, D=D,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=next_pow2(D),
         UPCAST=dot_upcast(q.dtype, q.device), PREC=dot_precision(q.dtype), HAS_TREE=tree_mask is not None,
-        num_warps=num_warps, num_stages=2,
+        FP8=fp8, num_warps=num_warps, num_stages=2,
     )
     return out
 
@@ -219,9 +232,11 @@ def paged_extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 def paged_extend_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                                seq_lens: torch.Tensor, scale: float,
-                               tree_mask: torch.Tensor | None = None) -> torch.Tensor:
+                               tree_mask: torch.Tensor | None = None,
+                               k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Per-sequence torch reference (fp32 math, host loop). Rows outside the query ranges
-    are zero. ``tree_mask`` as in :func:`paged_extend_attention`."""
+    are zero. ``tree_mask`` as in :func:`paged_extend_attention`; an FP8 cache is dequantized
+    (``fp8 * scale``) before the math."""
     T, H, D = q.shape
     page, Hkv = k_cache.shape[1], k_cache.shape[2]
     G = H // Hkv
@@ -234,8 +249,8 @@ def paged_extend_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         if n == 0:
             continue
         pages = block_tables[b, : math.ceil(L / page)].long()
-        k = k_cache[pages].reshape(-1, Hkv, D)[:L].float().repeat_interleave(G, dim=1)
-        v = v_cache[pages].reshape(-1, Hkv, D)[:L].float().repeat_interleave(G, dim=1)
+        k = pages_f32(k_cache, pages, k_scale)[:L].repeat_interleave(G, dim=1)
+        v = pages_f32(v_cache, pages, v_scale)[:L].repeat_interleave(G, dim=1)
         scores = torch.einsum("qhd,lhd->hql", q[s:e].float(), k) * scale  # [H, n, L]
         qpos = torch.arange(L - n, L, device=q.device)[:, None]
         kpos = torch.arange(L, device=q.device)[None, :]

@@ -9,6 +9,13 @@ a profiling forward of ``max_num_batched_tokens`` tokens and other processes; on
 ``kv_cache_memory_gb`` (default 2 GiB). Either way it is capped at ``max_num_seqs`` full-length
 sequences, and if it holds fewer tokens than the requested ``max_model_len``, the layout's
 ``max_model_len`` is lowered to the cache's capacity (with a warning).
+
+The cache dtype (``kv_cache_torch_dtype``): the model dtype on CUDA, fp32 on CPU, or with
+``kv_cache_dtype="fp8"`` / ``"fp8_e4m3"`` (CUDA only) ``torch.float8_e4m3fn``: one byte per
+value, so the same budget holds twice the bf16 blocks. An fp8 value ``q`` stands for
+``q * k_scale`` (keys) or ``q * v_scale`` (values): per-tensor fp32 scales, one global pair,
+1.0 by default (vLLM's default without calibration data); they are put on the attention
+backend when the cache is allocated.
 """
 from __future__ import annotations
 
@@ -16,6 +23,8 @@ import logging
 from dataclasses import dataclass
 
 import torch
+
+from miniinfer.kernels._common import is_fp8
 
 log = logging.getLogger("miniinfer")
 
@@ -29,6 +38,8 @@ class KVCacheLayout:
     head_dim: int
     dtype: torch.dtype
     max_model_len: int  # the longest sequence the engine accepts (≤ the requested one)
+    k_scale: float = 1.0  # fp8 caches only: key = fp8 * k_scale
+    v_scale: float = 1.0  # fp8 caches only: value = fp8 * v_scale
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -38,6 +49,20 @@ class KVCacheLayout:
     @property
     def capacity_tokens(self) -> int:
         return self.num_blocks * self.block_size
+
+
+def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The cache tensor's dtype for ``EngineConfig.kv_cache_dtype``: ``"auto"`` is the model
+    dtype on CUDA and float32 elsewhere (the torch path computes in fp32 on CPU: no upcast
+    copy per gather); ``"fp8"`` / ``"fp8_e4m3"`` is ``torch.float8_e4m3fn``. Raises
+    ``ValueError`` for another name, or for fp8 off CUDA (EngineConfig rejects both first)."""
+    if kv_cache_dtype == "auto":
+        return model_dtype if device_type == "cuda" else torch.float32
+    if kv_cache_dtype not in ("fp8", "fp8_e4m3"):
+        raise ValueError(f"kv_cache_dtype must be auto, fp8 or fp8_e4m3, got {kv_cache_dtype!r}")
+    if device_type != "cuda":
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is a GPU option, not for device {device_type!r}")
+    return torch.float8_e4m3fn
 
 
 def bytes_per_block(block_size: int, num_layers: int, num_kv_heads: int, head_dim: int,
@@ -84,9 +109,16 @@ def make_layout(num_blocks: int, block_size: int, num_layers: int, num_kv_heads:
 
 
 def allocate_kv_cache(model, layout: KVCacheLayout, device: torch.device) -> torch.Tensor:
-    """One zeroed tensor of ``layout.shape``; each attention layer gets views of its K and V."""
+    """One zeroed tensor of ``layout.shape`` and ``layout.dtype``; each attention layer gets
+    views of its K and V. An fp8 layout also sets its ``k_scale``/``v_scale`` on the layers'
+    attention backend (read by every layer's store and attention)."""
     caches = torch.zeros(layout.shape, dtype=layout.dtype, device=device)
     bind_kv_cache(model, caches)
+    if is_fp8(layout.dtype):
+        for layer in model.layers:
+            backend = getattr(layer.self_attn, "backend", None)
+            if backend is not None:
+                backend.k_scale, backend.v_scale = layout.k_scale, layout.v_scale
     return caches
 
 

@@ -85,9 +85,8 @@ class ModelRunner:
     # --- KV cache --------------------------------------------------------------------
     def _plan_kv_cache(self, max_model_len: int) -> kv_cache.KVCacheLayout:
         m, cfg = self.model_config, self.cfg
-        # The torch attention path (CPU) computes in fp32 whatever the model dtype: keeping the
-        # CPU cache in fp32 saves an upcast copy of every gathered K/V in every layer.
-        dtype = self.dtype if self.device.type == "cuda" else torch.float32
+        # model dtype on CUDA, fp32 on CPU (no upcast per gather), or fp8 (kv_cache_dtype)
+        dtype = kv_cache.kv_cache_torch_dtype(cfg.kv_cache_dtype, self.dtype, self.device.type)
         kv_heads = self.model.layers[0].self_attn.num_kv_heads
         num_blocks = cfg.num_kv_blocks
         if num_blocks is None:
@@ -111,7 +110,8 @@ class ModelRunner:
         num_tokens = min(self.cfg.max_num_batched_tokens, max_model_len * self.cfg.max_num_seqs)
         bs, m = self.cfg.block_size, self.model_config
         tmp = kv_cache.KVCacheLayout(max(1, -(-num_tokens // bs)) + 1, bs, m.num_layers,
-                                     self.model.layers[0].self_attn.num_kv_heads, m.head_dim, self.dtype,
+                                     self.model.layers[0].self_attn.num_kv_heads, m.head_dim,
+                                     kv_cache.kv_cache_torch_dtype(self.cfg.kv_cache_dtype, self.dtype, self.device.type),
                                      max_model_len)
         kv_cache.allocate_kv_cache(self.model, tmp, self.device)
         seq_len = min(num_tokens, max_model_len)

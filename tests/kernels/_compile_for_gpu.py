@@ -84,6 +84,16 @@ def _compile_all():
         ea.paged_extend_attention(q, kc, vc, bt, qsl, sl[:2], 512, 0.1)
         ea.paged_extend_attention(q, kc, vc, bt, qsl, sl[:2], 512, 0.1,
                                   tree_mask=torch.full((T,), -1, dtype=torch.int64))  # HAS_TREE
+        # FP8 (e4m3) KV cache: the store's quantizing variant and the attention FP8 variants
+        kc8 = torch.zeros(8, 16, Hkv, D, dtype=torch.float8_e4m3fn)
+        vc8 = torch.zeros_like(kc8)
+        store_kv_cache(k, v, kc8, vc8, torch.zeros(T, dtype=torch.int64), k_scale=0.5, v_scale=2.0)
+        fp8 = dict(k_scale=0.5, v_scale=2.0)
+        da.paged_decode_attention(q, kc8, vc8, bt, sl, 0.1, max_seq_len=64, num_splits=1, **fp8)
+        da.paged_decode_attention(q, kc8, vc8, bt, sl, 0.1, max_seq_len=4096, **fp8)
+        ea.paged_extend_attention(q, kc8, vc8, bt, qsl, sl[:2], 512, 0.1, **fp8)
+        ea.paged_extend_attention(q, kc8, vc8, bt, qsl, sl[:2], 512, 0.1,
+                                  tree_mask=torch.full((T,), -1, dtype=torch.int64), **fp8)
     x = torch.zeros(4, 2048, dtype=dt)
     rms_norm(x, torch.ones(2048, dtype=dt), 1e-6)
     fused_add_rms_norm_(x, x.clone(), torch.ones(2048, dtype=dt), 1e-6)
