@@ -15,7 +15,9 @@ import torch
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-KW = dict(load_format="dummy", dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.25,
+# both engines of a pair live at once: a fixed block count (no memory profiling, which would
+# count the first engine's cache against the second's budget)
+KW = dict(load_format="dummy", dtype="bfloat16", max_model_len=2048, num_kv_blocks=1024,
           max_num_batched_tokens=128, progress=False)
 
 
@@ -39,18 +41,31 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
 @pytest.fixture(scope="module")
 def qwen2_pair():
     bf16, fp8 = _pair("qwen2-0.5b", **KW)
+    assert fp8.engine.runner.kv_caches.dtype == torch.float8_e4m3fn
     yield bf16, fp8
     del bf16, fp8
     torch.cuda.empty_cache()
 
 
-def test_fp8_cache_is_fp8_and_holds_twice_the_tokens(qwen2_pair):
-    bf16, fp8 = qwen2_pair
-    assert fp8.engine.runner.kv_caches.dtype == torch.float8_e4m3fn
-    assert bf16.engine.runner.kv_caches.dtype == torch.bfloat16
-    # same memory budget (same model, same utilization): about twice the blocks
-    ratio = fp8.engine.runner.num_blocks / bf16.engine.runner.num_blocks
-    assert 1.8 < ratio < 2.2, ratio
+def test_fp8_cache_is_fp8_and_holds_twice_the_tokens():
+    """Same memory budget (same model and utilization, engines one after the other): about
+    twice the blocks, in half the bytes per block."""
+    import gc
+    from miniinfer import LLM
+    kw = {**KW, "gpu_memory_utilization": 0.2}
+    del kw["num_kv_blocks"]
+    blocks, nbytes = {}, {}
+    for kv in ("auto", "fp8"):
+        llm = LLM("qwen2-0.5b", kv_cache_dtype=kv, **kw)
+        caches = llm.engine.runner.kv_caches
+        assert caches.dtype == (torch.float8_e4m3fn if kv == "fp8" else torch.bfloat16)
+        blocks[kv], nbytes[kv] = llm.engine.runner.num_blocks, caches.nbytes
+        del llm, caches
+        gc.collect()
+        torch.cuda.empty_cache()
+    ratio = blocks["fp8"] / blocks["auto"]
+    assert 1.8 < ratio < 2.2, blocks
+    assert abs(nbytes["fp8"] / nbytes["auto"] - 1) < 0.1, nbytes
 
 
 def test_fp8_logits_close_to_bf16(qwen2_pair):
