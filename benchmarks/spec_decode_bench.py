@@ -9,8 +9,8 @@ speculation off, in the same process.
   its EAGLE head on the 32 held-out chat prompts (benchmarks/eagle_eval_prompts.json):
   ``eagle_bs1_speedup_<gpu|cpu>``, ``eagle_mean_accepted_len_<gpu|cpu>``;
 * Qwen2-7B dummy weights (GPU): ``verify_cost_ratio_<n>``: one verify forward + rejection
-  sampler over n tokens (1 + n − 1 linear drafts) ÷ one plain decode step, both at a 512-token
-  context (n ≤ 16 replay a prefill graph with 16 logits rows; larger n run eager);
+  sampler over n tokens (the root + n − 1 tree nodes, tree-masked) ÷ one plain decode step, both
+  at a 512-token context (n ≤ 16 replay a prefill graph with 16 logits rows; larger n run eager);
   ``spec_throughput_gain_bs<b>`` with n-gram on vs off (dummy weights: the acceptance says
   nothing about real text, the cost of verifying does).
 """
@@ -91,18 +91,27 @@ def smollm2_ngram(device: str, max_tokens: int, k: int, quick: bool) -> dict:
             f"ngram_tokens_off_{device}": r["tokens_off"], f"ngram_tokens_on_{device}": r["tokens_on"]}
 
 
-def smollm2_eagle(device: str, max_tokens: int, k: int, quick: bool, head: str | None = None) -> dict:
-    """The embedded SmolLM2 with its EAGLE head on the 32 held-out chat prompts, batch 1."""
+def smollm2_eagle(device: str, max_tokens: int, k: int, quick: bool, head: str | None = None,
+                  topk: int = 1, nodes: int | None = None) -> dict:
+    """The embedded SmolLM2 with its EAGLE head on the 32 held-out chat prompts, batch 1: a
+    chain of k drafts (``eagle_*`` keys), or with ``topk`` > 1 an EAGLE-2 tree of depth k and
+    ``nodes`` nodes (``eagle_tree_*`` keys)."""
     import os
     path = os.path.join(os.path.dirname(__file__), "eagle_eval_prompts.json")
     with open(path) as f:
         texts = json.load(f)["prompts"]
     spec = {"method": "eagle", "num_speculative_tokens": k, **({"model": head} if head else {})}
+    if topk > 1:
+        spec.update(eagle_topk=topk, num_draft_tokens=nodes)
     r = _bs1_on_off(texts[:4] if quick else texts, spec, device, max_tokens)
     tag = "gpu" if device == "cuda" else "cpu"
-    return {f"eagle_bs1_tpot_ms_off_{tag}": r["tpot_ms_off"], f"eagle_bs1_tpot_ms_on_{tag}": r["tpot_ms_on"],
-            f"eagle_bs1_speedup_{tag}": r["speedup"], f"eagle_mean_accepted_len_{tag}": r["mean_accepted_len"],
-            f"eagle_acceptance_rate_{tag}": r["acceptance_rate"]}
+    name = "eagle_tree" if topk > 1 else "eagle"
+    out = {f"{name}_bs1_tpot_ms_off_{tag}": r["tpot_ms_off"], f"{name}_bs1_tpot_ms_on_{tag}": r["tpot_ms_on"],
+           f"{name}_bs1_speedup_{tag}": r["speedup"], f"{name}_mean_accepted_len_{tag}": r["mean_accepted_len"],
+           f"{name}_acceptance_rate_{tag}": r["acceptance_rate"]}
+    if topk > 1:
+        out[f"eagle_tree_config_{tag}"] = {"depth": k, "eagle_topk": topk, "num_draft_tokens": nodes}
+    return out
 
 
 def _time_cuda(fn, reps: int) -> float:
@@ -119,7 +128,9 @@ def _time_cuda(fn, reps: int) -> float:
 
 
 def verify_cost(llm, context: int = 512, sizes=(8, 16, 32, 64), reps: int = 30) -> dict:
-    """One verify (forward + rejection sampler) of n tokens ÷ one plain decode step (graph)."""
+    """One verify (forward + tree-masked attention + rejection sampler + accepted-path K/V
+    move) of n tokens (the root and n − 1 tree nodes, 4 children per node) ÷ one plain decode
+    step (graph)."""
     eng = llm.engine
     runner, kv = eng.runner, eng.kv
     seq = Sequence("bench", 0, list(range(100, 100 + context)), context, SamplingParams(temperature=0))
@@ -127,7 +138,8 @@ def verify_cost(llm, context: int = 512, sizes=(8, 16, 32, 64), reps: int = 30) 
     seq.num_computed_tokens = context - 1
 
     def step(n):
-        s = ScheduledSeq(seq, n, context - 1, list(range(200, 200 + n - 1)))
+        parents = [j // 4 - 1 for j in range(n - 1)] if n > 1 else None  # a tree: 4 children per node
+        s = ScheduledSeq(seq, n, context - 1, list(range(200, 200 + n - 1)), parents)
         def run():
             fwd = runner.forward(SchedulerOutput([s]), None)
             st = runner.sample(fwd)
@@ -174,12 +186,18 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: smollm2,eagle,verify,tput")
     ap.add_argument("--eagle-head", default=None, help="EAGLE head file (default: the shipped one)")
     ap.add_argument("--eagle-k", type=int, default=3)
+    ap.add_argument("--eagle-tree", default="4,4,10",
+                    help="EAGLE-2 tree run: depth,eagle_topk,num_draft_tokens ('' to skip)")
     a = ap.parse_args()
     skip = set(a.skip.split(","))
     metrics = {} if "smollm2" in skip else smollm2_ngram(a.device, a.max_tokens, a.k, a.quick)
     print(json.dumps(metrics), flush=True)
     if "eagle" not in skip:
         metrics.update(smollm2_eagle(a.device, a.max_tokens, a.eagle_k, a.quick, a.eagle_head))
+        print(json.dumps(metrics), flush=True)
+    if "eagle" not in skip and a.eagle_tree:
+        depth, topk, nodes = (int(x) for x in a.eagle_tree.split(","))
+        metrics.update(smollm2_eagle(a.device, a.max_tokens, depth, a.quick, a.eagle_head, topk, nodes))
         print(json.dumps(metrics), flush=True)
     if a.qwen7b and a.device == "cuda":
         # two engines side by side: an explicit cache size each (32k tokens, ~1.8 GB)

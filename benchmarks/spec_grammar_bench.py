@@ -292,6 +292,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--methods", nargs="+", choices=["eagle", "ngram"], default=["eagle", "ngram"],
                     help="SmolLM2's speculation methods")
     ap.add_argument("--eagle-k", type=int, default=EAGLE["num_speculative_tokens"])
+    ap.add_argument("--eagle-topk", type=int, default=1, help="> 1: EAGLE-2 trees of depth --eagle-k")
+    ap.add_argument("--eagle-nodes", type=int, default=None, help="tree nodes verified per step (num_draft_tokens)")
     ap.add_argument("--ngram-k", type=int, default=4)
     ap.add_argument("--qwen7b", default=None, help="Qwen2-7B config folder (dummy weights, n-gram; GPU only)")
     ap.add_argument("--tokenizer", default=os.path.join(HERE, ".vllm", "bench_tokenizer_qwen2"),
@@ -321,6 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
     ngram = {"method": "ngram", "num_speculative_tokens": args.ngram_k, "prompt_lookup_min": 2,
              "prompt_lookup_max": 4}
     eagle = {**EAGLE, "num_speculative_tokens": args.eagle_k}
+    if args.eagle_topk > 1:
+        eagle.update(eagle_topk=args.eagle_topk, num_draft_tokens=args.eagle_nodes)
     smol_specs = [(m, eagle if m == "eagle" else ngram) for m in args.methods]
     metrics: dict = {"max_tokens": args.max_tokens, "repeats": args.repeats, "warmup_rounds": args.warmup_rounds}
     metrics.update(bench_model(None, smol_specs, args, progress))

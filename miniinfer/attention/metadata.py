@@ -80,6 +80,24 @@ class AttentionMetadata:
         return self.seq_lens.shape[0]
 
 
+TREE_WINDOW = 64  # keys a tree-mask row can address (the last 64 of its sequence)
+
+
+def tree_mask_row(kv_len: int, prefix_end: int, visible: "list[int] | tuple[int, ...]") -> int:
+    """One ``tree_mask`` value (int64 range) for a token of a sequence holding ``kv_len`` keys
+    after the step: it sees every key below ``prefix_end`` and the keys ``visible`` (KV indices
+    in ``[prefix_end, kv_len)``, itself included). Raises ``ValueError`` if a visible key lies
+    outside the last ``TREE_WINDOW`` keys."""
+    base = kv_len - TREE_WINDOW
+    bits = (1 << (prefix_end - base)) - 1 if prefix_end > base else 0
+    for j in visible:
+        if not base <= j < kv_len:
+            raise ValueError(f"tree key {j} outside the window [{base}, {kv_len})")
+        bits |= 1 << (j - base)
+    bits &= (1 << TREE_WINDOW) - 1
+    return bits - (1 << TREE_WINDOW) if bits >> (TREE_WINDOW - 1) else bits
+
+
 def cache_slot(block_table: list[int], position: int, block_size: int) -> int:
     """The paged layout, host side: the cache slot of a sequence's token at ``position``."""
     return block_table[position // block_size] * block_size + position % block_size

@@ -41,10 +41,12 @@ class Scheduler:
                 i += 1
                 continue
             draft, seq.spec_token_ids = seq.spec_token_ids, []
+            parents, seq.spec_parents = seq.spec_parents, None
             if n == 1 and draft:  # speculative verify: the drafts ride along if they fit now
-                draft = draft[:budget - 1]
+                draft = draft[:budget - 1]  # (a tree's drafts are in topological order: still a tree)
                 if draft and self.kv.allocate(seq.block_table, seq.num_computed_tokens + 1 + len(draft)):
-                    out.scheduled.append(ScheduledSeq(seq, 1 + len(draft), seq.num_computed_tokens, draft))
+                    parents = parents[:len(draft)] if parents is not None else None
+                    out.scheduled.append(ScheduledSeq(seq, 1 + len(draft), seq.num_computed_tokens, draft, parents))
                     budget -= 1 + len(draft)
                     i += 1
                     continue

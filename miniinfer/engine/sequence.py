@@ -47,6 +47,7 @@ class Sequence:
     reasoning_end: list[int] | None = None
     num_preemptions: int = 0
     spec_token_ids: list[int] = field(default_factory=list)  # drafts proposed for the next step
+    spec_parents: list[int] | None = None  # their tree (ScheduledSeq.draft_parents), None: a chain
     spec_state: object | None = None  # the drafter's per-sequence state (e.g. its cache's valid length)
     num_draft_tokens: int = 0  # drafts verified for this sequence ...
     num_accepted_tokens: int = 0  # ... and how many of them the target accepted

@@ -29,6 +29,9 @@ class ScheduledSeq:
     # speculative decoding: draft tokens verified in this step, after the sequence's last token
     # (they count in num_new_tokens but are not in seq.token_ids)
     draft_token_ids: list[int] = field(default_factory=list)
+    # a draft tree (EAGLE-2): the parent of each draft, an index into draft_token_ids or -1 for
+    # the sequence's last token; parents come before children. None: a chain (parent = j - 1)
+    draft_parents: list[int] | None = None
     samples: bool = field(init=False)  # the step reaches the end of the tokens: sample one more
 
     def __post_init__(self) -> None:
@@ -75,6 +78,7 @@ class InFlightStep:
     event: "torch.cuda.Event | None"
     sampler_output: "SamplerOutput | None"  # kept (device tensors) when some row wants logprobs
     num_tokens: torch.Tensor | None = None  # speculative verify: [B] committed tokens per sequence
+    paths: torch.Tensor | None = None  # speculative verify: [B, W] the accepted path (StepResult.spec_paths)
     seq_rows: list[range] | None = None  # speculative verify: ForwardOutput.seq_rows
     hidden: torch.Tensor | None = None  # ForwardOutput.hidden
 
@@ -88,4 +92,7 @@ class StepResult:
     # recovered or bonus token) and the sampler_output row of the first of them
     spec_token_ids: list[list[int]] | None = None
     logits_rows: list[int] | None = None
+    # speculative verify: per sampling sequence, the offsets among its verified tokens (0 = its
+    # last token, j = draft j - 1) of the accepted path: [0, ...] one per committed token
+    spec_paths: list[list[int]] | None = None
     hidden: torch.Tensor | None = None  # ForwardOutput.hidden

@@ -4,7 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 METHODS = ("ngram", "draft_model", "eagle")
-MAX_SPECULATIVE_TOKENS = 15  # a verify step's rows per sequence (1 + drafts) fit one 16-row LM-head call
+MAX_SPECULATIVE_TOKENS = 15  # a chain's verify rows per sequence (1 + drafts) fit one 16-row LM-head call
+MAX_TREE_NODES = 63  # a tree's verify: 1 + nodes rows, within the attention's 64-key tree window
+DEFAULT_TREE_NODES = 8
 
 
 @dataclass
@@ -17,6 +19,10 @@ class SpeculativeConfig:
     ``prompt_lookup_min`` / ``prompt_lookup_max``: the n-gram sizes tried, longest first.
     ``disable_by_batch_size``: no drafts while more sequences than this run (large batches are
     compute-bound: verifying drafts there costs more than it saves); None: always draft.
+    ``eagle_topk`` (EAGLE only): branches kept per depth of an EAGLE-2 dynamic tree, whose depth
+    is ``num_speculative_tokens``; 1 drafts a chain. ``num_draft_tokens``: tree nodes verified
+    per step (the best by cumulative draft probability; default 8 for a tree; 1 ... 63), for a
+    chain its length (default and at most ``num_speculative_tokens``).
     """
     method: str = "ngram"
     num_speculative_tokens: int = 4
@@ -24,7 +30,7 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
     disable_by_batch_size: int | None = None
-    eagle_topk: int = 1  # branches per depth of an EAGLE-2 tree (1: a chain, what runs today)
+    eagle_topk: int = 1
     num_draft_tokens: int | None = None
 
     @classmethod
@@ -54,8 +60,27 @@ class SpeculativeConfig:
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
         if self.method == "draft_model" and not self.model:
             raise ValueError("speculative_config.model (the draft model's path) is required for draft_model")
-        if self.eagle_topk != 1:
-            raise ValueError("speculative_config.eagle_topk > 1 (EAGLE-2 dynamic trees) is not available yet; "
-                             "use 1 (a chain of drafts)")
+        self._validate_tree()
         if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
             raise ValueError(f"speculative_config.disable_by_batch_size must be >= 1, got {self.disable_by_batch_size}")
+
+    def _validate_tree(self) -> None:
+        topk, k, n = self.eagle_topk, self.num_speculative_tokens, self.num_draft_tokens
+        if not isinstance(topk, int) or not 1 <= topk <= 16:
+            raise ValueError(f"speculative_config.eagle_topk must be in [1, 16], got {topk!r}")
+        if topk > 1 and self.method != "eagle":
+            raise ValueError(f"speculative_config.eagle_topk > 1 (a draft tree) needs method 'eagle', got {self.method!r}")
+        if topk > 1 and (k - 1) * topk > 64:
+            raise ValueError("speculative_config: (num_speculative_tokens - 1) * eagle_topk must be <= 64 "
+                             f"(the head's tree window), got ({k} - 1) * {topk}")
+        limit = MAX_TREE_NODES if topk > 1 else k
+        if n is not None and (not isinstance(n, int) or not 1 <= n <= limit):
+            raise ValueError(f"speculative_config.num_draft_tokens must be in [1, {limit}] "
+                             f"({'tree nodes' if topk > 1 else 'a chain: at most num_speculative_tokens'}), got {n!r}")
+
+    @property
+    def max_draft_tokens(self) -> int:
+        """Drafts one sequence verifies per step at most (tree nodes, or the chain's length)."""
+        if self.num_draft_tokens is not None:
+            return self.num_draft_tokens
+        return DEFAULT_TREE_NODES if self.eagle_topk > 1 else self.num_speculative_tokens

@@ -9,15 +9,16 @@ Per sequence (``seq.spec_state``: an :class:`EagleState`):
 * after every target step, ``record`` keeps the target's features f_p of the positions the
   step computed for good (a prefill chunk, a decode, or a verify's last token + accepted drafts);
 * ``draft`` runs the head over the positions since its cache was last valid (catch-up with the
-  true features f_{p−1}; the first draft comes from the last row), then k − 1 steps feeding its
-  own output back, greedy (a deterministic draft: the rejection sampler treats it as a point
-  mass). The head's cache is valid through the last known token afterwards: what it wrote for
-  the drafts came from its own features, so those positions are recomputed on the next catch-up.
+  true features f_{p−1}; the root's output comes from the last row), then grows a draft tree
+  from it (``eagle_tree.py``: EAGLE-2's top-``eagle_topk`` expansion and rerank; with
+  ``eagle_topk`` = 1 a greedy chain of k − 1 further steps feeding its own output back). The
+  drafts are deterministic (the rejection sampler treats each as a point mass). The head's
+  cache is valid through the last known token afterwards: what it wrote for the drafts came
+  from its own features, so those positions are recomputed on the next catch-up.
 
 Like the draft model, the head's one-layer K/V cache has the target's block count and uses
 the target's block tables. A position whose previous feature is missing (the token before a
-prefix-cache hit, or position 0) gets a zero feature, as in training. This is EAGLE's chain
-mode; EAGLE-2's dynamic tree (``eagle_topk`` > 1) needs tree attention in the verify.
+prefix-cache hit, or position 0) gets a zero feature, as in training.
 """
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ from miniinfer.attention.metadata import forward_context
 from miniinfer.engine.sequence import Sequence
 from miniinfer.engine.step import ScheduledSeq, SchedulerOutput, StepResult
 from miniinfer.spec_decode.config import SpeculativeConfig
+from miniinfer.spec_decode.eagle_tree import grow_trees
 from miniinfer.spec_decode.proposer import Proposer
 from miniinfer.worker.host_staging import PinnedStaging
-from miniinfer.worker.input_batch import prepare_inputs
+from miniinfer.worker.input_batch import InputBatch, prepare_inputs
 
 HEADS_DIR = os.path.join(os.path.dirname(__file__), "heads")
 EMBEDDED_HEAD = os.path.join(HEADS_DIR, "smollm2-135m-instruct-eagle.safetensors")
@@ -106,10 +108,16 @@ class EagleDrafter(Proposer):
         self.vocab_ids = torch.tensor(ids, dtype=torch.int64, device=weight.device)
         self.vocab_w = weight[self.vocab_ids].to(self.head.dtype).contiguous()  # [Vd, H]
 
-    def _argmax(self, h: torch.Tensor) -> list[int]:
+    def top_tokens(self, h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head outputs ``h`` [n, H] → their top ``k`` draft tokens: (log-probabilities
+        [n, k] float32 over the draft vocabulary, token ids [n, k] int64)."""
         if self.vocab_w is None:
-            return self.target.compute_logits(h).argmax(-1).tolist()
-        return self.vocab_ids[(h.to(self.vocab_w.dtype) @ self.vocab_w.t()).argmax(-1)].tolist()
+            logits = self.target.compute_logits(h)
+        else:
+            logits = h.to(self.vocab_w.dtype) @ self.vocab_w.t()
+        top = logits.float().log_softmax(-1).topk(k, dim=-1)
+        ids = top.indices if self.vocab_ids is None else self.vocab_ids[top.indices]
+        return top.values, ids
 
     # --- features from the target ------------------------------------------------------
     def record(self, sched: SchedulerOutput, result: StepResult) -> None:
@@ -117,17 +125,17 @@ class EagleDrafter(Proposer):
             super().record(sched, result)
         if result.hidden is None:
             return
-        committed = iter(result.spec_token_ids or [])
+        paths = iter(result.spec_paths or [])
         offset = 0
         for s in sched.scheduled:
             n, seq = s.num_new_tokens, s.seq
-            used = n
-            if s.samples and result.spec_token_ids is not None:
-                tokens = next(committed)
-                if s.draft_token_ids:  # the last token and the accepted drafts
-                    used = len(tokens)
+            rows = result.hidden[offset:offset + n]
+            if s.samples and result.spec_paths is not None:
+                path = next(paths)  # the last token and the accepted drafts
+                if s.draft_token_ids:
+                    rows = rows[:len(path)] if path[-1] == len(path) - 1 else rows[torch.tensor(path, device=rows.device)]
             if not seq.is_finished:
-                self._keep(seq, s.start, result.hidden[offset:offset + used])
+                self._keep(seq, s.start, rows)
             offset += n
 
     def _keep(self, seq: Sequence, start: int, feats: torch.Tensor) -> None:
@@ -140,17 +148,25 @@ class EagleDrafter(Proposer):
 
     # --- drafting ----------------------------------------------------------------------
     def draft(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
-        live = [(s, k) for s, k in zip(seqs, ks)
-                if isinstance(s.spec_state, EagleState) and self.kv.allocate(s.block_table, s.num_tokens + k)]
+        """Drafts per sequence (a chain, or with ``eagle_topk`` > 1 a tree whose parents go to
+        ``seq.spec_parents``); none for a sequence without kept features or cache room."""
+        topk = self.config.eagle_topk
+        live = []
+        for s, k in zip(seqs, ks):
+            nodes = min(self.config.max_draft_tokens, k) if topk == 1 else self.config.max_draft_tokens
+            need = s.num_tokens + max(nodes, (k - 1) * topk)
+            if (isinstance(s.spec_state, EagleState) and need <= self.max_model_len
+                    and self.kv.allocate(s.block_table, need)):
+                live.append((s, k, nodes))
         out = {id(s): [] for s in seqs}
         if live:
             self._run(live, out)
         return [out[id(s)] for s in seqs]
 
     @torch.inference_mode()
-    def _run(self, live: list[tuple[Sequence, int]], out: dict[int, list[int]]) -> None:
+    def _run(self, live: list[tuple[Sequence, int, int]], out: dict[int, list[int]]) -> None:
         views, feats = [], {}
-        for seq, _ in live:
+        for seq, _, _ in live:
             st = seq.spec_state
             start = min(st.valid, seq.num_tokens - 1)
             view = Sequence(seq.request_id, seq.index, list(seq.token_ids), seq.num_prompt_tokens, seq.params)
@@ -158,23 +174,17 @@ class EagleDrafter(Proposer):
             views.append(ScheduledSeq(view, view.num_tokens - start, start))
             feats[id(view)] = self._features(st, start, view.num_tokens)
         sched = SchedulerOutput(sorted(views, key=lambda s: s.num_new_tokens != 1))
-        owner = {id(v.seq): (seq, k) for v, (seq, k) in zip(views, live)}
-        tokens, h = self._head_step(sched, torch.cat([feats[id(s.seq)] for s in sched.scheduled]))
-        for depth in range(max(k for _, k in live)):
-            nxt, rows = [], []
-            for row, (s, t) in enumerate(zip(sched.scheduled, tokens)):
-                seq, k = owner[id(s.seq)]
-                out[id(seq)].append(t)
-                if len(out[id(seq)]) < k:
-                    s.seq.token_ids.append(t)
-                    nxt.append(ScheduledSeq(s.seq, 1, s.seq.num_tokens - 1))
-                    rows.append(row)
-            if not nxt:
-                break
-            sched = SchedulerOutput(nxt)
-            tokens, h = self._head_step(sched, h[rows])
-        for seq, _ in live:  # valid through the last known token; f of it arrives with the verify
-            st = seq.spec_state
+        owner = {id(v.seq): item for v, item in zip(views, live)}
+        batch, _, _ = prepare_inputs(sched, self.block_size, self.staging)  # the catch-up
+        h = self.head_forward(batch, len(sched.scheduled),
+                              torch.cat([feats[id(s.seq)] for s in sched.scheduled]))[batch.logits_indices]
+        order = [owner[id(s.seq)] for s in sched.scheduled]
+        trees = grow_trees(self, [seq for seq, _, _ in order], [k for _, k, _ in order],
+                           [n for _, _, n in order], h)
+        for (seq, _, _), tree in zip(order, trees):
+            out[id(seq)] = tree.tokens
+            seq.spec_parents = tree.parents if self.config.eagle_topk > 1 else None
+            st = seq.spec_state  # valid through the last known token; f of it arrives with the verify
             st.valid = seq.num_tokens
             st.feats, st.feat_start = [], seq.num_tokens - 1
 
@@ -197,22 +207,20 @@ class EagleDrafter(Proposer):
                                  engine.max_model_len, self.block_size, self.head.device)
         self.graphs.capture()
 
-    def _head_step(self, sched: SchedulerOutput, features: torch.Tensor) -> tuple[list[int], torch.Tensor]:
-        """One head forward over ``sched`` (rows in its order); returns the greedy draft of each
-        sequence's last row and the head's outputs of those rows [B, H]."""
-        batch, _, _ = prepare_inputs(sched, self.block_size, self.staging)
-        g, n = self.graphs, len(sched.scheduled)
-        if g is not None and (g.fits_decode(batch, n) or (n == 1 and g.prefill_bucket(batch.input_ids.shape[0]))):
-            self._graph_model.features[:features.shape[0]].copy_(features)
-            if g.fits_decode(batch, n):
-                _, h = g.replay_decode(batch)
-            else:
-                _, h = g.replay_prefill(batch)
-        else:
-            with forward_context(batch.attn_metadata):
-                h = self.head(self.target.embed(batch.input_ids), features, batch.positions)
-        last = h[batch.logits_indices]
-        return self._argmax(last), last
+    def head_forward(self, batch: InputBatch, num_seqs: int, features: torch.Tensor) -> torch.Tensor:
+        """The head over ``batch`` (``features`` [T, H]: f of each row's previous position);
+        returns its outputs [T, H] (a graph's static buffer: use before the next replay). A
+        decode graph when the rows are one-token decodes, a prefill graph for one sequence's
+        rows (a tree step's mask rides in the graph's buffers), else eager."""
+        g = self.graphs
+        T = batch.input_ids.shape[0]
+        if g is not None and (g.fits_decode(batch, num_seqs) or (num_seqs == 1 and g.prefill_bucket(T))):
+            self._graph_model.features[:T].copy_(features)
+            if g.fits_decode(batch, num_seqs):
+                return g.replay_decode(batch)[1]
+            return g.replay_prefill(batch)[1]
+        with forward_context(batch.attn_metadata):
+            return self.head(self.target.embed(batch.input_ids), features, batch.positions)
 
 
 class _GraphedHead(torch.nn.Module):

@@ -30,7 +30,8 @@ class SpecDecodeStats:
 
 
 class Proposer:
-    """Base class: subclasses implement ``draft(seqs, ks)`` → one token list per sequence."""
+    """Base class: subclasses implement ``draft(seqs, ks)`` → one token list per sequence (a
+    drafter of trees also sets each sequence's ``spec_parents``)."""
 
     def __init__(self, config: SpeculativeConfig, max_model_len: int):
         self.config = config
@@ -52,6 +53,8 @@ class Proposer:
                 seqs.append(seq)
                 ks.append(k)
         if seqs:
+            for seq in seqs:
+                seq.spec_parents = None  # a chain unless the drafter grows a tree
             for seq, tokens in zip(seqs, self.draft(seqs, ks)):
                 seq.spec_token_ids = tokens
 

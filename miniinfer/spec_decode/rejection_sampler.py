@@ -1,15 +1,20 @@
-"""Verify drafts against the target model: lossless speculative sampling.
+"""Verify drafts against the target model: lossless speculative sampling, over chains and trees.
 
-A sequence with k draft tokens d_1..d_k has k + 1 logits rows (the target's distribution
-p_j at each draft position, and the bonus row). Draft d_j is accepted with probability
-min(1, p_j(d_j) / q_j(d_j)); at the first rejection the token is drawn from the residual
-norm(max(p_j − q_j, 0)); when all are accepted a bonus token is drawn from p_{k+1}. The output
-is distributed exactly as the target's (Leviathan et al., "Fast Inference from Transformers via
-Speculative Decoding", 2023; Chen et al., "Accelerating LLM Decoding with Speculative
-Sampling", 2023). Our drafters are deterministic (n-gram lookup, greedy draft models), so q_j
-is a point mass on d_j: accept with probability p_j(d_j), and the residual is p_j with d_j
-removed. Greedy rows accept d_j iff it is p_j's argmax and otherwise emit the argmax, so
-greedy output equals non-speculative greedy decoding.
+A sequence verifies its last token (the root) and draft nodes, each node a token whose parent
+is the root or an earlier node (a chain: parent = the previous draft; an EAGLE-2 tree: up to
+``eagle_topk`` children per node). Row r of the logits is the target's distribution p_r of the
+token after node r's path. Our drafters are deterministic (greedy heads, n-gram lookup), so
+each draft is a point mass q = δ(d), and the children of a node carry distinct tokens. For one
+point-mass draft, speculative sampling accepts d with probability p(d) and on rejection draws
+from the residual norm(max(p − δ_d, 0)) = p without d (Leviathan et al., "Fast Inference from
+Transformers via Speculative Decoding", 2023; Chen et al., 2023); over a node's distinct
+children one after another (SpecInfer, Miao et al., 2024; EAGLE-2's tree verification), the
+token emitted at a node is then distributed exactly as p_r: P(child c) = p_r(c), P(any other
+token t) = p_r(t). So the sampler draws **one token s_r ~ p_r per row**, and walks from the
+root: if a child of the current node carries s_r, it is accepted and the walk moves there;
+otherwise s_r is the new (recovered or bonus) token and the walk stops. Greedy rows use the
+argmax for s_r, so greedy output equals non-speculative greedy decoding. Grammar masks and
+logits processors apply to every row before the draw (a forbidden child is never accepted).
 """
 from __future__ import annotations
 
@@ -23,21 +28,25 @@ from miniinfer.sample.sampler import SamplerOutput, scaled_logits
 
 @dataclass
 class SpecSamplerOutput:
-    token_ids: torch.Tensor  # [B, K + 1] int64: each sequence's committed tokens, then -1
+    token_ids: torch.Tensor  # [B, W] int64: each sequence's committed tokens, then -1
     num_tokens: torch.Tensor  # [B] int64: accepted drafts + 1 (the recovered or bonus token)
+    paths: torch.Tensor  # [B, W] int64: offsets (0 = root) of the accepted path's rows, then -1;
+    # committed token j was drawn at row row_index[b, paths[b, j]]
     sampler_output: SamplerOutput | None  # logprobs of every row (row of committed token j of
-    # sequence b = row_index[b, j]), when some row asked for them
+    # sequence b = row_index[b, paths[b, j]]), when some row asked for them
 
 
-def rejection_sample(logits: torch.Tensor, md: SamplingMetadata, draft_ids: torch.Tensor,
-                     row_index: torch.Tensor, seq_rows: list[range],
+def rejection_sample(logits: torch.Tensor, md: SamplingMetadata, node_tokens: torch.Tensor,
+                     parent_rows: torch.Tensor, row_index: torch.Tensor, seq_rows: list[range],
                      seq_generators: list[torch.Generator | None],
                      generator: torch.Generator | None = None) -> SpecSamplerOutput:
     """``logits`` [R, V] float32 raw from the LM head, ``md`` over the same R rows (a
-    sequence's parameters repeated on its rows); ``draft_ids`` [R] int64, the draft token each
-    row verifies (-1 on a sequence's last row); ``row_index`` [B, K + 1] int64, the rows of
-    sequence b in order (-1 padding), ``seq_rows`` the same on the host; ``seq_generators`` the per-sequence seeded RNGs (None:
-    ``generator``, or the device's default RNG when that is None or on another device)."""
+    sequence's parameters repeated on its rows). ``node_tokens`` [R] int64: the draft token of
+    row r's node (-1 for a root); ``parent_rows`` [R] int64: the row of its parent (-1 for a
+    root); ``row_index`` [B, W] int64: the rows of sequence b, root first, parents before
+    children (-1 padding), ``seq_rows`` the same ranges on the host; ``seq_generators`` the
+    per-sequence seeded RNGs (None: ``generator``, or the device's default RNG when that is
+    None or on another device)."""
     if md.grammar_bitmask is not None:
         logits = md.grammar_bitmask.apply(logits)
     out = None
@@ -49,61 +58,49 @@ def rejection_sample(logits: torch.Tensor, md: SamplingMetadata, draft_ids: torc
         logits = processor.apply(logits, state)
     if md.processors:
         logits = logits.clamp(max=torch.finfo(logits.dtype).max)
-    R = logits.shape[0]
-    B, width = row_index.shape
-    argmax = logits.argmax(-1)
-    has_draft = draft_ids >= 0
-    safe_draft = draft_ids.clamp(min=0)
-    if md.all_greedy:
-        probs = None
-        accept = has_draft & (argmax == safe_draft)
-    else:
+    drawn = logits.argmax(-1)  # s_r
+    if not md.all_greedy:
         probs = scaled_logits(logits, md).softmax(-1)
-        u = _uniform(R, seq_rows, seq_generators, generator, logits.device)
-        p_draft = probs.gather(-1, safe_draft[:, None]).squeeze(-1)
-        accept = has_draft & torch.where(md.greedy, argmax == safe_draft, u < p_draft)
+        sampled = (probs / _row_noise(probs, seq_rows, seq_generators, generator)).argmax(-1)
+        drawn = torch.where(md.greedy, drawn, sampled)
+    is_root = parent_rows < 0
+    parent = torch.where(is_root, torch.arange(logits.shape[0], device=logits.device), parent_rows)
+    accept = is_root | (node_tokens == drawn[parent])
+    on_path = accept
+    for _ in range(row_index.shape[1] - 1):  # a path is at most W - 1 nodes deep
+        on_path = is_root | (accept & on_path[parent])
     valid = row_index >= 0
     safe_index = row_index.clamp(min=0)
-    acc = accept[safe_index] & valid  # [B, K + 1]
-    num_accepted = acc.long().cumprod(-1).sum(-1)  # leading accepted drafts
-    last_row = row_index.gather(1, num_accepted[:, None]).squeeze(1)  # where the new token comes from
-    recovered = argmax[last_row]
-    if probs is not None:
-        residual = probs[last_row]
-        d = safe_draft[last_row][:, None]  # a rejected draft leaves the residual; no draft: p itself
-        residual.scatter_(-1, d, torch.where(has_draft[last_row][:, None], 0.0, residual.gather(-1, d)))
-        noise = _exponential(residual, seq_generators, generator)
-        sampled = (residual / noise).argmax(-1)
-        recovered = torch.where(md.greedy[last_row], recovered, sampled)
-    cols = torch.arange(width, device=logits.device)[None, :]
-    drafts = torch.where(valid, draft_ids[safe_index], -1)
-    # column j < m: the j-th accepted draft (row j verified it); column m: the new token
-    tokens = torch.where(cols < num_accepted[:, None], drafts, -1)
-    tokens = torch.where(cols == num_accepted[:, None], recovered[:, None], tokens)
+    ok = on_path[safe_index] & valid  # [B, W]: the root and the accepted path, in row order
+    W = row_index.shape[1]
+    cols = torch.arange(W, device=logits.device)[None, :]
+    paths = torch.sort(torch.where(ok, cols, W), dim=1).values  # path offsets first, ascending
+    num_tokens = ok.long().sum(-1)  # accepted drafts + the root = committed tokens
+    live = cols < num_tokens[:, None]
+    paths = torch.where(live, paths, -1)
+    path_rows = safe_index.gather(1, paths.clamp(min=0))  # [B, W]
+    nxt = torch.cat([path_rows[:, 1:], path_rows[:, :1]], dim=1)  # row of the path's next node
+    tokens = torch.where(cols + 1 < num_tokens[:, None], node_tokens[nxt], drawn[path_rows])
+    tokens = torch.where(live, tokens, -1)
     if out is not None:
+        R = logits.shape[0]
         row_token = torch.zeros(R + 1, dtype=torch.int64, device=logits.device)  # row R: a sink
-        row_token.scatter_(0, torch.where(tokens >= 0, row_index, R).view(-1), tokens.clamp(min=0).view(-1))
+        row_token.scatter_(0, torch.where(live, path_rows, R).view(-1), tokens.clamp(min=0).view(-1))
         row_token = row_token[:R]
         chosen = logprobs.gather(-1, row_token[:, None])
         out.sampled_logprob = chosen.squeeze(-1)
         out.sampled_rank = (logprobs > chosen).sum(-1) + 1
         out.token_ids = row_token
-    return SpecSamplerOutput(tokens, num_accepted + 1, out)
+    return SpecSamplerOutput(tokens, num_tokens, paths, out)
 
 
-def _uniform(R: int, seq_rows: list[range], gens: list, generator, device) -> torch.Tensor:
-    u = torch.rand(R, device=device, generator=_usable(generator, device))
+def _row_noise(probs: torch.Tensor, seq_rows: list[range], gens: list, generator) -> torch.Tensor:
+    """Exponential noise [R, V] (argmax of probs / noise is a draw from probs); a sequence with
+    its own generator draws its rows from it."""
+    noise = torch.empty_like(probs).exponential_(generator=_usable(generator, probs.device))
     for rows, g in zip(seq_rows, gens):
         if g is not None:
-            u[rows.start:rows.stop] = torch.rand(len(rows), device=device, generator=g)
-    return u
-
-
-def _exponential(like: torch.Tensor, gens: list, generator) -> torch.Tensor:
-    noise = torch.empty_like(like).exponential_(generator=_usable(generator, like.device))
-    for b, g in enumerate(gens):
-        if g is not None:
-            noise[b].exponential_(generator=g)
+            noise[rows.start:rows.stop].exponential_(generator=g)
     return noise
 
 

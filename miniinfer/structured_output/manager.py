@@ -215,14 +215,15 @@ class StructuredOutputManager:
         return GrammarBitmask(host.to(self.device, non_blocking=True), rows, indices)
 
 
-    def fill_verify_bitmask(self, seqs: list, drafts: list[list[int]], seq_rows: list[range]
-                            ) -> GrammarBitmask | None:
+    def fill_verify_bitmask(self, seqs: list, drafts: list[list[int]], parents: list[list[int]],
+                            seq_rows: list[range]) -> GrammarBitmask | None:
         """A speculative verify's mask: for each constrained sequence (``seqs[i]`` with draft
-        tokens ``drafts[i]``, logits rows ``seq_rows[i]`` = its last token, then one per draft),
-        row j allows what the grammar allows after the first j drafts. xgrammar walks the
-        draft (a chain: a tree with one child per node) from the matcher's state and rolls it
-        back (``GrammarMatcher.traverse_draft_tree``). Rows past a draft the grammar forbids
-        are never used (the verify stops at that draft) and allow everything, so that no row is
+        tokens ``drafts[i]`` whose tree is ``parents[i]`` — draft j's parent, -1 for the last
+        token; a chain is ``[-1, 0, 1, ...]`` — and logits rows ``seq_rows[i]`` = its last
+        token, then one per draft), the row of each node allows what the grammar allows after
+        the path to it. xgrammar walks the tree from the matcher's state and rolls it back
+        (``GrammarMatcher.traverse_draft_tree``). Rows under a draft the grammar forbids are
+        never used (no path through it is accepted) and allow everything, so that no row is
         all -inf. None when no sequence is constrained."""
         rows: list[int] = []
         num_rows = seq_rows[-1].stop
@@ -235,17 +236,30 @@ class StructuredOutputManager:
         host = self._next_host(num_rows)
         host.fill_(-1)
         for i in constrained:
-            r, k = seq_rows[i], len(drafts[i])
-            n = k + 1
-            nxt = torch.arange(1, n + 1, dtype=torch.int64)
-            nxt[-1] = -1
+            r, n = seq_rows[i], len(drafts[i]) + 1
+            first_child, next_sibling = _child_sibling_lists(parents[i])
             tokens = torch.tensor([0] + drafts[i], dtype=torch.int64)  # node 0: the committed state
             block = host[r.start:r.start + n]
-            seqs[i].grammar.traverse_draft_tree(nxt, torch.full((n,), -1, dtype=torch.int64), tokens, block)
+            seqs[i].grammar.traverse_draft_tree(torch.tensor(first_child), torch.tensor(next_sibling), tokens, block)
             block[(block == 0).all(dim=1)] = -1  # a forbidden draft's row (unused, see above)
             rows.extend(range(r.start, r.start + n))
         self.fill_times_us.append((time.perf_counter() - t0) * 1e6)
         return self._to_device(host, rows)
+
+
+def _child_sibling_lists(parents: list[int]) -> tuple[list[int], list[int]]:
+    """A tree as xgrammar walks it (node 0 the root, node j + 1 draft j): each node's first
+    child and next sibling (-1: none), children in draft order."""
+    n = len(parents) + 1
+    first_child, next_sibling, last_child = [-1] * n, [-1] * n, [-1] * n
+    for j, p in enumerate(parents):
+        node, parent = j + 1, p + 1
+        if last_child[parent] < 0:
+            first_child[parent] = node
+        else:
+            next_sibling[last_child[parent]] = node
+        last_child[parent] = node
+    return first_child, next_sibling
 
 
 def _fill_threads(device: torch.device) -> int:

@@ -5,12 +5,14 @@ inputs travel to the device as **one** int64 buffer (one host→device copy; on 
 pinned staging), described by a :class:`StepHeader`, and are split there into views::
 
     [input_ids T][positions T][slot_mapping T][logits_indices L][query_start_loc B+1]
-    [seq_lens B][block_tables B*W][fill_at F][fill_rows F]
+    [seq_lens B][block_tables B*W][fill_at F][fill_rows F][tree_mask T, draft trees only]
 
 Tensor-parallel ranks receive the header and the host buffer (``worker/step_channel.py``)
 and rebuild the same views (``inputs_from_host``).
 A sequence verifying k draft tokens (speculative decoding) feeds its last token and the
-drafts as one (1 + k)-token extend and gets a logits row for each of them.
+drafts as one (1 + k)-token extend and gets a logits row for each of them. A draft *tree*
+(``ScheduledSeq.draft_parents``) takes consecutive cache slots in topological order, positions
+``start + depth`` and a ``tree_mask`` row each (see ``attention/metadata.py``).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from miniinfer.attention.metadata import AttentionMetadata, cache_slot, cache_slots
+from miniinfer.attention.metadata import AttentionMetadata, cache_slot, cache_slots, tree_mask_row
 from miniinfer.engine.sequence import Sequence
 from miniinfer.engine.step import SchedulerOutput
 from miniinfer.worker.host_staging import PinnedStaging
@@ -39,11 +41,12 @@ class StepHeader(NamedTuple):
     num_decodes: int  # the first num_decodes sequences have one new token
     max_query_len: int
     max_seq_len: int
+    has_tree: int = 0  # 1: a tree_mask part [T] follows (speculative verify of draft trees)
 
     @property
     def buffer_len(self) -> int:
         t, b = self.num_tokens, self.num_seqs
-        return 3 * t + self.num_logits + 2 * b + 1 + b * self.table_width + 2 * self.num_fills
+        return 3 * t + self.num_logits + 2 * b + 1 + b * self.table_width + 2 * self.num_fills + self.has_tree * t
 
 
 @dataclass
@@ -72,6 +75,7 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int,
     fill_rows: list[int] = []
     num_decodes = 0
     seq_rows: list[range] = []
+    tree_rows: list[int] | None = None  # draft trees: every token's tree_mask value (-1: causal)
     for s in sched.scheduled:
         seq, n, start = s.seq, s.num_new_tokens, s.start
         table = seq.block_table
@@ -88,8 +92,16 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int,
         else:
             draft = s.draft_token_ids
             input_ids.extend(seq.token_ids[start:end - len(draft)] + draft if draft else seq.token_ids[start:end])
-            positions.extend(range(start, end))
             slots.extend(cache_slots(table, start, end, block_size))
+            if s.draft_parents is None:
+                positions.extend(range(start, end))
+            else:
+                depths = draft_depths(s.draft_parents)
+                positions.append(start)
+                positions.extend(start + d for d in depths)
+                tree_rows = tree_rows if tree_rows is not None else []
+                tree_rows += [-1] * (len(input_ids) - n - len(tree_rows))
+                tree_rows += tree_mask_rows(s.draft_parents, start, end)
         q_lens.append(n)
         seq_lens.append(end)
         tables.append(table)
@@ -106,10 +118,12 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int,
     for t in tables:
         flat_tables.extend(t)
         flat_tables.extend([0] * (width - len(t)))
+    if tree_rows is not None:
+        tree_rows += [-1] * (len(input_ids) - len(tree_rows))
     header = StepHeader(STEP, len(input_ids), len(logits_idx), len(q_lens), width, len(fill_at), num_decodes,
-                        max(q_lens), max(seq_lens))
-    host = np.array(input_ids + positions + slots + logits_idx + qsl + seq_lens + flat_tables + fill_at + fill_rows,
-                    dtype=np.int64)
+                        max(q_lens), max(seq_lens), int(tree_rows is not None))
+    host = np.array(input_ids + positions + slots + logits_idx + qsl + seq_lens + flat_tables + fill_at + fill_rows
+                    + (tree_rows or []), dtype=np.int64)
     buf = staging.to_device(torch.from_numpy(host), torch.int64)
     staging.end_step()
     batch = unpack_inputs(buf, header)
@@ -117,7 +131,25 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int,
     if len(logits_idx) > len(sampling_seqs):
         batch.seq_rows = seq_rows
     batch.attn_metadata.query_start_loc_cpu, batch.attn_metadata.seq_lens_cpu = qsl, seq_lens
+    batch.attn_metadata.tree_mask_cpu = tree_rows
     return batch, header, host
+
+
+def draft_depths(parents: list[int]) -> list[int]:
+    """Depth (1 = a child of the sequence's last token) of each draft of a tree."""
+    depths: list[int] = []
+    for p in parents:
+        depths.append(1 if p < 0 else depths[p] + 1)
+    return depths
+
+
+def tree_mask_rows(parents: list[int], start: int, end: int) -> list[int]:
+    """``tree_mask`` values of a verify's rows: the last token (KV index ``start``) and drafts
+    1..n at ``start + j``; each sees the cached prefix, its ancestors and itself."""
+    seen: list[tuple[int, ...]] = [(start,)]
+    for j, p in enumerate(parents):
+        seen.append(seen[p + 1] + (start + j + 1,))
+    return [tree_mask_row(end, start, keys) for keys in seen]
 
 
 def inputs_from_host(header: StepHeader, host: np.ndarray, staging: PinnedStaging) -> InputBatch:
@@ -137,12 +169,13 @@ def inputs_from_host(header: StepHeader, host: np.ndarray, staging: PinnedStagin
 def unpack_inputs(buf: torch.Tensor, h: StepHeader) -> InputBatch:
     """The views of a packed step buffer (the inverse of the packing in ``prepare_inputs``)."""
     t, b, nf = h.num_tokens, h.num_seqs, h.num_fills
-    parts = torch.split(buf, [t, t, t, h.num_logits, b + 1, b, b * h.table_width, nf, nf])
+    parts = torch.split(buf, [t, t, t, h.num_logits, b + 1, b, b * h.table_width, nf, nf, h.has_tree * t])
     meta = AttentionMetadata(
         num_decodes=h.num_decodes, num_decode_tokens=h.num_decodes,
         query_start_loc=parts[4].to(torch.int32), seq_lens=parts[5].to(torch.int32),
         block_tables=parts[6].view(b, h.table_width).to(torch.int32), slot_mapping=parts[2],
-        max_query_len=h.max_query_len, max_seq_len=h.max_seq_len)
+        max_query_len=h.max_query_len, max_seq_len=h.max_seq_len,
+        tree_mask=parts[9] if h.has_tree else None)
     return InputBatch(parts[0], parts[1], meta, parts[3], [], parts[7] if nf else None, parts[8] if nf else None)
 
 

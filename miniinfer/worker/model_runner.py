@@ -16,7 +16,7 @@ import time
 import torch
 
 from miniinfer.attention import get_backend
-from miniinfer.attention.metadata import forward_context
+from miniinfer.attention.metadata import cache_slot, forward_context
 from miniinfer.config import EngineConfig, ModelConfig
 from miniinfer.engine.sequence import Sequence
 from miniinfer.engine.step import ForwardOutput, InFlightStep, ScheduledSeq, SchedulerOutput, StepResult
@@ -217,22 +217,29 @@ class ModelRunner:
         row_seqs = [seq for seq, rows in zip(fwd.sampling_seqs, fwd.seq_rows) for _ in rows]
         md = SamplingMetadata.build(row_seqs, fwd.logits.shape[-1], self.device, self.eos_token_ids,
                                     to_device=self.staging.to_device, rng=self.sample_rng)
-        drafts = [s.draft_token_ids for s in fwd.sched.scheduled if s.samples]
-        if self.structured_output is not None:  # one mask row per draft position, filled while the forward runs
-            md.grammar_bitmask = self.structured_output.fill_verify_bitmask(fwd.sampling_seqs, drafts, fwd.seq_rows)
+        verified = [s for s in fwd.sched.scheduled if s.samples]
+        drafts = [s.draft_token_ids for s in verified]
+        parents = [s.draft_parents if s.draft_parents is not None else list(range(-1, len(s.draft_token_ids) - 1))
+                   for s in verified]
+        if self.structured_output is not None:  # one mask row per tree node, filled while the forward runs
+            md.grammar_bitmask = self.structured_output.fill_verify_bitmask(fwd.sampling_seqs, drafts, parents,
+                                                                            fwd.seq_rows)
         width = max(len(r) for r in fwd.seq_rows)
-        draft_ids: list[int] = []
+        node_tokens: list[int] = []
+        parent_rows: list[int] = []
         row_index: list[int] = []
-        for d, rows in zip(drafts, fwd.seq_rows):
-            draft_ids.extend(d + [-1])
+        for d, par, rows in zip(drafts, parents, fwd.seq_rows):
+            node_tokens.extend([-1] + d)
+            parent_rows.extend([-1] + [rows.start + p + 1 for p in par])
             row_index.extend(list(rows) + [-1] * (width - len(rows)))
-        draft_t = self.staging.to_device(draft_ids, torch.int64)
+        tokens_t = self.staging.to_device(node_tokens, torch.int64)
+        parents_t = self.staging.to_device(parent_rows, torch.int64)
         index_t = self.staging.to_device(row_index, torch.int64).view(len(drafts), width)
         self.staging.end_step()
-        out = rejection_sample(fwd.logits, md, draft_t, index_t, fwd.seq_rows,
+        out = rejection_sample(fwd.logits, md, tokens_t, parents_t, index_t, fwd.seq_rows,
                                [s.generator for s in fwd.sampling_seqs], self.cpu_generator)
         return InFlightStep(fwd.sched, fwd.sampling_seqs, out.token_ids, None, None, out.sampler_output,
-                            num_tokens=out.num_tokens, seq_rows=fwd.seq_rows, hidden=fwd.hidden)
+                            num_tokens=out.num_tokens, seq_rows=fwd.seq_rows, hidden=fwd.hidden, paths=out.paths)
 
     def launch(self, sched: SchedulerOutput, prev: InFlightStep | None) -> InFlightStep:
         """``forward`` then ``sample``: the whole step queued on the device."""
@@ -245,11 +252,32 @@ class ModelRunner:
         if step.num_tokens is not None:  # speculative verify (synchronous steps)
             rows, counts = step.token_ids.tolist(), step.num_tokens.tolist()
             committed = [r[:n] for r, n in zip(rows, counts)]
+            paths = [p[:n] for p, n in zip(step.paths.tolist(), counts)]
+            self._compact_accepted_kv(step.sched, paths)
             return StepResult([c[0] for c in committed], step.sampler_output, committed,
-                              [r.start for r in step.seq_rows], hidden=step.hidden)
+                              [r.start for r in step.seq_rows], hidden=step.hidden, spec_paths=paths)
         if step.event is not None:
             self._wait_for(step.event)
         return StepResult(step.token_ids_host.tolist(), step.sampler_output, hidden=step.hidden)
+
+    def _compact_accepted_kv(self, sched: SchedulerOutput, paths: list[list[int]]) -> None:
+        """A draft tree's accepted path sits at scattered cache slots (its nodes' places in the
+        verify); move its K/V to the consecutive positions the committed tokens now hold. A
+        chain's path is already in place. Rejected nodes' slots are simply overwritten later."""
+        src: list[int] = []
+        dst: list[int] = []
+        verified = [s for s in sched.scheduled if s.samples]
+        for s, path in zip(verified, paths):
+            for j, off in enumerate(path):
+                if off != j:
+                    src.append(cache_slot(s.seq.block_table, s.start + off, self.block_size))
+                    dst.append(cache_slot(s.seq.block_table, s.start + j, self.block_size))
+        if src:
+            src_t, dst_t = (torch.tensor(x, device=self.device) for x in (src, dst))
+            flat = self.kv_caches.flatten(2, 3)  # [2, layers, slots, kv_heads, head_dim]
+            if flat.element_size() == 1:  # (fp8: moved as bytes)
+                flat = flat.view(torch.uint8)
+            flat[:, :, dst_t] = flat[:, :, src_t]  # gathered first: overlapping moves are safe
 
     def _wait_for(self, event) -> None:
         """``event.synchronize()``; under tensor parallelism a poll that raises ``RuntimeError``

@@ -1,5 +1,5 @@
 """Speculative decoding on the GPU: the embedded SmolLM2 in fp32, greedy, is token-identical
-with n-gram, draft-model and EAGLE (the shipped head, its steps in CUDA graphs) speculation on and off, at batch 1 (a verify replays a prefill
+with n-gram, draft-model, EAGLE (the shipped head, its steps in CUDA graphs) and EAGLE-2 tree speculation on and off, at batch 1 (a verify replays a prefill
 CUDA graph with several logits rows) and batch 8 (eager verify), and leaves the cache clean."""
 from __future__ import annotations
 
@@ -32,7 +32,11 @@ def test_greedy_identical_with_speculation_fp32():
     del base
     for spec in ({"method": "ngram", "num_speculative_tokens": 5},
                  {"method": "draft_model", "model": embedded_model_path(), "num_speculative_tokens": 3},
-                 {"method": "eagle", "num_speculative_tokens": 3}):
+                 {"method": "eagle", "num_speculative_tokens": 3},
+                 # EAGLE-2 trees: 11 verify rows replay a prefill graph with the tree mask at batch 1;
+                 # 25 rows run the eager Triton tree-mask kernel
+                 {"method": "eagle", "num_speculative_tokens": 4, "eagle_topk": 4, "num_draft_tokens": 10},
+                 {"method": "eagle", "num_speculative_tokens": 5, "eagle_topk": 6, "num_draft_tokens": 24}):
         llm = LLM(None, speculative_config=spec, **kw)
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)] == want, spec
         alone = [llm.generate([p], greedy, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]

@@ -48,6 +48,7 @@ DRAFT = {"method": "draft_model", "model": embedded_model_path(), "num_speculati
 
 
 EAGLE = {"method": "eagle", "num_speculative_tokens": 3}  # the head shipped for the embedded model
+EAGLE_TREE = {"method": "eagle", "num_speculative_tokens": 4, "eagle_topk": 4, "num_draft_tokens": 10}  # EAGLE-2
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +61,9 @@ def draft_llm():
     return _spec(spec=DRAFT)
 
 
-@pytest.mark.parametrize("which", ["ngram", "draft", "eagle"])
+@pytest.mark.parametrize("which", ["ngram", "draft", "eagle", "eagle_tree"])
 def test_greedy_identical_batch_1_and_8(which, ngram_llm, draft_llm, reference):
-    llm = {"ngram": ngram_llm, "draft": draft_llm}.get(which) or _spec(spec=EAGLE)
+    llm = {"ngram": ngram_llm, "draft": draft_llm}.get(which) or _spec(spec=EAGLE_TREE if which == "eagle_tree" else EAGLE)
     prompts = _chat(llm)
     assert _ids(llm.generate(prompts, GREEDY, use_tqdm=False)) == reference  # batch 8
     one_by_one = [_ids(llm.generate([p], GREEDY, use_tqdm=False))[0] for p in prompts]
@@ -83,7 +84,7 @@ def test_draft_equal_to_target_accepts_everything(draft_llm):
     assert drafted > 50 and accepted == drafted
 
 
-@pytest.mark.parametrize("spec", [NGRAM, DRAFT, EAGLE], ids=["ngram", "draft", "eagle"])
+@pytest.mark.parametrize("spec", [NGRAM, DRAFT, EAGLE, EAGLE_TREE], ids=["ngram", "draft", "eagle", "eagle_tree"])
 def test_chunked_prefill_and_preemption(spec, reference):
     # 12 blocks of 16 tokens for 8 sequences of ~40 + 32 tokens: preemption is certain;
     # a 64-token budget: the 77-token code prompt is prefilled in two chunks, drafts get trimmed
@@ -144,7 +145,11 @@ def test_sampling_and_n_choices_run_clean(ngram_llm):
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
     ({"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 2}, "prompt_lookup_min"),
     ({"method": "draft_model"}, "speculative_config.model"),
-    ({"method": "eagle", "eagle_topk": 4}, "eagle_topk"),
+    ({"method": "ngram", "eagle_topk": 4}, "needs method 'eagle'"),
+    ({"method": "eagle", "eagle_topk": 17}, "eagle_topk must be in"),
+    ({"method": "eagle", "eagle_topk": 8, "num_speculative_tokens": 10}, "tree window"),
+    ({"method": "eagle", "eagle_topk": 4, "num_draft_tokens": 64}, "num_draft_tokens must be in \\[1, 63\\]"),
+    ({"method": "eagle", "num_speculative_tokens": 3, "num_draft_tokens": 4}, "num_draft_tokens must be in \\[1, 3\\]"),
     ({"method": "ngram", "k": 3}, "unknown key"),
 ])
 def test_bad_config_is_a_clear_error(bad, match):

@@ -1,6 +1,6 @@
 """Speculative decoding x structured output (issue #14) on the embedded SmolLM2 (fp32): with
-a JSON schema, a regex and a choice, greedy output with n-gram / EAGLE speculation is the
-output without it, and valid; one mask row per draft position; a batch mixing constrained +
+a JSON schema, a regex and a choice, greedy output with n-gram / EAGLE (chain and EAGLE-2 tree)
+speculation is the output without it, and valid; one mask row per draft position / tree node; a batch mixing constrained +
 speculative, speculative-only and plain requests gives each what it gives alone; a draft the
 grammar forbids is never committed; a grammar that completes mid-draft ends the request."""
 from __future__ import annotations
@@ -28,6 +28,7 @@ CASES = [
 ]
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 EAGLE = {"method": "eagle", "num_speculative_tokens": 3}
+EAGLE_TREE = {"method": "eagle", "num_speculative_tokens": 4, "eagle_topk": 4, "num_draft_tokens": 10}
 
 
 def _params(so, max_tokens=48):
@@ -46,7 +47,7 @@ def reference(smol_llm):
     return _run(smol_llm, CASES)
 
 
-@pytest.mark.parametrize("spec", [NGRAM, EAGLE], ids=["ngram", "eagle"])
+@pytest.mark.parametrize("spec", [NGRAM, EAGLE, EAGLE_TREE], ids=["ngram", "eagle", "eagle_tree"])
 def test_constrained_greedy_identical_with_speculation(spec, reference):
     llm = LLM(None, dtype="float32", max_model_len=2048, progress=False, speculative_config=spec)
     got = _run(llm, CASES)
@@ -67,8 +68,8 @@ def test_mixed_batch_and_mask_rows(smol_llm, reference, monkeypatch):
     calls = []
     orig = StructuredOutputManager.fill_verify_bitmask
 
-    def spy(self, seqs, drafts, seq_rows):
-        out = orig(self, seqs, drafts, seq_rows)
+    def spy(self, seqs, drafts, parents, seq_rows):
+        out = orig(self, seqs, drafts, parents, seq_rows)
         want = [r for s, rr in zip(seqs, seq_rows) if s.grammar_active and not s.is_finished for r in rr]
         calls.append((out.rows if out is not None else [], want, sum(len(d) for d in drafts)))
         return out
@@ -82,3 +83,31 @@ def test_mixed_batch_and_mask_rows(smol_llm, reference, monkeypatch):
     assert any(n > 0 for _, _, n in calls)  # some verify steps carried drafts
     assert all(rows == want for rows, want, _ in calls)
     check_clean(llm)
+
+
+def test_tree_mask_rows_follow_each_branch(smol_llm):
+    """Per-node masks over a tree (xgrammar's traversal in first-child / next-sibling form):
+    each node's row is what the grammar allows after the path to it, siblings apart; a node the
+    grammar forbids gets an all-allowed (unused) row; the matcher itself does not move."""
+    from types import SimpleNamespace
+
+    from miniinfer.structured_output.manager import _child_sibling_lists
+    assert _child_sibling_lists([-1, -1, 0, 0, 2]) == ([1, 3, -1, 5, -1, -1], [-1, 2, -1, 4, -1, -1])
+    so = smol_llm.engine.structured_output
+    tok = smol_llm.engine.tokenizer
+    matcher = so.new_matcher(so.compile(StructuredOutputsParams(choice=["Paris France", "Rome Italy"])))
+    seq = SimpleNamespace(grammar=matcher, grammar_active=True, is_finished=False)
+    paris, france, rome, italy, london = (tok.encode(w, add_special_tokens=False)[0]
+                                          for w in ("Paris", " France", "Rome", " Italy", "London"))
+    # root -> Paris -> France, root -> Rome -> Italy, root -> London (forbidden) -> France
+    drafts, parents = [paris, rome, london, france, italy, france], [-1, -1, -1, 0, 1, 2]
+    mask = so.fill_verify_bitmask([seq], [drafts], [parents], [range(0, 7)])
+
+    def allowed(row: int, t: int) -> bool:
+        return bool((int(mask.bitmask[row, t // 32]) >> (t % 32)) & 1)
+    assert allowed(0, paris) and allowed(0, rome) and not allowed(0, london)  # the root's row
+    assert allowed(1, france) and not allowed(1, italy)  # after "Paris"
+    assert allowed(2, italy) and not allowed(2, france)  # after "Rome": its sibling's path apart
+    assert bool((mask.bitmask[3] == -1).all()) and bool((mask.bitmask[6] == -1).all())  # under "London": unused
+    assert not allowed(4, france) and not allowed(5, italy)  # complete strings: only the end may follow
+    assert not matcher.is_terminated() and matcher.accept_token(rome)  # the walk left the matcher as it was

@@ -1,0 +1,134 @@
+"""EAGLE-2 dynamic draft trees (Li et al., "EAGLE-2: Faster Inference of Language Models with
+Dynamic Draft Trees", 2024), grown by the EAGLE head from the root's output.
+
+With ``K = eagle_topk`` and depth ``D = num_speculative_tokens``, per sequence:
+
+* **expand**: the root (the last known token; the head's catch-up gave its output ``h``)
+  proposes its top K tokens: the depth-1 frontier, each scored by its log-probability. At each
+  depth d < D the head runs once over the K frontier nodes (each fed its token and its
+  parent's output), every node proposes its top K children (score = parent's score + log p),
+  and the K best of those K² children by score become the next frontier. Every proposed node
+  joins the candidate pool, expanded or not.
+* **rerank**: the tree is the ``num_draft_tokens`` best candidates of the pool. A child's score
+  is never above its parent's (a small per-depth penalty breaks exact ties), so the choice is
+  closed under ancestors: a tree. Nodes go out breadth-first (parents before children), as the
+  verify wants them.
+
+The head's own K/V for tree nodes lives past the sequence's known tokens: frontier node j of
+depth d at KV index ``P + (d - 1) K + j`` (P = known tokens), seen through a tree mask (the
+cached prefix, its ancestors, itself; ``attention/metadata.py``). Those slots are scratch: the
+next catch-up rewrites positions from P on. With K = 1 the tree is a chain and the steps are
+plain one-token decodes (CUDA graphs of the decode family).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from miniinfer.attention.metadata import cache_slot, tree_mask_row
+from miniinfer.engine.sequence import Sequence
+from miniinfer.worker.input_batch import InputBatch, meta_from_lists
+
+DEPTH_TIE_BREAK = 1e-4  # subtracted per depth from a candidate's score, for the rerank only
+
+
+@dataclass
+class DraftTree:
+    tokens: list[int]  # breadth-first
+    parents: list[int]  # index into tokens, or -1 for the root (the sequence's last token)
+
+
+class _Frontier:
+    """The nodes the head runs next, [B, K] each (device), with their host-side KV places."""
+
+    def __init__(self, pool_index, scores, tokens, feats, ancestors):
+        self.pool_index = pool_index  # [B, K] int64: index in the candidate pool
+        self.scores = scores  # [B, K] float32: cumulative log-probabilities
+        self.tokens = tokens  # [B, K] int64
+        self.feats = feats  # [B, K, H]: the parent's head output
+        self.ancestors = ancestors  # host [B][K]: KV indices of each node's tree ancestors
+
+
+def grow_trees(drafter, seqs: list[Sequence], depths: list[int], num_nodes: list[int],
+               root_h: torch.Tensor) -> list[DraftTree]:
+    """One tree per sequence. ``depths[b]`` ≥ 1 and ``num_nodes[b]`` ≥ 1 bound sequence b's
+    tree; ``root_h`` [B, H] is the head's output at each sequence's last token. The head's
+    K/V cache must have blocks through ``P + (max depth - 1) K`` for each sequence."""
+    K = drafter.config.eagle_topk
+    B, D = len(seqs), max(depths)
+    dev = root_h.device
+    logp, ids = drafter.top_tokens(root_h, K)  # [B, K]
+    pool_scores, pool_tokens, pool_parents = [logp], [ids], [torch.full((B, K), -1, dtype=torch.int64, device=dev)]
+    pool_depth = [torch.ones(B, K, device=dev)]
+    front = _Frontier(torch.arange(K, device=dev).expand(B, K), logp, ids,
+                      root_h[:, None, :].expand(B, K, root_h.shape[-1]), [[[] for _ in range(K)] for _ in range(B)])
+    size = K
+    too_deep = torch.tensor([[d] for d in depths], device=dev)
+    for depth in range(1, D):
+        h = _head_step(drafter, seqs, front, depth)  # [B * K, H]
+        clp, cids = drafter.top_tokens(h, K)  # [B * K, K]
+        scores = (front.scores[:, :, None] + clp.view(B, K, K)).view(B, K * K)
+        scores = scores.masked_fill(too_deep <= depth, float("-inf"))  # past a sequence's own depth
+        tokens = cids.view(B, K * K)
+        pool_scores.append(scores)
+        pool_tokens.append(tokens)
+        pool_parents.append(front.pool_index[:, :, None].expand(B, K, K).reshape(B, K * K))
+        pool_depth.append(torch.full((B, K * K), depth + 1.0, device=dev))
+        best = scores.topk(K, dim=1)
+        parent_j = best.indices // K
+        kv = [[s.num_tokens + (depth - 1) * K + j for j in range(K)] for s in seqs]
+        parent_host = parent_j.tolist()
+        ancestors = [[front.ancestors[b][p] + [kv[b][p]] for p in parent_host[b]] for b in range(B)]
+        feats = h.view(B, K, -1).gather(1, parent_j[:, :, None].expand(B, K, h.shape[-1]))
+        front = _Frontier(size + best.indices, best.values, tokens.gather(1, best.indices), feats, ancestors)
+        size += K * K
+    return _rerank(torch.cat(pool_scores, 1), torch.cat(pool_tokens, 1), torch.cat(pool_parents, 1),
+                   torch.cat(pool_depth, 1), num_nodes)
+
+
+def _head_step(drafter, seqs: list[Sequence], front: _Frontier, depth: int) -> torch.Tensor:
+    """The head over the frontier nodes of depth ``depth`` (B × K rows, sequence-major);
+    returns their outputs [B K, H]."""
+    K = front.tokens.shape[1]
+    bs = drafter.block_size
+    q_lens, seq_lens, tables, slots, positions, masks = [], [], [], [], [], []
+    for b, s in enumerate(seqs):
+        P = s.num_tokens
+        first = P + (depth - 1) * K
+        L = first + K
+        q_lens.append(K)
+        seq_lens.append(L)
+        tables.append(s.block_table)
+        slots.extend(cache_slot(s.block_table, first + j, bs) for j in range(K))
+        positions.extend([P - 1 + depth] * K)
+        if K > 1:
+            masks.extend(tree_mask_row(L, P, front.ancestors[b][j] + [first + j]) for j in range(K))
+    dev = front.tokens.device
+    num_decodes = len(seqs) if K == 1 else 0
+    meta = meta_from_lists(q_lens, seq_lens, tables, torch.tensor(slots, dtype=torch.int64, device=dev),
+                           num_decodes, dev)
+    if K > 1:
+        meta.tree_mask_cpu = masks
+        meta.tree_mask = torch.tensor(masks, dtype=torch.int64, device=dev)
+    T = len(slots)
+    batch = InputBatch(front.tokens.reshape(T), torch.tensor(positions, dtype=torch.int64, device=dev), meta,
+                       torch.arange(T, device=dev), [], None, None)
+    return drafter.head_forward(batch, len(seqs), front.feats.reshape(T, -1))
+
+
+def _rerank(scores, tokens, parents, depth, num_nodes: list[int]) -> list[DraftTree]:
+    """Each sequence's ``num_nodes`` best candidates, breadth-first, as a tree."""
+    key = scores - DEPTH_TIE_BREAK * depth
+    n = min(max(num_nodes), key.shape[1])
+    chosen = key.topk(n, dim=1).indices
+    packed = torch.stack([chosen, tokens.gather(1, chosen), parents.gather(1, chosen),
+                          depth.gather(1, chosen).long(), torch.isfinite(scores.gather(1, chosen)).long()])
+    idx, tok, par, dep, finite = packed.tolist()
+    trees = []
+    for b, limit in enumerate(num_nodes):
+        nodes = [j for j in range(min(limit, n)) if finite[b][j]]
+        nodes.sort(key=lambda j: (dep[b][j], idx[b][j]))
+        where = {idx[b][j]: i for i, j in enumerate(nodes)}
+        trees.append(DraftTree([tok[b][j] for j in nodes], [where.get(par[b][j], -1) for j in nodes]))
+    return trees
