@@ -101,12 +101,13 @@ class EagleDrafter(Proposer):
         if not ids:
             return
         lm = self.target.lm_head
-        weight = self.target.embed_tokens.weight if lm is None else getattr(lm, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or self.target.tp.enabled:
-            return  # a quantized untied head: full logits
+        if self.target.tp.enabled or (lm is not None and not _plain_matrix(getattr(lm, "weight", None))):
+            return  # a sharded or quantized untied LM head: full logits
         ids = sorted(set(ids) | set(engine.eos_token_ids))
-        self.vocab_ids = torch.tensor(ids, dtype=torch.int64, device=weight.device)
-        self.vocab_w = weight[self.vocab_ids].to(self.head.dtype).contiguous()  # [Vd, H]
+        self.vocab_ids = torch.tensor(ids, dtype=torch.int64, device=self.head.device)
+        with torch.inference_mode():  # tied: the embedding's rows (dequantized when it is quantized)
+            rows = self.target.embed(self.vocab_ids) if lm is None else lm.weight[self.vocab_ids]
+        self.vocab_w = rows.to(self.head.dtype).contiguous()  # [Vd, H]
 
     def top_tokens(self, h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The head outputs ``h`` [n, H] → their top ``k`` draft tokens: (log-probabilities
@@ -221,6 +222,10 @@ class EagleDrafter(Proposer):
             return g.replay_prefill(batch)[1]
         with forward_context(batch.attn_metadata):
             return self.head(self.target.embed(batch.input_ids), features, batch.positions)
+
+
+def _plain_matrix(w) -> bool:
+    return isinstance(w, torch.Tensor) and w.dim() == 2
 
 
 class _GraphedHead(torch.nn.Module):
