@@ -10,7 +10,7 @@ speculation off, in the same process.
   ``eagle_bs1_speedup_<gpu|cpu>``, ``eagle_mean_accepted_len_<gpu|cpu>``;
 * Qwen2-7B dummy weights (GPU): ``verify_cost_ratio_<n>``: one verify forward + rejection
   sampler over n tokens (the root + n − 1 tree nodes, tree-masked) ÷ one plain decode step, both
-  at a 512-token context (n ≤ 16 replay a prefill graph with 16 logits rows; larger n run eager);
+  at a 512-token context (a batch-1 verify of up to 64 tokens replays a prefill graph);
   ``spec_throughput_gain_bs<b>`` with n-gram on vs off (dummy weights: the acceptance says
   nothing about real text, the cost of verifying does).
 """

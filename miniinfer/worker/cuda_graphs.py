@@ -3,8 +3,8 @@
 * decode graphs: B sequences × 1 token, B bucketed (1, 2, 4, 8, then multiples of 16 up
   to ``min(max_num_seqs, 512)``), logits of every row;
 * prefill graphs: one sequence's chunk of n ≤ T tokens, T bucketed (16 … 2048), logits of
-  up to ``MAX_LOGIT_ROWS`` rows: the last (a prefill) or the last 1 + k (a speculative
-  verify of k drafts). The LM head reads its weights once either way.
+  up to min(T, ``MAX_LOGIT_ROWS``) rows: the last (a prefill) or the last 1 + k (a speculative
+  verify of k drafts or tree nodes). The LM head reads its weights once either way.
 
 Replays copy the step's token inputs into this module's static buffers and its attention
 metadata into the attention backend's (``backend.make_graph_buffers``; padding rows write
@@ -21,7 +21,7 @@ from miniinfer.attention.metadata import forward_context
 from miniinfer.worker.input_batch import InputBatch
 
 PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256, 512, 1024, 2048)
-MAX_LOGIT_ROWS = 16  # = 1 + spec_decode.config.MAX_SPECULATIVE_TOKENS
+MAX_LOGIT_ROWS = 64  # = 1 + spec_decode.config.MAX_TREE_NODES (a bucket of t tokens computes min(t, 64))
 
 
 def decode_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -80,7 +80,7 @@ class CUDAGraphs:
             def prefill(t=t, meta=meta):
                 with forward_context(meta):
                     hidden = model(self.input_ids[:t], self.positions[:t])
-                    return model.compute_logits(hidden[self.logit_rows]), hidden
+                    return model.compute_logits(hidden[self.logit_rows[:min(t, MAX_LOGIT_ROWS)]]), hidden
             replay, out, pool = self._capture(prefill, pool)
             self.prefill[t] = (replay, out)
         self.attn.reset()
