@@ -67,6 +67,12 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("packed", cpu_kernels.repack(blocks, in_features, fmt), persistent=False)
         self.bias = None if bias is None else bias.detach().clone()
 
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> QuantizedLinear:
+        """A Q8_0 layer for a float ``weight [N, K]`` (N % 16 == 0, K % 32 == 0: see
+        :func:`kernel_fits`), quantized by :func:`quantize_q8_0`."""
+        return cls(quantize_q8_0(weight), weight.shape[1], bias, "Q8_0")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
@@ -87,6 +93,16 @@ def use_int8_activations(model: nn.Module, min_rows: int | None = INT8_MIN_ROWS)
     for m in layers:
         m.int8_min_rows = min_rows
     return len(layers)
+
+
+def quantize_q8_0(weight: torch.Tensor) -> torch.Tensor:
+    """float ``[N, K]`` (K % 32 == 0) -> GGUF Q8_0 rows ``uint8 [N, K/32 * 34]`` (per 32-block
+    ``d = max|w| / 127`` as fp16, ``q = round(w / d)``): gguf-py's quantizer, bit-exact with
+    llama.cpp's ``quantize_row_q8_0_ref``. Error <= d/2 a weight (~1/254 of a block's max)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+    w = weight.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+    return torch.from_numpy(quantize(w, GGMLQuantizationType.Q8_0))
 
 
 def kernel_fits(rows: int, in_features: int) -> bool:

@@ -92,7 +92,7 @@ class EagleDrafter(Proposer):
         most frequent tokens only (``draft_vocab`` in the head's JSON sidecar, plus the stop
         tokens), so a draft step reads a slice of the LM head. Without the list: all tokens."""
         import json
-        self.vocab_ids = self.vocab_w = None
+        self.vocab_ids = self.vocab_w = self.vocab_q8 = None
         sidecar = path.removesuffix(".safetensors") + ".json"
         if not os.path.isfile(sidecar):
             return
@@ -108,12 +108,19 @@ class EagleDrafter(Proposer):
         with torch.inference_mode():  # tied: the embedding's rows (dequantized when it is quantized)
             rows = self.target.embed(self.vocab_ids) if lm is None else lm.weight[self.vocab_ids]
         self.vocab_w = rows.to(self.head.dtype).contiguous()  # [Vd, H]
+        from miniinfer.models.packed_linear import QuantizedLinear
+        if isinstance(self.head.fc, QuantizedLinear):  # the head went Q8_0 (CPU): so does this
+            pad = -self.vocab_w.shape[0] % 16  # the kernels take whole 16-row records
+            self.vocab_q8 = QuantizedLinear.from_dense(torch.nn.functional.pad(self.vocab_w, (0, 0, 0, pad)))
 
     def top_tokens(self, h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The head outputs ``h`` [n, H] → their top ``k`` draft tokens: (log-probabilities
-        [n, k] float32 over the draft vocabulary, token ids [n, k] int64)."""
+        [n, k] float32 over the draft vocabulary, token ids [n, k] int64). On CPU the draft
+        vocabulary's rows are a Q8_0 C GEMM (``vocab_q8``, rows padded to 16) once the head is."""
         if self.vocab_w is None:
             logits = self.target.compute_logits(h)
+        elif self.vocab_q8 is not None:
+            logits = self.vocab_q8(h.float())[:, :self.vocab_w.shape[0]]
         else:
             logits = h.to(self.vocab_w.dtype) @ self.vocab_w.t()
         top = logits.float().log_softmax(-1).topk(k, dim=-1)

@@ -31,9 +31,19 @@ Weights file (safetensors, any float dtype, HF-style names, written by
 
 (plus ``q_proj/k_proj/v_proj`` biases for a target with ``attention_bias``, and
 ``self_attn.{q,k}_norm.weight [D]`` for one with ``qk_norm``).
+
+CPU (fp32, kernels built): :meth:`EagleHead.load` re-quantizes the five projections (``fc``,
+``qkv_proj``, ``o_proj``, ``gate_up_proj``, ``down_proj``) to Q8_0 for the C GEMMs
+(:class:`~miniinfer.models.packed_linear.QuantizedLinear`: 1.06 bytes a weight instead of 4;
+a batch-1 head step is memory-bound), and the decoder layer of a decode-sized step runs in one
+C call (``models/cpu_decode.py``, the target's path: same C attention over the head's cache).
+Drafts only propose, the target verifies each, so the output stays exact. A/B switch: the
+``cpu_q8`` attribute (before ``load``), default from ``MINIINFER_EAGLE_CPU_Q8`` (``0``: keep
+the fp32 ``nn.Linear`` layers). CUDA is unchanged.
 """
 from __future__ import annotations
 
+import os
 from typing import ClassVar, Mapping
 
 import torch
@@ -46,6 +56,10 @@ from miniinfer.models.decoder import DecoderForCausalLM, DecoderLayer, RMSNorm
 from miniinfer.models.rotary import build_cos_sin_cache
 from miniinfer.parallel import TPGroup
 from miniinfer.worker import kv_cache
+
+CPU_Q8_ENV = "MINIINFER_EAGLE_CPU_Q8"  # "0": the CPU head keeps fp32 linears (A/B)
+QUANTIZED = ("fc", "layers.0.self_attn.qkv_proj", "layers.0.self_attn.o_proj", "layers.0.mlp.gate_up_proj",
+             "layers.0.mlp.down_proj")
 
 
 class EagleHead(nn.Module):
@@ -80,6 +94,8 @@ class EagleHead(nn.Module):
         self.norm = RMSNorm(hidden, cfg.rms_norm_eps)
         self.to(device=self.device, dtype=dtype)
         self.kv_caches: torch.Tensor | None = None
+        self.cpu_q8 = os.environ.get(CPU_Q8_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+        self.cpu_decode = False  # models/cpu_decode.CPUDecodePlan: None (build on first use) once quantized
 
     # --- the forward -----------------------------------------------------------------
     def forward(self, embeds: torch.Tensor, features: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -95,6 +111,10 @@ class EagleHead(nn.Module):
         """
         x = torch.cat([embeds.to(self.dtype), features.to(self.dtype)], dim=-1)
         hidden = self.fc(x)
+        if self.cpu_decode is not False and not hidden.is_cuda:  # the layer in one C call
+            out = self._cpu_decode(hidden, positions)
+            if out is not None:
+                return self.norm(out[0], out[1])[0]
         rope = ops.rope_tables(positions, self.cos_sin_cache)  # None on the Triton path
         hidden, residual = self.layers[0](positions, hidden, None, rope)
         hidden, _ = self.norm(hidden, residual)
@@ -160,6 +180,27 @@ class EagleHead(nn.Module):
             raise ValueError(f"EAGLE head file {path!r} does not fit the target "
                              f"(hidden {self.config.hidden_size}): " + "; ".join(problems))
         self.load_weights(tensors.items())
+        if self.cpu_q8:
+            self.quantize_for_cpu()
+
+    def quantize_for_cpu(self) -> int:
+        """CPU fp32 with the C kernels built: swap the projections (:data:`QUANTIZED`, fp32
+        ``nn.Linear``) for Q8_0 :class:`QuantizedLinear` layers (``packed_linear.quantize_q8_0``;
+        a shape the kernels don't take stays dense) and let decode-sized steps run the layer
+        through ``CPUDecodePlan``. Returns how many layers were swapped (0 off the CPU)."""
+        from miniinfer.models.packed_linear import QuantizedLinear, gguf_kernels_available, kernel_fits
+        if not gguf_kernels_available(self.device, self.dtype, self.tp):
+            return 0
+        swapped = 0
+        for name in QUANTIZED:
+            parent_name, _, attr = name.rpartition(".")
+            parent = self.get_submodule(parent_name) if parent_name else self
+            dense = getattr(parent, attr)
+            if isinstance(dense, nn.Linear) and kernel_fits(*dense.weight.shape):
+                setattr(parent, attr, QuantizedLinear.from_dense(dense.weight, dense.bias))
+                swapped += 1
+        self.cpu_decode = None
+        return swapped
 
     # The target's loader, unchanged: HF names -> slices of the fused parameters.
     _packed_part_rows = DecoderForCausalLM._packed_part_rows
@@ -167,3 +208,4 @@ class EagleHead(nn.Module):
     _shard = DecoderForCausalLM._shard
     load_weights = DecoderForCausalLM.load_weights
     _expected_weights = DecoderForCausalLM._expected_weights
+    _cpu_decode = DecoderForCausalLM._cpu_decode

@@ -72,8 +72,10 @@ def _paged_step(head: EagleHead, embeds, feats, start: int, seq_len: int) -> tor
         return head(embeds, feats, torch.arange(start, seq_len))
 
 
-def _eagle(cfg, path, backend) -> EagleHead:
+def _eagle(cfg, path, backend, q8: bool = False) -> EagleHead:
+    """A loaded head with its cache; ``q8``: the CPU Q8_0 projections (else fp32 nn.Linear)."""
     head = EagleHead(cfg, get_backend(backend, "cpu"), 64, "cpu", torch.float32)
+    head.cpu_q8 = q8
     head.load(path)
     cache = head.allocate_kv_cache(16, BLOCK)
     assert cache.shape == (2, 1, 16, BLOCK, cfg.num_kv_heads, cfg.head_dim)
@@ -156,3 +158,111 @@ def test_quick_training_run_writes_a_loadable_head(tmp_path):
     with torch.inference_mode(), forward_context(meta):
         h = head(x, x, torch.arange(5))
     assert h.shape == (5, cfg.hidden_size) and torch.isfinite(h).all()
+
+
+# --- CPU Q8_0 head (eagle_head.quantize_for_cpu) ----------------------------------------
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _needs_kernels():
+    from miniinfer.kernels import cpu_kernels
+    if not cpu_kernels.available():
+        pytest.skip("CPU kernels not built here")
+
+
+def test_q8_head_close_to_fp32(trained):
+    """Prefill chunk, extend, decodes and a self-fed chain: the Q8_0 head (one C call a
+    decode-sized step) within 2 % of the fp32 head; its top-1 over a random LM head agrees."""
+    _needs_kernels()
+    from miniinfer.models.packed_linear import QuantizedLinear
+    _, path = trained
+    cfg = _tiny_config()
+    gen = torch.Generator().manual_seed(2)
+    lm = torch.randn(cfg.vocab_size, cfg.hidden_size, generator=gen)
+    agree = total = 0
+    for trial in range(10):
+        ref, q8 = _eagle(cfg, path, "cpu"), _eagle(cfg, path, "cpu", q8=True)
+        assert isinstance(q8.fc, QuantizedLinear) and isinstance(q8.layers[0].mlp.down_proj, QuantizedLinear)
+        assert isinstance(ref.fc, torch.nn.Linear)
+        emb = torch.randn(32, cfg.hidden_size, generator=gen)
+        feats = 2.0 * torch.randn(32, cfg.hidden_size, generator=gen)
+        outs = {}
+        for name, head in (("ref", ref), ("q8", q8)):  # q8 gets the features ref fed itself
+            got = [_paged_step(head, emb[a:b], feats[a:b], a, b) for a, b in ((0, 16), (16, 20))]
+            for p in range(20, 32):  # decodes feeding the fp32 head's own output back
+                f = feats[p:p + 1] if p == 20 else outs["ref"][p - 1:p] if name == "q8" else got[-1][-1:]
+                got.append(_paged_step(head, emb[p:p + 1], f, p, p + 1))
+            outs[name] = torch.cat(got)
+        assert q8.cpu_decode, "decode steps of the Q8_0 head run through CPUDecodePlan"
+        assert _rel(outs["q8"], outs["ref"]) < 0.02
+        agree += int(((outs["q8"] @ lm.t()).argmax(-1) == (outs["ref"] @ lm.t()).argmax(-1)).sum())
+        total += 32
+    assert agree / total > 0.9, f"top-1 agreement {agree}/{total}"
+
+
+def test_q8_off_switch(trained, monkeypatch):
+    """MINIINFER_EAGLE_CPU_Q8=0 keeps the fp32 linears (A/B)."""
+    _needs_kernels()
+    from miniinfer.spec_decode.eagle_head import CPU_Q8_ENV
+    _, path = trained
+    monkeypatch.setenv(CPU_Q8_ENV, "0")
+    head = EagleHead(_tiny_config(), get_backend("cpu", "cpu"), 64)
+    head.load(path)
+    assert not head.cpu_q8 and isinstance(head.fc, torch.nn.Linear) and head.cpu_decode is False
+
+
+@pytest.fixture(scope="module")
+def eagle_llm():
+    from miniinfer import LLM
+    try:
+        return LLM(None, dtype="float32", max_model_len=2048, progress=False,
+                   speculative_config={"method": "eagle", "num_speculative_tokens": 3})
+    except FileNotFoundError as e:
+        pytest.skip(f"embedded model missing: {e}")
+
+
+def test_q8_shipped_head_real_weights(eagle_llm):
+    """The shipped head on SmolLM2 embeddings (features: the fp32 head's own outputs, shifted):
+    Q8_0 head + Q8_0 draft vocabulary vs fp32 over ~300 positions."""
+    _needs_kernels()
+    from miniinfer.models.packed_linear import QuantizedLinear
+    from miniinfer.spec_decode.eagle import EMBEDDED_HEAD
+    d = eagle_llm.engine
+    drafter = d.proposer
+    assert isinstance(drafter.head.fc, QuantizedLinear) and drafter.vocab_q8 is not None
+    text = ("Photosynthesis is the process by which green plants use sunlight, water and carbon dioxide "
+            "to make glucose and oxygen. ") * 12
+    ids = torch.tensor(d.tokenize(text)[:300])
+    n = ids.shape[0]
+    assert n >= 250
+    heads = {}
+    for q8 in (False, True):
+        head = EagleHead(d.model_config, get_backend("cpu", "cpu"), 512, "cpu", torch.float32)
+        head.cpu_q8 = q8
+        head.load(EMBEDDED_HEAD)
+        head.allocate_kv_cache(20, 16)
+        heads[q8] = head
+    table = list(range(20))
+
+    def run(head, feats):
+        slots = torch.arange(n, dtype=torch.int64)
+        meta = meta_from_lists([n], [n], [table], slots, 0, torch.device("cpu"))
+        with torch.inference_mode(), forward_context(meta):
+            return head(drafter.target.embed(ids), feats, torch.arange(n))
+
+    with torch.inference_mode():
+        h0 = run(heads[False], torch.zeros(n, d.model_config.hidden_size))
+        feats = torch.cat([torch.zeros_like(h0[:1]), h0[:-1]])
+        ref, got = run(heads[False], feats), run(heads[True], feats)
+        assert _rel(got, ref) < 0.02
+        q8_ids = drafter.top_tokens(got, 1)[1]
+        vq = drafter.vocab_q8
+        drafter.vocab_q8 = None  # the fp32 draft vocabulary
+        try:
+            ref_ids = drafter.top_tokens(ref, 1)[1]
+        finally:
+            drafter.vocab_q8 = vq
+    agree = float((q8_ids == ref_ids).float().mean())
+    assert agree > 0.9, agree
