@@ -66,7 +66,7 @@ def grow_trees(drafter, seqs: list[Sequence], depths: list[int], num_nodes: list
     size = K
     too_deep = torch.tensor([[d] for d in depths], device=dev)
     for depth in range(1, D):
-        h = _head_step(drafter, seqs, front, depth)  # [B * K, H]
+        h = _head_step(drafter, seqs, front, depth, [b for b in range(B) if depths[b] > depth])  # [B * K, H]
         clp, cids = drafter.top_tokens(h, K)  # [B * K, K]
         scores = (front.scores[:, :, None] + clp.view(B, K, K)).view(B, K * K)
         scores = scores.masked_fill(too_deep <= depth, float("-inf"))  # past a sequence's own depth
@@ -87,13 +87,15 @@ def grow_trees(drafter, seqs: list[Sequence], depths: list[int], num_nodes: list
                    torch.cat(pool_depth, 1), num_nodes)
 
 
-def _head_step(drafter, seqs: list[Sequence], front: _Frontier, depth: int) -> torch.Tensor:
-    """The head over the frontier nodes of depth ``depth`` (B × K rows, sequence-major);
-    returns their outputs [B K, H]."""
-    K = front.tokens.shape[1]
+def _head_step(drafter, seqs: list[Sequence], front: _Frontier, depth: int, active: list[int]) -> torch.Tensor:
+    """The head over the frontier nodes of depth ``depth`` of the ``active`` sequences (those
+    whose own depth goes further: the others' cache has no room past it); returns the
+    outputs [B K, H], zeros for the rows of inactive sequences (their children are masked)."""
+    B, K = front.tokens.shape
     bs = drafter.block_size
     q_lens, seq_lens, tables, slots, positions, masks = [], [], [], [], [], []
-    for b, s in enumerate(seqs):
+    for b in active:
+        s = seqs[b]
         P = s.num_tokens
         first = P + (depth - 1) * K
         L = first + K
@@ -105,16 +107,21 @@ def _head_step(drafter, seqs: list[Sequence], front: _Frontier, depth: int) -> t
         if K > 1:
             masks.extend(tree_mask_row(L, P, front.ancestors[b][j] + [first + j]) for j in range(K))
     dev = front.tokens.device
-    num_decodes = len(seqs) if K == 1 else 0
+    rows = torch.tensor(active, device=dev)
     meta = meta_from_lists(q_lens, seq_lens, tables, torch.tensor(slots, dtype=torch.int64, device=dev),
-                           num_decodes, dev)
+                           len(active) if K == 1 else 0, dev)
     if K > 1:
         meta.tree_mask_cpu = masks
         meta.tree_mask = torch.tensor(masks, dtype=torch.int64, device=dev)
     T = len(slots)
-    batch = InputBatch(front.tokens.reshape(T), torch.tensor(positions, dtype=torch.int64, device=dev), meta,
+    batch = InputBatch(front.tokens[rows].reshape(T), torch.tensor(positions, dtype=torch.int64, device=dev), meta,
                        torch.arange(T, device=dev), [], None, None)
-    return drafter.head_forward(batch, len(seqs), front.feats.reshape(T, -1))
+    h = drafter.head_forward(batch, len(active), front.feats[rows].reshape(T, -1))
+    if len(active) == B:
+        return h
+    out = torch.zeros(B, K, h.shape[-1], dtype=h.dtype, device=dev)
+    out[rows] = h.view(len(active), K, -1)
+    return out.view(B * K, -1)
 
 
 def _rerank(scores, tokens, parents, depth, num_nodes: list[int]) -> list[DraftTree]:

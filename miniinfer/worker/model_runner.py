@@ -134,7 +134,10 @@ class ModelRunner:
 
         Inputs that are placeholders (tokens sampled by ``prev``, still on the device) are
         filled from ``prev``'s sampled-ids tensor on the device. Raises ``RuntimeError`` if a
-        placeholder has no step in flight to come from."""
+        placeholder has no step in flight to come from, or if a tensor-parallel rank died (its
+        collectives would never complete: seen to block the host in the placeholder broadcast)."""
+        if self.tp_alive is not None and not self.tp_alive():
+            raise RuntimeError("a tensor-parallel rank died: the step can't run")
         batch, header, host = prepare_inputs(sched, self.block_size, self.staging)
         if self.channel is not None:  # the other ranks run the same forward on the same inputs
             self.channel.publish(header, host)

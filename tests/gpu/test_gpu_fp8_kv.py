@@ -52,7 +52,8 @@ def test_fp8_cache_is_fp8_and_holds_twice_the_tokens():
     twice the blocks, in half the bytes per block."""
     import gc
     from miniinfer import LLM
-    kw = {**KW, "gpu_memory_utilization": 0.2}
+    # a budget below the cap of max_num_seqs full-length sequences (first GPU run: both hit it)
+    kw = {**KW, "gpu_memory_utilization": 0.1, "max_num_seqs": 2048}
     del kw["num_kv_blocks"]
     blocks, nbytes = {}, {}
     for kv in ("auto", "fp8"):

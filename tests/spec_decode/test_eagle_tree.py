@@ -70,3 +70,16 @@ def test_trees_branch_and_later_branches_are_moved_into_place(smol_llm):
     plain = LLM(None, dtype="float32", max_model_len=2048, progress=False, enable_prefix_caching=False)
     assert again == [o.outputs[0].token_ids for o in plain.generate(full, GREEDY, use_tqdm=False)]
     check_clean(llm)
+
+
+def test_sequences_of_different_depths_draft_together(smol_llm):
+    """Near max_tokens a sequence's tree is shallower (its cache has no room for deeper head
+    steps); batched with a deep one, both still give their greedy output."""
+    deep = {"method": "eagle", "num_speculative_tokens": 5, "eagle_topk": 6, "num_draft_tokens": 4}
+    llm = LLM(None, dtype="float32", max_model_len=2048, progress=False, speculative_config=deep)
+    prompts = [llm.engine.apply_chat_template([{"role": "user", "content": q}]) for q in
+               ("Count from one to ten in words.", "Name three planets.", "Say hello.")]
+    params = [SamplingParams(temperature=0, max_tokens=m) for m in (40, 2, 3)]  # depths 5, 1, 2 at first
+    want = [o.outputs[0].token_ids for o in smol_llm.generate(prompts, params, use_tqdm=False)]
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
+    check_clean(llm)
