@@ -83,6 +83,10 @@ class EagleDrafter(Proposer):
         self.staging = PinnedStaging(runner.device)
         self.hidden_size = engine.model_config.hidden_size
         runner.keep_hidden = True
+        self.runner = runner
+        self.vocab_size = engine.model_config.vocab_size
+        self.grammar_aware = True  # mask the head's proposals with each request's grammar
+        self._grammar_mask = None
         self.graphs = None
         if runner.device.type == "cuda" and not engine.config.enforce_eager:
             self.capture_cuda_graphs(engine)
@@ -113,19 +117,37 @@ class EagleDrafter(Proposer):
             pad = -self.vocab_w.shape[0] % 16  # the kernels take whole 16-row records
             self.vocab_q8 = QuantizedLinear.from_dense(torch.nn.functional.pad(self.vocab_w, (0, 0, 0, pad)))
 
-    def top_tokens(self, h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def top_tokens(self, h: torch.Tensor, k: int, allowed: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """The head outputs ``h`` [n, H] → their top ``k`` draft tokens: (log-probabilities
-        [n, k] float32 over the draft vocabulary, token ids [n, k] int64). On CPU the draft
-        vocabulary's rows are a Q8_0 C GEMM (``vocab_q8``, rows padded to 16) once the head is."""
+        [n, k] float32 over the draft vocabulary, token ids [n, k] int64). ``allowed`` [n, Vd]
+        bool (any device): only those tokens, renormalized over them (a row allowing none gets
+        -inf scores). On CPU the draft vocabulary's rows are a Q8_0 C GEMM (``vocab_q8``, rows
+        padded to 16) once the head is."""
         if self.vocab_w is None:
             logits = self.target.compute_logits(h)
         elif self.vocab_q8 is not None:
             logits = self.vocab_q8(h.float())[:, :self.vocab_w.shape[0]]
         else:
             logits = h.to(self.vocab_w.dtype) @ self.vocab_w.t()
-        top = logits.float().log_softmax(-1).topk(k, dim=-1)
+        logits = logits.float()
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed.to(logits.device, non_blocking=True), float("-inf"))
+        top = logits.log_softmax(-1).nan_to_num(nan=float("-inf"), neginf=float("-inf")).topk(k, dim=-1)
         ids = top.indices if self.vocab_ids is None else self.vocab_ids[top.indices]
         return top.values, ids
+
+    def grammar_mask(self) -> "GrammarDraftMask | None":
+        """The grammar-aware drafting masks (``grammar_draft.py``) once the engine has a
+        structured-output manager and ``grammar_aware`` is on (the default; off: the A/B)."""
+        manager = self.runner.structured_output
+        if not self.grammar_aware or manager is None:
+            return None
+        if self._grammar_mask is None or self._grammar_mask.manager is not manager:
+            from miniinfer.spec_decode.grammar_draft import GrammarDraftMask
+            width = self.vocab_w.shape[0] if self.vocab_w is not None else self.vocab_size
+            self._grammar_mask = GrammarDraftMask(manager, self.vocab_ids, width)
+        return self._grammar_mask
 
     # --- features from the target ------------------------------------------------------
     def record(self, sched: SchedulerOutput, result: StepResult) -> None:

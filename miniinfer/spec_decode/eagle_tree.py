@@ -9,6 +9,8 @@ With ``K = eagle_topk`` and depth ``D = num_speculative_tokens``, per sequence:
   parent's output), every node proposes its top K children (score = parent's score + log p),
   and the K best of those K² children by score become the next frontier. Every proposed node
   joins the candidate pool, expanded or not.
+* **grammar** (``grammar_draft.py``): for a constrained sequence the proposals at every depth
+  are taken among the tokens its grammar allows after the node's path.
 * **rerank**: the tree is the ``num_draft_tokens`` best candidates of the pool. A child's score
   is never above its parent's (a small per-depth penalty breaks exact ties), so the choice is
   closed under ancestors: a tree. Nodes go out breadth-first (parents before children), as the
@@ -58,7 +60,10 @@ def grow_trees(drafter, seqs: list[Sequence], depths: list[int], num_nodes: list
     K = drafter.config.eagle_topk
     B, D = len(seqs), max(depths)
     dev = root_h.device
-    logp, ids = drafter.top_tokens(root_h, K)  # [B, K]
+    grammar = drafter.grammar_mask()
+    allowed = grammar.rows(seqs, [[[]] for _ in seqs]) if grammar is not None else None
+    logp, ids = drafter.top_tokens(root_h, K, None if allowed is None else allowed[:, 0])  # [B, K]
+    paths = [[[t] for t in row] for row in ids.tolist()] if allowed is not None else None  # frontier paths
     pool_scores, pool_tokens, pool_parents = [logp], [ids], [torch.full((B, K), -1, dtype=torch.int64, device=dev)]
     pool_depth = [torch.ones(B, K, device=dev)]
     front = _Frontier(torch.arange(K, device=dev).expand(B, K), logp, ids,
@@ -67,7 +72,8 @@ def grow_trees(drafter, seqs: list[Sequence], depths: list[int], num_nodes: list
     too_deep = torch.tensor([[d] for d in depths], device=dev)
     for depth in range(1, D):
         h = _head_step(drafter, seqs, front, depth, [b for b in range(B) if depths[b] > depth])  # [B * K, H]
-        clp, cids = drafter.top_tokens(h, K)  # [B * K, K]
+        allowed = grammar.rows(seqs, paths) if paths is not None else None
+        clp, cids = drafter.top_tokens(h, K, None if allowed is None else allowed.view(B * K, -1))  # [B * K, K]
         scores = (front.scores[:, :, None] + clp.view(B, K, K)).view(B, K * K)
         scores = scores.masked_fill(too_deep <= depth, float("-inf"))  # past a sequence's own depth
         tokens = cids.view(B, K * K)
@@ -78,10 +84,15 @@ def grow_trees(drafter, seqs: list[Sequence], depths: list[int], num_nodes: list
         best = scores.topk(K, dim=1)
         parent_j = best.indices // K
         kv = [[s.num_tokens + (depth - 1) * K + j for j in range(K)] for s in seqs]
-        parent_host = parent_j.tolist()
+        chosen = tokens.gather(1, best.indices)
+        if paths is None:
+            parent_host = parent_j.tolist()
+        else:
+            parent_host, chosen_host = torch.stack([parent_j, chosen]).tolist()  # one copy
+            paths = [[paths[b][p] + [t] for p, t in zip(parent_host[b], chosen_host[b])] for b in range(B)]
         ancestors = [[front.ancestors[b][p] + [kv[b][p]] for p in parent_host[b]] for b in range(B)]
         feats = h.view(B, K, -1).gather(1, parent_j[:, :, None].expand(B, K, h.shape[-1]))
-        front = _Frontier(size + best.indices, best.values, tokens.gather(1, best.indices), feats, ancestors)
+        front = _Frontier(size + best.indices, best.values, chosen, feats, ancestors)
         size += K * K
     return _rerank(torch.cat(pool_scores, 1), torch.cat(pool_tokens, 1), torch.cat(pool_parents, 1),
                    torch.cat(pool_depth, 1), num_nodes)

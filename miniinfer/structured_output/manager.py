@@ -247,6 +247,20 @@ class StructuredOutputManager:
         return self._to_device(host, rows)
 
 
+    def fill_tree_bitmask(self, matcher, tokens: list[int], parents: list[int]) -> torch.Tensor:
+        """Rows [1 + n, W] int32 (CPU) of a draft tree walked from ``matcher``'s state and rolled
+        back: row 0 what may follow the committed tokens, row i + 1 what may follow the path to
+        ``tokens[i]`` (``parents[i]``: index or -1 for the root); all zero under a forbidden
+        token. For grammar-aware drafting (``spec_decode/grammar_draft.py``)."""
+        n = len(tokens) + 1
+        first_child, next_sibling = _child_sibling_lists(parents)
+        rows = torch.zeros(self._xgr.get_bitmask_shape(n, self.info.vocab_size), dtype=torch.int32)
+        matcher.traverse_draft_tree(torch.tensor(first_child, dtype=torch.int64),
+                                    torch.tensor(next_sibling, dtype=torch.int64),
+                                    torch.tensor([0] + tokens, dtype=torch.int64), rows)
+        return rows
+
+
 def _child_sibling_lists(parents: list[int]) -> tuple[list[int], list[int]]:
     """A tree as xgrammar walks it (node 0 the root, node j + 1 draft j): each node's first
     child and next sibling (-1: none), children in draft order."""

@@ -111,3 +111,33 @@ def test_tree_mask_rows_follow_each_branch(smol_llm):
     assert bool((mask.bitmask[3] == -1).all()) and bool((mask.bitmask[6] == -1).all())  # under "London": unused
     assert not allowed(4, france) and not allowed(5, italy)  # complete strings: only the end may follow
     assert not matcher.is_terminated() and matcher.accept_token(rome)  # the walk left the matcher as it was
+
+
+def test_grammar_aware_drafts_are_all_grammatical(reference, monkeypatch):
+    """With the head's proposals masked by the grammar (the default), every draft of a
+    constrained sequence is allowed at its parent's row of the verify mask; without, some are
+    not; the output is the same either way."""
+    from miniinfer.structured_output.manager import StructuredOutputManager
+    seen = []
+    orig = StructuredOutputManager.fill_verify_bitmask
+
+    def spy(self, seqs, drafts, parents, seq_rows):
+        out = orig(self, seqs, drafts, parents, seq_rows)
+        for s, d, par, rows in zip(seqs, drafts, parents, seq_rows):
+            if s.grammar_active and not s.is_finished and out is not None:
+                for t, p in zip(d, par):
+                    word = int(out.bitmask[rows.start + p + 1, t // 32])
+                    seen.append(bool((word >> (t % 32)) & 1))
+        return out
+    monkeypatch.setattr(StructuredOutputManager, "fill_verify_bitmask", spy)
+    llm = LLM(None, dtype="float32", max_model_len=2048, progress=False, speculative_config=EAGLE_TREE)
+    counts = {}
+    for aware in (True, False):
+        llm.engine.proposer.grammar_aware = aware
+        seen.clear()
+        got = _run(llm, CASES)
+        assert [g[0] for g in got] == [r[0] for r in reference]
+        counts[aware] = (sum(seen), len(seen))
+    assert counts[True][0] == counts[True][1] > 0  # every draft grammatical
+    assert counts[False][0] < counts[False][1]  # unmasked heads propose forbidden tokens
+    check_clean(llm)

@@ -1,0 +1,64 @@
+"""Grammar-aware drafting: the EAGLE head proposes only tokens the request's grammar allows.
+
+A constrained sequence's verify masks every tree node's row (``StructuredOutputManager.
+fill_verify_bitmask``), so a draft the grammar forbids is never accepted: drafting it only
+wastes a tree slot. Here the head's proposals are masked *while the tree grows*: at each depth
+the frontier's paths (from the committed state) form a small tree that xgrammar walks from the
+sequence's matcher and rolls back (``traverse_draft_tree``, the same walk as the verify's);
+each frontier node's row is the set of tokens allowed after its path, and the head's top-k
+children of that node are taken among them. The real matcher never moves here.
+"""
+from __future__ import annotations
+
+import torch
+
+from miniinfer.engine.sequence import Sequence
+
+
+class GrammarDraftMask:
+    """``rows(seqs, paths)`` → allowed-token masks over the draft vocabulary.
+
+    ``manager``: the engine's ``StructuredOutputManager``; ``vocab_ids`` [Vd] int64: the draft
+    vocabulary's token ids (None: every token id below the logits' width ``num_logits``)."""
+
+    def __init__(self, manager, vocab_ids: torch.Tensor | None, num_logits: int):
+        self.manager = manager
+        ids = vocab_ids.cpu() if vocab_ids is not None else torch.arange(num_logits)
+        self.words = ids // 32  # [Vd]: the int32 word of each draft token in a bitmask row
+        self.bits = ids % 32
+        self.valid = ids < manager.info.vocab_size  # padded logits beyond the tokenizer: never
+
+    def rows(self, seqs: list[Sequence], paths: list[list[list[int]]]) -> torch.Tensor | None:
+        """``paths[b][j]``: the draft tokens from sequence b's last token to its node j ([] =
+        the root). Returns allowed [B, J, Vd] bool on the CPU (all True for a sequence without
+        an active grammar; all False under a path the grammar forbids), or None when no
+        sequence is constrained."""
+        constrained = [b for b, s in enumerate(seqs) if s.grammar is not None and s.grammar_active
+                       and not s.is_finished]
+        if not constrained:
+            return None
+        J = len(paths[0])
+        out = torch.ones(len(seqs), J, self.words.shape[0], dtype=torch.bool)
+        for b in constrained:
+            tokens, parents, node_of = _tree_of_paths(paths[b])
+            bitmask = self.manager.fill_tree_bitmask(seqs[b].grammar, tokens, parents)  # [n + 1, W]
+            picked = bitmask[torch.tensor(node_of)]  # [J, W]: each frontier node's row
+            out[b] = ((picked[:, self.words] >> self.bits) & 1).bool() & self.valid
+        return out
+
+
+def _tree_of_paths(paths: list[list[int]]) -> tuple[list[int], list[int], list[int]]:
+    """The smallest tree holding every path (shared prefixes merged), breadth-first enough
+    (parents before children): (tokens, parents: index or -1 for the root, the node index of
+    each path's end: 0 = the root, i + 1 = tokens[i])."""
+    index: dict[tuple[int, ...], int] = {(): 0}
+    tokens: list[int] = []
+    parents: list[int] = []
+    for path in paths:
+        for d in range(1, len(path) + 1):
+            key = tuple(path[:d])
+            if key not in index:
+                tokens.append(path[d - 1])
+                parents.append(index[key[:-1]] - 1)
+                index[key] = len(tokens)
+    return tokens, parents, [index[tuple(p)] for p in paths]
