@@ -141,3 +141,36 @@ def test_grammar_aware_drafts_are_all_grammatical(reference, monkeypatch):
     assert counts[True][0] == counts[True][1] > 0  # every draft grammatical
     assert counts[False][0] < counts[False][1]  # unmasked heads propose forbidden tokens
     check_clean(llm)
+
+
+def test_preemption_of_constrained_speculative_requests(reference):
+    """A tiny cache and token budget: constrained requests drafting trees are preempted and
+    chunked, and each still gives its output without speculation; the cache ends clean."""
+    llm = LLM(None, dtype="float32", max_model_len=2048, progress=False, speculative_config=EAGLE_TREE,
+              num_kv_blocks=9, max_num_batched_tokens=48, max_num_seqs=3)
+    got = _run(llm, CASES)
+    assert [g[0] for g in got] == [r[0] for r in reference]
+    assert llm.engine.stats()["num_preemptions"] > 0
+    check_clean(llm)
+
+
+def test_grammar_completing_mid_draft_ends_the_request(smol_llm, monkeypatch):
+    """A choice completes while the drafts go on ("Rome Rome Rome ..." invites n-gram drafts
+    past it): the request stops there with the choice alone, and no verify mask is ever filled
+    from a terminated matcher."""
+    from miniinfer.structured_output.manager import StructuredOutputManager
+    orig = StructuredOutputManager.fill_verify_bitmask
+    filled_terminated = []
+
+    def spy(self, seqs, drafts, parents, seq_rows):
+        filled_terminated.extend(s.grammar.is_terminated() for s in seqs if s.grammar is not None)
+        return orig(self, seqs, drafts, parents, seq_rows)
+    monkeypatch.setattr(StructuredOutputManager, "fill_verify_bitmask", spy)
+    llm = LLM(None, dtype="float32", max_model_len=2048, progress=False, speculative_config=NGRAM)
+    case = [("Say Rome Rome Rome Rome Rome Rome Rome Rome", StructuredOutputsParams(choice=["Rome", "Rome Rome"]),
+             lambda t: t in ("Rome", "Rome Rome"))]
+    (ids, text, reason), = _run(llm, case)
+    (want_ids, _, want_reason), = _run(smol_llm, case)
+    assert (ids, reason) == (want_ids, want_reason) and reason == "stop" and text in ("Rome", "Rome Rome")
+    assert llm.engine.stats()["spec_num_draft_tokens"] > 0 and not any(filled_terminated)
+    check_clean(llm)
