@@ -150,3 +150,23 @@ def check_clean(llm) -> None:
     eng.check_integrity()
     st = eng.stats()
     assert st["num_free_kv_blocks"] == st["num_kv_blocks"], st
+
+
+def signed64(u: int) -> int:
+    """An unsigned 64-bit value as the int64 it is stored as (a tree-mask row)."""
+    return u - (1 << 64) if u >= 1 << 63 else u
+
+
+def tree_bits(prefix: int, parents: list[int], window: int = 64) -> list[int]:
+    """Tree-mask rows (``attention/metadata.py``) of rows 0..n-1 at keys prefix .. prefix + n - 1
+    (row 0: the root, parents[0] = -1; parents[i] < i): each sees the prefix, its ancestors and
+    itself."""
+    L = prefix + len(parents)
+    out = []
+    for i in range(len(parents)):
+        seen, a = set(range(prefix)), i
+        while a >= 0:
+            seen.add(prefix + a)
+            a = parents[a]
+        out.append(signed64(sum(1 << (j - (L - window)) for j in seen if j >= L - window)))
+    return out

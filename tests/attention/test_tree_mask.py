@@ -8,29 +8,12 @@ import random
 import pytest
 import torch
 
+from helpers import signed64, tree_bits
 from miniinfer.attention.metadata import AttentionMetadata
 from miniinfer.kernels import cpu_kernels
 
 H, HKV, D, BS = 4, 2, 32, 16
 WINDOW = 64
-
-
-def signed64(u: int) -> int:
-    return u - (1 << 64) if u >= 1 << 63 else u
-
-
-def tree_bits(prefix: int, parents: list[int]) -> list[int]:
-    """Bits of rows 0..n-1 (row 0: the root, parents[0] = -1; parents[i] < i) at keys
-    prefix .. prefix + n - 1: each row sees the prefix, its ancestors and itself."""
-    L = prefix + len(parents)
-    out = []
-    for i in range(len(parents)):
-        seen, a = set(range(prefix)), i
-        while a >= 0:
-            seen.add(prefix + a)
-            a = parents[a]
-        out.append(signed64(sum(1 << (j - (L - WINDOW)) for j in seen if j >= L - WINDOW)))
-    return out
 
 
 def random_parents(n: int, rng: random.Random) -> list[int]:

@@ -6,25 +6,9 @@ import pytest
 import torch
 
 from _kernels_testlib import PagedKV, assert_close
+from helpers import signed64, tree_bits
 
 H, HKV, D, BS = 2, 1, 32, 16
-
-
-def _signed(u: int) -> int:
-    return u - (1 << 64) if u >= 1 << 63 else u
-
-
-def _tree_bits(prefix: int, parents: list[int]) -> list[int]:
-    """Rows over keys prefix.. of a tree (parents[0] = -1): each sees the prefix, its ancestors, itself."""
-    L = prefix + len(parents)
-    out = []
-    for i in range(len(parents)):
-        seen, a = set(range(prefix)), i
-        while a >= 0:
-            seen.add(prefix + a)
-            a = parents[a]
-        out.append(_signed(sum(1 << (j - (L - 64)) for j in seen if j >= L - 64)))
-    return out
 
 
 def _step(seqs, device):
@@ -40,10 +24,10 @@ def _step(seqs, device):
 
 
 def _cases():
-    a = _tree_bits(70, [-1, 0, 0, 1, 2, 2, 3, 0, 7, 4, 9, 1])  # window inside the prefix
-    b = _tree_bits(5, [-1, 0, 1, 1, 0, 4, 5, 2, 6])  # window starting below key 0
-    b[3] = _signed(1 << 63)  # L = 14: sees itself only (no key of its first tiles: no NaN)
-    mixed = [-1, -1, -1] + _tree_bits(40, [-1, 0, 0, 1, 1, 2])[:6]  # causal rows next to tree rows in a tile
+    a = tree_bits(70, [-1, 0, 0, 1, 2, 2, 3, 0, 7, 4, 9, 1])  # window inside the prefix
+    b = tree_bits(5, [-1, 0, 1, 1, 0, 4, 5, 2, 6])  # window starting below key 0
+    b[3] = signed64(1 << 63)  # L = 14: sees itself only (no key of its first tiles: no NaN)
+    mixed = [-1, -1, -1] + tree_bits(40, [-1, 0, 0, 1, 1, 2])[:6]  # causal rows next to tree rows in a tile
     return [(0, 10, None), (70, 12, a), (5, 9, b), (20, 3, None), (37, 9, mixed)]
 
 
