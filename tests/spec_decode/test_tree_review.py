@@ -143,3 +143,24 @@ def test_seeded_tree_request_is_reproducible_across_prefix_cache_hits():
         first = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids  # the second run hits the cache
         same.append(llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids == first)
     assert all(same), same
+
+
+@pytest.mark.xfail(strict=True, reason="_commit_verified sets num_computed_tokens = start + len(tokens) for every "
+                   "sampling sequence of a verify step, so a prefill chunk that samples beside a verify is rolled "
+                   "back to start + 1 and recomputed every step (output_processor.py _commit_verified)")
+def test_prefill_beside_a_verify_keeps_its_computed_tokens():
+    llm = LLM(None, dtype="float32", max_model_len=2048, progress=False, speculative_config=TREE)
+    eng = llm.engine
+    pa, pb = _prompts(llm, ("Count from one to twenty: one two three four five six",
+                            "Explain in detail how photosynthesis works in plants, step by step."))
+    eng.add_request("a", pa, SamplingParams(temperature=0, max_tokens=30))
+    eng.step()
+    eng.step()  # a decodes with drafts from now on
+    eng.add_request("b", pb, SamplingParams(temperature=0, max_tokens=8))
+    eng.step()  # b's prefill samples in a's verify step
+    b = next(s for s in eng.scheduler.running if s.request_id == "b")
+    computed = b.num_computed_tokens, b.num_tokens - 1
+    while eng.has_unfinished_requests():
+        eng.step()
+    check_clean(llm)
+    assert computed[0] == computed[1], computed
