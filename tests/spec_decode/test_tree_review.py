@@ -13,7 +13,11 @@ Known bugs (strict xfail):
 * a seeded request's output depends on the prefix cache's state with trees: the drafts change
   with the EAGLE head's state (zero feature at a prefix hit), and the rejection sampler draws
   R x V noise per step from the request's generator, so the stream position depends on the
-  tree's size and the accepted lengths.
+  tree's size and the accepted lengths;
+* a prefill chunk that samples in the same step as a verify gets ``num_computed_tokens`` rolled
+  back to ``start + 1`` (``_commit_verified`` treats every sampling sequence of a verify step as
+  a verify): the sequence re-prefills its whole uncached prompt every step and never drafts
+  while any other sequence verifies (any method: n-gram and chains too).
 """
 from __future__ import annotations
 
