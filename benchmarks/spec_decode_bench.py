@@ -115,14 +115,16 @@ def smollm2_eagle(device: str, max_tokens: int, k: int, quick: bool, head: str |
 
 
 def _time_cuda(fn, reps: int) -> float:
+    """Median ms of ``fn`` (synchronized on CUDA; on the CPU the work is synchronous)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
+    sync()
     xs = []
     for _ in range(reps):
         t = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         xs.append(time.perf_counter() - t)
     return statistics.median(xs) * 1e3
 
@@ -183,7 +185,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--qwen7b", default=None, help="Qwen2-7B config folder (GPU parts)")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: smollm2,eagle,verify,tput")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: smollm2,eagle,verify,tput,cpu_verify")
     ap.add_argument("--eagle-head", default=None, help="EAGLE head file (default: the shipped one)")
     ap.add_argument("--eagle-k", type=int, default=3)
     ap.add_argument("--eagle-tree", default="4,4,10",
@@ -198,6 +200,12 @@ def main() -> None:
     if "eagle" not in skip and a.eagle_tree:
         depth, topk, nodes = (int(x) for x in a.eagle_tree.split(","))
         metrics.update(smollm2_eagle(a.device, a.max_tokens, depth, a.quick, a.eagle_head, topk, nodes))
+        print(json.dumps(metrics), flush=True)
+    if "cpu_verify" not in skip and a.device == "cpu":
+        # the embedded model's verify cost on the CPU (compute-bound past a few rows: it bounds
+        # what speculation can win there)
+        llm = LLM(None, dtype="float32", max_model_len=2048, progress=False)
+        metrics.update({f"smollm2_cpu_{k}": v for k, v in verify_cost(llm, sizes=(2, 4, 8, 11, 16), reps=20).items()})
         print(json.dumps(metrics), flush=True)
     if a.qwen7b and a.device == "cuda":
         # two engines side by side: an explicit cache size each (32k tokens, ~1.8 GB)

@@ -71,7 +71,8 @@ class OutputProcessor:
                 if result.spec_token_ids is None:
                     self._commit(seq, token, result, row - 1, now)
                 else:
-                    self._commit_verified(s, result.spec_token_ids[row - 1], result, result.logits_rows[row - 1], now)
+                    self._commit_verified(s, result.spec_token_ids[row - 1], result.spec_paths[row - 1], result,
+                                          result.logits_rows[row - 1], now)
             except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
                 log.exception("request %s failed while processing its output", seq.request_id)
                 self.fail(seq, f"{type(e).__name__}: {e}")
@@ -82,14 +83,18 @@ class OutputProcessor:
                 outputs.append(make_output(req))
         return outputs
 
-    def _commit_verified(self, s: ScheduledSeq, tokens: list[int], result: StepResult, row: int,
-                         now: float) -> None:
+    def _commit_verified(self, s: ScheduledSeq, tokens: list[int], path: list[int], result: StepResult,
+                         row: int, now: float) -> None:
         """A speculative verify's outcome: the accepted drafts and the new token, one by one
-        (a stop mid-draft drops the rest). The K/V of rejected drafts is given up first, so no
-        page holding it is ever published; their slots are overwritten by later tokens."""
-        s.seq.num_computed_tokens = s.start + len(tokens)  # the last token and the accepted drafts
+        (a stop mid-draft drops the rest); committed token j was drawn at logits row ``row +
+        path[j]`` (a tree's accepted path skips rows). The K/V of rejected drafts is given up
+        first, so no page holding it is ever published; their slots are overwritten by later
+        tokens. A sequence without drafts in the step (a decode, or a prefill chunk that
+        samples) keeps what the scheduler counted."""
+        if s.draft_token_ids:
+            s.seq.num_computed_tokens = s.start + len(tokens)  # the last token and the accepted drafts
         for j, token in enumerate(tokens):
-            self._commit(s.seq, token, result, row + j, now)
+            self._commit(s.seq, token, result, row + path[j], now)
             if s.seq.is_finished:
                 break
 

@@ -38,15 +38,17 @@ class SpecSamplerOutput:
 
 def rejection_sample(logits: torch.Tensor, md: SamplingMetadata, node_tokens: torch.Tensor,
                      parent_rows: torch.Tensor, row_index: torch.Tensor, seq_rows: list[range],
-                     seq_generators: list[torch.Generator | None],
+                     row_seeds: list[int | None] | None = None,
                      generator: torch.Generator | None = None) -> SpecSamplerOutput:
     """``logits`` [R, V] float32 raw from the LM head, ``md`` over the same R rows (a
     sequence's parameters repeated on its rows). ``node_tokens`` [R] int64: the draft token of
     row r's node (-1 for a root); ``parent_rows`` [R] int64: the row of its parent (-1 for a
     root); ``row_index`` [B, W] int64: the rows of sequence b, root first, parents before
-    children (-1 padding), ``seq_rows`` the same ranges on the host; ``seq_generators`` the
-    per-sequence seeded RNGs (None: ``generator``, or the device's default RNG when that is
-    None or on another device)."""
+    children (-1 padding), ``seq_rows`` the same ranges on the host. ``row_seeds`` (seeded
+    requests): per row, a seed for that row's draw, or None to draw from ``generator`` (or the
+    device's default RNG when that is None or on another device). A seeded request gives each
+    row the seed of the *position* it draws for (siblings share it), so what it samples at a
+    position depends on the seed and the committed prefix only, never on the drafts."""
     if md.grammar_bitmask is not None:
         logits = md.grammar_bitmask.apply(logits)
     out = None
@@ -61,7 +63,7 @@ def rejection_sample(logits: torch.Tensor, md: SamplingMetadata, node_tokens: to
     drawn = logits.argmax(-1)  # s_r
     if not md.all_greedy:
         probs = scaled_logits(logits, md).softmax(-1)
-        sampled = (probs / _row_noise(probs, seq_rows, seq_generators, generator)).argmax(-1)
+        sampled = (probs / _row_noise(probs, row_seeds, generator)).argmax(-1)
         drawn = torch.where(md.greedy, drawn, sampled)
     is_root = parent_rows < 0
     parent = torch.where(is_root, torch.arange(logits.shape[0], device=logits.device), parent_rows)
@@ -94,13 +96,18 @@ def rejection_sample(logits: torch.Tensor, md: SamplingMetadata, node_tokens: to
     return SpecSamplerOutput(tokens, num_tokens, paths, out)
 
 
-def _row_noise(probs: torch.Tensor, seq_rows: list[range], gens: list, generator) -> torch.Tensor:
-    """Exponential noise [R, V] (argmax of probs / noise is a draw from probs); a sequence with
-    its own generator draws its rows from it."""
+def _row_noise(probs: torch.Tensor, row_seeds: list[int | None] | None, generator) -> torch.Tensor:
+    """Exponential noise [R, V] (argmax of probs / noise is a draw from probs); rows with a seed
+    draw from a generator seeded with it (rows sharing a seed share the noise)."""
     noise = torch.empty_like(probs).exponential_(generator=_usable(generator, probs.device))
-    for rows, g in zip(seq_rows, gens):
-        if g is not None:
-            noise[rows.start:rows.stop].exponential_(generator=g)
+    by_seed: dict[int, list[int]] = {}
+    for r, seed in enumerate(row_seeds or []):
+        if seed is not None:
+            by_seed.setdefault(seed, []).append(r)
+    for seed, rows in by_seed.items():
+        g = torch.Generator(device=probs.device).manual_seed(seed)
+        one = torch.empty(probs.shape[-1], dtype=probs.dtype, device=probs.device).exponential_(generator=g)
+        noise[rows] = one
     return noise
 
 

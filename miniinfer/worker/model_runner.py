@@ -27,7 +27,8 @@ from miniinfer.sampling_params import SamplingParams
 from miniinfer.worker import kv_cache
 from miniinfer.worker.cuda_graphs import MAX_LOGIT_ROWS, CUDAGraphs
 from miniinfer.worker.host_staging import PinnedStaging
-from miniinfer.worker.input_batch import InputBatch, StepHeader, inputs_from_host, meta_from_lists, prepare_inputs
+from miniinfer.worker.input_batch import (InputBatch, StepHeader, draft_depths, inputs_from_host, meta_from_lists,
+                                         prepare_inputs)
 from miniinfer.worker.warmup import warmup_schedules
 
 log = logging.getLogger("miniinfer")
@@ -240,7 +241,7 @@ class ModelRunner:
         index_t = self.staging.to_device(row_index, torch.int64).view(len(drafts), width)
         self.staging.end_step()
         out = rejection_sample(fwd.logits, md, tokens_t, parents_t, index_t, fwd.seq_rows,
-                               [s.generator for s in fwd.sampling_seqs], self.cpu_generator)
+                               _position_seeds(verified, parents), self.cpu_generator)
         return InFlightStep(fwd.sched, fwd.sampling_seqs, out.token_ids, None, None, out.sampler_output,
                             num_tokens=out.num_tokens, seq_rows=fwd.seq_rows, hidden=fwd.hidden, paths=out.paths)
 
@@ -329,3 +330,19 @@ class ModelRunner:
             self.execute(sched)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+
+
+def _position_seeds(verified: list[ScheduledSeq], parents: list[list[int]]) -> list[int | None] | None:
+    """Per verify row, the seed of the position it draws for (root at ``start`` draws for
+    ``start + 1``, a depth-d node for ``start + d + 1``) when its request is seeded; None when no
+    verifying request is."""
+    if all(s.seq.params.seed is None for s in verified):
+        return None
+    out: list[int | None] = []
+    for s, par in zip(verified, parents):
+        if s.seq.params.seed is None:
+            out.extend([None] * (len(par) + 1))
+            continue
+        base = (s.seq.params.seed + s.seq.index) * 1_000_003
+        out.extend((base + s.start + 1 + d) % 2 ** 63 for d in [0] + draft_depths(par))
+    return out

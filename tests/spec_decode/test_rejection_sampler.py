@@ -37,7 +37,7 @@ def _run(logits_rows: torch.Tensor, drafts: list[list[int]], temperature: float,
     index = torch.arange(copies * (k + 1)).view(copies, k + 1)
     rows = [range(i * (k + 1), (i + 1) * (k + 1)) for i in range(copies)]
     g = torch.Generator().manual_seed(seed)
-    return rejection_sample(logits, md, node_tokens, parent_rows, index, rows, [None] * copies, g)
+    return rejection_sample(logits, md, node_tokens, parent_rows, index, rows, None, g)
 
 
 def test_first_token_follows_target_distribution():

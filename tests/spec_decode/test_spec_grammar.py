@@ -147,7 +147,7 @@ def test_preemption_of_constrained_speculative_requests(reference):
     """A tiny cache and token budget: constrained requests drafting trees are preempted and
     chunked, and each still gives its output without speculation; the cache ends clean."""
     llm = LLM(None, dtype="float32", max_model_len=2048, progress=False, speculative_config=EAGLE_TREE,
-              num_kv_blocks=9, max_num_batched_tokens=48, max_num_seqs=3)
+              num_kv_blocks=7, max_num_batched_tokens=48, max_num_seqs=3)
     got = _run(llm, CASES)
     assert [g[0] for g in got] == [r[0] for r in reference]
     assert llm.engine.stats()["num_preemptions"] > 0

@@ -6,18 +6,14 @@ tree), and a seeded sequence's verify is reproducible; greedy tree output equals
 under a tiny token budget (trees cut by the scheduler, chunked prefill) and under preemption, with
 stop strings / stop tokens / max_tokens landing mid-tree, and the engine is left clean.
 
-Known bugs (strict xfail):
-* the logprobs of tokens committed through a later branch of a tree are read from the wrong
-  logits rows (``OutputProcessor._commit_verified`` uses ``row + j``, the chain layout, instead
-  of the row of the path's j-th node, ``row + spec_paths[b][j]``);
-* a seeded request's output depends on the prefix cache's state with trees: the drafts change
-  with the EAGLE head's state (zero feature at a prefix hit), and the rejection sampler draws
-  R x V noise per step from the request's generator, so the stream position depends on the
-  tree's size and the accepted lengths;
-* a prefill chunk that samples in the same step as a verify gets ``num_computed_tokens`` rolled
-  back to ``start + 1`` (``_commit_verified`` treats every sampling sequence of a verify step as
-  a verify): the sequence re-prefills its whole uncached prompt every step and never drafts
-  while any other sequence verifies (any method: n-gram and chains too).
+Bugs this review found, fixed, kept as regression tests:
+* the logprobs of tokens committed through a later branch of a tree were read from the wrong
+  logits rows (the chain layout ``row + j`` instead of the path's ``row + spec_paths[b][j]``);
+* a seeded request's output depended on the drafts (and so on the prefix cache's state): the
+  rejection sampler drew R x V noise per step from the request's generator; now each row draws
+  from the seed of the position it samples for;
+* a prefill chunk that samples in the same step as a verify had ``num_computed_tokens`` rolled
+  back to ``start + 1`` and re-prefilled its prompt every step (any method).
 """
 from __future__ import annotations
 
@@ -35,7 +31,7 @@ V = 6
 TREE = {"method": "eagle", "num_speculative_tokens": 4, "eagle_topk": 3, "num_draft_tokens": 8}
 
 
-def _tree_sample(logits_rows, drafts, parents, params, copies, seed=0, gens=None):
+def _tree_sample(logits_rows, drafts, parents, params, copies, seed=0, row_seeds=None):
     k = len(drafts)
     seqs = [Sequence(f"r{i}", 0, [0], 1, params) for i in range(copies)]
     md = SamplingMetadata.build([s for s in seqs for _ in range(k + 1)], V, torch.device("cpu"))
@@ -47,7 +43,7 @@ def _tree_sample(logits_rows, drafts, parents, params, copies, seed=0, gens=None
     rows = [range(i * (k + 1), (i + 1) * (k + 1)) for i in range(copies)]
     g = torch.Generator().manual_seed(seed)
     return rejection_sample(logits_rows.repeat(copies, 1), md, node_tokens, parent_rows.view(-1), index, rows,
-                            gens or [None] * copies, g)
+                            row_seeds, g)
 
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=0.7, top_k=3), SamplingParams(temperature=1.3, top_p=0.8),
@@ -87,8 +83,10 @@ def test_tree_sampler_seeded_rows_are_reproducible():
     logits = torch.randn(6, V)
     drafts, parents = [1, 3, 0, 2, 4], [-1, -1, 0, 0, 1]
     p = SamplingParams(temperature=1.0)
-    a = _tree_sample(logits, drafts, parents, p, 4, seed=0, gens=[torch.Generator().manual_seed(9)] * 1 + [None] * 3)
-    b = _tree_sample(logits, drafts, parents, p, 4, seed=1, gens=[torch.Generator().manual_seed(9)] * 1 + [None] * 3)
+    from miniinfer.worker.input_batch import draft_depths
+    seeds = [900 + d for d in [0] + draft_depths(parents)] + [None] * (3 * (len(drafts) + 1))  # copy 0: seeded by position
+    a = _tree_sample(logits, drafts, parents, p, 4, seed=0, row_seeds=seeds)
+    b = _tree_sample(logits, drafts, parents, p, 4, seed=1, row_seeds=seeds)
     assert a.token_ids[0].tolist() == b.token_ids[0].tolist() and a.paths[0].tolist() == b.paths[0].tolist()
 
 
@@ -118,8 +116,6 @@ def test_greedy_trees_under_tiny_budget_and_preemption(smol_llm):
         check_clean(llm)
 
 
-@pytest.mark.xfail(strict=True, reason="logprobs of a tree's committed tokens are read from rows row + j, not from "
-                   "the accepted path's rows (output_processor.py _commit_verified)")
 def test_tree_logprobs_equal_plain_decoding(smol_llm):
     llm = LLM(None, dtype="float32", max_model_len=2048, progress=False, speculative_config=TREE)
     prompts = _prompts(llm, ("Write a short story about a robot.", "Explain photosynthesis simply."))
@@ -133,8 +129,6 @@ def test_tree_logprobs_equal_plain_decoding(smol_llm):
             assert lg[t].rank == lw[t].rank and abs(lg[t].logprob - lw[t].logprob) < 1e-3
 
 
-@pytest.mark.xfail(strict=True, reason="seeded output depends on the drafts (R x V noise per verify from the "
-                   "request's generator), and tree drafts depend on prefix-cache hits (the head's zero feature)")
 def test_seeded_tree_request_is_reproducible_across_prefix_cache_hits():
     llm = LLM(None, dtype="float32", max_model_len=2048, progress=False,
               speculative_config={"method": "eagle", "num_speculative_tokens": 5, "eagle_topk": 4,
@@ -149,9 +143,6 @@ def test_seeded_tree_request_is_reproducible_across_prefix_cache_hits():
     assert all(same), same
 
 
-@pytest.mark.xfail(strict=True, reason="_commit_verified sets num_computed_tokens = start + len(tokens) for every "
-                   "sampling sequence of a verify step, so a prefill chunk that samples beside a verify is rolled "
-                   "back to start + 1 and recomputed every step (output_processor.py _commit_verified)")
 def test_prefill_beside_a_verify_keeps_its_computed_tokens():
     llm = LLM(None, dtype="float32", max_model_len=2048, progress=False, speculative_config=TREE)
     eng = llm.engine
