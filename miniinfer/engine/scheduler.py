@@ -144,6 +144,7 @@ class Scheduler:
         self._release(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
+        seq.spec_token_ids, seq.spec_parents = [], None  # drafted for blocks it no longer has
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
