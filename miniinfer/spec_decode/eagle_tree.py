@@ -145,8 +145,15 @@ def _rerank(scores, tokens, parents, depth, num_nodes: list[int]) -> list[DraftT
     idx, tok, par, dep, finite = packed.tolist()
     trees = []
     for b, limit in enumerate(num_nodes):
-        nodes = [j for j in range(min(limit, n)) if finite[b][j]]
-        nodes.sort(key=lambda j: (dep[b][j], idx[b][j]))
-        where = {idx[b][j]: i for i, j in enumerate(nodes)}
-        trees.append(DraftTree([tok[b][j] for j in nodes], [where.get(par[b][j], -1) for j in nodes]))
+        nodes = sorted((j for j in range(min(limit, n)) if finite[b][j]), key=lambda j: (dep[b][j], idx[b][j]))
+        where: dict[int, int] = {}
+        kept_tok, kept_par = [], []
+        for j in nodes:  # breadth-first: a parent is placed before its children, or was not chosen
+            p = par[b][j]
+            if p >= 0 and p not in where:
+                continue  # (only float ties can drop a parent: then its subtree goes too)
+            where[idx[b][j]] = len(kept_tok)
+            kept_tok.append(tok[b][j])
+            kept_par.append(where[p] if p >= 0 else -1)
+        trees.append(DraftTree(kept_tok, kept_par))
     return trees

@@ -26,6 +26,9 @@ def test_rerank_keeps_the_best_nodes_as_a_breadth_first_tree():
     tie = _rerank(torch.zeros(1, 3), torch.tensor([[7, 8, 9]]), torch.tensor([[-1, 0, 1]]),
                   torch.tensor([[1.0, 2, 3]]), [2])[0]  # equal scores: the shallower first
     assert tie.tokens == [7, 8] and tie.parents == [-1, 0]
+    orphan = _rerank(torch.tensor([[-1.0, -5.0, -0.5]]), torch.tensor([[1, 2, 3]]), torch.tensor([[-1, -1, 1]]),
+                     torch.tensor([[1.0, 1, 2]]), [2])[0]  # node 2's parent (1) lost the rerank: it goes too
+    assert orphan.tokens == [1] and orphan.parents == [-1]
     inf = _rerank(torch.tensor([[-1.0, float("-inf")]]), torch.tensor([[1, 2]]), torch.tensor([[-1, 0]]),
                   torch.tensor([[1.0, 2]]), [2])[0]  # a node past the sequence's depth never enters
     assert inf.tokens == [1]
