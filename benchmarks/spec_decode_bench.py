@@ -116,7 +116,7 @@ def smollm2_eagle(device: str, max_tokens: int, k: int, quick: bool, head: str |
 
 def _time_cuda(fn, reps: int) -> float:
     """Median ms of ``fn`` (synchronized on CUDA; on the CPU the work is synchronous)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    from miniinfer.bench.common import sync
     for _ in range(3):
         fn()
     sync()

@@ -131,9 +131,12 @@ class EagleDrafter(Proposer):
         else:
             logits = h.to(self.vocab_w.dtype) @ self.vocab_w.t()
         logits = logits.float()
-        if allowed is not None:
+        if allowed is None:
+            logp = logits.log_softmax(-1)
+        else:  # renormalized over the allowed tokens; a row allowing none: all -inf
             logits = logits.masked_fill(~allowed.to(logits.device, non_blocking=True), float("-inf"))
-        top = logits.log_softmax(-1).nan_to_num(nan=float("-inf"), neginf=float("-inf")).topk(k, dim=-1)
+            logp = logits.log_softmax(-1).nan_to_num(nan=float("-inf"), neginf=float("-inf"))
+        top = logp.topk(k, dim=-1)
         ids = top.indices if self.vocab_ids is None else self.vocab_ids[top.indices]
         return top.values, ids
 

@@ -85,8 +85,8 @@ def grow_trees(drafter, seqs: list[Sequence], depths: list[int], num_nodes: list
         parent_j = best.indices // K
         kv = [[s.num_tokens + (depth - 1) * K + j for j in range(K)] for s in seqs]
         chosen = tokens.gather(1, best.indices)
-        if paths is None:
-            parent_host = parent_j.tolist()
+        if paths is None:  # a chain's frontier is its only node: no device read per depth
+            parent_host = [[0]] * B if K == 1 else parent_j.tolist()
         else:
             parent_host, chosen_host = torch.stack([parent_j, chosen]).tolist()  # one copy
             paths = [[paths[b][p] + [t] for p, t in zip(parent_host[b], chosen_host[b])] for b in range(B)]

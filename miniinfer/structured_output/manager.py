@@ -237,10 +237,8 @@ class StructuredOutputManager:
         host.fill_(-1)
         for i in constrained:
             r, n = seq_rows[i], len(drafts[i]) + 1
-            first_child, next_sibling = _child_sibling_lists(parents[i])
-            tokens = torch.tensor([0] + drafts[i], dtype=torch.int64)  # node 0: the committed state
             block = host[r.start:r.start + n]
-            seqs[i].grammar.traverse_draft_tree(torch.tensor(first_child), torch.tensor(next_sibling), tokens, block)
+            _walk_tree(seqs[i].grammar, drafts[i], parents[i], block)
             block[(block == 0).all(dim=1)] = -1  # a forbidden draft's row (unused, see above)
             rows.extend(range(r.start, r.start + n))
         self.fill_times_us.append((time.perf_counter() - t0) * 1e6)
@@ -252,13 +250,18 @@ class StructuredOutputManager:
         back: row 0 what may follow the committed tokens, row i + 1 what may follow the path to
         ``tokens[i]`` (``parents[i]``: index or -1 for the root); all zero under a forbidden
         token. For grammar-aware drafting (``spec_decode/grammar_draft.py``)."""
-        n = len(tokens) + 1
-        first_child, next_sibling = _child_sibling_lists(parents)
-        rows = torch.zeros(self._xgr.get_bitmask_shape(n, self.info.vocab_size), dtype=torch.int32)
-        matcher.traverse_draft_tree(torch.tensor(first_child, dtype=torch.int64),
-                                    torch.tensor(next_sibling, dtype=torch.int64),
-                                    torch.tensor([0] + tokens, dtype=torch.int64), rows)
+        rows = torch.zeros(self._xgr.get_bitmask_shape(len(tokens) + 1, self.info.vocab_size), dtype=torch.int32)
+        _walk_tree(matcher, tokens, parents, rows)
         return rows
+
+
+def _walk_tree(matcher, tokens: list[int], parents: list[int], out: torch.Tensor) -> None:
+    """``matcher.traverse_draft_tree`` over a draft tree (node 0 the committed state, node j + 1
+    draft j), one bitmask row per node into ``out`` [1 + n, W] int32; the matcher is rolled back."""
+    first_child, next_sibling = _child_sibling_lists(parents)
+    matcher.traverse_draft_tree(torch.tensor(first_child, dtype=torch.int64),
+                                torch.tensor(next_sibling, dtype=torch.int64),
+                                torch.tensor([0] + tokens, dtype=torch.int64), out)
 
 
 def _child_sibling_lists(parents: list[int]) -> tuple[list[int], list[int]]:
