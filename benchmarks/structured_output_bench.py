@@ -101,6 +101,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's miniinfer
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from step_phases import StepPhases  # noqa: E402
 
 SCHEMA = {
     "type": "object",
@@ -124,6 +126,7 @@ QUICK_OVERRIDES = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size
                    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048}
 PROMPT_LEN = 128
 INVALID_EXAMPLES: list[dict] = []  # constrained outputs that ended but don't parse: into "details"
+PHASES: dict[str, dict] = {}  # host µs per step by phase (benchmarks/step_phases.py): into "details"
 
 
 def salted_schema(salt: str) -> dict:
@@ -228,12 +231,15 @@ def bench_batch(llm, bs: int, max_tokens: int, repeats: int, tag: str, progress)
     so = llm.engine.structured_output
     modes = [("plain", plain, True), ("json", constrained, True), ("json_serial", constrained, False)]
     rounds: dict[str, list[dict]] = {m: [] for m, _, _ in modes}
+    timer = StepPhases(llm.engine)  # host µs per step by phase, the last timed round of each mode
     fills: dict[str, list[float]] = {"json": [], "json_serial": []}
     for rep in range(repeats + 1):  # round 0: warm-up, untimed
         for mode, params, overlap in modes:
             so.overlap = overlap
             so.fill_times_us.clear()
+            timer.reset()
             res = run_round(llm, prompts, params)
+            res["phases_us"] = timer.summary()
             if rep:
                 rounds[mode].append(res)
                 if mode in fills:
@@ -244,8 +250,10 @@ def bench_batch(llm, bs: int, max_tokens: int, repeats: int, tag: str, progress)
                      f"{res['valid_json_lenient']} with control characters allowed)")
             if not rep and mode == "json":
                 progress(f"{tag} bs{bs} sample json output: {res['sample'][:300]!r}")
+    timer.remove()
     so.overlap = llm.engine.config.structured_output_overlap
     p = f"{tag}_bs{bs}_"
+    PHASES[f"{p[:-1]}"] = {mode: rounds[mode][-1]["phases_us"] for mode, _, _ in modes}
     m = {}
     for mode, _, _ in modes:
         rs = rounds[mode]
@@ -413,7 +421,8 @@ def main(argv: list[str] | None = None) -> dict:
               "details": {"schema": SCHEMA, "tokenizer": _tokenizer_stats(args.tokenizer),
                           "model_dirs": args.model_dir, "config_overrides": overrides,
                           "batch_sizes": args.batch_sizes, "schema_variant": args.schema_variant,
-                          "invalid_json_examples": INVALID_EXAMPLES[:12]}}
+                          "invalid_json_examples": INVALID_EXAMPLES[:12],
+                          "host_phases_us_per_step": PHASES}}
     print(json.dumps(result["metrics"], indent=2))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
