@@ -1,0 +1,56 @@
+"""``Linear``: an ``nn.Linear`` whose decode-sized CUDA calls use the Triton GEMV.
+
+    from miniinfer.models.linear import Linear
+    self.o_proj = Linear(q_size, hidden, bias=False)   # drop-in for nn.Linear
+
+Same constructor and parameters as ``nn.Linear`` (weight ``[out, in]``, optional bias
+``[out]``), so weight loading is unchanged. ``forward`` runs
+:func:`miniinfer.kernels.gemv.gemv` when the input is on CUDA, has at most
+``GEMV_MAX_ROWS`` rows after flattening the leading dims, is bf16/fp16 like the weight, and
+the weight is contiguous; otherwise (prefill, CPU, fp32, ...) it is ``F.linear`` exactly.
+
+A/B switch: environment variable ``MINIINFER_GEMV=0`` (read at import) disables the GEMV
+path; tests and benchmarks may also set ``linear.GEMV_ENABLED`` at run time. Triton is
+imported lazily, on the first CUDA call, so this module imports on CPU-only machines.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GEMV_MAX_ROWS = 8  # decode batch sizes: up to this many rows take the GEMV kernel
+GEMV_ENABLED: bool = os.environ.get("MINIINFER_GEMV", "1") != "0"
+_GEMV_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``F.linear(x, weight)`` goes to the GEMV kernel (x ``[..., K]``)."""
+    if not GEMV_ENABLED or not x.is_cuda or x.dim() == 0:
+        return False
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (1 <= rows <= GEMV_MAX_ROWS and x.dtype in _GEMV_DTYPES and weight.dtype == x.dtype
+            and weight.is_contiguous() and weight.is_cuda)
+
+
+def _gemv(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    from miniinfer.kernels.gemv import gemv  # lazy: pulls in triton
+
+    return gemv(x2d, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same signature and parameters) with a GEMV fast path for <= 8 rows on
+    CUDA; ``y [..., out] = x [..., in] @ weight^T + bias``, in x's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias
+        if use_gemv(x, self.weight) and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())):
+            lead = x.shape[:-1]
+            x2d = x.reshape(-1, x.shape[-1])
+            if x2d.stride(-1) != 1:
+                x2d = x2d.contiguous()
+            return _gemv(x2d, self.weight, bias).view(*lead, self.out_features)
+        return F.linear(x, self.weight, bias)
