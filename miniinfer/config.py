@@ -134,6 +134,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     overlap_scheduling: bool = True  # the host prepares step N+1 while the device runs step N
     attention_backend: str = "auto"  # auto | torch | cpu (torch + C decode kernel) | triton
+    prefill_attention: str = "triton"  # triton backend: triton (paged kernel) | auto (long chunks: SDPA + prefix kernel)
     enforce_eager: bool = False  # no CUDA graphs
     cpu_packed_weights: bool = True  # CPU fp32: weights pre-packed for oneDNN (~2x faster GEMMs)
     cpu_gguf_kernels: bool = True  # CPU fp32, GGUF Q4_1/Q8_0: weights stay quantized, AVX-512 kernels
@@ -181,6 +182,8 @@ class EngineConfig:
         if self.distributed_executor_backend not in ("mp", "external_launcher"):
             raise ValueError("distributed_executor_backend must be mp or external_launcher, got "
                              f"{self.distributed_executor_backend!r}")
+        if self.prefill_attention not in ("auto", "triton"):
+            raise ValueError(f"prefill_attention must be auto or triton, got {self.prefill_attention!r}")
         if self.all_reduce_mode not in ("auto", "nccl", "symm_mem"):
             raise ValueError(f"all_reduce_mode must be auto, nccl or symm_mem, got {self.all_reduce_mode!r}")
         if self.tensor_parallel_size > 1 and self.speculative_config is not None:

@@ -16,6 +16,13 @@ Nothing reads device tensors on the host, so a pure-decode step is CUDA-graph ca
 
 An FP8 cache (``float8_e4m3fn``) takes the kernels' FP8 variants with the backend's
 ``k_scale``/``v_scale`` (floats, baked into captured graphs: they are fixed at allocation).
+
+Long extend chunks (``q_len >= split_min_query_len``) take the split path of
+``attention/prefill_split.py`` (SDPA on the new tokens + the paged prefix kernel, merged)
+when ``prefill_attention`` is ``"auto"`` (``set_prefill_attention``, from
+``EngineConfig.prefill_attention``; default ``"triton"``: off until verified on a GPU) and the
+step allows it: host lists present (never under
+CUDA-graph capture or replay), no tree mask, no FP8 cache, bf16/fp16 on CUDA.
 """
 from __future__ import annotations
 
@@ -23,6 +30,9 @@ import torch
 
 from miniinfer.attention.graph_buffers import PagedAttentionBase
 from miniinfer.attention.metadata import AttentionMetadata
+from miniinfer.attention.prefill_split import (PREFILL_ATTENTION_MODES, SPLIT_MIN_QUERY_LEN, SplitPlan,
+                                               plan_split, split_extend_attention)
+from miniinfer.kernels._common import is_fp8
 from miniinfer.kernels.decode_attention import paged_decode_attention
 from miniinfer.kernels.extend_attention import paged_extend_attention
 from miniinfer.kernels.kv_store import store_kv_cache
@@ -30,6 +40,29 @@ from miniinfer.kernels.kv_store import store_kv_cache
 
 class TritonAttentionBackend(PagedAttentionBase):
     name = "triton"
+    prefill_attention: str = "triton"  # auto: split long extend chunks; triton: the paged kernel only
+    split_min_query_len: int = SPLIT_MIN_QUERY_LEN
+
+    def set_prefill_attention(self, mode: str) -> None:
+        """Raises ``ValueError`` for a mode outside ``PREFILL_ATTENTION_MODES``."""
+        if mode not in PREFILL_ATTENTION_MODES:
+            raise ValueError(f"prefill_attention must be one of {', '.join(PREFILL_ATTENTION_MODES)}, "
+                             f"got {mode!r}")
+        self.prefill_attention = mode
+
+    def _split_plan(self, q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata,
+                    first: int) -> SplitPlan | None:
+        """The split routing of extend sequences ``first ..`` (host-only checks, one plan per
+        step), or None for the plain kernel."""
+        if (self.prefill_attention != "auto" or meta.max_query_len < self.split_min_query_len
+                or meta.tree_mask is not None or meta.query_start_loc_cpu is None or meta.seq_lens_cpu is None
+                or is_fp8(k_cache.dtype)):
+            return None
+        if q.is_cuda and (q.dtype == torch.float32 or torch.cuda.is_current_stream_capturing()):
+            return None
+        plan = meta.step_cached(f"prefill_split:{first}:{self.split_min_query_len}",
+                                lambda: plan_split(meta, first, self.split_min_query_len))
+        return plan if plan.long else None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -48,7 +81,10 @@ class TritonAttentionBackend(PagedAttentionBase):
                 q[:nd_tok], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
                 out=out[:nd_tok], max_seq_len=meta.max_seq_len, k_scale=ks, v_scale=vs,
             )
-        if num_seqs > nd:
+        plan = self._split_plan(q, k_cache, meta, nd) if num_seqs > nd else None
+        if plan is not None:
+            split_extend_attention(q, k, v, k_cache, v_cache, meta, plan, scale, out)
+        elif num_seqs > nd:
             paged_extend_attention(
                 q, k_cache, v_cache, meta.block_tables[nd:], meta.query_start_loc[nd:],
                 meta.seq_lens[nd:], meta.max_query_len, scale, out=out, tree_mask=meta.tree_mask,

@@ -27,6 +27,12 @@ down to ``min(prefix + m_start, seq_len - 64)`` and masks the rest up to ``seq_l
 FP8 cache (``float8_e4m3fn``, the ``FP8`` variant): K/V tiles are converted to q's dtype
 (exact for bf16/fp16); ``k_scale`` is folded into the qk scale and ``v_scale`` multiplies the
 normalised output.
+
+Prefix-only (``PREFIX_ONLY``, :func:`paged_prefix_attention`): each query attends to its
+sequence's cached prefix ``[0, seq_len - q_len)`` only (no mask), for the split prefill path
+(``attention/prefill_split.py``) whose new-token part runs elsewhere. ``WRITE_LSE`` stores the
+rows' log-sum-exp (natural log, fp32 ``[H, rows]``); ``MERGE`` folds another partial
+``(o, lse)`` over disjoint keys into the result by the LSE merge (``_merge_partial``).
 """
 from __future__ import annotations
 
@@ -39,6 +45,8 @@ import triton.language as tl
 from miniinfer.kernels._common import dot_precision, dot_upcast, is_fp8, next_pow2, pages_f32
 
 _LOG2E = 1.4426950408889634
+_LOG2E_C = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -88,19 +96,22 @@ def _attn_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, n0, lo_mask_end, pos_m,
 # The block-table width varies per step, and the metadata pointers are row slices (``[nd:]``,
 # after the decodes) whose 16-byte alignment varies with the number of decodes: specializing
 # on either would compile fresh variants mid-run, after warmup.
-@triton.jit(do_not_specialize=["stride_bt"],
+@triton.jit(do_not_specialize=["stride_bt", "lse_row0"],
             do_not_specialize_on_alignment=["bt_ptr", "qsl_ptr", "sl_ptr", "tm_ptr"])
 def _extend_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, sl_ptr, tm_ptr, out_ptr,
-    qk_scale, v_scale,
+    oin_ptr, lin_ptr, lout_ptr,
+    qk_scale, v_scale, lse_row0,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_bt,
     stride_ot, stride_oh,
+    stride_oit, stride_oih, stride_lih, stride_lit, stride_loh, stride_lot,
     G: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_TREE: tl.constexpr, FP8: tl.constexpr,
+    PREFIX_ONLY: tl.constexpr, MERGE: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
     # Heaviest (last, most keys under the causal mask) query tiles are scheduled first.
     mt = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -133,8 +144,11 @@ def _extend_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Keys every query of this tile sees: positions [0, prefix + m_start).
+    # Keys every query of this tile sees: positions [0, prefix + m_start) (PREFIX_ONLY: the
+    # cached prefix [0, prefix) alone, no band).
     full_end = prefix + m_start
+    if PREFIX_ONLY:
+        full_end = prefix
     # Diagonal band: positions [prefix + m_start, min(prefix + m_start + BLOCK_M, seq_len)).
     band_end = tl.minimum(full_end + BLOCK_M, seq_len)
     win0 = seq_len - 64
@@ -151,6 +165,8 @@ def _extend_kernel(
                                    kvh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                                    qk_scale, offs_n, offs_d, mask_d,
                                    PAGE=PAGE, CAUSAL=False, TREE=False, UPCAST=UPCAST, PREC=PREC, FP8=FP8)
+    if PREFIX_ONLY:
+        band_end = full_end
     for n0 in range(full_end, band_end, BLOCK_N):
         acc, m_i, l_i = _attn_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, n0, band_end, pos_m, bits, win0,
                                    kvh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -161,8 +177,35 @@ def _extend_kernel(
     o = acc / l_safe[:, None]
     if FP8:
         o = o * v_scale
+    lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))  # base 2 (scaled scores); -inf: no key
+    lrows = rows - lse_row0
+    if MERGE:
+        o, lse = _merge_partial(o, lse, oin_ptr, lin_ptr, lrows, h, offs_d, mask_m, mask_md,
+                                stride_oit, stride_oih, stride_lih, stride_lit)
+    if WRITE_LSE:  # natural log, as torch's SDPA ops return it
+        tl.store(lout_ptr + h * stride_loh + lrows * stride_lot, lse * _LN2, mask=mask_m)
     tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=mask_md)
+
+
+@triton.jit
+def _merge_partial(o, lse, oin_ptr, lin_ptr, lrows, h, offs_d, mask_m, mask_md,
+                   stride_oit, stride_oih, stride_lih, stride_lit):
+    """Merge this tile's normalised partial ``(o, lse)`` (lse base 2) with another partial over
+    disjoint keys: ``o_in`` rows and its natural-log LSE at ``lrows``. The LSE merge of
+    FlashInfer's ``merge_state`` (docs: "Cascade Inference", attention states) / vLLM's
+    ``merge_attn_states``: weights ``exp(lse_i - max)``, output their normalised mix."""
+    o_in = tl.load(oin_ptr + lrows[:, None] * stride_oit + h * stride_oih + offs_d[None, :],
+                   mask=mask_md, other=0.0).to(tl.float32)
+    lse_in = tl.load(lin_ptr + h * stride_lih + lrows * stride_lit, mask=mask_m, other=0.0) * _LOG2E_C
+    m = tl.maximum(lse, lse_in)
+    m = tl.where(m == float("-inf"), 0.0, m)  # both empty: weights 0, output 0 (never in use)
+    w_a = tl.exp2(lse - m)
+    w_b = tl.exp2(lse_in - m)
+    w = w_a + w_b
+    w_safe = tl.where(w > 0.0, w, 1.0)
+    o = (o * w_a[:, None] + o_in * w_b[:, None]) / w_safe[:, None]
+    return o, m + tl.log2(w)
 
 
 def _default_blocks(head_dim: int, max_query_len: int, dtype: torch.dtype) -> tuple[int, int, int]:
@@ -174,22 +217,9 @@ def _default_blocks(head_dim: int, max_query_len: int, dtype: torch.dtype) -> tu
     return block_m, block_n, num_warps
 
 
-def paged_extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, query_start_loc: torch.Tensor,
-                           seq_lens: torch.Tensor, max_query_len: int, scale: float,
-                           out: torch.Tensor | None = None,
-                           block_m: int | None = None, block_n: int | None = None,
-                           tree_mask: torch.Tensor | None = None,
-                           k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
-    """Causal attention of each sequence's new tokens over its whole paged KV; with
-    ``tree_mask`` (int64, one value per row of q, indexed by absolute row), tree rows by
-    their window bits (module docstring).
-
-    Returns ``out [T, H, D]`` (allocated if not given). ``max_query_len`` is a host-side
-    upper bound on ``qsl[b+1] - qsl[b]`` (query tiles beyond a sequence's length exit at
-    once). ``block_m``/``block_n`` override the tile sizes (tests). ``k_scale``/``v_scale``:
-    an FP8 cache's per-tensor scales (value = fp8 * scale); ignored for other cache dtypes.
-    """
+def _check_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                query_start_loc: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """Shape/stride checks shared by the wrappers (AssertionError); returns ``out`` (allocated if None)."""
     T, H, D = q.shape
     _, page, Hkv, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape, (q.shape, k_cache.shape, v_cache.shape)
@@ -202,30 +232,101 @@ def paged_extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if out is None:
         out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     assert out.shape == (T, H, D) and out.stride(2) == 1
-    if tree_mask is not None:
-        assert tree_mask.dtype == torch.int64 and tree_mask.shape[0] >= T and tree_mask.stride(0) == 1
-    if B == 0 or T == 0 or max_query_len <= 0:
-        return out
-    bm, bn, num_warps = _default_blocks(D, max_query_len, q.dtype)
-    block_m = block_m or bm
-    block_n = block_n or bn
+    return out
+
+
+def _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len: int, scale: float,
+            out, tree_mask, k_scale: float, v_scale: float, tiles: tuple[int | None, ...], *,
+            prefix_only: bool = False, merge_with: tuple[torch.Tensor, torch.Tensor] | None = None,
+            lse_out: torch.Tensor | None = None, lse_row0: int = 0) -> None:
+    """One ``_extend_kernel`` launch; ``tiles`` = (block_m, block_n, num_warps, num_stages), None: default."""
+    T, H, D = q.shape
+    B = seq_lens.shape[0]
+    bm, bn, nw = _default_blocks(D, max_query_len, q.dtype)
+    block_m, block_n, num_warps, num_stages = tiles
+    block_m, block_n, num_warps = block_m or bm, block_n or bn, num_warps or nw
     grid = (triton.cdiv(max_query_len, block_m), H, B)
     fp8 = is_fp8(k_cache.dtype)
     qk_scale = scale * _LOG2E * k_scale if fp8 else scale * _LOG2E
+    o_in, lse_in = merge_with if merge_with is not None else (out, out[0])  # unread dummies without MERGE
+    lse_w = lse_out if lse_out is not None else lse_in
     _extend_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
-        tree_mask if tree_mask is not None else seq_lens, out,
-        qk_scale, v_scale,
+        tree_mask if tree_mask is not None else seq_lens, out, o_in, lse_in, lse_w,
+        qk_scale, v_scale, lse_row0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        G=H // Hkv, PAGE=page, D=D,
+        o_in.stride(0), o_in.stride(1), lse_in.stride(0), lse_in.stride(1), lse_w.stride(0), lse_w.stride(1),
+        G=H // k_cache.shape[2], PAGE=k_cache.shape[1], D=D,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=next_pow2(D),
         UPCAST=dot_upcast(q.dtype, q.device), PREC=dot_precision(q.dtype), HAS_TREE=tree_mask is not None,
-        FP8=fp8, num_warps=num_warps, num_stages=2,
+        FP8=fp8, PREFIX_ONLY=prefix_only, MERGE=merge_with is not None, WRITE_LSE=lse_out is not None,
+        num_warps=num_warps, num_stages=num_stages or 2,
     )
+
+
+def paged_extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                           seq_lens: torch.Tensor, max_query_len: int, scale: float,
+                           out: torch.Tensor | None = None,
+                           block_m: int | None = None, block_n: int | None = None,
+                           tree_mask: torch.Tensor | None = None,
+                           k_scale: float = 1.0, v_scale: float = 1.0,
+                           num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its whole paged KV; with
+    ``tree_mask`` (int64, one value per row of q, indexed by absolute row), tree rows by
+    their window bits (module docstring).
+
+    Returns ``out [T, H, D]`` (allocated if not given). ``max_query_len`` is a host-side
+    upper bound on ``qsl[b+1] - qsl[b]`` (query tiles beyond a sequence's length exit at
+    once). ``block_m``/``block_n``/``num_warps``/``num_stages`` override the launch config
+    (tests, benchmarks; None: ``_default_blocks`` and 2 stages). ``k_scale``/``v_scale``:
+    an FP8 cache's per-tensor scales (value = fp8 * scale); ignored for other cache dtypes.
+    """
+    out = _check_args(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out)
+    if tree_mask is not None:
+        assert tree_mask.dtype == torch.int64 and tree_mask.shape[0] >= q.shape[0] and tree_mask.stride(0) == 1
+    if seq_lens.shape[0] == 0 or q.shape[0] == 0 or max_query_len <= 0:
+        return out
+    _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len, scale, out,
+            tree_mask, k_scale, v_scale, (block_m, block_n, num_warps, num_stages))
+    return out
+
+
+def paged_prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                           seq_lens: torch.Tensor, max_query_len: int, scale: float,
+                           out: torch.Tensor | None = None, lse_out: torch.Tensor | None = None,
+                           merge_with: tuple[torch.Tensor, torch.Tensor] | None = None, lse_row0: int = 0,
+                           block_m: int | None = None, block_n: int | None = None,
+                           num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+    """Attention of each sequence's new tokens over its cached prefix only (KV positions
+    ``[0, seq_len - q_len)``, no mask: every query sees the whole prefix), the ``PREFIX_ONLY``
+    variant of the extend kernel. Arguments as in :func:`paged_extend_attention` (no tree
+    mask, no FP8 scales).
+
+    ``lse_out`` (fp32 ``[H, >= rows]``, any strides): receives the natural-log log-sum-exp of
+    the scaled scores of each written row (absolute row of q) at column ``row - lse_row0``
+    (``-inf`` for an empty prefix; with ``merge_with``, the merged LSE). ``merge_with = (o_in
+    [>= rows, H, D], lse_in [H, >= rows] fp32 natural log)``, both at ``row - lse_row0``: a
+    partial over other keys (the new tokens, e.g. from SDPA) merged into the result by the LSE
+    rule (``_merge_partial``), so ``out`` holds attention over all keys. ``o_in`` may alias
+    ``out``'s rows (each program reads its tile before it writes it). Returns ``out``.
+    """
+    out = _check_args(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out)
+    assert not is_fp8(k_cache.dtype), "the prefix-only variant takes no FP8 cache"
+    for lse in (lse_out, merge_with[1] if merge_with is not None else None):
+        assert lse is None or (lse.dtype == torch.float32 and lse.dim() == 2 and lse.shape[0] == q.shape[1])
+    if merge_with is not None:
+        assert merge_with[0].shape[1:] == q.shape[1:] and merge_with[0].stride(2) == 1
+    if seq_lens.shape[0] == 0 or q.shape[0] == 0 or max_query_len <= 0:
+        return out
+    _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len, scale, out,
+            None, 1.0, 1.0, (block_m, block_n, num_warps, num_stages), prefix_only=True,
+            merge_with=merge_with, lse_out=lse_out, lse_row0=lse_row0)
     return out
 
 

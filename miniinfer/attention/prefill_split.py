@@ -1,0 +1,166 @@
+"""Split prefill attention: long extend chunks through torch SDPA (cuDNN / FlashAttention).
+
+A long chunk's attention is two partials over disjoint keys, merged by their log-sum-exps:
+
+* the new tokens over themselves, causal (``q_len == kv_len``, so top-left and bottom-right
+  causal alignment agree): torch's fused SDPA ops on the step's contiguous ``k``/``v`` (not
+  the cache), ``[1, H, n, D]`` views of the ``[T, H, D]`` rows;
+* the same queries over the sequence's cached prefix (positions ``[0, seq_len - n)``, no
+  mask): the paged Triton kernel's ``PREFIX_ONLY`` variant, whose epilogue merges the SDPA
+  partial in (``kernels/extend_attention.py``, ``_merge_partial``).
+
+The merge is the standard attention-state merge: for partials ``(o_i, lse_i)``,
+``m = max(lse_1, lse_2)``, ``o = sum_i o_i exp(lse_i - m) / sum_i exp(lse_i - m)``,
+``lse = m + log(sum_i exp(lse_i - m))`` (FlashInfer, "Cascade Inference" and its
+``merge_state`` operator; vLLM's ``merge_attn_states``). :func:`merge_attn_states` is the torch
+version (tests, fallback).
+
+Which sequences are long is host knowledge (``AttentionMetadata.query_start_loc_cpu`` /
+``seq_lens_cpu``); metadata without those lists (CUDA-graph capture and replay) never takes
+this path, nor does a step under stream capture, with a tree mask, or with an FP8 cache (the
+backend checks). Other extend sequences of the step go through the plain paged kernel in
+contiguous runs (the kernel takes absolute query rows, so slices of the metadata suffice).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from miniinfer.attention.metadata import AttentionMetadata
+
+PREFILL_ATTENTION_MODES = ("auto", "triton")  # auto: split long chunks (CUDA, bf16/fp16); triton: never
+SPLIT_MIN_QUERY_LEN = 1024  # new tokens of a sequence for the split path
+# SDPA ops tried in order for the new-token partial; an op that raises (unavailable, layout or
+# GQA refused) is retried with repeated k/v heads, then dropped for the process. FlashAttention
+# first: torch's cuDNN path builds (and caches) an execution graph per new shape, and chunk
+# lengths vary from step to step (benchmarks/prefill_attn_bench.py times both, and the
+# cost of a fresh cuDNN shape).
+SDPA_ORDER = ("flash", "cudnn")
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Routing of a step's extend sequences (indices into the metadata's sequences).
+
+    ``long``: ``(b, row_start, row_end, prefix)`` per split sequence (rows of q, cached keys);
+    ``runs``: ``(b0, b1, max_query_len)`` contiguous runs of the other extend sequences."""
+
+    long: tuple[tuple[int, int, int, int], ...]
+    runs: tuple[tuple[int, int, int], ...]
+
+
+def plan_split(meta: AttentionMetadata, first: int, min_query_len: int = SPLIT_MIN_QUERY_LEN) -> SplitPlan:
+    """The plan of sequences ``first ..`` of ``meta`` (host lists required: ``ValueError``
+    without them). Sequences with ``q_len >= min_query_len`` are split; an empty ``long``
+    means the plain kernel serves the step."""
+    qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+    if qsl is None or lens is None:
+        raise ValueError("plan_split needs the metadata's host lists (query_start_loc_cpu, seq_lens_cpu)")
+    long: list[tuple[int, int, int, int]] = []
+    runs: list[tuple[int, int, int]] = []
+    run_start, run_max = -1, 0
+    for b in range(first, len(lens)):
+        n = qsl[b + 1] - qsl[b]
+        if n >= min_query_len:
+            long.append((b, qsl[b], qsl[b + 1], lens[b] - n))
+            if run_start >= 0:
+                runs.append((run_start, b, run_max))
+            run_start, run_max = -1, 0
+        else:
+            run_start = b if run_start < 0 else run_start
+            run_max = max(run_max, n)
+    if run_start >= 0:
+        runs.append((run_start, len(lens), run_max))
+    return SplitPlan(tuple(long), tuple(runs))
+
+
+def merge_attn_states(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
+                      lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two attention partials over disjoint keys (torch ops; module docstring).
+
+    ``o1``/``o2`` ``[n, H, D]`` (any float dtype), ``lse1``/``lse2`` ``[H, n]`` natural-log
+    log-sum-exps of the scaled scores (``-inf``: the partial saw no key). Returns ``(o [n, H, D]``
+    in ``o1``'s dtype, ``lse [H, n]`` fp32). Rows where both are empty come out 0 / ``-inf``."""
+    l1, l2 = lse1.float().t(), lse2.float().t()  # [n, H]
+    m = torch.maximum(l1, l2)
+    m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
+    w = w1 + w2
+    o = (o1.float() * w1[..., None] + o2.float() * w2[..., None]) / w.clamp_min(1e-30)[..., None]
+    return o.to(o1.dtype), (m + torch.log(w)).t()
+
+
+_bad_ops: set[tuple[str, bool]] = set()  # (op, repeat_kv) combinations that raised
+
+
+def _run_op(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+            want_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if op == "cudnn":
+        r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, want_lse, 0.0, True, False,
+                                                               scale=scale)
+    elif op == "flash":
+        r = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
+    else:  # "cpu": the CPU flash kernel (tests); its LSE is [1, n, H] transposed
+        r = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+    lse = r[1].reshape(q.shape[1], q.shape[2]) if want_lse else None  # [H, n] (cuDNN: [1, H, n, 1])
+    return r[0], lse
+
+
+def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                want_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Causal self-attention of one sequence's new tokens through torch's fused SDPA ops.
+
+    ``q [1, H, n, D]``, ``k``/``v`` ``[1, Hkv, n, D]`` (bf16/fp16 on CUDA; any strides with a
+    contiguous last dim). Returns ``(o [1, H, n, D]`` in q's dtype, ``lse [H, n]`` fp32 natural
+    log or None unless ``want_lse``). Ops follow ``SDPA_ORDER`` on CUDA (``"cpu"`` elsewhere),
+    GQA passed through first, then with repeated k/v heads. Raises ``RuntimeError`` if none runs."""
+    ops = SDPA_ORDER if q.is_cuda else ("cpu",)
+    errors: list[str] = []
+    for op in ops:
+        for repeat in (False, True):
+            if (op, repeat) in _bad_ops or (repeat and k.shape[1] == q.shape[1]):
+                continue
+            kk, vv = k, v
+            if repeat:
+                g = q.shape[1] // k.shape[1]
+                kk, vv = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+            try:
+                o, lse = _run_op(op, q, kk, vv, scale, want_lse)
+            except (RuntimeError, NotImplementedError) as exc:  # host-side checks: nothing launched
+                _bad_ops.add((op, repeat))
+                errors.append(f"{op}{' (repeat_kv)' if repeat else ''}: {exc}")
+                continue
+            if lse is not None and lse.dtype != torch.float32:
+                lse = lse.float()
+            return o, lse
+    raise RuntimeError("no SDPA op ran for the split prefill path: " + " | ".join(errors))
+
+
+def split_extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, meta: AttentionMetadata, plan: SplitPlan, scale: float,
+                           out: torch.Tensor) -> torch.Tensor:
+    """Extend attention of a step by ``plan`` (:func:`plan_split`), written into ``out``.
+
+    ``q [T, H, D]``, ``k``/``v`` ``[T, Hkv, D]`` (this step's new tokens, rows as q's),
+    caches ``[num_blocks, block_size, Hkv, D]`` already holding the new tokens (the plain
+    kernel of the short runs reads them there), ``out [T, H, D]``. Returns ``out``."""
+    # imported here: the planning and merge helpers above stay importable without triton
+    from miniinfer.kernels.extend_attention import paged_extend_attention, paged_prefix_attention
+
+    for b0, b1, max_q in plan.runs:
+        paged_extend_attention(q, k_cache, v_cache, meta.block_tables[b0:b1], meta.query_start_loc[b0:b1 + 1],
+                               meta.seq_lens[b0:b1], max_q, scale, out=out)
+    for b, s, e, prefix in plan.long:
+        qs = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, H, n, D] views
+        ks = k[s:e].transpose(0, 1).unsqueeze(0)
+        vs = v[s:e].transpose(0, 1).unsqueeze(0)
+        o, lse = sdpa_causal(qs, ks, vs, scale, want_lse=prefix > 0)
+        o_rows = o[0].transpose(0, 1)  # [n, H, D]
+        if prefix == 0:
+            out[s:e].copy_(o_rows)
+            continue
+        paged_prefix_attention(q, k_cache, v_cache, meta.block_tables[b:b + 1], meta.query_start_loc[b:b + 2],
+                               meta.seq_lens[b:b + 1], e - s, scale, out=out, merge_with=(o_rows, lse),
+                               lse_row0=s)
+    return out
