@@ -125,7 +125,8 @@ def test_backend_routes_long_chunks(device):
     # decodes, a long chunk with a prefix, a short one, a long one without prefix, a short one
     prefix, qlens = [30, 12, 40, 0, 0, 7], [1, 1, 40, 5, 33, 3]
     H, Hkv, D, bs = 4, 2, 32, 16
-    kv, q, k, v, meta = _split_step(prefix, qlens, 2, H, Hkv, D, bs, torch.float32, device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # CUDA: the SDPA ops take no fp32
+    kv, q, k, v, meta = _split_step(prefix, qlens, 2, H, Hkv, D, bs, dtype, device)
     backend = get_backend("triton", "cuda")
     backend.set_prefill_attention("auto")
     backend.split_min_query_len = 32
