@@ -46,6 +46,8 @@ class ModelRunner:
         self.dtype = cfg.torch_dtype
         self.eos_token_ids: list[int] = list(model_config.eos_token_ids)  # banned before min_tokens
         self.backend = get_backend(cfg.attention_backend, cfg.device)
+        if hasattr(self.backend, "set_prefill_attention"):  # long prefill chunks: SDPA + paged prefix
+            self.backend.set_prefill_attention(cfg.prefill_attention)
         self.model = build_model(source, model_config, self.backend, cfg, max_model_len,
                                  progress and tp.rank == 0, tp)
         self.kv_layout = self._plan_kv_cache(max_model_len)
