@@ -39,9 +39,11 @@ SHAPES = [  # name, N (out features), K (in features)
 ROWS = (1, 2, 4, 8)
 LAYERS = {"7b": 28, "7b-tp2": 28, "0.5b": 24}  # decoder layers (lm_head counted once)
 MIN_ROTATION_BYTES = 256 << 20
+DEVICE = "cuda"  # a module constant so the flow can be smoke-tested on CPU
 # (block_n, block_k, num_warps, num_stages, use_dot) swept at M = 1 and M = 4
-TILES_M1 = ([(bn, bk, 4, 2, False) for bn in (1, 2, 4, 8) for bk in (512, 1024, 2048)]
-            + [(4, 1024, 8, 2, False), (8, 2048, 8, 2, False), (16, 256, 4, 3, True), (16, 512, 4, 4, True)])
+TILES_M1 = ([(bn, bk, 4, st, False) for bn in (2, 4, 8) for bk in (512, 1024, 2048) for st in (1, 3)]
+            + [(1, 2048, 4, 1, False), (1, 2048, 4, 3, False), (8, 1024, 8, 3, False),
+               (16, 256, 4, 3, True), (16, 512, 4, 4, True)])
 TILES_M4 = ([(bn, bk, 4, 3, True) for bn in (16, 32) for bk in (128, 256, 512)]
             + [(16, 256, 4, 4, True), (32, 128, 4, 4, True), (16, 512, 8, 3, True)])
 SPLITS = (1, 2, 4, 8)
@@ -49,7 +51,7 @@ SPLITS = (1, 2, 4, 8)
 
 def copy_bandwidth() -> float:
     """GB/s (bytes read + written) of the best of 5 device-to-device 1 GiB copies."""
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
     y = torch.empty_like(x)
     y.copy_(x)
     best = math.inf
@@ -99,13 +101,13 @@ class Problem:
         self.N, self.K = N, K
         self.bytes = N * K * 2
         n = max(2, math.ceil(MIN_ROTATION_BYTES / self.bytes))
-        base = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
+        base = torch.randn(N, K, device=DEVICE, dtype=torch.bfloat16) / K ** 0.5
         self.weights = [base] + [base.clone() for _ in range(n - 1)]
         self.ncalls = max(20, n)
 
     def x(self, M: int) -> torch.Tensor:
-        g = torch.Generator(device="cuda").manual_seed(M)
-        return torch.randn(M, self.K, device="cuda", dtype=torch.bfloat16, generator=g)
+        g = torch.Generator(device=DEVICE).manual_seed(M)
+        return torch.randn(M, self.K, device=DEVICE, dtype=torch.bfloat16, generator=g)
 
     def time_cublas(self, M: int) -> float:
         x = self.x(M)
@@ -114,7 +116,7 @@ class Problem:
 
     def time_gemv(self, M: int, cfg: GemvConfig | None = None) -> float:
         x = self.x(M)
-        out = torch.empty(M, self.N, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty(M, self.N, device=DEVICE, dtype=torch.bfloat16)
         return graph_us([lambda w=self.weights[i % len(self.weights)]: gemv(x, w, out=out, config=cfg)
                          for i in range(self.ncalls)])
 
@@ -125,7 +127,7 @@ class Problem:
         e_g = (gemv(x, w).float() - ref).abs().max().item()
         e_c = (F.linear(x, w).float() - ref).abs().max().item()
         return dict(max_abs_err_gemv=e_g, max_abs_err_cublas=e_c, ref_max_abs=scale,
-                    ok=e_g <= 8e-3 * scale + 1e-3)
+                    ok=e_g <= 1.6e-2 * scale + 1e-3)  # ~2 bf16 ulps of the largest output
 
     def free(self) -> None:
         self.weights.clear()
@@ -134,7 +136,7 @@ class Problem:
 def sweep(p: Problem, M: int, deadline: float) -> list[dict]:
     """Tile configs (with the heuristic's split), then splits for the best tile; µs each."""
     tiles = TILES_M1 if M <= 2 else TILES_M4
-    auto_split = gemv_config(M, p.N, p.K, torch.device("cuda")).split_k
+    auto_split = gemv_config(M, p.N, p.K, torch.device(DEVICE)).split_k
     results = []
 
     def run(cfg: GemvConfig) -> None:
@@ -174,7 +176,7 @@ def step_estimates(rows: list[dict]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", choices=("quick", "none"), default="quick")
-    ap.add_argument("--budget-s", type=float, default=150.0, help="stop sweeping after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=120.0, help="stop sweeping after this many seconds")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     t0 = time.time()
@@ -185,7 +187,7 @@ def main() -> None:
         p = Problem(N, K)
         for M in ROWS:
             tc, tg = p.time_cublas(M), p.time_gemv(M)
-            cfg = gemv_config(M, N, K, torch.device("cuda"))
+            cfg = gemv_config(M, N, K, torch.device(DEVICE))
             rows.append(dict(shape=name, N=N, K=K, M=M, cublas_us=tc, gemv_us=tg,
                              cublas_GBs=p.bytes / tc / 1e3, gemv_GBs=p.bytes / tg / 1e3,
                              ratio_cublas_over_gemv=tc / tg, config=cfg.__dict__))
@@ -209,6 +211,7 @@ def main() -> None:
         geomean_ratio_cublas_over_gemv={f"M={M}": math.exp(sum(map(math.log, v)) / len(v)) for M, v in ratios.items()},
         step_linear_us=step_estimates(rows),
         correctness_ok=all(c["ok"] for c in checks),
+        sweep_complete=args.sweep != "none" and time.time() < t0 + args.budget_s,
         wall_s=time.time() - t0,
     )
     result = dict(device=torch.cuda.get_device_name(0), date=datetime.date.today().isoformat(),

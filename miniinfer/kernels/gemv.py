@@ -34,6 +34,7 @@ accumulation. Errors: AssertionError on any violation of the above.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +50,8 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 @dataclass(frozen=True)
 class GemvConfig:
     """Launch config. ``block_n``/``block_k`` powers of two (``block_n >= 16`` and
-    ``block_k >= 16`` when ``use_dot``); ``split_k >= 1``; num_warps/num_stages as Triton's."""
+    ``block_k >= 16`` when ``use_dot``); ``split_k >= 1`` (clamped to the K chunks);
+    ``num_stages``: software-pipeline depth of the K loop (1 = plain register loads)."""
     block_n: int
     block_k: int
     split_k: int = 1
@@ -82,14 +84,17 @@ def gemv_config(M: int, N: int, K: int, device: torch.device) -> GemvConfig:
     (few rows x wide K chunks per program; split-K when N alone gives < 4 programs per SM)."""
     bucket = next_pow2(M)
     hit = TUNED.get((N, K, bucket))
-    if hit is not None:
-        return hit
-    sms = num_sms(device)
+    return hit if hit is not None else _heuristic(bucket, N, K, num_sms(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _heuristic(bucket: int, N: int, K: int, sms: int) -> GemvConfig:
     if bucket <= 2:  # FMA path: ~4096 / M W elements per chunk, few rows when N is small
         block_n = max(1, min(8, _pow2_floor(N // (4 * sms))))
         block_k = min(4096 // bucket // block_n, 2048, max(16, next_pow2(K)))
         warps = max(1, min(4, block_n * block_k // 512))
-        cfg = dict(block_n=block_n, block_k=block_k, num_warps=warps, num_stages=2, use_dot=False)
+        stages = 3 if K >= 3 * block_k else 1  # cp.async prefetch only pays with a few chunks
+        cfg = dict(block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages, use_dot=False)
     else:  # tensor-core path: x padded to 16 rows
         block_k = min(256, max(16, next_pow2(K)))
         block_n = 16
@@ -120,13 +125,14 @@ def _dot_tile(x_rows, w_rows, offs_k, kb_start, kb_end, K, BLOCK_M: tl.constexpr
 
 @triton.jit
 def _fma_rows(x_row0, x_row1, w_rows, offs_k, kb_start, kb_end, K, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TWO_ROWS: tl.constexpr):
+              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TWO_ROWS: tl.constexpr, STAGES: tl.constexpr):
     """CUDA-core inner product for one or two x rows: elementwise fp32 accumulators
     [BLOCK_N, BLOCK_K] reduced over K once at the end -> two fp32 [BLOCK_N] (the second
-    equals the first when not TWO_ROWS)."""
+    equals the first when not TWO_ROWS). STAGES > 1 prefetches W chunks through shared
+    memory (cp.async); 1 loads straight into registers."""
     acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for kb in range(kb_start, kb_end):
+    for kb in tl.range(kb_start, kb_end, num_stages=STAGES):
         ks = kb * BLOCK_K + offs_k
         if EVEN_K:
             w = tl.load(w_rows + ks[None, :], eviction_policy="evict_first").to(tl.float32)
@@ -168,7 +174,7 @@ def _gemv_kernel(
     blocks_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    USE_DOT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    USE_DOT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
 ):
     """One program: rows [pid_n*BLOCK_N, +BLOCK_N) of W over K chunks
     [pid_k*blocks_per_split, +blocks_per_split) * BLOCK_K; all M rows of x.
@@ -191,7 +197,7 @@ def _gemv_kernel(
         _store_rows(acc, offs_m, offs_n, M, N, b_ptr, y_ptr, stride_ym, part_ptr, pid_k, PARTIAL, HAS_BIAS)
     else:
         y0, y1 = _fma_rows(x_ptr, x_ptr + stride_xm, w_rows, offs_k, kb_start, kb_end, K,
-                           BLOCK_N, BLOCK_K, EVEN_K, BLOCK_M == 2)
+                           BLOCK_N, BLOCK_K, EVEN_K, BLOCK_M == 2, STAGES)
         row = tl.arange(0, 1)
         _store_rows(y0[None, :], row, offs_n, M, N, b_ptr, y_ptr, stride_ym, part_ptr, pid_k, PARTIAL, HAS_BIAS)
         if BLOCK_M == 2:
@@ -259,7 +265,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x, weight, b, out, part, M, N, K, x.stride(0), weight.stride(0), out.stride(0), per_split,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0,
         PARTIAL=split > 1, HAS_BIAS=has_bias, USE_DOT=cfg.use_dot, UPCAST=dot_upcast(x.dtype, x.device),
-        PREC=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PREC=dot_precision(x.dtype), STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
         block = min(1024, next_pow2(N))
         _splitk_reduce_kernel[(triton.cdiv(N, block), M)](
