@@ -104,18 +104,20 @@ def _heuristic(bucket: int, N: int, K: int, sms: int) -> GemvConfig:
 
 
 @triton.jit
-def _dot_tile(x_rows, w_rows, offs_k, kb_start, kb_end, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """Tensor-core inner product over K chunks [kb_start, kb_end): fp32 [BLOCK_M, BLOCK_N]."""
+def _dot_tile(x_rows, x_live, w_rows, offs_k, kb_start, kb_end, K, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+              PREC: tl.constexpr):
+    """Tensor-core inner product over K chunks [kb_start, kb_end): fp32 [BLOCK_M, BLOCK_N].
+    x rows where ``x_live`` [BLOCK_M, 1] is False (padding up to 16) are masked loads of 0."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(kb_start, kb_end):
         ks = kb * BLOCK_K + offs_k
         if EVEN_K:
             w = tl.load(w_rows + ks[None, :], eviction_policy="evict_first")
-            x = tl.load(x_rows + ks[None, :])
+            x = tl.load(x_rows + ks[None, :], mask=x_live, other=0.0)
         else:
             w = tl.load(w_rows + ks[None, :], mask=ks[None, :] < K, other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_rows + ks[None, :], mask=ks[None, :] < K, other=0.0)
+            x = tl.load(x_rows + ks[None, :], mask=x_live & (ks[None, :] < K), other=0.0)
         if UPCAST:  # the CPU interpreter's dot cannot take bf16
             w = w.to(tl.float32)
             x = x.to(tl.float32)
@@ -191,8 +193,8 @@ def _gemv_kernel(
     kb_end = tl.minimum(kb_start + blocks_per_split, tl.cdiv(K, BLOCK_K))
     if USE_DOT:
         offs_m = tl.arange(0, BLOCK_M)
-        x_rows = x_ptr + tl.minimum(offs_m, M - 1)[:, None] * stride_xm
-        acc = _dot_tile(x_rows, w_rows, offs_k, kb_start, kb_end, K, BLOCK_M, BLOCK_N, BLOCK_K,
+        x_rows = x_ptr + offs_m[:, None] * stride_xm
+        acc = _dot_tile(x_rows, offs_m[:, None] < M, w_rows, offs_k, kb_start, kb_end, K, BLOCK_M, BLOCK_N, BLOCK_K,
                         EVEN_K, UPCAST, PREC)
         _store_rows(acc, offs_m, offs_n, M, N, b_ptr, y_ptr, stride_ym, part_ptr, pid_k, PARTIAL, HAS_BIAS)
     else:
