@@ -22,6 +22,15 @@ capture, so it holds across replays only if every forward runs an even number of
 all-reduces — it does: two per layer, all of one size (the embedding is replicated, see
 ``models/decoder.py``).
 
+Fused all-reduce + residual add + RMSNorm (``all_reduce_add_rms_norm``, switch
+``MINIINFER_FUSED_AR_NORM=1``, off by default): decode-sized messages (up to
+``kernels/allreduce_norm.MAX_ROWS`` rows) go through one Triton kernel that copies the
+partial in, barriers, sums every rank's row in rank order and applies the add + norm. It uses
+its own two allocations (own signal pads) with its own turn, so the ping-pong argument holds
+for it alone: the decoder routes every all-reduce of a forward through this method, all of
+one shape, two per layer, so a forward uses either the fused kernel an even number of times
+or never. Anything else (prefill, NCCL, other dtypes) is ``all_reduce`` + ``fused_add_rms_norm``.
+
 ``mode``: ``"nccl"``, ``"symm_mem"`` (one-shot / two-shot by size, NCCL above; raises
 ``RuntimeError`` if unavailable) or ``"auto"`` (symm_mem where available, else NCCL).
 Raises ``ValueError`` on an unknown mode.
@@ -29,10 +38,13 @@ Raises ``ValueError`` on an unknown mode.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 import torch
 import torch.distributed as dist
+
+from miniinfer.models import ops
 
 log = logging.getLogger("miniinfer")
 
@@ -43,6 +55,12 @@ MODES = ("auto", "nccl", "symm_mem")
 _SYMM_MEM_GROUPS: set[str] = set()
 ONE_SHOT_MAX_BYTES = 256 * 1024
 TWO_SHOT_MAX_BYTES = 64 * 1024 * 1024  # a prefill chunk of 8192 tokens x 3584 x bf16 is 58.7 MB
+FUSED_AR_NORM_ENV = "MINIINFER_FUSED_AR_NORM"
+
+
+def fused_ar_norm_requested() -> bool:
+    """Whether ``MINIINFER_FUSED_AR_NORM`` asks for the fused all-reduce + add + RMSNorm kernel."""
+    return os.environ.get(FUSED_AR_NORM_ENV, "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 def symm_mem_used_in_process() -> bool:
@@ -63,7 +81,7 @@ class CudaCommunicator:
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype,
                  mode: str = "auto", one_shot_max_bytes: int = ONE_SHOT_MAX_BYTES,
-                 two_shot_max_bytes: int = TWO_SHOT_MAX_BYTES):
+                 two_shot_max_bytes: int = TWO_SHOT_MAX_BYTES, fused_norm: bool | None = None):
         if mode not in MODES:
             raise ValueError(f"all_reduce_mode must be one of {MODES}, got {mode!r}")
         self.group = group
@@ -76,6 +94,14 @@ class CudaCommunicator:
         self._buffers: list[torch.Tensor] = []
         self._turn = 0
         self._copy_op = False
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self._arn = None  # kernels/allreduce_norm once the fused path is set up (imports triton)
+        # fused all-reduce + add + RMSNorm: (buffer pointers, signal pad pointers) of two allocations
+        self._fused: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._fused_keep: list[torch.Tensor] = []  # the allocations behind those pointers
+        self._fused_turn = 0
+        self._pad_bytes = 0
         if mode != "nccl":
             try:
                 self._setup_symm_mem(device)
@@ -84,6 +110,8 @@ class CudaCommunicator:
                 if mode == "symm_mem":
                     raise RuntimeError(f"symmetric-memory all-reduce unavailable: {e}") from e
                 log.warning("symmetric-memory all-reduce unavailable (%s); using NCCL", e)
+        if self.mode == "symm_mem" and (fused_ar_norm_requested() if fused_norm is None else fused_norm):
+            self._setup_fused(device)
 
     def _setup_symm_mem(self, device: torch.device) -> None:
         import torch.distributed._symmetric_memory as symm_mem
@@ -100,12 +128,78 @@ class CudaCommunicator:
             symm_mem.rendezvous(buf, self.group_name)
             self._buffers.append(buf)
         # both methods on both buffers: fails here, at start-up, if the peers can't be mapped
-        world = dist.get_world_size(self.group)
+        world = self.world_size
         for n in (8, min(self.one_shot_numel + 8, self.max_numel)) * 2:
             y = self._symm(torch.ones(n, dtype=self.dtype, device=device))
             torch.cuda.synchronize()
             if not torch.all(y == world):
                 raise RuntimeError("symmetric-memory all-reduce returned a wrong sum")
+
+    def _setup_fused(self, device: torch.device) -> None:
+        """Two allocations for the fused kernel, checked on both; if that fails on any rank
+        (the ranks agree through one NCCL all-reduce) the fused path stays off, with a warning."""
+        try:
+            self._alloc_fused(device)
+            self._check_fused(device)
+            ok = 1
+        except Exception as e:  # noqa: BLE001 - the unfused path still works
+            log.warning("fused all-reduce + RMSNorm unavailable (%s); using all-reduce + fused_add_rms_norm", e)
+            ok = 0
+        agree = torch.tensor([ok], dtype=torch.int32, device=device)
+        dist.all_reduce(agree, op=dist.ReduceOp.MIN, group=self.group)
+        if not int(agree.item()):
+            self._fused, self._fused_keep, self._arn = [], [], None
+
+    def _alloc_fused(self, device: torch.device) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+        from miniinfer.kernels import allreduce_norm as arn
+        self._pad_bytes = symm_mem.get_signal_pad_size() if hasattr(symm_mem, "get_signal_pad_size") else 2048
+        for _ in range(2):
+            buf = symm_mem.empty(arn.MAX_ROWS * arn.MAX_HIDDEN, dtype=self.dtype, device=device)
+            hdl = symm_mem.rendezvous(buf, self.group_name)
+            # the handle's pointers are the allocations' starts; the tensor sits at the same
+            # offset in every rank's (symmetric) allocation
+            offset = buf.data_ptr() - hdl.buffer_ptrs[self.rank]
+            self._fused.append((torch.tensor([p + offset for p in hdl.buffer_ptrs], dtype=torch.int64, device=device),
+                                torch.tensor(list(hdl.signal_pad_ptrs), dtype=torch.int64, device=device)))
+            self._fused_keep.append(buf)
+        self._arn = arn
+
+    def _check_fused(self, device: torch.device) -> None:
+        """Rows of ``rank + 1`` on every rank through both allocations: the residual must come
+        out as ``world (world + 1) / 2`` and the norm of a constant row as 1."""
+        world = self.world_size
+        for rows in (1, 3):
+            x = torch.full((rows, 64), float(self.rank + 1), dtype=self.dtype, device=device)
+            weight = torch.ones(64, dtype=self.dtype, device=device)
+            normed, res = self.all_reduce_add_rms_norm(x, torch.zeros_like(x), weight, 1e-6)
+            torch.cuda.synchronize()
+            if not (torch.all(res == world * (world + 1) // 2) and torch.allclose(normed.float(), weight.float(),
+                                                                                  atol=1e-2)):
+                raise RuntimeError("fused all-reduce + RMSNorm returned a wrong result")
+        if self._fused_turn:
+            raise RuntimeError("fused all-reduce + RMSNorm: the self-check did not use both buffers")
+
+    @property
+    def fused_norm(self) -> bool:
+        """Whether ``all_reduce_add_rms_norm`` can use the fused kernel (for messages that fit)."""
+        return bool(self._fused)
+
+    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``residual <- sum over the group of x + residual`` (in place); returns
+        ``(rmsnorm(residual) * weight, residual)``. ``x`` [T, N] is this rank's partial sum
+        (overwritten); ``residual`` [T, N] and ``weight`` [N] are the same on every rank.
+        One fused kernel where it fits (see the module doc), else ``all_reduce`` +
+        ``fused_add_rms_norm``. The normed tensor is valid until the second all-reduce after it."""
+        arn = self._arn
+        if (arn is not None and x.dtype == self.dtype and residual.dtype == x.dtype and residual.stride(-1) == 1
+                and arn.fits(x, arn.MAX_ROWS * arn.MAX_HIDDEN, self.world_size, self._pad_bytes)):
+            buffer_ptrs, pad_ptrs = self._fused[self._fused_turn]
+            self._fused_turn ^= 1
+            arn.allreduce_add_rms_norm_(x, residual, weight, eps, buffer_ptrs, pad_ptrs, self.rank)
+            return x, residual
+        return ops.fused_add_rms_norm(self.all_reduce(x), residual, weight, eps)
 
     def method(self, x: torch.Tensor) -> str:
         """``"one_shot"``, ``"two_shot"`` or ``"nccl"``: what ``all_reduce(x)`` uses."""

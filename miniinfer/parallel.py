@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from miniinfer.models import ops
+
 # Never use NVLink multicast (NVLS): it is unreliable on the shared GPU hosts.
 TP_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -45,6 +47,20 @@ class TPGroup:
             return self.comm.all_reduce(x)
         dist.all_reduce(x)
         return x
+
+    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``residual <- all_reduce(x) + residual``; returns ``(rmsnorm(residual) * weight,
+        residual)``: ``x`` [T, N] is this rank's partial sum (may be overwritten), ``residual``
+        [T, N] and ``weight`` [N] are replicated. One rank: ``ops.fused_add_rms_norm`` alone;
+        CUDA: ``comm.CudaCommunicator.all_reduce_add_rms_norm`` (one fused kernel for decode
+        sizes when ``MINIINFER_FUSED_AR_NORM=1``); gloo: all-reduce, then add + norm."""
+        if self.size == 1:
+            return ops.fused_add_rms_norm(x, residual, weight, eps)
+        if self.comm is not None:
+            return self.comm.all_reduce_add_rms_norm(x, residual, weight, eps)
+        dist.all_reduce(x)
+        return ops.fused_add_rms_norm(x, residual, weight, eps)
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` [N, D] from every rank -> [N, size * D] in rank order (one collective)."""

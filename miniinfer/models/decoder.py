@@ -10,6 +10,11 @@ fused weight.
        ▲ residual add (fused with the next norm)                                         │
        └─────────────────────────────────────────────────────────────────────────────────┘
     then [RMSNorm] ─▶ gate_up_proj ─▶ SiLU(gate) * up ─▶ down_proj, same residual pattern.
+
+Tensor parallelism: o_proj and down_proj return this rank's partial sum; the all-reduce is
+done by the norm that follows, together with its residual add (``TPGroup.all_reduce_add_rms_norm``,
+one kernel on CUDA when enabled): o_proj's by post_attention_layernorm, down_proj's by the next
+layer's input_layernorm (or the final norm). Without TP that is the plain fused add + norm.
 """
 from __future__ import annotations
 
@@ -28,22 +33,27 @@ from miniinfer.parallel import TPGroup
 
 class RMSNorm(nn.Module):
     """``forward(x [..., size])`` -> normalized x; ``forward(x, residual)`` -> ``(norm(x + residual),
-    x + residual)`` (the Triton and C kernels update ``residual`` in place). Same dtype as x."""
+    x + residual)`` (the Triton and C kernels update ``residual`` in place). Same dtype as x.
+    ``forward(x, residual, tp)``: ``x`` [T, size] is this rank's partial sum, all-reduced over
+    ``tp`` before the add (fused with it where the communicator can; the plain form for one rank)."""
 
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, tp: TPGroup | None = None):
         if residual is None:
             return ops.rms_norm(x, self.weight, self.eps)
+        if tp is not None and tp.enabled:
+            return tp.all_reduce_add_rms_norm(x, residual, self.weight, self.eps)
         return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
     """This rank's heads of the attention block (all of them without tensor parallelism):
-    ``forward(positions [T] int64, x [T, hidden], rope) -> [T, hidden]`` (all-reduced under TP);
+    ``forward(positions [T] int64, x [T, hidden], rope) -> [T, hidden]`` (this rank's partial sum
+    under TP: the next norm all-reduces it);
     stores the step's K/V in ``k_cache``/``v_cache`` through the attention backend."""
 
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, cos_sin_cache: torch.Tensor,
@@ -82,30 +92,31 @@ class Attention(nn.Module):
                 k = self.k_norm(k.reshape(-1, self.head_dim)).view(t, self.num_kv_heads, self.head_dim)
             q, k = ops.apply_rope(positions, q, k, self.cos_sin_cache, self.head_dim, rope)
         o = self.backend.forward(q, k, v, self.k_cache, self.v_cache, get_attention_metadata(), self.scale)
-        return self.tp.all_reduce(self.o_proj(o.reshape(t, self.q_size)))
+        return self.o_proj(o.reshape(t, self.q_size))
 
 
 class MLP(nn.Module):
-    """SwiGLU: ``down_proj(SiLU(gate) * up)``, ``[T, hidden] -> [T, hidden]`` (all-reduced under TP)."""
+    """SwiGLU: ``down_proj(SiLU(gate) * up)``, ``[T, hidden] -> [T, hidden]`` (a partial sum under TP)."""
 
     def __init__(self, cfg: ModelConfig, tp: TPGroup):
         super().__init__()
-        self.tp = tp
         inter = tp.split(cfg.intermediate_size, "intermediate_size")
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter, bias=False)
         self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(self.down_proj(ops.silu_and_mul(self.gate_up_proj(x))))
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm attention + MLP: ``forward(positions, hidden, residual, rope) -> (hidden,
-    residual)``, both ``[T, hidden]``; ``residual`` is None on the first layer."""
+    residual)``, both ``[T, hidden]``; ``residual`` is None on the first layer. Under TP the
+    ``hidden`` passed in and returned is a partial sum (the MLP's), reduced by the next norm."""
 
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, cos_sin_cache: torch.Tensor,
                  tp: TPGroup):
         super().__init__()
+        self.tp = tp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, backend, cos_sin_cache, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -116,9 +127,9 @@ class DecoderLayer(nn.Module):
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+            hidden, residual = self.input_layernorm(hidden, residual, self.tp)
         hidden = self.self_attn(positions, hidden, rope)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        hidden, residual = self.post_attention_layernorm(hidden, residual, self.tp)
         return self.mlp(hidden), residual
 
 
@@ -176,7 +187,7 @@ class DecoderForCausalLM(nn.Module):
         rope = ops.rope_tables(positions, self.cos_sin_cache)  # None on the Triton path
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, rope)
-        hidden, _ = self.norm(hidden, residual)
+        hidden, _ = self.norm(hidden, residual, self.tp)
         return hidden
 
     def _cpu_decode(self, hidden: torch.Tensor, positions: torch.Tensor):
