@@ -61,9 +61,25 @@ class GemvConfig:
 
 
 # Per-shape configs measured on an H200 by benchmarks/gemv_bench.py (its "best_configs"
-# output). Key: (N, K, row bucket) with the bucket next_pow2(M) in {1, 2, 4, 8}. Shapes
-# missing here use the heuristic in gemv_config().
-TUNED: dict[tuple[int, int, int], GemvConfig] = {}
+# output; 2026-11-30, M = 1 rows of the sweep: Qwen2-7B at TP 1 and 2, Qwen2-0.5B). Key: (N, K,
+# row bucket) with the bucket next_pow2(M) in {1, 2, 4, 8}. Shapes missing here use the
+# heuristic in gemv_config(). GB/s = weight bytes / time inside a CUDA graph (copy: 4,242).
+TUNED: dict[tuple[int, int, int], GemvConfig] = {
+    (4608, 3584, 1): GemvConfig(block_n=4, block_k=512, num_stages=1),  # 3352 GB/s
+    (3584, 3584, 1): GemvConfig(block_n=4, block_k=1024, num_stages=1),  # 3156 GB/s
+    (37888, 3584, 1): GemvConfig(block_n=8, block_k=512, num_stages=3),  # 4346 GB/s
+    (3584, 18944, 1): GemvConfig(block_n=4, block_k=512, num_stages=3),  # 4113 GB/s
+    (152064, 3584, 1): GemvConfig(block_n=8, block_k=512, num_stages=3),  # 4540 GB/s
+    (2304, 3584, 1): GemvConfig(block_n=2, block_k=1024, num_stages=1),  # 2743 GB/s
+    (3584, 1792, 1): GemvConfig(block_n=4, block_k=1024, num_stages=1),  # 2547 GB/s
+    (18944, 3584, 1): GemvConfig(block_n=8, block_k=512, num_stages=1),  # 4102 GB/s
+    (3584, 9472, 1): GemvConfig(block_n=4, block_k=1024, num_stages=1),  # 3768 GB/s
+    (1152, 896, 1): GemvConfig(block_n=2, block_k=1024, num_stages=1),  # 859 GB/s
+    (896, 896, 1): GemvConfig(block_n=2, block_k=1024, num_stages=1),  # 701 GB/s
+    (9728, 896, 1): GemvConfig(block_n=4, block_k=1024, split_k=4, num_stages=1),  # 2646 GB/s
+    (896, 4864, 1): GemvConfig(block_n=2, block_k=1024, num_stages=3),  # 1808 GB/s
+    (151936, 896, 1): GemvConfig(block_n=8, block_k=512, num_stages=3),  # 4300 GB/s
+}
 
 
 def _pow2_floor(n: int) -> int:

@@ -27,6 +27,7 @@ from miniinfer.attention import AttentionBackend
 from miniinfer.config import ModelConfig
 from miniinfer.attention.metadata import get_attention_metadata
 from miniinfer.models import ops
+from miniinfer.models.linear import Linear, linear
 from miniinfer.models.rotary import build_cos_sin_cache
 from miniinfer.parallel import TPGroup
 
@@ -66,8 +67,8 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.backend = backend
@@ -101,8 +102,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPGroup):
         super().__init__()
         inter = tp.split(cfg.intermediate_size, "intermediate_size")
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter, bias=False)
-        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * inter, bias=False)
+        self.down_proj = Linear(inter, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
@@ -168,7 +169,7 @@ class DecoderForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = nn.Linear(cfg.hidden_size, self.vocab_local, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, self.vocab_local, bias=False)
         self.packed_lm_head: nn.Module | None = None  # a tied head's CPU copy (pack_for_cpu)
         # models/cpu_decode.CPUDecodePlan once built, False when the model can't use it
         self.cpu_decode = None
@@ -214,7 +215,7 @@ class DecoderForCausalLM(nn.Module):
             weight = self.embed_tokens.weight
             if self.tp.enabled:
                 weight = weight[self.vocab_start:self.vocab_start + self.vocab_local]
-            logits = torch.matmul(hidden, weight.t())
+            logits = linear(hidden, weight)
         return self.tp.all_gather_last_dim(logits).float()
 
     def use_quantized_weights(self, rows: dict[str, tuple[str, torch.Tensor]]) -> int:

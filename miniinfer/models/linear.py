@@ -21,7 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GEMV_MAX_ROWS = 8  # decode batch sizes: up to this many rows take the GEMV kernel
+# Decode batch sizes up to this many rows take the GEMV kernel. H200 (benchmarks/gemv_bench.py,
+# 2026-11-30): one Qwen2-7B step's linears 1.14x faster than cuBLAS at M=1, 1.10x at 2, but
+# 0.87x at 4 and 0.90x at 8 (the tensor-core path loses to cuBLAS there).
+GEMV_MAX_ROWS = 2
 GEMV_ENABLED: bool = os.environ.get("MINIINFER_GEMV", "1") != "0"
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -41,16 +44,22 @@ def _gemv(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return gemv(x2d, weight, bias)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` (x ``[..., K]``, weight ``[N, K]``) through the GEMV kernel
+    when :func:`use_gemv` says so (also for weights that are not a ``Linear``'s, e.g. a tied
+    LM head's embedding rows)."""
+    if use_gemv(x, weight) and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())):
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, x.shape[-1])
+        if x2d.stride(-1) != 1:
+            x2d = x2d.contiguous()
+        return _gemv(x2d, weight, bias).view(*lead, weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Linear):
-    """``nn.Linear`` (same signature and parameters) with a GEMV fast path for <= 8 rows on
-    CUDA; ``y [..., out] = x [..., in] @ weight^T + bias``, in x's dtype."""
+    """``nn.Linear`` (same signature and parameters) with a GEMV fast path for <= GEMV_MAX_ROWS
+    rows on CUDA; ``y [..., out] = x [..., in] @ weight^T + bias``, in x's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias
-        if use_gemv(x, self.weight) and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())):
-            lead = x.shape[:-1]
-            x2d = x.reshape(-1, x.shape[-1])
-            if x2d.stride(-1) != 1:
-                x2d = x2d.contiguous()
-            return _gemv(x2d, self.weight, bias).view(*lead, self.out_features)
-        return F.linear(x, self.weight, bias)
+        return linear(x, self.weight, self.bias)

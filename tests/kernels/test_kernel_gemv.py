@@ -117,17 +117,17 @@ def test_linear_falls_back_on_cpu(bias):
     assert not L.use_gemv(torch.randn(1, 48), lin.weight)  # CPU input
 
 
-def test_linear_gemv_path_under_interpreter(monkeypatch):
+def test_linear_gemv_path_under_interpreter(monkeypatch, device):
     """The GEMV branch of ``Linear.forward`` (forced on CPU): leading dims flattened, bias
     added, result close to ``nn.Linear``; ``GEMV_ENABLED = False`` turns it off."""
     from miniinfer.models import linear as L
 
-    lin = L.Linear(64, 24, bias=True).to(torch.bfloat16)
+    lin = L.Linear(64, 24, bias=True).to(device=device, dtype=torch.bfloat16)
     calls = []
     real = L._gemv
     monkeypatch.setattr(L, "use_gemv", lambda x, w: L.GEMV_ENABLED and x.dtype == w.dtype)
     monkeypatch.setattr(L, "_gemv", lambda *a: calls.append(1) or real(*a))
-    x = torch.randn(2, 3, 64).to(torch.bfloat16)
+    x = torch.randn(2, 3, 64).to(device=device, dtype=torch.bfloat16)
     y = lin(x)
     assert calls and y.shape == (2, 3, 24)
     assert_close(y, torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float()).to(y.dtype))
