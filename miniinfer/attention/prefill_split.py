@@ -32,11 +32,15 @@ from miniinfer.attention.metadata import AttentionMetadata
 PREFILL_ATTENTION_MODES = ("auto", "triton")  # auto: split long chunks (CUDA, bf16/fp16); triton: never
 SPLIT_MIN_QUERY_LEN = 1024  # new tokens of a sequence for the split path
 # SDPA ops tried in order for the new-token partial; an op that raises (unavailable, layout or
-# GQA refused) is retried with repeated k/v heads, then dropped for the process. FlashAttention
-# first: torch's cuDNN path builds (and caches) an execution graph per new shape, and chunk
-# lengths vary from step to step (benchmarks/prefill_attn_bench.py times both, and the
-# cost of a fresh cuDNN shape).
-SDPA_ORDER = ("flash", "cudnn")
+# GQA refused) is retried with repeated k/v heads, then dropped for the process. cuDNN first:
+# on an H200 (benchmarks/prefill_attn_bench.py, 2026-11-30) its causal attention over 8192 new
+# tokens ran at 581 TFLOP/s (Qwen2-7B heads, GQA) against 310 for FlashAttention-2 and 265 for
+# our Triton kernel. But torch builds (and caches) a cuDNN execution graph per new shape, 40-70
+# ms each, so chunk lengths are padded up to a multiple of SDPA_BUCKET (zero rows after the
+# real ones: with q_len == kv_len the causal mask keeps them out of every real row) and
+# ``warmup_split`` builds every bucket's graph at start-up.
+SDPA_ORDER = ("cudnn", "flash")
+SDPA_BUCKET = 512
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,36 @@ def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     raise RuntimeError("no SDPA op ran for the split prefill path: " + " | ".join(errors))
 
 
+def _bucket(n: int) -> int:
+    return -(-n // SDPA_BUCKET) * SDPA_BUCKET
+
+
+def _padded_heads_first(rows: torch.Tensor, n_pad: int) -> torch.Tensor:
+    """``rows [n, h, D]`` -> ``[1, h, n_pad, D]`` (a view when ``n == n_pad``, else a copy with
+    zero rows appended; the same strides either way, so one cuDNN graph serves both)."""
+    n = rows.shape[0]
+    if n != n_pad:
+        padded = rows.new_zeros((n_pad,) + tuple(rows.shape[1:]))
+        padded[:n] = rows
+        rows = padded
+    return rows.transpose(0, 1).unsqueeze(0)
+
+
+def warmup_split(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, max_tokens: int, scale: float) -> int:
+    """Run the new-token SDPA of every bucket up to ``max_tokens`` (with and without the LSE),
+    so that cuDNN's per-shape graphs are built before the first request. Returns the count."""
+    count = 0
+    for n in range(_bucket(SPLIT_MIN_QUERY_LEN), _bucket(max_tokens) + 1, SDPA_BUCKET):
+        q = torch.zeros((n, num_heads, head_dim), dtype=dtype, device=device)
+        kv = torch.zeros((n, num_kv_heads, head_dim), dtype=dtype, device=device)
+        qs, ks = _padded_heads_first(q, n), _padded_heads_first(kv, n)
+        for want_lse in (False, True):
+            sdpa_causal(qs, ks, ks, scale, want_lse)
+            count += 1
+    return count
+
+
 def split_extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                            v_cache: torch.Tensor, meta: AttentionMetadata, plan: SplitPlan, scale: float,
                            out: torch.Tensor) -> torch.Tensor:
@@ -152,11 +186,11 @@ def split_extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
         paged_extend_attention(q, k_cache, v_cache, meta.block_tables[b0:b1], meta.query_start_loc[b0:b1 + 1],
                                meta.seq_lens[b0:b1], max_q, scale, out=out)
     for b, s, e, prefix in plan.long:
-        qs = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, H, n, D] views
-        ks = k[s:e].transpose(0, 1).unsqueeze(0)
-        vs = v[s:e].transpose(0, 1).unsqueeze(0)
+        n = e - s
+        qs, ks, vs = (_padded_heads_first(x[s:e], _bucket(n)) for x in (q, k, v))
         o, lse = sdpa_causal(qs, ks, vs, scale, want_lse=prefix > 0)
-        o_rows = o[0].transpose(0, 1)  # [n, H, D]
+        o_rows = o[0].transpose(0, 1)[:n]  # [n, H, D]
+        lse = lse[:, :n] if lse is not None else None
         if prefix == 0:
             out[s:e].copy_(o_rows)
             continue

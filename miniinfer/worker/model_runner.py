@@ -330,6 +330,11 @@ class ModelRunner:
         """Compile every kernel before the first request (see ``worker/warmup.py``)."""
         for sched in warmup_schedules(self.block_size, self.num_blocks, self.kv_layout.max_model_len, self.device):
             self.execute(sched)
+        if getattr(self.backend, "prefill_attention", None) == "auto" and self.dtype != torch.float32:
+            from miniinfer.attention.prefill_split import warmup_split
+            attn = self.model.layers[0].self_attn
+            warmup_split(attn.num_heads, attn.num_kv_heads, attn.head_dim, self.dtype, self.device,
+                         min(self.cfg.max_num_batched_tokens, self.kv_layout.max_model_len), attn.scale)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
