@@ -16,6 +16,7 @@ PLANS = [
     ([1], [1]), ([16], [16]), ([37], [37]), ([64, 37], [64, 37]), ([300, 17], [44, 1]),
     ([200, 150, 9], [1, 130, 9]),  # >64 new tokens: the largest extend query tile
     ([33, 20, 9], [1, 1, 1]), ([129] * 5, [1] * 5),
+    ([40, 21], [1, 1]),  # 2 rows: the decode GEMV's 2-row kernels (models/linear.py), compiled before graph capture
 ]
 
 
