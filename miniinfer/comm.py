@@ -22,8 +22,9 @@ capture, so it holds across replays only if every forward runs an even number of
 all-reduces — it does: two per layer, all of one size (the embedding is replicated, see
 ``models/decoder.py``).
 
-Fused all-reduce + residual add + RMSNorm (``all_reduce_add_rms_norm``, switch
-``MINIINFER_FUSED_AR_NORM=1``, off by default): decode-sized messages (up to
+Fused all-reduce + residual add + RMSNorm (``all_reduce_add_rms_norm``, on by default,
+``MINIINFER_FUSED_AR_NORM=0`` turns it off; 2x H200, Qwen2-7B TP=2 batch-1 TPOT 2.82 -> 2.69
+ms, docs/BENCHMARKS.md §13): decode-sized messages (up to
 ``kernels/allreduce_norm.MAX_ROWS`` rows) go through one Triton kernel that copies the
 partial in, barriers, sums every rank's row in rank order and applies the add + norm. It uses
 its own two allocations (own signal pads) with its own turn, so the ping-pong argument holds
@@ -59,8 +60,9 @@ FUSED_AR_NORM_ENV = "MINIINFER_FUSED_AR_NORM"
 
 
 def fused_ar_norm_requested() -> bool:
-    """Whether ``MINIINFER_FUSED_AR_NORM`` asks for the fused all-reduce + add + RMSNorm kernel."""
-    return os.environ.get(FUSED_AR_NORM_ENV, "0").strip().lower() in ("1", "true", "on", "yes")
+    """Whether the fused all-reduce + add + RMSNorm kernel is wanted: yes unless
+    ``MINIINFER_FUSED_AR_NORM`` is ``0`` / ``false`` / ``off`` / ``no``."""
+    return os.environ.get(FUSED_AR_NORM_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def symm_mem_used_in_process() -> bool:

@@ -54,7 +54,7 @@ class TPGroup:
         residual)``: ``x`` [T, N] is this rank's partial sum (may be overwritten), ``residual``
         [T, N] and ``weight`` [N] are replicated. One rank: ``ops.fused_add_rms_norm`` alone;
         CUDA: ``comm.CudaCommunicator.all_reduce_add_rms_norm`` (one fused kernel for decode
-        sizes when ``MINIINFER_FUSED_AR_NORM=1``); gloo: all-reduce, then add + norm."""
+        sizes unless ``MINIINFER_FUSED_AR_NORM=0``); gloo: all-reduce, then add + norm."""
         if self.size == 1:
             return ops.fused_add_rms_norm(x, residual, weight, eps)
         if self.comm is not None:

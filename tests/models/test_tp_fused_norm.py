@@ -91,9 +91,11 @@ def test_every_all_reduce_is_fused_with_a_norm(tmp_path, monkeypatch):
     assert tp.calls == {"all_reduce": 0, "all_reduce_add_rms_norm": 2 * cfg.num_layers}
 
 
-def test_switch_is_off_by_default(monkeypatch):
+def test_switch_is_on_by_default(monkeypatch):
     from miniinfer.comm import FUSED_AR_NORM_ENV, fused_ar_norm_requested
     monkeypatch.delenv(FUSED_AR_NORM_ENV, raising=False)
+    assert fused_ar_norm_requested()
+    monkeypatch.setenv(FUSED_AR_NORM_ENV, "0")
     assert not fused_ar_norm_requested()
     monkeypatch.setenv(FUSED_AR_NORM_ENV, "1")
     assert fused_ar_norm_requested()
