@@ -10,7 +10,7 @@ Reports, per message size, microseconds per all-reduce (a graph of ``--iters`` a
 replayed ``--reps`` times, timed with CUDA events on rank 0) and checks every result.
 
 ``--mode fused_norm`` (``all``: both): the decode all-reduce followed by the residual add +
-RMSNorm, T = 1, 8, 32, 64 rows of 3584 bf16, in CUDA graphs: one-shot all-reduce +
+RMSNorm, T = 1, 8, 32, 64, 128, 256 rows of 3584 bf16, in CUDA graphs: one-shot all-reduce +
 ``fused_add_rms_norm`` (two kernels) against the single fused kernel
 (``kernels/allreduce_norm.py``, ``CudaCommunicator.all_reduce_add_rms_norm``); microseconds per
 all-reduce + norm, each result checked against the torch reference first.
@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from miniinfer.parallel import TP_ENV  # noqa: E402
 
 SIZES = [8 << 10 << i for i in range(13)]  # 8 KB .. 32 MB
-NORM_ROWS = (1, 8, 32, 64)
+NORM_ROWS = (1, 8, 32, 64, 128, 256)
 NORM_HIDDEN = 3584  # Qwen2-7B
 
 

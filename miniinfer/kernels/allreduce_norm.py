@@ -31,8 +31,11 @@ The partial is copied in by the kernel itself (step 1, as torch's ``one_shot_all
 no separate copy launch. Having o_proj / down_proj write straight into the buffer
 (``torch.mm(..., out=buffer_view)``) would only save that T x N copy within the kernel.
 
-Needs ``T * W <= signal pad slots`` and ``T`` programs resident at once on every rank (decode:
-T <= 64 on a 132-SM H200).
+Needs ``T * W <= signal pad slots`` and ``T`` programs resident at once on every rank (a
+program spins until its peers' program of the same row arrives): ``MAX_ROWS`` = 256 programs of
+one warp-group each fit on a 132-SM H200 many times over. Up to 64 rows it measured 1.3-1.8x
+faster than one-shot all-reduce + ``fused_add_rms_norm`` in CUDA graphs (2x H200); 256 rows
+covers the decode batches of throughput runs.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ import triton.language as tl
 
 from miniinfer.kernels._common import next_pow2
 
-MAX_ROWS = 64
+MAX_ROWS = 256
 MAX_HIDDEN = 8192
 
 

@@ -59,7 +59,7 @@ def _rank(rank: int, world: int, port: int, queue) -> None:
         dist.all_reduce(torch.ones(1, device=dev))
         comm = CudaCommunicator(dist.group.WORLD, dev, torch.bfloat16, mode="symm_mem", fused_norm=True)
         assert comm.fused_norm, "the fused kernel did not set up"
-        for rows in (1, 8, 33, 64):  # eager
+        for rows in (1, 8, 33, 64, 200, 256):  # eager
             parts, residual, w = _inputs(rows, world, rows, dev)
             normed, res = comm.all_reduce_add_rms_norm(parts[rank].clone(), residual.clone(), w, EPS)
             _check(normed, res, parts, residual, w, dist.group.WORLD)

@@ -70,13 +70,15 @@ def test_fits_and_shape_errors():
     from miniinfer.kernels import allreduce_norm as arn
     cap = arn.MAX_ROWS * arn.MAX_HIDDEN
     assert arn.fits(torch.empty(1, 3584), cap, 2, 9216)
-    assert arn.fits(torch.empty(64, 3584), cap, 2, 9216)
-    assert not arn.fits(torch.empty(65, 3584), cap, 2, 9216)
+    assert arn.fits(torch.empty(arn.MAX_ROWS, 3584), cap, 2, 9216)
+    assert not arn.fits(torch.empty(arn.MAX_ROWS + 1, 3584), cap, 2, 9216)
     assert not arn.fits(torch.empty(8, 8192 + 64), cap, 2, 9216)
     assert not arn.fits(torch.empty(64, 3584), cap, 8, 1024)  # too few signal slots
+    assert not arn.fits(torch.empty(arn.MAX_ROWS, 3584), cap, 2, 1024)
     assert not arn.fits(torch.empty(4, 3584)[:, ::2], cap, 2, 9216)
     with pytest.raises(ValueError):
-        arn.allreduce_add_rms_norm_(torch.empty(65, 16), torch.empty(65, 16), torch.empty(16), 1e-6,
+        arn.allreduce_add_rms_norm_(torch.empty(arn.MAX_ROWS + 1, 16), torch.empty(arn.MAX_ROWS + 1, 16),
+                                    torch.empty(16), 1e-6,
                                     torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64), 0)
 
 
