@@ -13,6 +13,7 @@ Writes, for whatever results exist (a missing file or metric only drops its bar/
 * ``structured_output.png`` §10: JSON ÷ plain TPOT, grammar-mask overlap on vs off;
 * ``spec_verify_cost.png``  §11: verify cost ratio against the number of tokens verified.
 * ``allreduce.png``         §13: all-reduce latency against message size (2x GPU, in CUDA graphs).
+* ``sbs_vs_vllm.png``       MiniInfer before / after ÷ vLLM, one lease (``benchmarks/plot_sbs.py``).
 
 Result files follow ../shared/BENCHMARKS.md: ``{"device", "date", "command", "metrics"}``
 (the profile file has its fields at the top level instead).
@@ -520,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     for fn in (plot_sweep, plot_targets, plot_vs_hf, plot_prefix, plot_overlap, plot_profile,
                plot_structured_output, plot_verify_cost, plot_allreduce):
         fn(results, a.out)
+    import plot_sbs  # beside this file
+    plot_sbs.main(["--results", a.results, "--out", a.out])
     return 0
 
 
