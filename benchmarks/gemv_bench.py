@@ -11,6 +11,12 @@
 (c) a config sweep per shape at M = 1 and M = 4; ``best_configs`` lists the winners as
     ``TUNED`` table entries for ``miniinfer/kernels/gemv.py``;
 plus a correctness check (max abs error vs an fp32 reference, gemv and cuBLAS).
+
+    python benchmarks/gemv_bench.py --mode silu_mul (writes $OUT/gemv-silu-bench.json; ~1 min)
+
+times the down projections at M = 1, 2 as the MLP runs them: the ``silu_and_mul`` kernel then
+the GEMV, vs the GEMV with the SiLU-and-mul prologue (``act="silu_mul"``), default config then
+a small tile sweep of the fused kernel; checks that both give the same bits.
 """
 from __future__ import annotations
 
@@ -158,6 +164,45 @@ def sweep(p: Problem, M: int, deadline: float) -> list[dict]:
     return results
 
 
+SILU_TILES = [(bn, bk, st) for bn in (4, 8) for bk in (512, 1024) for st in (1, 3)]  # fused sweep
+
+
+def silu_mul_rows(deadline: float) -> list[dict]:
+    """Per down-projection shape and M in (1, 2): µs of silu_and_mul + gemv (one pair per
+    weight copy, in a CUDA graph) and of the fused gemv (default config, then SILU_TILES with
+    the default split until ``deadline``), and whether the two agree bit for bit."""
+    from miniinfer.kernels.activation import silu_and_mul
+
+    rows = []
+    for name, N, K in [s for s in SHAPES if s[0].endswith(" down")]:
+        p = Problem(N, K)
+        ws = [p.weights[i % len(p.weights)] for i in range(p.ncalls)]
+        for M in (1, 2):
+            g = torch.Generator(device=DEVICE).manual_seed(M)
+            gate_up = torch.randn(M, 2 * K, device=DEVICE, dtype=torch.bfloat16, generator=g)
+            h = torch.empty(M, K, device=DEVICE, dtype=torch.bfloat16)
+            out = torch.empty(M, N, device=DEVICE, dtype=torch.bfloat16)
+
+            def fused_us(cfg: GemvConfig | None = None) -> float:
+                return graph_us([lambda w=w: gemv(gate_up, w, out=out, config=cfg, act="silu_mul") for w in ws])
+
+            row = dict(shape=name, N=N, I=K, M=M,
+                       unfused_us=graph_us([lambda w=w: gemv(silu_and_mul(gate_up, out=h), w, out=out) for w in ws]),
+                       fused_us=fused_us(), bit_exact=torch.equal(gemv(gate_up, ws[0], act="silu_mul"),
+                                                                  gemv(silu_and_mul(gate_up), ws[0])))
+            split = gemv_config(M, N, K, torch.device(DEVICE)).split_k
+            row["fused_sweep"] = [dict(config=cfg.__dict__, us=fused_us(cfg)) for cfg in
+                                  (GemvConfig(bn, bk, split, 4, st) for bn, bk, st in SILU_TILES)
+                                  if time.time() < deadline]
+            rows.append(row)
+            print(f"{name:16s} M={M} silu+gemv {row['unfused_us']:7.1f} us | fused {row['fused_us']:7.1f} us | "
+                  f"best swept {min([r['us'] for r in row['fused_sweep']] or [math.nan]):7.1f} us | "
+                  f"bit-exact {row['bit_exact']}", flush=True)
+        p.free()
+        torch.cuda.empty_cache()
+    return rows
+
+
 def step_estimates(rows: list[dict]) -> dict:
     """Per model and M: µs of one decode step's linears (layers x per-layer shapes + lm_head)."""
     est: dict = {}
@@ -177,10 +222,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", choices=("quick", "none"), default="quick")
     ap.add_argument("--budget-s", type=float, default=120.0, help="stop sweeping after this many seconds")
+    ap.add_argument("--mode", choices=("gemv", "silu_mul"), default="gemv",
+                    help="silu_mul: the down projection's fused SiLU-and-mul prologue vs two kernels")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     t0 = time.time()
     torch.manual_seed(0)
+    if args.mode == "silu_mul":
+        rows = silu_mul_rows(t0 + args.budget_s)
+        _write("gemv-silu-bench.json", dict(device=torch.cuda.get_device_name(0), date=datetime.date.today().isoformat(),
+                                            command="python " + " ".join(sys.argv), rows=rows))
+        return
     bw = copy_bandwidth()
     rows, checks, sweeps, best = [], [], {}, {}
     for name, N, K in SHAPES:
@@ -218,16 +270,21 @@ def main() -> None:
                   command="python " + " ".join(sys.argv), metrics=metrics,
                   details=dict(rows=rows, correctness=checks, best_configs=best, sweeps=sweeps,
                                torch=torch.__version__, triton=__import__("triton").__version__))
-    out_dir = os.environ.get("OUT", "artifacts")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "gemv-bench.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
     print(json.dumps(metrics, indent=2))
     print("TUNED entries (paste into miniinfer/kernels/gemv.py):")
     for key, b in best.items():
         c = b["config"]
         print(f"    {key}: GemvConfig({', '.join(f'{k}={v!r}' for k, v in c.items())}),  # {b['GBs']:.0f} GB/s")
+    _write("gemv-bench.json", result)
+
+
+def _write(name: str, result: dict) -> None:
+    """``result`` as JSON in $OUT (default ``artifacts/``)."""
+    out_dir = os.environ.get("OUT", "artifacts")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
     print("wrote", path)
 
 

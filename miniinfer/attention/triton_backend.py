@@ -11,6 +11,11 @@ Per step (token layout: decodes first, then extend/prefill chunks; see forward_c
    is passed as is (no re-basing op) together with the full ``q`` / ``out``, and so is the
    full ``meta.tree_mask`` (indexed by absolute row; decode rows ignore it).
 
+``forward_with_rope`` (what the decoder calls on CUDA for models without q/k norms) first
+applies NeoX RoPE to q and k in place and writes the rotated k and v to the cache in one kernel
+(``kernels/rope_kv_store.py``), replacing step 1; an FP8 cache (or ``fuse_rope = False``,
+environment variable ``MINIINFER_FUSED_ROPE_KV=0``) takes ``apply_rope_`` then ``forward``.
+
 Nothing reads device tensors on the host, so a pure-decode step is CUDA-graph capturable
 (pass the capture-time upper bound as ``meta.max_seq_len``).
 
@@ -26,6 +31,8 @@ CUDA-graph capture or replay), no tree mask, no FP8 cache, bf16/fp16 on CUDA.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from miniinfer.attention.graph_buffers import PagedAttentionBase
@@ -36,12 +43,16 @@ from miniinfer.kernels._common import is_fp8
 from miniinfer.kernels.decode_attention import paged_decode_attention
 from miniinfer.kernels.extend_attention import paged_extend_attention
 from miniinfer.kernels.kv_store import store_kv_cache
+from miniinfer.kernels.rope import apply_rope_
+from miniinfer.kernels.rope_kv_store import rope_store_kv_cache_
 
 
 class TritonAttentionBackend(PagedAttentionBase):
     name = "triton"
     prefill_attention: str = "triton"  # auto: split long extend chunks; triton: the paged kernel only
     split_min_query_len: int = SPLIT_MIN_QUERY_LEN
+    # forward_with_rope: RoPE + KV store in one kernel; False (MINIINFER_FUSED_ROPE_KV=0): two, for A/B
+    fuse_rope: bool = os.environ.get("MINIINFER_FUSED_ROPE_KV", "1") != "0"
 
     def set_prefill_attention(self, mode: str) -> None:
         """Raises ``ValueError`` for a mode outside ``PREFILL_ATTENTION_MODES``."""
@@ -67,9 +78,28 @@ class TritonAttentionBackend(PagedAttentionBase):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+        return self._attend(q, k, v, k_cache, v_cache, meta, scale)
+
+    def forward_with_rope(self, positions: torch.Tensor, cos_sin_cache: torch.Tensor, rot_dim: int,
+                          q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                          v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """``forward`` on q ``[T, H, D]`` and k ``[T, Hkv, D]`` after NeoX RoPE at ``positions``
+        (int ``[T]``; ``cos_sin_cache`` fp32 ``[max_pos, >= rot_dim]``, as ``kernels/rope.py``),
+        applied in place to q and k as ``apply_rope_`` does. The rotation and the KV-cache store
+        are one kernel unless the cache is FP8 or ``fuse_rope`` is off. Returns ``[T, H, D]``."""
+        if is_fp8(k_cache.dtype) or not self.fuse_rope:
+            apply_rope_(positions, q, k, cos_sin_cache, rot_dim)
+            return self.forward(q, k, v, k_cache, v_cache, meta, scale)
+        rope_store_kv_cache_(positions, q, k, v, cos_sin_cache, rot_dim, k_cache, v_cache, meta.slot_mapping)
+        return self._attend(q, k, v, k_cache, v_cache, meta, scale)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Attention of q ``[T, H, D]`` over the cache, the step's K/V already stored in it
+        (k, v ``[T, Hkv, D]`` are read only by the split prefill path)."""
         T, H, D = q.shape
         ks, vs = self.k_scale, self.v_scale
-        store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, ks, vs)
         out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
         num_seqs = meta.num_seqs
         nd = meta.num_decodes

@@ -27,6 +27,12 @@ output rows per program with large K tiles and split-K; it reduces with atomics,
 here by a two-pass reduction as in this repo's split-KV flash-decoding,
 ``kernels/decode_attention.py``).
 
+SiLU-and-mul prologue (``act="silu_mul"``, the MLP's down projection): x is the gate_up
+output ``[M, 2K]`` (gate in columns ``[:K]``, up in ``[K:]``, as ``kernels/activation.py``) and
+each x chunk is ``silu(gate) * up`` computed in fp32 and rounded to x's dtype, exactly the
+values ``silu_and_mul`` would write, so the result equals ``gemv(silu_and_mul(x), W)`` bit for
+bit with the same config (one launch and one ``[M, K]`` round trip fewer per layer).
+
 Shapes / dtypes: x ``[M, K]`` (1 <= M <= 8, rows may be strided, last dim contiguous),
 weight ``[N, K]`` contiguous, bias ``[N]`` or None, all the same dtype (bf16, fp16 or fp32);
 output ``[M, N]`` in that dtype (``out=`` may be given, last dim contiguous), fp32
@@ -120,9 +126,33 @@ def _heuristic(bucket: int, N: int, K: int, sms: int) -> GemvConfig:
 
 
 @triton.jit
-def _dot_tile(x_rows, x_live, w_rows, offs_k, kb_start, kb_end, K, BLOCK_M: tl.constexpr,
+def _silu_mul(gate, up):
+    """``silu(gate) * up`` in fp32: the same expression as ``kernels/activation.py`` (the fused
+    prologue must round to the same values as the separate kernel)."""
+    return gate / (1.0 + tl.exp(-gate)) * up
+
+
+@triton.jit
+def _load_x(ptrs, mask, up_off, EVEN: tl.constexpr, SILU_MUL: tl.constexpr):
+    """An x chunk in x's dtype: a plain load (``mask`` ignored when EVEN), or with SILU_MUL
+    ``silu(gate) * up`` from ``ptrs`` and ``ptrs + up_off``, rounded to x's dtype."""
+    if SILU_MUL:
+        if EVEN:
+            gate = tl.load(ptrs).to(tl.float32)
+            up = tl.load(ptrs + up_off).to(tl.float32)
+        else:
+            gate = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(ptrs + up_off, mask=mask, other=0.0).to(tl.float32)
+        return _silu_mul(gate, up).to(ptrs.dtype.element_ty)
+    if EVEN:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _dot_tile(x_rows, x_live, w_rows, offs_k, kb_start, kb_end, K, up_off, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-              PREC: tl.constexpr):
+              PREC: tl.constexpr, SILU_MUL: tl.constexpr):
     """Tensor-core inner product over K chunks [kb_start, kb_end): fp32 [BLOCK_M, BLOCK_N].
     x rows where ``x_live`` [BLOCK_M, 1] is False (padding up to 16) are masked loads of 0."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -130,10 +160,10 @@ def _dot_tile(x_rows, x_live, w_rows, offs_k, kb_start, kb_end, K, BLOCK_M: tl.c
         ks = kb * BLOCK_K + offs_k
         if EVEN_K:
             w = tl.load(w_rows + ks[None, :], eviction_policy="evict_first")
-            x = tl.load(x_rows + ks[None, :], mask=x_live, other=0.0)
+            x = _load_x(x_rows + ks[None, :], x_live, up_off, False, SILU_MUL)
         else:
             w = tl.load(w_rows + ks[None, :], mask=ks[None, :] < K, other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_rows + ks[None, :], mask=x_live & (ks[None, :] < K), other=0.0)
+            x = _load_x(x_rows + ks[None, :], x_live & (ks[None, :] < K), up_off, False, SILU_MUL)
         if UPCAST:  # the CPU interpreter's dot cannot take bf16
             w = w.to(tl.float32)
             x = x.to(tl.float32)
@@ -142,8 +172,9 @@ def _dot_tile(x_rows, x_live, w_rows, offs_k, kb_start, kb_end, K, BLOCK_M: tl.c
 
 
 @triton.jit
-def _fma_rows(x_row0, x_row1, w_rows, offs_k, kb_start, kb_end, K, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TWO_ROWS: tl.constexpr, STAGES: tl.constexpr):
+def _fma_rows(x_row0, x_row1, w_rows, offs_k, kb_start, kb_end, K, up_off, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TWO_ROWS: tl.constexpr, STAGES: tl.constexpr,
+              SILU_MUL: tl.constexpr):
     """CUDA-core inner product for one or two x rows: elementwise fp32 accumulators
     [BLOCK_N, BLOCK_K] reduced over K once at the end -> two fp32 [BLOCK_N] (the second
     equals the first when not TWO_ROWS). STAGES > 1 prefetches W chunks through shared
@@ -154,17 +185,13 @@ def _fma_rows(x_row0, x_row1, w_rows, offs_k, kb_start, kb_end, K, BLOCK_N: tl.c
         ks = kb * BLOCK_K + offs_k
         if EVEN_K:
             w = tl.load(w_rows + ks[None, :], eviction_policy="evict_first").to(tl.float32)
-            x0 = tl.load(x_row0 + ks).to(tl.float32)
         else:
             w = tl.load(w_rows + ks[None, :], mask=ks[None, :] < K, other=0.0,
                         eviction_policy="evict_first").to(tl.float32)
-            x0 = tl.load(x_row0 + ks, mask=ks < K, other=0.0).to(tl.float32)
+        x0 = _load_x(x_row0 + ks, ks < K, up_off, EVEN_K, SILU_MUL).to(tl.float32)
         acc0 += w * x0[None, :]
         if TWO_ROWS:
-            if EVEN_K:
-                x1 = tl.load(x_row1 + ks).to(tl.float32)
-            else:
-                x1 = tl.load(x_row1 + ks, mask=ks < K, other=0.0).to(tl.float32)
+            x1 = _load_x(x_row1 + ks, ks < K, up_off, EVEN_K, SILU_MUL).to(tl.float32)
             acc1 += w * x1[None, :]
     y0 = tl.sum(acc0, axis=1)
     if TWO_ROWS:
@@ -193,10 +220,12 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     USE_DOT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
+    SILU_MUL: tl.constexpr,
 ):
     """One program: rows [pid_n*BLOCK_N, +BLOCK_N) of W over K chunks
     [pid_k*blocks_per_split, +blocks_per_split) * BLOCK_K; all M rows of x.
-    PARTIAL=False writes y (bias added, cast); else fp32 partials part[pid_k, m, n]."""
+    PARTIAL=False writes y (bias added, cast); else fp32 partials part[pid_k, m, n].
+    SILU_MUL: x rows are [gate (K) | up (K)], the input is silu(gate) * up (up at +K)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -210,12 +239,12 @@ def _gemv_kernel(
     if USE_DOT:
         offs_m = tl.arange(0, BLOCK_M)
         x_rows = x_ptr + offs_m[:, None] * stride_xm
-        acc = _dot_tile(x_rows, offs_m[:, None] < M, w_rows, offs_k, kb_start, kb_end, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                        EVEN_K, UPCAST, PREC)
+        acc = _dot_tile(x_rows, offs_m[:, None] < M, w_rows, offs_k, kb_start, kb_end, K, K, BLOCK_M, BLOCK_N,
+                        BLOCK_K, EVEN_K, UPCAST, PREC, SILU_MUL)
         _store_rows(acc, offs_m, offs_n, M, N, b_ptr, y_ptr, stride_ym, part_ptr, pid_k, PARTIAL, HAS_BIAS)
     else:
-        y0, y1 = _fma_rows(x_ptr, x_ptr + stride_xm, w_rows, offs_k, kb_start, kb_end, K,
-                           BLOCK_N, BLOCK_K, EVEN_K, BLOCK_M == 2, STAGES)
+        y0, y1 = _fma_rows(x_ptr, x_ptr + stride_xm, w_rows, offs_k, kb_start, kb_end, K, K,
+                           BLOCK_N, BLOCK_K, EVEN_K, BLOCK_M == 2, STAGES, SILU_MUL)
         row = tl.arange(0, 1)
         _store_rows(y0[None, :], row, offs_n, M, N, b_ptr, y_ptr, stride_ym, part_ptr, pid_k, PARTIAL, HAS_BIAS)
         if BLOCK_M == 2:
@@ -238,29 +267,42 @@ def _splitk_reduce_kernel(part_ptr, b_ptr, y_ptr, M, N, stride_ym,
     tl.store(y_ptr + m * stride_ym + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+_ACTS = (None, "silu_mul")
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None) -> int:
+    """Validate the inputs (AssertionError otherwise); returns K, the inner dimension."""
     assert x.dim() == 2 and weight.dim() == 2, f"x {tuple(x.shape)} and weight {tuple(weight.shape)} must be 2-D"
+    assert act in _ACTS, f"act must be one of {_ACTS}, got {act!r}"
     M, K = x.shape
+    if act == "silu_mul":
+        assert K % 2 == 0, f"silu_mul takes x [M, 2K] (gate | up), got {tuple(x.shape)}"
+        K //= 2
     assert 1 <= M <= MAX_ROWS, f"gemv takes 1..{MAX_ROWS} rows, got {M}"
-    assert weight.shape[1] == K, f"x [M, {K}] vs weight {tuple(weight.shape)}"
+    assert weight.shape[1] == K, f"x [M, {x.shape[1]}] ({act or 'plain'}) vs weight {tuple(weight.shape)}"
     assert x.dtype in _DTYPES and weight.dtype == x.dtype, f"dtypes x {x.dtype}, weight {weight.dtype}"
-    assert x.stride(1) == 1 or K == 1, "x's last dim must be contiguous"
+    assert x.stride(1) == 1 or x.shape[1] == 1, "x's last dim must be contiguous"
     assert weight.is_contiguous(), "weight must be contiguous [N, K]"
     assert x.device == weight.device
     if bias is not None:
         assert bias.shape == (weight.shape[0],) and bias.dtype == x.dtype and bias.is_contiguous()
         assert bias.device == x.device
+    return K
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         out: torch.Tensor | None = None, config: GemvConfig | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, config: GemvConfig | None = None,
+         act: str | None = None) -> torch.Tensor:
     """``x [M, K] @ weight[N, K]^T (+ bias[N])`` -> ``[M, N]`` in x's dtype (fp32 accumulation).
 
-    ``config`` overrides :func:`gemv_config` (benchmark sweeps). ``out`` ``[M, N]`` (last
-    dim contiguous) receives the result and is returned. Split-K configs allocate an fp32
-    ``[split_k, M, N]`` scratch (size from shapes only: CUDA-graph safe)."""
-    _check(x, weight, bias)
-    M, K = x.shape
+    ``act="silu_mul"``: x is ``[M, 2K]`` (gate | up) and the product is taken with
+    ``silu(gate) * up`` rounded to x's dtype (== ``gemv(silu_and_mul(x), weight)``); the
+    config is the one for K. ``config`` overrides :func:`gemv_config` (benchmark sweeps).
+    ``out`` ``[M, N]`` (last dim contiguous) receives the result and is returned. Split-K
+    configs allocate an fp32 ``[split_k, M, N]`` scratch (size from shapes only: CUDA-graph
+    safe). Raises AssertionError on bad shapes, dtypes, layouts or ``act``."""
+    K = _check(x, weight, bias, act)
+    M = x.shape[0]
     N = weight.shape[0]
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -283,7 +325,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x, weight, b, out, part, M, N, K, x.stride(0), weight.stride(0), out.stride(0), per_split,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0,
         PARTIAL=split > 1, HAS_BIAS=has_bias, USE_DOT=cfg.use_dot, UPCAST=dot_upcast(x.dtype, x.device),
-        PREC=dot_precision(x.dtype), STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PREC=dot_precision(x.dtype), STAGES=cfg.num_stages, SILU_MUL=act == "silu_mul",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
         block = min(1024, next_pow2(N))
         _splitk_reduce_kernel[(triton.cdiv(N, block), M)](

@@ -61,12 +61,10 @@ def _store_kv_kernel(
         tl.store(vc, v.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
-def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                   k_scale: float = 1.0, v_scale: float = 1.0) -> None:
-    """Write ``k, v [T, Hkv, D]`` into ``k_cache, v_cache [num_blocks, block_size, Hkv, D]``.
-
-    ``k_scale``/``v_scale`` (floats > 0) apply to an FP8 cache only: stored = x / scale."""
+def check_kv_store_args(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor) -> None:
+    """AssertionError unless ``k, v [T, Hkv, D]`` fit ``k_cache, v_cache [blocks, block_size,
+    Hkv, D]`` (last dims contiguous) and ``slot_mapping`` has >= T entries."""
     T, Hkv, D = k.shape
     assert v.shape == k.shape, (k.shape, v.shape)
     assert k_cache.dim() == 4 and k_cache.shape[2:] == (Hkv, D), (k_cache.shape, k.shape)
@@ -74,6 +72,16 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     assert slot_mapping.shape[0] >= T
     assert k.stride(2) == 1 and v.stride(2) == 1
     assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+
+
+def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Write ``k, v [T, Hkv, D]`` into ``k_cache, v_cache [num_blocks, block_size, Hkv, D]``.
+
+    ``k_scale``/``v_scale`` (floats > 0) apply to an FP8 cache only: stored = x / scale."""
+    check_kv_store_args(k, v, k_cache, v_cache, slot_mapping)
+    T, Hkv, D = k.shape
     if T == 0:
         return
     block_h, block_d = next_pow2(Hkv), next_pow2(D)

@@ -20,6 +20,36 @@ from miniinfer.kernels._common import next_pow2
 
 
 @triton.jit
+def load_cos_sin(pos_ptr, cs_ptr, t, stride_cs, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Token ``t``'s fp32 cos and sin rows ``[1, BLOCK_HALF]`` (0 past HALF), its offsets in a
+    half ``[BLOCK_HALF]`` and their mask."""
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    mask_d = offs_d < HALF
+    cs_row = cs_ptr + pos * stride_cs
+    cos = tl.load(cs_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    sin = tl.load(cs_row + HALF + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    return cos[None, :], sin[None, :], offs_d, mask_d
+
+
+@triton.jit
+def rope_heads_(x_row, stride_h, num_heads, cos, sin, offs_d, mask_d,
+                 HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Rotate the heads of one token in place (``x_row``: its head 0); returns the rotated
+    halves ``[BLOCK_H, BLOCK_HALF]`` as stored (x's dtype) and their mask."""
+    offs_h = tl.arange(0, BLOCK_H)
+    mask = (offs_h < num_heads)[:, None] & mask_d[None, :]
+    x1_ptrs = x_row + offs_h[:, None] * stride_h + offs_d[None, :]
+    x1 = tl.load(x1_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x1_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    y1 = (x1 * cos - x2 * sin).to(x_row.dtype.element_ty)
+    y2 = (x2 * cos + x1 * sin).to(x_row.dtype.element_ty)
+    tl.store(x1_ptrs, y1, mask=mask)
+    tl.store(x1_ptrs + HALF, y2, mask=mask)
+    return y1, y2, mask
+
+
+@triton.jit
 def _rope_kernel(
     pos_ptr, q_ptr, k_ptr, cs_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
@@ -28,55 +58,44 @@ def _rope_kernel(
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_HALF)
-    mask_d = offs_d < HALF
-    cs_row = cs_ptr + pos * stride_cs
-    cos = tl.load(cs_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    sin = tl.load(cs_row + HALF + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    cos = cos[None, :]
-    sin = sin[None, :]
+    cos, sin, offs_d, mask_d = load_cos_sin(pos_ptr, cs_ptr, t, stride_cs, HALF, BLOCK_HALF)
+    rope_heads_(q_ptr + t * stride_qt, stride_qh, num_q_heads, cos, sin, offs_d, mask_d, HALF, BLOCK_HQ)
+    rope_heads_(k_ptr + t * stride_kt, stride_kh, num_k_heads, cos, sin, offs_d, mask_d, HALF, BLOCK_HK)
 
-    offs_hq = tl.arange(0, BLOCK_HQ)
-    mask_q = (offs_hq < num_q_heads)[:, None] & mask_d[None, :]
-    q1_ptrs = q_ptr + t * stride_qt + offs_hq[:, None] * stride_qh + offs_d[None, :]
-    q1 = tl.load(q1_ptrs, mask=mask_q, other=0.0).to(tl.float32)
-    q2 = tl.load(q1_ptrs + HALF, mask=mask_q, other=0.0).to(tl.float32)
-    tl.store(q1_ptrs, (q1 * cos - q2 * sin).to(q_ptr.dtype.element_ty), mask=mask_q)
-    tl.store(q1_ptrs + HALF, (q2 * cos + q1 * sin).to(q_ptr.dtype.element_ty), mask=mask_q)
 
-    offs_hk = tl.arange(0, BLOCK_HK)
-    mask_k = (offs_hk < num_k_heads)[:, None] & mask_d[None, :]
-    k1_ptrs = k_ptr + t * stride_kt + offs_hk[:, None] * stride_kh + offs_d[None, :]
-    k1 = tl.load(k1_ptrs, mask=mask_k, other=0.0).to(tl.float32)
-    k2 = tl.load(k1_ptrs + HALF, mask=mask_k, other=0.0).to(tl.float32)
-    tl.store(k1_ptrs, (k1 * cos - k2 * sin).to(k_ptr.dtype.element_ty), mask=mask_k)
-    tl.store(k1_ptrs + HALF, (k2 * cos + k1 * sin).to(k_ptr.dtype.element_ty), mask=mask_k)
+def rope_num_warps(elems: int) -> int:
+    """Warps for a one-token program touching ``elems`` (padded) elements."""
+    return 1 if elems <= 1024 else (2 if elems <= 2048 else (4 if elems <= 8192 else 8))
+
+
+def check_rope_args(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, rot_dim: int) -> None:
+    """AssertionError unless q ``[T, H, D]``, k ``[T, Hkv, D]`` (last dims contiguous) and the
+    ``[max_pos, >= rot_dim]`` table fit an even ``rot_dim <= D``."""
+    T, H, D = q.shape
+    assert k.dim() == 3 and k.shape[0] == T and k.shape[2] == D, (q.shape, k.shape)
+    assert q.stride(2) == 1 and k.stride(2) == 1, "last dim of q/k must be contiguous"
+    assert rot_dim % 2 == 0 and 0 < rot_dim <= D
+    assert cos_sin_cache.dim() == 2 and cos_sin_cache.shape[1] >= rot_dim
+    assert cos_sin_cache.stride(1) == 1
 
 
 def apply_rope_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                 cos_sin_cache: torch.Tensor, rot_dim: int) -> None:
     """In-place NeoX RoPE on ``q [T, H, D]`` and ``k [T, Hkv, D]`` at ``positions int64[T]``."""
-    T, H, D = q.shape
-    assert k.shape[0] == T and k.shape[2] == D, (q.shape, k.shape)
-    assert q.stride(2) == 1 and k.stride(2) == 1, "last dim of q/k must be contiguous"
-    assert rot_dim % 2 == 0 and rot_dim <= D
-    assert cos_sin_cache.dim() == 2 and cos_sin_cache.shape[1] >= rot_dim
-    assert cos_sin_cache.stride(1) == 1
+    check_rope_args(q, k, cos_sin_cache, rot_dim)
+    T, H, _ = q.shape
     if T == 0:
         return
     half = rot_dim // 2
     block_half = next_pow2(half)
     block_hq = next_pow2(H)
     block_hk = next_pow2(k.shape[1])
-    elems = (block_hq + block_hk) * block_half
-    num_warps = 1 if elems <= 1024 else (2 if elems <= 2048 else (4 if elems <= 8192 else 8))
     _rope_kernel[(T,)](
         positions, q, k, cos_sin_cache,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
         H, k.shape[1],
         HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
-        num_warps=num_warps,
+        num_warps=rope_num_warps((block_hq + block_hk) * block_half),
     )
 
 

@@ -27,7 +27,7 @@ from miniinfer.attention import AttentionBackend
 from miniinfer.config import ModelConfig
 from miniinfer.attention.metadata import get_attention_metadata
 from miniinfer.models import ops
-from miniinfer.models.linear import Linear, linear
+from miniinfer.models.linear import Linear, linear, silu_mul_linear
 from miniinfer.models.rotary import build_cos_sin_cache
 from miniinfer.parallel import TPGroup
 
@@ -80,6 +80,13 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         v = v.view(t, self.num_kv_heads, self.head_dim)
+        meta = get_attention_metadata()
+        if rope is None and self.q_norm is None and hasattr(self.backend, "forward_with_rope"):
+            # Triton path (rope tables None): RoPE fused with the backend's KV-cache store
+            o = self.backend.forward_with_rope(
+                positions, self.cos_sin_cache, self.head_dim, q.view(t, self.num_heads, self.head_dim),
+                k.view(t, self.num_kv_heads, self.head_dim), v, self.k_cache, self.v_cache, meta, self.scale)
+            return self.o_proj(o.reshape(t, self.q_size))
         if rope is not None and self.q_norm is None:
             # torch path: q and k sit side by side in qkv; rotate them as one [T, H + Hkv, D]
             qk = ops.rotate_leading_heads(qkv, self.num_heads + self.num_kv_heads, self.head_dim, positions,
@@ -92,7 +99,7 @@ class Attention(nn.Module):
                 q = self.q_norm(q.reshape(-1, self.head_dim)).view(t, self.num_heads, self.head_dim)
                 k = self.k_norm(k.reshape(-1, self.head_dim)).view(t, self.num_kv_heads, self.head_dim)
             q, k = ops.apply_rope(positions, q, k, self.cos_sin_cache, self.head_dim, rope)
-        o = self.backend.forward(q, k, v, self.k_cache, self.v_cache, get_attention_metadata(), self.scale)
+        o = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(o.reshape(t, self.q_size))
 
 
@@ -106,7 +113,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(inter, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        return silu_mul_linear(self.gate_up_proj(x), self.down_proj)  # SiLU fused into a CUDA GEMV
 
 
 class DecoderLayer(nn.Module):

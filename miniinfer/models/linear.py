@@ -9,9 +9,13 @@ Same constructor and parameters as ``nn.Linear`` (weight ``[out, in]``, optional
 ``GEMV_MAX_ROWS`` rows after flattening the leading dims, is bf16/fp16 like the weight, and
 the weight is contiguous; otherwise (prefill, CPU, fp32, ...) it is ``F.linear`` exactly.
 
-A/B switch: environment variable ``MINIINFER_GEMV=0`` (read at import) disables the GEMV
-path; tests and benchmarks may also set ``linear.GEMV_ENABLED`` at run time. Triton is
-imported lazily, on the first CUDA call, so this module imports on CPU-only machines.
+:func:`linear_silu_mul` is ``down_proj(silu(gate) * up)`` from the gate_up output: on the
+GEMV path the SiLU-and-mul runs in the kernel's prologue (one launch fewer per MLP).
+
+A/B switches, environment variables read at import: ``MINIINFER_GEMV=0`` disables the GEMV
+path, ``MINIINFER_GEMV_SILU=0`` only the fused prologue; tests and benchmarks may also set
+``linear.GEMV_ENABLED`` / ``linear.SILU_MUL_FUSED`` at run time. Triton is imported lazily,
+on the first CUDA call, so this module imports on CPU-only machines.
 """
 from __future__ import annotations
 
@@ -21,11 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from miniinfer.models import ops
+
 # Decode batch sizes up to this many rows take the GEMV kernel. H200 (benchmarks/gemv_bench.py,
 # 2026-11-30): one Qwen2-7B step's linears 1.14x faster than cuBLAS at M=1, 1.10x at 2, but
 # 0.87x at 4 and 0.90x at 8 (the tensor-core path loses to cuBLAS there).
 GEMV_MAX_ROWS = 2
 GEMV_ENABLED: bool = os.environ.get("MINIINFER_GEMV", "1") != "0"
+SILU_MUL_FUSED: bool = os.environ.get("MINIINFER_GEMV_SILU", "1") != "0"  # linear_silu_mul's prologue
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -38,23 +45,54 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.is_contiguous() and weight.is_cuda)
 
 
-def _gemv(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _gemv(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+          act: str | None = None) -> torch.Tensor:
     from miniinfer.kernels.gemv import gemv  # lazy: pulls in triton
 
-    return gemv(x2d, weight, bias)
+    return gemv(x2d, weight, bias, act=act)
+
+
+def _gemv_fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return use_gemv(x, weight) and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
+
+
+def _gemv_nd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None = None):
+    """The GEMV on x ``[..., K']`` flattened to 2-D rows -> ``[..., N]``."""
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    return _gemv(x2d, weight, bias, act).view(*lead, weight.shape[0])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` (x ``[..., K]``, weight ``[N, K]``) through the GEMV kernel
     when :func:`use_gemv` says so (also for weights that are not a ``Linear``'s, e.g. a tied
     LM head's embedding rows)."""
-    if use_gemv(x, weight) and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())):
-        lead = x.shape[:-1]
-        x2d = x.reshape(-1, x.shape[-1])
-        if x2d.stride(-1) != 1:
-            x2d = x2d.contiguous()
-        return _gemv(x2d, weight, bias).view(*lead, weight.shape[0])
+    if _gemv_fits(x, weight, bias):
+        return _gemv_nd(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def linear_silu_mul(gate_up: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(silu(gate) * up, weight, bias)``: ``gate_up [..., 2I]`` (gate in the first
+    half, up in the second, as ``ops.silu_and_mul``), weight ``[N, I]`` -> ``[..., N]`` in
+    gate_up's dtype. On the GEMV path (:func:`use_gemv`) the SiLU-and-mul is the kernel's
+    prologue, rounded to the dtype as the separate kernel rounds it: the same result as
+    ``linear(ops.silu_and_mul(gate_up), weight, bias)``; otherwise that, literally."""
+    if (SILU_MUL_FUSED and gate_up.dim() > 0 and gate_up.shape[-1] == 2 * weight.shape[-1]
+            and _gemv_fits(gate_up, weight, bias)):
+        return _gemv_nd(gate_up, weight, bias, act="silu_mul")
+    return linear(ops.silu_and_mul(gate_up), weight, bias)
+
+
+def silu_mul_linear(gate_up: torch.Tensor, proj: nn.Module) -> torch.Tensor:
+    """``proj(silu_and_mul(gate_up))`` (an MLP's down projection): :func:`linear_silu_mul` when
+    ``proj`` is a :class:`Linear`, else the module as is (CPU packed / quantized layers)."""
+    if isinstance(proj, Linear):
+        return linear_silu_mul(gate_up, proj.weight, proj.bias)
+    return proj(ops.silu_and_mul(gate_up))
 
 
 class Linear(nn.Linear):

@@ -134,3 +134,79 @@ def test_linear_gemv_path_under_interpreter(monkeypatch, device):
     monkeypatch.setattr(L, "GEMV_ENABLED", False)
     calls.clear()
     assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias)) and not calls
+
+
+# ---------------------------------------------------------------- SiLU-and-mul prologue
+SILU_CASES = [("fma", 1, 37, 200), ("fma", 2, 21, 64), ("fma-split3", 2, 24, 96), ("fma-split3", 1, 19, 75),
+              ("fma-bn1", 1, 33, 130), ("dot", 3, 19, 160), ("dot-split2", 2, 24, 40)]
+
+
+def _silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    from miniinfer.kernels.activation import silu_and_mul
+
+    return silu_and_mul(gate_up)  # the separate kernel: the fused prologue must match its rounding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cfg_name,M,N,I", SILU_CASES)
+def test_gemv_silu_mul_matches_unfused(device, dtype, cfg_name, M, N, I):
+    """``gemv(gate_up, W, act="silu_mul")`` == ``gemv(silu_and_mul(gate_up), W)`` (same config):
+    odd I (masked chunks), split-K on and off, 1-2 rows on the FMA path, the dot path too."""
+    from miniinfer.kernels.gemv import gemv, gemv_ref
+
+    cfg = _configs()[cfg_name]
+    gate_up = (2 * torch.randn(M, 2 * I + 6, device=device)).to(dtype)[:, :2 * I]  # strided rows
+    w = (torch.randn(N, I, device=device) / I ** 0.5).to(dtype)
+    b = torch.randn(N, device=device).to(dtype) if M == 1 else None
+    h = _silu_mul_ref(gate_up)
+    y = gemv(gate_up, w, b, config=cfg, act="silu_mul")
+    assert y.shape == (M, N) and y.dtype == dtype
+    y_unfused = gemv(h, w, b, config=cfg)
+    if dtype == torch.float32:  # exp under the interpreter (numpy) vs torch: ulps apart
+        torch.testing.assert_close(y, y_unfused, atol=1e-5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(y.float(), y_unfused.float(), atol=1e-2, rtol=1e-2)
+    assert_close(y, gemv_ref(h, w, b))
+
+
+def test_gemv_silu_mul_default_config_and_errors(device):
+    from miniinfer.kernels.gemv import gemv, gemv_ref
+
+    gate_up = torch.randn(2, 2 * 300, device=device)
+    w = torch.randn(40, 300, device=device) / 300 ** 0.5
+    y = gemv(gate_up, w, act="silu_mul")  # the heuristic for K = 300 (split-K under 4 fake SMs)
+    assert_close(y, gemv_ref(_silu_mul_ref(gate_up), w))
+    with pytest.raises(AssertionError):
+        gemv(gate_up, torch.randn(40, 600, device=device), act="silu_mul")  # weight K must be I
+    with pytest.raises(AssertionError):
+        gemv(gate_up, w, act="gelu")
+
+
+def test_linear_silu_mul_paths(monkeypatch, device):
+    """``linear_silu_mul`` / ``silu_mul_linear``: CPU -> ``F.linear(silu_and_mul(.))`` exactly;
+    the GEMV branch forced on takes ``act="silu_mul"`` with leading dims flattened; a module
+    that is not a ``Linear`` is called on the activated input."""
+    from miniinfer.models import linear as L
+    from miniinfer.models import ops
+
+    lin = L.Linear(48, 20, bias=False)
+    gate_up = torch.randn(3, 96)
+    expected = torch.nn.functional.linear(ops.silu_and_mul(gate_up), lin.weight)
+    assert torch.equal(L.silu_mul_linear(gate_up, lin), expected)
+    plain = torch.nn.Linear(48, 20, bias=False)
+    plain.load_state_dict(lin.state_dict())
+    assert torch.equal(L.silu_mul_linear(gate_up, plain), plain(ops.silu_and_mul(gate_up)))
+
+    lin = lin.to(device=device, dtype=torch.bfloat16)
+    acts = []
+    real = L._gemv
+    monkeypatch.setattr(L, "use_gemv", lambda x, w: L.GEMV_ENABLED and x.dtype == w.dtype)
+    monkeypatch.setattr(L, "_gemv", lambda x, w, b, act=None: acts.append(act) or real(x, w, b, act))
+    gate_up = torch.randn(2, 1, 96).to(device=device, dtype=torch.bfloat16)
+    y = L.silu_mul_linear(gate_up, lin)
+    assert acts == ["silu_mul"] and y.shape == (2, 1, 20)
+    assert_close(y, L.linear(_silu_mul_ref(gate_up.view(2, 96)), lin.weight).view(2, 1, 20))
+    monkeypatch.setattr(L, "SILU_MUL_FUSED", False)  # A/B switch: silu_and_mul, then the plain GEMV
+    acts.clear()
+    L.silu_mul_linear(gate_up, lin)
+    assert acts == [None]
