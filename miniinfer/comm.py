@@ -112,8 +112,13 @@ class CudaCommunicator:
                 if mode == "symm_mem":
                     raise RuntimeError(f"symmetric-memory all-reduce unavailable: {e}") from e
                 log.warning("symmetric-memory all-reduce unavailable (%s); using NCCL", e)
-        if self.mode == "symm_mem" and (fused_ar_norm_requested() if fused_norm is None else fused_norm):
-            self._setup_fused(device)
+        if self.mode == "symm_mem":
+            # every rank must take the same decision (the fused set-up is collective)
+            want = fused_ar_norm_requested() if fused_norm is None else fused_norm
+            flag = torch.tensor([int(want)], dtype=torch.int32, device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+            if int(flag.item()):
+                self._setup_fused(device)
 
     def _setup_symm_mem(self, device: torch.device) -> None:
         import torch.distributed._symmetric_memory as symm_mem

@@ -146,10 +146,12 @@ def _bucket(n: int) -> int:
 
 
 def _padded_heads_first(rows: torch.Tensor, n_pad: int) -> torch.Tensor:
-    """``rows [n, h, D]`` -> ``[1, h, n_pad, D]`` (a view when ``n == n_pad``, else a copy with
-    zero rows appended; the same strides either way, so one cuDNN graph serves both)."""
+    """``rows [n, h, D]`` -> ``[1, h, n_pad, D]``: a view when ``n == n_pad`` and the rows are
+    contiguous, else a contiguous copy with zero rows appended. The strides are then always
+    those of a contiguous ``[n_pad, h, D]`` (cuDNN keys its graphs on strides too: q/k/v that
+    are views of the fused qkv output would miss the graphs built at warm-up)."""
     n = rows.shape[0]
-    if n != n_pad:
+    if n != n_pad or not rows.is_contiguous():
         padded = rows.new_zeros((n_pad,) + tuple(rows.shape[1:]))
         padded[:n] = rows
         rows = padded

@@ -9,11 +9,14 @@ Same constructor and parameters as ``nn.Linear`` (weight ``[out, in]``, optional
 ``GEMV_MAX_ROWS`` rows after flattening the leading dims, is bf16/fp16 like the weight, and
 the weight is contiguous; otherwise (prefill, CPU, fp32, ...) it is ``F.linear`` exactly.
 
-:func:`linear_silu_mul` is ``down_proj(silu(gate) * up)`` from the gate_up output: on the
-GEMV path the SiLU-and-mul runs in the kernel's prologue (one launch fewer per MLP).
+:func:`linear_silu_mul` is ``down_proj(silu(gate) * up)`` from the gate_up output; with
+``MINIINFER_GEMV_SILU=1`` the SiLU-and-mul runs in the GEMV's prologue (one launch fewer per
+MLP). **Off by default**: on an H200 (2026-11-30, Qwen2-7B bs-1 TPOT, same lease) it made the
+step slower, 4.02 -> 4.24 ms — every program recomputes SiLU for its chunk of the 18,944-wide
+input (exp + divide per element), which costs more than the launch it saves.
 
 A/B switches, environment variables read at import: ``MINIINFER_GEMV=0`` disables the GEMV
-path, ``MINIINFER_GEMV_SILU=0`` only the fused prologue; tests and benchmarks may also set
+path, ``MINIINFER_GEMV_SILU=1`` enables the fused prologue; tests and benchmarks may also set
 ``linear.GEMV_ENABLED`` / ``linear.SILU_MUL_FUSED`` at run time. Triton is imported lazily,
 on the first CUDA call, so this module imports on CPU-only machines.
 """
@@ -32,7 +35,7 @@ from miniinfer.models import ops
 # 0.87x at 4 and 0.90x at 8 (the tensor-core path loses to cuBLAS there).
 GEMV_MAX_ROWS = 2
 GEMV_ENABLED: bool = os.environ.get("MINIINFER_GEMV", "1") != "0"
-SILU_MUL_FUSED: bool = os.environ.get("MINIINFER_GEMV_SILU", "1") != "0"  # linear_silu_mul's prologue
+SILU_MUL_FUSED: bool = os.environ.get("MINIINFER_GEMV_SILU", "0") == "1"  # linear_silu_mul's prologue (off: slower)
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -84,7 +87,9 @@ def linear_silu_mul(gate_up: torch.Tensor, weight: torch.Tensor,
     if (SILU_MUL_FUSED and gate_up.dim() > 0 and gate_up.shape[-1] == 2 * weight.shape[-1]
             and _gemv_fits(gate_up, weight, bias)):
         return _gemv_nd(gate_up, weight, bias, act="silu_mul")
-    return linear(ops.silu_and_mul(gate_up), weight, bias)
+    lead = gate_up.shape[:-1]  # the kernels take 2-D rows
+    act = ops.silu_and_mul(gate_up.reshape(-1, gate_up.shape[-1]))
+    return linear(act, weight, bias).view(*lead, weight.shape[0])
 
 
 def silu_mul_linear(gate_up: torch.Tensor, proj: nn.Module) -> torch.Tensor:

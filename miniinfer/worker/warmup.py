@@ -17,6 +17,9 @@ PLANS = [
     ([200, 150, 9], [1, 130, 9]),  # >64 new tokens: the largest extend query tile
     ([33, 20, 9], [1, 1, 1]), ([129] * 5, [1] * 5),
     ([40, 21], [1, 1]),  # 2 rows: the decode GEMV's 2-row kernels (models/linear.py), compiled before graph capture
+    # >= 1024 new tokens: the long-chunk extend tiles, without and with a cached prefix (with
+    # prefill_attention="auto": the split path's cuDNN call and the prefix + merge kernel)
+    ([1100], [1100]), ([2200], [1100]),
 ]
 
 

@@ -198,6 +198,7 @@ def test_linear_silu_mul_paths(monkeypatch, device):
     assert torch.equal(L.silu_mul_linear(gate_up, plain), plain(ops.silu_and_mul(gate_up)))
 
     lin = lin.to(device=device, dtype=torch.bfloat16)
+    monkeypatch.setattr(L, "SILU_MUL_FUSED", True)  # off by default (measured slower on an H200)
     acts = []
     real = L._gemv
     monkeypatch.setattr(L, "use_gemv", lambda x, w: L.GEMV_ENABLED and x.dtype == w.dtype)
