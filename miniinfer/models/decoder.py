@@ -113,7 +113,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(inter, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return silu_mul_linear(self.gate_up_proj(x), self.down_proj)  # SiLU fused into a CUDA GEMV
+        return silu_mul_linear(self.gate_up_proj(x), self.down_proj)  # (fused GEMV prologue: opt-in)
 
 
 class DecoderLayer(nn.Module):
