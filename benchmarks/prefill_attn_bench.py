@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from miniinfer.attention.metadata import AttentionMetadata
+from miniinfer.bench.common import device_ms
 from miniinfer.attention.prefill_split import plan_split, split_extend_attention
 from miniinfer.config import EngineConfig
 from miniinfer.kernels.extend_attention import paged_extend_attention, paged_prefix_attention
@@ -53,18 +54,6 @@ SWEEP = list(itertools.product((128, 64), (64, 32, 128), (8, 4), (2, 3, 4)))  # 
 
 def flops(H: int, q_len: int, prefix: int) -> float:
     return 4.0 * H * D * (q_len * prefix + q_len * (q_len + 1) / 2)
-
-
-def device_ms(fn, iters: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 class Case:

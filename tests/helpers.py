@@ -170,3 +170,16 @@ def tree_bits(prefix: int, parents: list[int], window: int = 64) -> list[int]:
             a = parents[a]
         out.append(signed64(sum(1 << (j - (L - window)) for j in seen if j >= L - window)))
     return out
+
+
+def dummy_decoder_folder(folder, family: str, heads: int, kv_heads: int, layers: int = 2) -> str:
+    """A config.json-only folder (random "dummy" weights) of a tiny Qwen2 / Qwen3 / Llama with
+    ``heads`` query and ``kv_heads`` KV heads of 16 dims, for tensor-parallel tests."""
+    import json
+    arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}[family]
+    cfg = dict(architectures=[arch], model_type=family, vocab_size=600, hidden_size=48, intermediate_size=96,
+               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=16,
+               rms_norm_eps=1e-6, max_position_embeddings=512, rope_theta=10000.0,
+               tie_word_embeddings=family == "qwen2", eos_token_id=3)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return str(folder)

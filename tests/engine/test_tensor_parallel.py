@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from helpers import check_clean, random_prompts
+from helpers import check_clean, dummy_decoder_folder, random_prompts
 from miniinfer import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
@@ -57,23 +57,12 @@ def test_dead_rank_fails_with_an_error(tiny_llm):
     llm.engine.shutdown()
 
 
-def _dummy_config(folder, family: str, heads: int, kv_heads: int) -> str:
-    import json
-    arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[family]
-    cfg = dict(architectures=[arch], model_type=family, vocab_size=600, hidden_size=48, intermediate_size=96,
-               num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=16,
-               rms_norm_eps=1e-6, max_position_embeddings=512, rope_theta=10000.0,
-               tie_word_embeddings=family == "qwen2", eos_token_id=3)
-    (folder / "config.json").write_text(json.dumps(cfg))
-    return str(folder)
-
-
 @pytest.mark.parametrize("family,heads,kv_heads,tp", [("qwen2", 6, 6, 2), ("qwen2", 6, 6, 3), ("qwen3", 6, 3, 3)])
 def test_dummy_weights_are_shard_consistent(tmp_path, family, heads, kv_heads, tp):
     """Random ("dummy") weights are drawn for the full tensors and then sliced, so TP=N holds the
     same model as TP=1 and greedy outputs are identical (issue #15)."""
     from miniinfer import LLM
-    folder = _dummy_config(tmp_path, family, heads, kv_heads)
+    folder = dummy_decoder_folder(tmp_path, family, heads, kv_heads)
     kw = dict(load_format="dummy", device="cpu", dtype="float32", num_kv_blocks=64, progress=False)
     prompts = random_prompts(4, seed=8, min_len=3, max_len=30, vocab=600)
     want = _run(LLM(folder, **kw), prompts)

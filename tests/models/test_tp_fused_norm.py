@@ -12,27 +12,17 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from helpers import random_prompts
+from helpers import dummy_decoder_folder, random_prompts
 from miniinfer import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10)
-
-
-def _dummy_folder(folder, family: str, heads: int, kv_heads: int) -> str:
-    arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}[family]
-    cfg = dict(architectures=[arch], model_type=family, vocab_size=600, hidden_size=48, intermediate_size=96,
-               num_hidden_layers=3, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=16,
-               rms_norm_eps=1e-6, max_position_embeddings=512, rope_theta=10000.0,
-               tie_word_embeddings=family == "qwen2", eos_token_id=3)
-    (folder / "config.json").write_text(json.dumps(cfg))
-    return str(folder)
 
 
 @pytest.mark.parametrize("family,heads,kv_heads,tp", [("qwen2", 6, 6, 2), ("qwen3", 6, 3, 3), ("llama", 6, 1, 3)])
 def test_tp_with_switch_on_equals_one_rank(tmp_path, monkeypatch, family, heads, kv_heads, tp):
     from miniinfer import LLM
     monkeypatch.setenv("MINIINFER_FUSED_AR_NORM", "1")  # the spawned ranks inherit it
-    folder = _dummy_folder(tmp_path, family, heads, kv_heads)
+    folder = dummy_decoder_folder(tmp_path, family, heads, kv_heads, layers=3)
     kw = dict(load_format="dummy", device="cpu", dtype="float32", num_kv_blocks=64, progress=False)
     prompts = random_prompts(4, seed=11, min_len=3, max_len=30, vocab=600)
     run = lambda llm: [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]  # noqa: E731
@@ -74,7 +64,7 @@ def test_every_all_reduce_is_fused_with_a_norm(tmp_path, monkeypatch):
     count ``comm.py``'s ping-pong buffers rely on."""
     import miniinfer.models.decoder as dec
     from miniinfer.config import ModelConfig
-    _dummy_folder(tmp_path, "qwen2", 6, 6)
+    dummy_decoder_folder(tmp_path, "qwen2", 6, 6, layers=3)
     cfg = ModelConfig.from_hf_dict(json.loads((tmp_path / "config.json").read_text()))
 
     class _NoAttention:  # attention itself is not what is counted: q's shape back
