@@ -54,3 +54,10 @@ def test_structured_bench_quick(tmp_path):
         assert m["qwen2_tiny_" + key] > 0, key
     assert m["qwen2_tiny_grammar_compile_ms_warm"] < m["qwen2_tiny_grammar_compile_ms_cold"]  # a cache hit
     assert all(isinstance(v, (int, float)) for v in m.values())  # the result format: name -> number
+    phases = result["details"]["host_phases_us_per_step"]  # benchmarks/step_phases.py
+    for bs in (1, 4):
+        for mode in ("plain", "json", "json_serial"):
+            ph = phases[f"qwen2_tiny_bs{bs}"][mode]
+            assert ph["steps"] >= 16 and ph["step"] > 0 and ph["schedule"] > 0 and ph["process"] > 0, (bs, mode, ph)
+            parts = ph["schedule"] + ph["forward"] + ph["sample"] + ph["collect"] + ph["process"]
+            assert parts <= ph["step"] * 1.05, (bs, mode, ph)  # nested in step(): the parts fit in it
