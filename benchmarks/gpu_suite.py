@@ -22,6 +22,10 @@ STEPS = {
                          "tests/gpu/test_gpu_parity.py::test_greedy_identical_fp32",
                          "tests/kernels/test_kernel_triton_backend.py"], 240),
     "kernel-bench": ([sys.executable, "benchmarks/kernel_bench.py"], 300),
+    "gemv-bench": ([sys.executable, "benchmarks/gemv_bench.py", "--budget-s", "100"], 240),  # $OUT/gemv-bench.json
+    "prefill-attn-bench": ([sys.executable, "benchmarks/prefill_attn_bench.py", "--budget-s", "110"], 240),
+    "allreduce-fused": ([sys.executable, "benchmarks/allreduce_bench.py", "--mode", "all",  # needs 2 GPUs
+                         "--out", f"{OUT}/allreduce-fused-norm.json"], 180),
     "attention-tests": ([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                          "tests/kernels/test_kernel_attention.py", "tests/kernels/test_kernel_sampling.py",
                          "tests/gpu/test_gpu_parity.py::test_seeded_sampling_on_gpu_ignores_batch_mates",
