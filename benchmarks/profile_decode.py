@@ -9,7 +9,10 @@ launches a little). ``--timer events`` brackets each step's device work with two
 and no tracer: the GPU idle fraction is 1 - (sum of step spans) / wall, where a step's span
 runs from its first queued op starting to its last finishing (a step that the host feeds
 slower than the GPU runs counts as busy: this measures the gaps *between* steps).
-``--workload throughput`` is shared/BENCHMARKS.md §1 (256 requests, 100-1024 in and out).
+``--workload throughput`` is shared/BENCHMARKS.md §1 (256 requests, 100-1024 in and out);
+``--workload long`` is §9's throughput run (128 requests of 4,000-8,000 tokens, 256 out,
+``max_model_len`` 32768; pair it with ``--prefill-attention auto|triton`` to see where the split
+prefill path's time goes).
 """
 from __future__ import annotations
 
@@ -37,15 +40,17 @@ def main() -> None:
     ap.add_argument("--overlap", dest="overlap", action="store_true")
     ap.add_argument("--no-overlap", dest="overlap", action="store_false")
     ap.set_defaults(overlap=True)
-    ap.add_argument("--workload", choices=["decode", "throughput", "prefix", "ttft1024"], default="decode")
+    ap.add_argument("--workload", choices=["decode", "throughput", "prefix", "ttft1024", "long"], default="decode")
+    ap.add_argument("--prefill-attention", default="triton", choices=["triton", "auto"])
     ap.add_argument("--trace-steps", type=int, default=0, help="events timer: per-step detail of the first N steps")
     ap.add_argument("--timer", choices=["cupti", "events"], default="cupti")
     ap.add_argument("--window", default="", help="events timer: also trace steps A:B with the profiler")
     a, _ = ap.parse_known_args()
     out_dir = os.environ.get("OUT", "artifacts")
     os.makedirs(out_dir, exist_ok=True)
-    llm = LLM(a.model, load_format="dummy", max_model_len=4096, overlap_scheduling=a.overlap, progress=False,
-              tensor_parallel_size=a.tp)
+    llm = LLM(a.model, load_format="dummy", max_model_len=32768 if a.workload == "long" else 4096,
+              overlap_scheduling=a.overlap, progress=False, tensor_parallel_size=a.tp,
+              prefill_attention=a.prefill_attention)
     rng = random.Random(0)
     if a.workload == "prefix":  # shared/BENCHMARKS.md §5 (Qwen2-0.5B in the bench)
         system = [rng.randrange(10000) for _ in range(2048)]
@@ -54,6 +59,10 @@ def main() -> None:
     elif a.workload == "ttft1024":
         prompts = [[rng.randrange(10000) for _ in range(1024)]]
         p = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    elif a.workload == "long":  # shared/BENCHMARKS.md §9 throughput, the harness's prompts
+        random.seed(0)
+        prompts = [[random.randint(0, 10000) for _ in range(random.randint(4000, 8000))] for _ in range(128)]
+        p = SamplingParams(temperature=0.6, max_tokens=256, ignore_eos=True)
     elif a.workload == "throughput":
         from miniinfer.bench.common import random_workload
         prompts, outs = random_workload(256, (100, 1024), (100, 1024), seed=0)
