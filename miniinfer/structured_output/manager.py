@@ -7,6 +7,7 @@ cache, so filling one row of the ``[B, ceil(V / 32)]`` int32 bitmask takes micro
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import json
 import os
@@ -235,12 +236,22 @@ class StructuredOutputManager:
         t0 = time.perf_counter()
         host = self._next_host(num_rows)
         host.fill_(-1)
-        for i in constrained:
+
+        def walk(i: int) -> None:
             r, n = seq_rows[i], len(drafts[i]) + 1
             block = host[r.start:r.start + n]
             _walk_tree(seqs[i].grammar, drafts[i], parents[i], block)
             block[(block == 0).all(dim=1)] = -1  # a forbidden draft's row (unused, see above)
-            rows.extend(range(r.start, r.start + n))
+
+        # one tree a task: xgrammar's traversal releases the GIL (8 walks of 11 nodes, Qwen2's
+        # vocabulary, 2 cores: 1.1 ms on one thread, 0.75 ms on two)
+        if self._fill_pool is not None and len(constrained) >= 2:
+            self._fill_pool.run([functools.partial(walk, i) for i in constrained])
+        else:
+            for i in constrained:
+                walk(i)
+        for i in constrained:
+            rows.extend(range(seq_rows[i].start, seq_rows[i].start + len(drafts[i]) + 1))
         self.fill_times_us.append((time.perf_counter() - t0) * 1e6)
         return self._to_device(host, rows)
 
@@ -337,6 +348,23 @@ class _FillPool:
             rows = chunks[k]
             batch.batch_fill_next_token_bitmask([matchers[j] for j in rows[0]], bitmask, rows[1])
         cpu.append(time.thread_time() - t0)
+
+    def run(self, tasks: list) -> None:
+        """Call every task (no arguments; independent of each other, e.g. one draft tree's walk
+        through its own matcher, whose xgrammar call releases the GIL) on up to ``threads``
+        threads, the caller one of them; returns when all are done (a task's error raised)."""
+        counter = itertools.count()
+
+        def drain() -> None:
+            while (k := next(counter)) < len(tasks):  # next() is atomic under the GIL
+                tasks[k]()
+
+        futures = [self._pool.submit(drain) for _ in range(min(self.threads, len(tasks)) - 1)]
+        try:
+            drain()
+        finally:
+            for f in futures:
+                f.result()
 
     def fill(self, matchers: list, bitmask: torch.Tensor, rows: list[int]) -> None:
         """Fill ``bitmask[rows[j]]`` from ``matchers[j]`` for every j."""

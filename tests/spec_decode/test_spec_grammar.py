@@ -10,6 +10,7 @@ import re
 
 import jsonschema
 import pytest
+import torch
 
 from helpers import check_clean
 from miniinfer import LLM, SamplingParams, StructuredOutputsParams
@@ -111,6 +112,36 @@ def test_tree_mask_rows_follow_each_branch(smol_llm):
     assert bool((mask.bitmask[3] == -1).all()) and bool((mask.bitmask[6] == -1).all())  # under "London": unused
     assert not allowed(4, france) and not allowed(5, italy)  # complete strings: only the end may follow
     assert not matcher.is_terminated() and matcher.accept_token(rome)  # the walk left the matcher as it was
+
+
+def test_tree_masks_of_many_sequences_on_fill_threads_equal_one_by_one(smol_llm, monkeypatch):
+    """Several constrained sequences' trees walked as tasks on the fill pool (each through its
+    own matcher, in parallel) give the rows that walking them one by one gives, at each
+    sequence's own rows; an unconstrained sequence's rows stay all-allowed."""
+    from types import SimpleNamespace
+
+    from miniinfer.structured_output.manager import _FillPool
+    so = smol_llm.engine.structured_output
+    tok = smol_llm.engine.tokenizer
+    grammar = so.compile(StructuredOutputsParams(choice=["Paris France", "Rome Italy", "Oslo Norway"]))
+    words = {w: tok.encode(w, add_special_tokens=False)[0] for w in ("Paris", " France", "Rome", " Italy", "Oslo")}
+    trees = [([words["Paris"], words[" France"]], [-1, 0]),
+             ([words["Rome"], words["Paris"], words[" Italy"]], [-1, -1, 0]),
+             ([words["Oslo"]], [-1]), ([words["Rome"], words[" Italy"]], [-1, 0])]
+    seqs = [SimpleNamespace(grammar=so.new_matcher(grammar), grammar_active=i != 2, is_finished=False)
+            for i in range(len(trees))]
+    seq_rows, start = [], 0
+    for drafts, _ in trees:
+        seq_rows.append(range(start, start + len(drafts) + 1))
+        start += len(drafts) + 1
+    args = ([d for d, _ in trees], [p for _, p in trees], seq_rows)
+    monkeypatch.setattr(so, "_fill_pool", None)
+    one_by_one = so.fill_verify_bitmask(seqs, *args).bitmask.clone()
+    monkeypatch.setattr(so, "_fill_pool", _FillPool(3))
+    on_pool = so.fill_verify_bitmask(seqs, *args).bitmask
+    assert torch.equal(on_pool, one_by_one)
+    assert bool((one_by_one[seq_rows[2].start:seq_rows[2].stop] == -1).all())  # unconstrained
+    assert not bool((one_by_one[seq_rows[0].start] == -1).all())  # a constrained root row constrains
 
 
 def test_grammar_aware_drafts_are_all_grammatical(reference, monkeypatch):
