@@ -10,6 +10,8 @@ children of that node are taken among them. The real matcher never moves here.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from miniinfer.engine.sequence import Sequence
@@ -39,11 +41,14 @@ class GrammarDraftMask:
             return None
         J = len(paths[0])
         out = torch.ones(len(seqs), J, self.words.shape[0], dtype=torch.bool)
-        for b in constrained:
+
+        def one(b: int) -> None:  # sequence b's rows (its own matcher: the tasks are independent)
             tokens, parents, node_of = _tree_of_paths(paths[b])
             bitmask = self.manager.fill_tree_bitmask(seqs[b].grammar, tokens, parents)  # [n + 1, W]
             picked = bitmask[torch.tensor(node_of)]  # [J, W]: each frontier node's row
             out[b] = ((picked[:, self.words] >> self.bits) & 1).bool() & self.valid
+
+        self.manager.run_tasks([functools.partial(one, b) for b in constrained])
         return out
 
 

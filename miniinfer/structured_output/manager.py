@@ -243,18 +243,23 @@ class StructuredOutputManager:
             _walk_tree(seqs[i].grammar, drafts[i], parents[i], block)
             block[(block == 0).all(dim=1)] = -1  # a forbidden draft's row (unused, see above)
 
-        # one tree a task: xgrammar's traversal releases the GIL (8 walks of 11 nodes, Qwen2's
-        # vocabulary, 2 cores: 1.1 ms on one thread, 0.75 ms on two)
-        if self._fill_pool is not None and len(constrained) >= 2:
-            self._fill_pool.run([functools.partial(walk, i) for i in constrained])
-        else:
-            for i in constrained:
-                walk(i)
+        self.run_tasks([functools.partial(walk, i) for i in constrained])  # one tree a task
         for i in constrained:
             rows.extend(range(seq_rows[i].start, seq_rows[i].start + len(drafts[i]) + 1))
         self.fill_times_us.append((time.perf_counter() - t0) * 1e6)
         return self._to_device(host, rows)
 
+
+    def run_tasks(self, tasks: list) -> None:
+        """Run independent host tasks (e.g. one draft tree's walk through its own matcher:
+        xgrammar's traversal releases the GIL; 8 walks of 11 nodes, Qwen2's vocabulary, 2 cores:
+        1.1 ms on one thread, 0.75 ms on two) on the fill threads when there are several, else
+        one after another on this thread. Returns when all are done."""
+        if self._fill_pool is not None and len(tasks) >= 2:
+            self._fill_pool.run(tasks)
+        else:
+            for task in tasks:
+                task()
 
     def fill_tree_bitmask(self, matcher, tokens: list[int], parents: list[int]) -> torch.Tensor:
         """Rows [1 + n, W] int32 (CPU) of a draft tree walked from ``matcher``'s state and rolled

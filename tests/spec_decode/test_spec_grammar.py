@@ -144,6 +144,29 @@ def test_tree_masks_of_many_sequences_on_fill_threads_equal_one_by_one(smol_llm,
     assert not bool((one_by_one[seq_rows[0].start] == -1).all())  # a constrained root row constrains
 
 
+def test_draft_masks_of_many_sequences_on_fill_threads_equal_one_by_one(smol_llm, monkeypatch):
+    """Grammar-aware drafting's per-sequence tree walks as tasks on the fill pool give the
+    masks that walking them one by one gives."""
+    from types import SimpleNamespace
+
+    from miniinfer.spec_decode.grammar_draft import GrammarDraftMask
+    from miniinfer.structured_output.manager import _FillPool
+    so = smol_llm.engine.structured_output
+    tok = smol_llm.engine.tokenizer
+    grammar = so.compile(StructuredOutputsParams(choice=["Paris France", "Rome Italy"]))
+    paris, rome = (tok.encode(w, add_special_tokens=False)[0] for w in ("Paris", "Rome"))
+    seqs = [SimpleNamespace(grammar=so.new_matcher(grammar), grammar_active=True, is_finished=False)
+            for _ in range(3)]
+    paths = [[[], [paris]], [[], [rome]], [[rome], [rome, paris]]]
+    masks = GrammarDraftMask(so, None, smol_llm.engine.model_config.vocab_size)
+    monkeypatch.setattr(so, "_fill_pool", None)
+    one_by_one = masks.rows(seqs, paths)
+    monkeypatch.setattr(so, "_fill_pool", _FillPool(3))
+    on_pool = masks.rows(seqs, paths)
+    assert torch.equal(on_pool, one_by_one)
+    assert bool(one_by_one[0, 0, paris]) and not bool(one_by_one[2, 1].any())  # "Rome" then "Paris": forbidden
+
+
 def test_grammar_aware_drafts_are_all_grammatical(reference, monkeypatch):
     """With the head's proposals masked by the grammar (the default), every draft of a
     constrained sequence is allowed at its parent's row of the verify mask; without, some are
