@@ -131,6 +131,8 @@ def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                 kk, vv = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
             try:
                 o, lse = _run_op(op, q, kk, vv, scale, want_lse)
+            except torch.cuda.OutOfMemoryError:
+                raise  # not the op's fault: keep it for later steps
             except (RuntimeError, NotImplementedError) as exc:  # host-side checks: nothing launched
                 _bad_ops.add((op, repeat))
                 errors.append(f"{op}{' (repeat_kv)' if repeat else ''}: {exc}")

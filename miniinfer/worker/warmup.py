@@ -11,9 +11,10 @@ from miniinfer.engine.sequence import Sequence
 from miniinfer.engine.step import ScheduledSeq, SchedulerOutput
 from miniinfer.sampling_params import SamplingParams
 
-# (prompt lengths, new tokens per sequence), chosen to hit Triton's int specializations
+# (prompt lengths, new tokens per sequence), chosen to hit Triton's int specializations and the
+# extend kernel's query-tile sizes (16, 32, 64, 128 rows: max_query_len 16, 24, 37, 130)
 PLANS = [
-    ([1], [1]), ([16], [16]), ([37], [37]), ([64, 37], [64, 37]), ([300, 17], [44, 1]),
+    ([1], [1]), ([16], [16]), ([24], [24]), ([37], [37]), ([64, 37], [64, 37]), ([300, 17], [44, 1]),
     ([200, 150, 9], [1, 130, 9]),  # >64 new tokens: the largest extend query tile
     ([33, 20, 9], [1, 1, 1]), ([129] * 5, [1] * 5),
     ([40, 21], [1, 1]),  # 2 rows: the decode GEMV's 2-row kernels (models/linear.py), compiled before graph capture
