@@ -25,7 +25,8 @@ An FP8 cache (``float8_e4m3fn``) takes the kernels' FP8 variants with the backen
 Long extend chunks (``q_len >= split_min_query_len``) take the split path of
 ``attention/prefill_split.py`` (SDPA on the new tokens + the paged prefix kernel, merged)
 when ``prefill_attention`` is ``"auto"`` (``set_prefill_attention``, from
-``EngineConfig.prefill_attention``; default ``"triton"``: off until verified on a GPU) and the
+``EngineConfig.prefill_attention``; default ``"triton"``: on an H200 the split cut a 16k-token
+TTFT 492 -> 461 ms but slowed the long-prompt throughput run 3,202 -> 2,454 tok/s) and the
 step allows it: host lists present (never under
 CUDA-graph capture or replay), no tree mask, no FP8 cache, bf16/fp16 on CUDA.
 """
