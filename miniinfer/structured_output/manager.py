@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import collections
 import functools
-import itertools
 import json
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from miniinfer.errors import InvalidRequestError
 from miniinfer.sampling_params import StructuredOutputsParams
+from miniinfer.structured_output.fill_pool import FillPool, fill_threads
+
+if TYPE_CHECKING:
+    from miniinfer.structured_output.advance import GrammarAdvance
 
 MAX_GRAMMAR_BYTES = 64 * 1024  # a schema / regex / grammar larger than this is refused
 MAX_SCHEMA_DEPTH = 32  # nesting of a JSON schema (objects and lists)
@@ -27,7 +31,6 @@ MAX_SCHEMA_NODES = 20_000  # values in a JSON schema, counted as a tree (a share
 COMPILE_TIMEOUT_S = 10.0  # wall-clock limit of one compilation
 COMPILE_CACHE_BYTES = 128 << 20
 BATCH_FILL_MIN_ROWS = 4  # from this many constrained rows on, rows are filled by a thread pool
-MAX_FILL_THREADS = 16
 
 
 @dataclass
@@ -125,9 +128,13 @@ class StructuredOutputManager:
         self._turn = 0
         self.overlap = True  # False: wait for the forward before filling (the A/B baseline)
         # Many rows are filled by threads of our own, started once (30-150 µs a row on one
-        # core); see _FillPool for why not xgrammar's BatchGrammarMatcher(max_threads=n).
-        threads = _fill_threads(device)
-        self._fill_pool = _FillPool(threads) if threads >= 2 else None
+        # core); see FillPool for why not xgrammar's BatchGrammarMatcher(max_threads=n).
+        threads = fill_threads(device)
+        self._fill_pool = FillPool(threads) if threads >= 2 else None
+        native = os.environ.get("MINIINFER_GRAMMAR_FILL") == "native" and threads >= 2
+        self._native = xgr.BatchGrammarMatcher(max_threads=threads) if native else None
+        self._step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="miniinfer-grammar-step")
+        self._advance: GrammarAdvance | None = None  # started for the next fill_bitmask
         self.fill_times_us: collections.deque[float] = collections.deque(maxlen=100_000)  # host time per fill
 
     # --- compilation ---------------------------------------------------------------------
@@ -173,10 +180,29 @@ class StructuredOutputManager:
         return self._xgr.GrammarMatcher(grammar)
 
     # --- per step ---------------------------------------------------------------------------
+    def start_advance(self, advances: list[tuple[object, int]], next_seqs: list) -> GrammarAdvance | None:
+        """Start, on the grammar thread, what a constrained step does on the host: each
+        (sequence, committed token) of ``advances`` advances its matcher, then the rows of
+        ``next_seqs`` (the next step's sampling rows, in order) that are constrained now are
+        filled; ``fill_bitmask(next_seqs)`` then takes that mask (see ``advance.py``). None
+        with the overlap off (the serial baseline fills after the forward) or nothing to do."""
+        if not self.overlap:
+            return None
+        rows = [i for i, s in enumerate(next_seqs) if s.grammar_active and not s.is_finished]
+        if not advances and not rows:
+            return None
+        from miniinfer.structured_output.advance import GrammarAdvance
+        self._advance = GrammarAdvance([a[0] for a in advances], [a[1] for a in advances], next_seqs, rows,
+                                       self._next_host(len(next_seqs)), self._fill_rows, self._step_thread)
+        return self._advance
+
     def fill_bitmask(self, seqs: list) -> GrammarBitmask | None:
         """The runner's hook between forward and sampling: fill the bitmask rows of the
         constrained sequences among this step's sampling rows (``seqs``, in row order) on the
         host and start its copy to the device. None when no row is constrained."""
+        advance, self._advance = self._advance, None
+        if advance is not None and advance.fill_seqs is seqs:
+            return self._take_advance(advance, seqs)
         # a sequence finished by the previous step (processed just before) is still in this
         # batch: its token will be dropped, its matcher may have terminated: no row for it
         rows = [i for i, s in enumerate(seqs) if s.grammar_active and not s.is_finished]
@@ -186,13 +212,32 @@ class StructuredOutputManager:
             torch.cuda.synchronize(self.device)  # serial baseline: the fill starts after the forward
         t0 = time.perf_counter()
         host = self._next_host(len(seqs))
-        if self._fill_pool is not None and len(rows) >= BATCH_FILL_MIN_ROWS:
-            self._fill_pool.fill([seqs[i].grammar for i in rows], host, rows)
-        else:
-            for i in rows:
-                seqs[i].grammar.fill_next_token_bitmask(host, i)
+        self._fill_rows([seqs[i].grammar for i in rows], host, rows)
         self.fill_times_us.append((time.perf_counter() - t0) * 1e6)
         return self._to_device(host, rows)
+
+    def _take_advance(self, advance: GrammarAdvance, seqs: list) -> GrammarBitmask | None:
+        """The mask the grammar thread filled, plus rows whose grammar woke since it started
+        (a reasoning model's thinking ended with the last token): filled here."""
+        advance.wait()
+        self.fill_times_us.append(advance.fill_us)
+        started = set(advance.rows)
+        late = [i for i, s in enumerate(seqs) if i not in started and s.grammar_active and not s.is_finished]
+        for i in late:
+            seqs[i].grammar.fill_next_token_bitmask(advance.host, i)
+        rows = sorted(advance.rows + late)
+        return self._to_device(advance.host, rows) if rows else None
+
+    def _fill_rows(self, matchers: list, host: torch.Tensor, rows: list[int]) -> None:
+        """``host[rows[j]]`` from ``matchers[j]``: on the fill threads when there are many rows
+        (``MINIINFER_GRAMMAR_FILL=native``: xgrammar's own batch fill, threads made per call)."""
+        if self._native is not None and len(rows) >= BATCH_FILL_MIN_ROWS:
+            self._native.batch_fill_next_token_bitmask(matchers, host, rows)
+        elif self._fill_pool is not None and len(rows) >= BATCH_FILL_MIN_ROWS:
+            self._fill_pool.fill(matchers, host, rows)
+        else:
+            for m, i in zip(matchers, rows):
+                m.fill_next_token_bitmask(host, i)
 
     def _next_host(self, num_rows: int) -> torch.Tensor:
         """This step's host bitmask rows: the other of two (pinned on CUDA) buffers, grown when
@@ -293,97 +338,3 @@ def _child_sibling_lists(parents: list[int]) -> tuple[list[int], list[int]]:
             next_sibling[last_child[parent]] = node
         last_child[parent] = node
     return first_child, next_sibling
-
-
-def _fill_threads(device: torch.device) -> int:
-    """Threads that fill a step's mask rows (the engine thread is one of them): the CPUs this
-    process may run on (not ``os.cpu_count()``, the whole host's), at most MAX_FILL_THREADS.
-    When the model runs on the CPU, less torch's other intra-op threads: they spin-wait between
-    the step's ops and keep their cores (measured on 2 cores, torch at 2 threads: a 2-thread
-    fill took as long as one thread, 4.7 vs 4.4 ms for 64 rows; torch at 1 thread: 2.7 ms)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    if device.type == "cpu":
-        n -= torch.get_num_threads() - 1
-    return max(1, min(MAX_FILL_THREADS, n))
-
-
-class _FillPool:
-    """Fills many matchers' rows at once on threads started once, the caller being one of them.
-
-    xgrammar 0.2.9's ``BatchGrammarMatcher(max_threads=n)`` creates and joins ``n`` OS threads
-    inside every ``batch_fill_next_token_bitmask`` call (counted with strace: 2 clones per call
-    at n = 2): ~60 µs per step on 2 cores, and with 16 threads more than many of the rows cost
-    themselves. Here each thread (a persistent worker, or the caller) takes chunks of rows from
-    a shared counter and fills each chunk with one ``BatchGrammarMatcher(max_threads=1)`` call
-    of its own, which runs in the calling thread with the GIL released (no thread created).
-    Chunks are interleaved rows, twice as many as threads, taken in turn: a slow row delays
-    only its own chunk. Distinct matchers write distinct rows, as in xgrammar's own batch fill.
-
-    How many threads: waking a worker costs tens of µs, and a row costs from ~5 µs (a 49k
-    vocabulary) to ~300 µs (151k, inside a bounded string), so the count follows the work: one
-    thread per ``WORK_PER_THREAD_US`` of the step's expected fill (rows × the running mean of a
-    row's CPU time, measured per chunk), at least one, at most ``threads``."""
-
-    WORK_PER_THREAD_US = 100.0
-
-    def __init__(self, threads: int):
-        import xgrammar as xgr
-        self.threads = threads
-        self.row_us = 100.0  # running mean of one row's fill, CPU µs (first steps: a guess)
-        self._xgr = xgr
-        self._local = threading.local()
-        self._pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="miniinfer-fill")
-
-    def _batch(self):
-        b = getattr(self._local, "batch", None)
-        if b is None:
-            b = self._local.batch = self._xgr.BatchGrammarMatcher(max_threads=1)
-        return b
-
-    def _work(self, chunks, counter, matchers, bitmask, cpu: list) -> None:
-        batch = self._batch()
-        t0 = time.thread_time()
-        while True:
-            k = next(counter)  # atomic under the GIL
-            if k >= len(chunks):
-                break
-            rows = chunks[k]
-            batch.batch_fill_next_token_bitmask([matchers[j] for j in rows[0]], bitmask, rows[1])
-        cpu.append(time.thread_time() - t0)
-
-    def run(self, tasks: list) -> None:
-        """Call every task (no arguments; independent of each other, e.g. one draft tree's walk
-        through its own matcher, whose xgrammar call releases the GIL) on up to ``threads``
-        threads, the caller one of them; returns when all are done (a task's error raised)."""
-        counter = itertools.count()
-
-        def drain() -> None:
-            while (k := next(counter)) < len(tasks):  # next() is atomic under the GIL
-                tasks[k]()
-
-        futures = [self._pool.submit(drain) for _ in range(min(self.threads, len(tasks)) - 1)]
-        try:
-            drain()
-        finally:
-            for f in futures:
-                f.result()
-
-    def fill(self, matchers: list, bitmask: torch.Tensor, rows: list[int]) -> None:
-        """Fill ``bitmask[rows[j]]`` from ``matchers[j]`` for every j."""
-        n = len(rows)
-        threads = max(1, min(self.threads, n, int(n * self.row_us / self.WORK_PER_THREAD_US)))
-        k = 1 if threads == 1 else min(n, 2 * threads)
-        chunks = [(range(j, n, k), rows[j::k]) for j in range(k)]
-        counter = itertools.count()
-        cpu: list[float] = []
-        futures = [self._pool.submit(self._work, chunks, counter, matchers, bitmask, cpu)
-                   for _ in range(threads - 1)]
-        try:
-            self._work(chunks, counter, matchers, bitmask, cpu)
-        finally:
-            for f in futures:
-                f.result()  # every row written (and a worker's error raised) before the mask is used
-        self.row_us += 0.2 * (sum(cpu) * 1e6 / n - self.row_us)

@@ -120,7 +120,7 @@ def test_tree_masks_of_many_sequences_on_fill_threads_equal_one_by_one(smol_llm,
     sequence's own rows; an unconstrained sequence's rows stay all-allowed."""
     from types import SimpleNamespace
 
-    from miniinfer.structured_output.manager import _FillPool
+    from miniinfer.structured_output.fill_pool import FillPool as _FillPool
     so = smol_llm.engine.structured_output
     tok = smol_llm.engine.tokenizer
     grammar = so.compile(StructuredOutputsParams(choice=["Paris France", "Rome Italy", "Oslo Norway"]))
@@ -150,7 +150,7 @@ def test_draft_masks_of_many_sequences_on_fill_threads_equal_one_by_one(smol_llm
     from types import SimpleNamespace
 
     from miniinfer.spec_decode.grammar_draft import GrammarDraftMask
-    from miniinfer.structured_output.manager import _FillPool
+    from miniinfer.structured_output.fill_pool import FillPool as _FillPool
     so = smol_llm.engine.structured_output
     tok = smol_llm.engine.tokenizer
     grammar = so.compile(StructuredOutputsParams(choice=["Paris France", "Rome Italy"]))

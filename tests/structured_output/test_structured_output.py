@@ -164,7 +164,7 @@ def test_fill_pool_writes_what_one_by_one_fills_write(smol):
     rows the one-by-one fill writes, and no other row, for matchers in different states."""
     import torch
     import xgrammar as xgr
-    from miniinfer.structured_output.manager import _FillPool
+    from miniinfer.structured_output.fill_pool import FillPool as _FillPool
     so = smol.engine.structured_output
     grammar = so.compile(StructuredOutputsParams(json=SCHEMAS[0]))
     width = xgr.get_bitmask_shape(1, so.info.vocab_size)[1]
