@@ -273,8 +273,7 @@ class LLMEngine:
                 fwd = self.runner.forward(sched, self.inflight)
                 prev, self.inflight = self.inflight, None
                 result = self.runner.collect(prev)
-                advance = self._start_grammar_advance(prev, result, fwd)
-                done = self._process(prev, result, advance)  # matchers advance by N-1's tokens
+                done = self._process(prev, result)  # matchers advance by N-1's tokens
                 return self.runner.sample(fwd), done  # N's mask is filled there, while N's forward runs
             return self.runner.launch(sched, self.inflight), done
         except BaseException:
@@ -284,24 +283,13 @@ class LLMEngine:
                 s.seq.num_computed_tokens = s.start
             raise
 
-    def _start_grammar_advance(self, prev: InFlightStep, result, fwd):
-        """Start N-1's matcher advances and N's mask fill on the grammar thread, so that they
-        run beside N-1's output processing (``structured_output/advance.py``); None where a
-        step carries speculative tokens (their masks are per draft node)."""
-        if result.spec_token_ids is not None or fwd.seq_rows is not None:
-            return None
-        samples = [s.seq for s in prev.sched.scheduled if s.samples]
-        advances = [(seq, token) for seq, token in zip(samples, result.token_ids)
-                    if seq.grammar_active and not seq.is_finished]
-        return self._structured.start_advance(advances, fwd.sampling_seqs)
-
     def _complete(self, step: InFlightStep) -> list[RequestOutput]:
         return self._process(step, self.runner.collect(step))
 
-    def _process(self, step: InFlightStep, result, grammar_advance=None) -> list[RequestOutput]:
+    def _process(self, step: InFlightStep, result) -> list[RequestOutput]:
         if self.proposer is not None:
             self.proposer.record(step.sched, result)
-        outputs = self.output_processor.process(step.sched, result, grammar_advance)
+        outputs = self.output_processor.process(step.sched, result)
         for out in outputs:
             if out.finished:
                 self._forget(self.requests[out.request_id])

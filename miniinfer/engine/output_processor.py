@@ -12,16 +12,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from miniinfer.engine.scheduler import Scheduler
 from miniinfer.engine.sequence import Sequence
 from miniinfer.engine.step import ScheduledSeq, SchedulerOutput, StepResult
 from miniinfer.outputs import CompletionOutput, Logprob, RequestOutput
 from miniinfer.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    from miniinfer.structured_output.advance import GrammarAdvance
 
 log = logging.getLogger("miniinfer")
 
@@ -53,15 +49,11 @@ class OutputProcessor:
         self.max_model_len = max_model_len
         self.scheduler = scheduler
         self.generation_tokens_total = 0
-        self._grammar_advance: GrammarAdvance | None = None  # set while ``process`` runs
 
-    def process(self, sched: SchedulerOutput, result: StepResult,
-                grammar_advance: GrammarAdvance | None = None) -> list[RequestOutput]:
+    def process(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         """Apply a step's sampled ids; returns the outputs due (streaming requests that moved,
-        and every request that finished). The matchers that ``grammar_advance`` advances on the
-        grammar thread are left to it; its outcome is applied before the outputs are built."""
+        and every request that finished)."""
         now = time.monotonic()
-        self._grammar_advance = grammar_advance
         touched: set[str] = set()
         row = 0
         for s in sched.scheduled:
@@ -84,25 +76,12 @@ class OutputProcessor:
             except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
                 log.exception("request %s failed while processing its output", seq.request_id)
                 self.fail(seq, f"{type(e).__name__}: {e}")
-        self._grammar_advance = None
-        if grammar_advance is not None:
-            self._apply_grammar_advance(grammar_advance, now)
         outputs = []
         for rid in touched:
             req = self.requests.get(rid)
             if req is not None and (req.stream or req.finished):
                 outputs.append(make_output(req))
         return outputs
-
-    def _apply_grammar_advance(self, advance: GrammarAdvance, now: float) -> None:
-        """What ``_commit`` does with a matcher's outcome, for the ones the grammar thread
-        advanced: a rejected token fails the request, a completed grammar stops the sequence."""
-        for seq, token, accepted, terminated in advance.wait():
-            if not accepted:
-                self.fail(seq, f"RuntimeError: the grammar rejected token {token}, which the mask should have forbidden")
-            elif terminated and not seq.is_finished:
-                self.finish(seq, "stop")
-                seq.finished_time = now
 
     def _commit_verified(self, s: ScheduledSeq, tokens: list[int], path: list[int], result: StepResult,
                          row: int, now: float) -> None:
@@ -130,8 +109,7 @@ class OutputProcessor:
         self.generation_tokens_total += 1
         if seq.first_token_time is None:
             seq.first_token_time = now
-        advanced = self._grammar_advance is not None and self._grammar_advance.covers(seq)
-        grammar = _advance_grammar(seq, token) if seq.grammar is not None and not advanced else None
+        grammar = _advance_grammar(seq, token) if seq.grammar is not None else None
         if grammar is not None and grammar.error is not None:
             raise RuntimeError(grammar.error)
         self.check_stop(seq, token)

@@ -9,7 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-MAX_FILL_THREADS = 16
+# At most this many threads fill one step's rows. Measured on the H200 host's 16 Xeon cores
+# (benchmarks/grammar_fill_bench.py, 64 rows of Qwen2's vocabulary, 50 µs a row on one core):
+# 8 threads 1.32 ms, 16 threads 1.92 ms (GIL hand-offs between more Python threads than
+# the rows repay). MINIINFER_FILL_THREADS overrides it (benchmarks compare).
+MAX_FILL_THREADS = int(os.environ.get("MINIINFER_FILL_THREADS", "8"))
 
 
 def fill_threads(device: torch.device) -> int:

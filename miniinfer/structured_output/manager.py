@@ -9,21 +9,16 @@ from __future__ import annotations
 import collections
 import functools
 import json
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from miniinfer.errors import InvalidRequestError
 from miniinfer.sampling_params import StructuredOutputsParams
 from miniinfer.structured_output.fill_pool import FillPool, fill_threads
-
-if TYPE_CHECKING:
-    from miniinfer.structured_output.advance import GrammarAdvance
 
 MAX_GRAMMAR_BYTES = 64 * 1024  # a schema / regex / grammar larger than this is refused
 MAX_SCHEMA_DEPTH = 32  # nesting of a JSON schema (objects and lists)
@@ -131,10 +126,6 @@ class StructuredOutputManager:
         # core); see FillPool for why not xgrammar's BatchGrammarMatcher(max_threads=n).
         threads = fill_threads(device)
         self._fill_pool = FillPool(threads) if threads >= 2 else None
-        native = os.environ.get("MINIINFER_GRAMMAR_FILL") == "native" and threads >= 2
-        self._native = xgr.BatchGrammarMatcher(max_threads=threads) if native else None
-        self._step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="miniinfer-grammar-step")
-        self._advance: GrammarAdvance | None = None  # started for the next fill_bitmask
         self.fill_times_us: collections.deque[float] = collections.deque(maxlen=100_000)  # host time per fill
 
     # --- compilation ---------------------------------------------------------------------
@@ -180,29 +171,10 @@ class StructuredOutputManager:
         return self._xgr.GrammarMatcher(grammar)
 
     # --- per step ---------------------------------------------------------------------------
-    def start_advance(self, advances: list[tuple[object, int]], next_seqs: list) -> GrammarAdvance | None:
-        """Start, on the grammar thread, what a constrained step does on the host: each
-        (sequence, committed token) of ``advances`` advances its matcher, then the rows of
-        ``next_seqs`` (the next step's sampling rows, in order) that are constrained now are
-        filled; ``fill_bitmask(next_seqs)`` then takes that mask (see ``advance.py``). None
-        with the overlap off (the serial baseline fills after the forward) or nothing to do."""
-        if not self.overlap:
-            return None
-        rows = [i for i, s in enumerate(next_seqs) if s.grammar_active and not s.is_finished]
-        if not advances and not rows:
-            return None
-        from miniinfer.structured_output.advance import GrammarAdvance
-        self._advance = GrammarAdvance([a[0] for a in advances], [a[1] for a in advances], next_seqs, rows,
-                                       self._next_host(len(next_seqs)), self._fill_rows, self._step_thread)
-        return self._advance
-
     def fill_bitmask(self, seqs: list) -> GrammarBitmask | None:
         """The runner's hook between forward and sampling: fill the bitmask rows of the
         constrained sequences among this step's sampling rows (``seqs``, in row order) on the
         host and start its copy to the device. None when no row is constrained."""
-        advance, self._advance = self._advance, None
-        if advance is not None and advance.fill_seqs is seqs:
-            return self._take_advance(advance, seqs)
         # a sequence finished by the previous step (processed just before) is still in this
         # batch: its token will be dropped, its matcher may have terminated: no row for it
         rows = [i for i, s in enumerate(seqs) if s.grammar_active and not s.is_finished]
@@ -216,24 +188,9 @@ class StructuredOutputManager:
         self.fill_times_us.append((time.perf_counter() - t0) * 1e6)
         return self._to_device(host, rows)
 
-    def _take_advance(self, advance: GrammarAdvance, seqs: list) -> GrammarBitmask | None:
-        """The mask the grammar thread filled, plus rows whose grammar woke since it started
-        (a reasoning model's thinking ended with the last token): filled here."""
-        advance.wait()
-        self.fill_times_us.append(advance.fill_us)
-        started = set(advance.rows)
-        late = [i for i, s in enumerate(seqs) if i not in started and s.grammar_active and not s.is_finished]
-        for i in late:
-            seqs[i].grammar.fill_next_token_bitmask(advance.host, i)
-        rows = sorted(advance.rows + late)
-        return self._to_device(advance.host, rows) if rows else None
-
     def _fill_rows(self, matchers: list, host: torch.Tensor, rows: list[int]) -> None:
-        """``host[rows[j]]`` from ``matchers[j]``: on the fill threads when there are many rows
-        (``MINIINFER_GRAMMAR_FILL=native``: xgrammar's own batch fill, threads made per call)."""
-        if self._native is not None and len(rows) >= BATCH_FILL_MIN_ROWS:
-            self._native.batch_fill_next_token_bitmask(matchers, host, rows)
-        elif self._fill_pool is not None and len(rows) >= BATCH_FILL_MIN_ROWS:
+        """``host[rows[j]]`` from ``matchers[j]``: on the fill threads when there are many rows."""
+        if self._fill_pool is not None and len(rows) >= BATCH_FILL_MIN_ROWS:
             self._fill_pool.fill(matchers, host, rows)
         else:
             for m, i in zip(matchers, rows):
