@@ -80,10 +80,13 @@ class FillPool:
         through its own matcher, whose xgrammar call releases the GIL) on up to ``threads``
         threads, the caller one of them; returns when all are done (a task's error raised)."""
         counter = itertools.count()
+        # inference mode is per thread: a task may update tensors made under the caller's
+        inference = torch.is_inference_mode_enabled()
 
         def drain() -> None:
-            while (k := next(counter)) < len(tasks):  # next() is atomic under the GIL
-                tasks[k]()
+            with torch.inference_mode(inference):
+                while (k := next(counter)) < len(tasks):  # next() is atomic under the GIL
+                    tasks[k]()
 
         futures = [self._pool.submit(drain) for _ in range(min(self.threads, len(tasks)) - 1)]
         try:

@@ -187,3 +187,19 @@ def test_fill_pool_writes_what_one_by_one_fills_write(smol):
         got = torch.full_like(want, 7)
         _FillPool(threads).fill(matchers, got, rows)
         assert torch.equal(got, want), threads
+
+
+def test_fill_pool_tasks_run_in_the_callers_inference_mode():
+    """Inference mode is per thread: a task on a pool thread may update in place a tensor made
+    under the caller's inference mode (a verify mask's rows; failed on 16 GPU-host cores)."""
+    import torch
+    from miniinfer.structured_output.fill_pool import FillPool
+    pool = FillPool(3)
+    with torch.inference_mode():
+        t = torch.zeros(8, 4, dtype=torch.int32)
+
+        def task(i):
+            t[i][(t[i] == 0)] = i + 1
+        import functools
+        pool.run([functools.partial(task, i) for i in range(8)])
+    assert t[:, 0].tolist() == list(range(1, 9))
