@@ -122,6 +122,7 @@ class StructuredOutputManager:
         self._rows = [torch.empty(shape[0], dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self._turn = 0
         self.overlap = True  # False: wait for the forward before filling (the A/B baseline)
+        self.parallel_tasks = False  # run_tasks on the fill threads (see there)
         # Many rows are filled by threads of our own, started once (30-150 µs a row on one
         # core); see FillPool for why not xgrammar's BatchGrammarMatcher(max_threads=n).
         threads = fill_threads(device)
@@ -253,11 +254,13 @@ class StructuredOutputManager:
 
 
     def run_tasks(self, tasks: list) -> None:
-        """Run independent host tasks (e.g. one draft tree's walk through its own matcher:
-        xgrammar's traversal releases the GIL; 8 walks of 11 nodes, Qwen2's vocabulary, 2 cores:
-        1.1 ms on one thread, 0.75 ms on two) on the fill threads when there are several, else
-        one after another on this thread. Returns when all are done."""
-        if self._fill_pool is not None and len(tasks) >= 2:
+        """Run independent host tasks (e.g. one draft tree's walk through its own matcher),
+        one after another on this thread, or on the fill threads with ``parallel_tasks`` set.
+        Off by default: each walk holds the GIL for its Python and torch glue, and on the
+        H200 host's 16 cores the verify mask of 8 trees of 11 nodes took 3.45 ms on the
+        threads against ~2.3 ms one after another (§12, session 9; on 2 cores: 0.75 vs 1.1 ms).
+        Returns when all are done."""
+        if self.parallel_tasks and self._fill_pool is not None and len(tasks) >= 2:
             self._fill_pool.run(tasks)
         else:
             for task in tasks:

@@ -138,6 +138,7 @@ def test_tree_masks_of_many_sequences_on_fill_threads_equal_one_by_one(smol_llm,
     monkeypatch.setattr(so, "_fill_pool", None)
     one_by_one = so.fill_verify_bitmask(seqs, *args).bitmask.clone()
     monkeypatch.setattr(so, "_fill_pool", _FillPool(3))
+    monkeypatch.setattr(so, "parallel_tasks", True)
     on_pool = so.fill_verify_bitmask(seqs, *args).bitmask
     assert torch.equal(on_pool, one_by_one)
     assert bool((one_by_one[seq_rows[2].start:seq_rows[2].stop] == -1).all())  # unconstrained
@@ -162,6 +163,7 @@ def test_draft_masks_of_many_sequences_on_fill_threads_equal_one_by_one(smol_llm
     monkeypatch.setattr(so, "_fill_pool", None)
     one_by_one = masks.rows(seqs, paths)
     monkeypatch.setattr(so, "_fill_pool", _FillPool(3))
+    monkeypatch.setattr(so, "parallel_tasks", True)
     on_pool = masks.rows(seqs, paths)
     assert torch.equal(on_pool, one_by_one)
     assert bool(one_by_one[0, 0, paris]) and not bool(one_by_one[2, 1].any())  # "Rome" then "Paris": forbidden
