@@ -71,8 +71,8 @@ def profile_mode(llm, prompts, params, steps: int) -> dict:
         tr = ev.time_range
         if ev.name in host and ev.device_type.name == "CPU":
             host[ev.name].append((tr.start, tr.end))
-        elif ev.device_type.name == "CUDA":
-            kernels.append((tr.start, tr.end))
+        elif ev.device_type.name == "CUDA" and ev.name not in host and not getattr(ev, "is_user_annotation", False):
+            kernels.append((tr.start, tr.end))  # kernels and copies (a label's GPU mirror is not work)
     busy = _merge(kernels)
     for k in host:
         host[k].sort()
