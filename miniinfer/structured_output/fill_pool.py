@@ -11,8 +11,9 @@ import torch
 
 # At most this many threads fill one step's rows. Measured on the H200 host's 16 Xeon cores
 # (benchmarks/grammar_fill_bench.py, 64 rows of Qwen2's vocabulary, 50 µs a row on one core):
-# 8 threads 1.32 ms, 16 threads 1.92 ms (GIL hand-offs between more Python threads than
-# the rows repay). MINIINFER_FILL_THREADS overrides it (benchmarks compare).
+# one thread 3.5 ms, 8 threads 1.32 ms, 16 threads 1.92 ms. xgrammar's own C++ threads
+# flatten too (1.23 ms at 8, 1.22 at 16): the fill stops scaling near 3x on that host, and
+# past 8 our Python workers only add hand-offs. MINIINFER_FILL_THREADS overrides it.
 MAX_FILL_THREADS = int(os.environ.get("MINIINFER_FILL_THREADS", "8"))
 
 
@@ -36,8 +37,8 @@ class FillPool:
 
     xgrammar 0.2.9's ``BatchGrammarMatcher(max_threads=n)`` creates and joins ``n`` OS threads
     inside every ``batch_fill_next_token_bitmask`` call (counted with strace: 2 clones per call
-    at n = 2): ~60 µs per step on 2 cores, and with 16 threads more than many of the rows cost
-    themselves. Here each thread (a persistent worker, or the caller) takes chunks of rows from
+    at n = 2): ~60 µs per step on 2 cores (on the 16-core GPU host, 64 rows, it matched this
+    pool: 1.23 vs 1.32 ms at 8 threads). Here each thread (a persistent worker, or the caller) takes chunks of rows from
     a shared counter and fills each chunk with one ``BatchGrammarMatcher(max_threads=1)`` call
     of its own, which runs in the calling thread with the GIL released (no thread created).
     Chunks are interleaved rows, twice as many as threads, taken in turn: a slow row delays
