@@ -64,6 +64,7 @@ The unprefixed §12 names (``spec_json_tpot_ms_overlap``, ``spec_json_tpot_ms_se
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import datetime
 import gc
 import json
@@ -76,7 +77,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling benchmarks
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's miniinfer
+if importlib.util.find_spec("miniinfer") is None:  # the repo's miniinfer, unless one is on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # (PYTHONPATH=<old copy>: A/B)
 
 import structured_output_bench as sob  # noqa: E402  (§10: SCHEMA, run_round, percentile, ...)
 

@@ -86,6 +86,7 @@ size, e.g. ``qwen2_0_5b_bs64_json_tpot_overhead`` (= json / plain TPOT).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import copy
 import datetime
 import gc
@@ -100,7 +101,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's miniinfer
+if importlib.util.find_spec("miniinfer") is None:  # the repo's miniinfer, unless one is on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # (PYTHONPATH=<old copy>: A/B)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from step_phases import StepPhases  # noqa: E402
 
