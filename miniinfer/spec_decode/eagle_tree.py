@@ -62,7 +62,7 @@ def grow_trees(drafter, seqs: list[Sequence], depths: list[int], num_nodes: list
     dev = root_h.device
     grammar = drafter.grammar_mask()
     allowed = grammar.rows(seqs, [[[]] for _ in seqs]) if grammar is not None else None
-    logp, ids = drafter.top_tokens(root_h, K, None if allowed is None else allowed[:, 0])  # [B, K]
+    logp, ids = drafter.top_tokens(root_h, K, None if allowed is None else grammar.expand(allowed[:, 0], dev))  # [B, K]
     paths = [[[t] for t in row] for row in ids.tolist()] if allowed is not None else None  # frontier paths
     pool_scores, pool_tokens, pool_parents = [logp], [ids], [torch.full((B, K), -1, dtype=torch.int64, device=dev)]
     pool_depth = [torch.ones(B, K, device=dev)]
@@ -73,7 +73,8 @@ def grow_trees(drafter, seqs: list[Sequence], depths: list[int], num_nodes: list
     for depth in range(1, D):
         h = _head_step(drafter, seqs, front, depth, [b for b in range(B) if depths[b] > depth])  # [B * K, H]
         allowed = grammar.rows(seqs, paths) if paths is not None else None
-        clp, cids = drafter.top_tokens(h, K, None if allowed is None else allowed.view(B * K, -1))  # [B * K, K]
+        mask = None if allowed is None else grammar.expand(allowed.view(B * K, -1), dev)
+        clp, cids = drafter.top_tokens(h, K, mask)  # [B * K, K]
         scores = (front.scores[:, :, None] + clp.view(B, K, K)).view(B, K * K)
         scores = scores.masked_fill(too_deep <= depth, float("-inf"))  # past a sequence's own depth
         tokens = cids.view(B, K * K)

@@ -117,6 +117,7 @@ class StructuredOutputManager:
         self._compiled: dict[tuple[str, str], object] = {}  # small front cache of whole grammars
         self.device = device
         shape = xgr.get_bitmask_shape(max(max_num_seqs, 1), self.info.vocab_size)
+        self.bitmask_width = shape[1]  # int32 words per bitmask row: ceil(vocab / 32)
         pin = device.type == "cuda"
         self._host = [torch.empty(shape, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self._rows = [torch.empty(shape[0], dtype=torch.int32, pin_memory=pin) for _ in range(2)]

@@ -166,7 +166,8 @@ def test_draft_masks_of_many_sequences_on_fill_threads_equal_one_by_one(smol_llm
     monkeypatch.setattr(so, "parallel_tasks", True)
     on_pool = masks.rows(seqs, paths)
     assert torch.equal(on_pool, one_by_one)
-    assert bool(one_by_one[0, 0, paris]) and not bool(one_by_one[2, 1].any())  # "Rome" then "Paris": forbidden
+    allowed = masks.expand(one_by_one.view(6, -1), torch.device("cpu")).view(3, 2, -1)  # [B, J, V] bool
+    assert bool(allowed[0, 0, paris]) and not bool(allowed[2, 1].any())  # "Rome" then "Paris": forbidden
 
 
 def test_grammar_aware_drafts_are_all_grammatical(reference, monkeypatch):
