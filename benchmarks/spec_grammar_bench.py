@@ -267,6 +267,9 @@ def bench_model(model: str | None, specs: list[tuple[str, dict]], args, progress
         t = time.perf_counter()
         llm = LLM(model, speculative_config=spec, **kw)
         m[f"{tag}_{method}_engine_start_s"] = time.perf_counter() - t
+        if args.grammar_all_depths is not None and hasattr(llm.engine.proposer, "grammar_all_depths"):
+            llm.engine.proposer.grammar_all_depths = bool(args.grammar_all_depths)  # EAGLE's drafting masks
+            m[f"{tag}_{method}_grammar_all_depths"] = bool(args.grammar_all_depths)
         for e in (llm, nospec):
             t = time.perf_counter()
             e.engine.compile_grammar(json_p)  # the manager (tokenizer info) and the schema, untimed
@@ -297,6 +300,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eagle-topk", type=int, default=1, help="> 1: EAGLE-2 trees of depth --eagle-k")
     ap.add_argument("--eagle-nodes", type=int, default=None, help="tree nodes verified per step (num_draft_tokens)")
     ap.add_argument("--ngram-k", type=int, default=4)
+    ap.add_argument("--grammar-all-depths", type=int, choices=[0, 1], default=None,
+                    help="EAGLE: mask the head's proposals with the grammar at every depth (1: host walk per "
+                         "depth) or the root's children only (0: the static tree graph); default: the engine's")
     ap.add_argument("--qwen7b", default=None, help="Qwen2-7B config folder (dummy weights, n-gram; GPU only)")
     ap.add_argument("--tokenizer", default=os.path.join(HERE, ".vllm", "bench_tokenizer_qwen2"),
                     help="tokenizer folder for --qwen7b (benchmarks/qwen2_vocab_tokenizer.py)")

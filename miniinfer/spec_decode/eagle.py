@@ -86,10 +86,16 @@ class EagleDrafter(Proposer):
         self.runner = runner
         self.vocab_size = engine.model_config.vocab_size
         self.grammar_aware = True  # mask the head's proposals with each request's grammar
+        # ... at every depth (grow_trees: a host walk per depth), or the root's children only
+        # (the static tree program; on CUDA by default: one graph replay instead of D host steps)
+        self.grammar_all_depths = runner.device.type != "cuda"
         self._grammar_mask = None
         self.graphs = None
+        from miniinfer.spec_decode.eagle_tree_static import StaticTreeDrafter
+        self.static = StaticTreeDrafter(self, engine.config.max_num_seqs, -(-engine.max_model_len // self.block_size))
         if runner.device.type == "cuda" and not engine.config.enforce_eager:
             self.capture_cuda_graphs(engine)
+            self.static.capture(engine.config.max_num_seqs)
 
     def _draft_vocab(self, path: str, engine) -> None:
         """Frequency-ranked drafting (Zhao et al., "FR-Spec", 2025): the head's logits over the
@@ -212,14 +218,33 @@ class EagleDrafter(Proposer):
         h = self.head_forward(batch, len(sched.scheduled),
                               torch.cat([feats[id(s.seq)] for s in sched.scheduled]))[batch.logits_indices]
         order = [owner[id(s.seq)] for s in sched.scheduled]
-        trees = grow_trees(self, [seq for seq, _, _ in order], [k for _, k, _ in order],
-                           [n for _, _, n in order], h)
+        seqs = [seq for seq, _, _ in order]
+        if self._static_fits(order):
+            grammar = self.grammar_mask()  # the root's children among what each grammar allows
+            rows = grammar.rows(seqs, [[[]] for _ in seqs]) if grammar is not None else None
+            allowed = grammar.expand(rows[:, 0], h.device) if rows is not None else None
+            trees = self.static.grow([s.block_table for s in seqs], [s.num_tokens for s in seqs], h, allowed)
+        else:
+            trees = grow_trees(self, seqs, [k for _, k, _ in order], [n for _, _, n in order], h)
         for (seq, _, _), tree in zip(order, trees):
             out[id(seq)] = tree.tokens
             seq.spec_parents = tree.parents if self.config.eagle_topk > 1 else None
             st = seq.spec_state  # valid through the last known token; f of it arrives with the verify
             st.valid = seq.num_tokens
             st.feats, st.feat_start = [], seq.num_tokens - 1
+
+    def _static_fits(self, order: list[tuple[Sequence, int, int]]) -> bool:
+        """The static tree program (``eagle_tree_static.py``) serves this step: every sequence
+        grows the full tree (depth k = D, N nodes), and no constrained sequence wants its
+        drafts masked at every depth (``grammar_all_depths``: ``grow_trees``' host walk per
+        depth); the static program masks the root's children only."""
+        if self.static is None:
+            return False
+        D, N = self.config.num_speculative_tokens, self.static.N
+        if any(k != D or n != N for _, k, n in order):
+            return False
+        return not (self.grammar_all_depths and self.grammar_mask() is not None
+                    and any(s.grammar is not None for s, _, _ in order))
 
     def _features(self, st: EagleState, start: int, end: int) -> torch.Tensor:
         """f_{p−1} for p in [start, end): kept target features, zeros where none is kept."""

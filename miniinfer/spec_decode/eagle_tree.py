@@ -136,14 +136,20 @@ def _head_step(drafter, seqs: list[Sequence], front: _Frontier, depth: int, acti
     return out.view(B * K, -1)
 
 
-def _rerank(scores, tokens, parents, depth, num_nodes: list[int]) -> list[DraftTree]:
-    """Each sequence's ``num_nodes`` best candidates, breadth-first, as a tree."""
+def rerank_device(scores, tokens, parents, depth, n: int) -> torch.Tensor:
+    """The ``n`` best candidates of each row's pool (device): [5, B, n] int64 of (pool index,
+    token, parent's pool index, depth, finite score?), best first."""
     key = scores - DEPTH_TIE_BREAK * depth
-    n = min(max(num_nodes), key.shape[1])
-    chosen = key.topk(n, dim=1).indices
-    packed = torch.stack([chosen, tokens.gather(1, chosen), parents.gather(1, chosen),
-                          depth.gather(1, chosen).long(), torch.isfinite(scores.gather(1, chosen)).long()])
-    idx, tok, par, dep, finite = packed.tolist()
+    chosen = key.topk(min(n, key.shape[1]), dim=1).indices
+    return torch.stack([chosen, tokens.gather(1, chosen), parents.gather(1, chosen),
+                        depth.gather(1, chosen).long(), torch.isfinite(scores.gather(1, chosen)).long()])
+
+
+def trees_from_rerank(packed: list, num_nodes: list[int]) -> list[DraftTree]:
+    """``rerank_device``'s output on the host → each row's first ``num_nodes[b]`` candidates
+    as a breadth-first tree (a node whose parent was not chosen goes, with its subtree)."""
+    idx, tok, par, dep, finite = packed
+    n = len(idx[0]) if idx else 0
     trees = []
     for b, limit in enumerate(num_nodes):
         nodes = sorted((j for j in range(min(limit, n)) if finite[b][j]), key=lambda j: (dep[b][j], idx[b][j]))
@@ -158,3 +164,8 @@ def _rerank(scores, tokens, parents, depth, num_nodes: list[int]) -> list[DraftT
             kept_par.append(where[p] if p >= 0 else -1)
         trees.append(DraftTree(kept_tok, kept_par))
     return trees
+
+
+def _rerank(scores, tokens, parents, depth, num_nodes: list[int]) -> list[DraftTree]:
+    """Each sequence's ``num_nodes`` best candidates, breadth-first, as a tree."""
+    return trees_from_rerank(rerank_device(scores, tokens, parents, depth, max(num_nodes)).tolist(), num_nodes)

@@ -48,3 +48,35 @@ def test_greedy_identical_with_speculation_fp32():
         llm.engine.check_integrity()
         assert s["num_free_kv_blocks"] == s["num_kv_blocks"]
         del llm
+
+
+def test_static_tree_graphs_replay_the_eager_program():
+    """EAGLE-2 trees from the captured static program (one CUDA graph per batch bucket,
+    ``spec_decode/eagle_tree_static.py``) equal the same program run eagerly on the same staged
+    inputs, at batch 1 and 3 (bucket 4: one padding row), fp32; that the program grows
+    ``grow_trees``' trees is a CPU test (tests/spec_decode/test_eagle_tree_static.py)."""
+    from miniinfer import LLM, SamplingParams
+    spec = {"method": "eagle", "num_speculative_tokens": 4, "eagle_topk": 4, "num_draft_tokens": 10}
+    llm = LLM(None, dtype="float32", max_model_len=2048, gpu_memory_utilization=0.2, progress=False,
+              speculative_config=spec)
+    static = llm.engine.proposer.static
+    assert 1 in static.graphs and 4 in static.graphs
+    orig, calls = static.grow, []
+
+    def both(tables, num_tokens, root_h, allowed=None):
+        got = orig(tables, num_tokens, root_h, allowed)
+        B = len(num_tokens)
+        graph_out = static.graphs[static.bucket(B)][1][:, :B].clone()
+        eager = static.program(B, static.num_tokens[:B].clone(), static.block_tables[:B].clone(),
+                               static.live[:B].clone(), static.root_h[:B].clone(), static.root_allowed[:B].clone())
+        calls.append((B, torch.equal(graph_out, eager)))
+        return got
+    static.grow = both
+    prompts = [llm.engine.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS[:3]]
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+    llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+    static.grow = orig
+    assert any(b == 3 for b, _ in calls) and any(b == 1 for b, _ in calls)
+    same = sum(s for _, s in calls)
+    assert same == len(calls), f"{len(calls) - same} of {len(calls)} graph replays differ from the eager program"
+    llm.engine.check_integrity()

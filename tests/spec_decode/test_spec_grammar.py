@@ -231,3 +231,34 @@ def test_grammar_completing_mid_draft_ends_the_request(smol_llm, monkeypatch):
     assert (ids, reason) == (want_ids, want_reason) and reason == "stop" and text in ("Rome", "Rome Rome")
     assert llm.engine.stats()["spec_num_draft_tokens"] > 0 and not any(filled_terminated)
     check_clean(llm)
+
+
+def test_root_only_grammar_drafting_in_the_static_program(reference, monkeypatch):
+    """``grammar_all_depths`` off (the CUDA default): the static tree program masks the root's
+    children with the grammar, deeper nodes are unmasked; the root's children are then all
+    grammatical, and the output is the same."""
+    from miniinfer.structured_output.manager import StructuredOutputManager
+    seen = []
+    orig = StructuredOutputManager.fill_verify_bitmask
+
+    def spy(self, seqs, drafts, parents, seq_rows):
+        out = orig(self, seqs, drafts, parents, seq_rows)
+        for s, d, par, rows in zip(seqs, drafts, parents, seq_rows):
+            if s.grammar_active and not s.is_finished and out is not None:
+                for t, p in zip(d, par):
+                    if p < 0:  # a child of the root
+                        word = int(out.bitmask[rows.start, t // 32])
+                        seen.append(bool((word >> (t % 32)) & 1))
+        return out
+    monkeypatch.setattr(StructuredOutputManager, "fill_verify_bitmask", spy)
+    llm = LLM(None, dtype="float32", max_model_len=2048, progress=False, speculative_config=EAGLE_TREE)
+    drafter = llm.engine.proposer
+    drafter.grammar_all_depths = False
+    used = []
+    grow = drafter.static.grow
+    monkeypatch.setattr(drafter.static, "grow", lambda *a: used.append(a[3] is not None) or grow(*a))
+    got = _run(llm, CASES)
+    assert [g[0] for g in got] == [r[0] for r in reference]
+    assert any(used)  # the static program ran with root masks
+    assert seen and all(seen)
+    check_clean(llm)
