@@ -81,6 +81,9 @@ class InFlightStep:
     paths: torch.Tensor | None = None  # speculative verify: [B, W] the accepted path (StepResult.spec_paths)
     seq_rows: list[range] | None = None  # speculative verify: ForwardOutput.seq_rows
     hidden: torch.Tensor | None = None  # ForwardOutput.hidden
+    # speculative verify walked on the host: (draft tokens, parents) per sequence; token_ids
+    # then holds every row's draw (rejection_sampler.accept_paths)
+    spec_trees: tuple[list[list[int]], list[list[int]]] | None = None
 
 
 @dataclass

@@ -56,15 +56,7 @@ def rejection_sample(logits: torch.Tensor, md: SamplingMetadata, node_tokens: to
         logprobs = logits.log_softmax(-1)
         top = logprobs.topk(md.max_logprobs, dim=-1)
         out = SamplerOutput(torch.empty(0), top_logprobs=top.values, top_ids=top.indices)
-    for processor, state in md.processors:
-        logits = processor.apply(logits, state)
-    if md.processors:
-        logits = logits.clamp(max=torch.finfo(logits.dtype).max)
-    drawn = logits.argmax(-1)  # s_r
-    if not md.all_greedy:
-        probs = scaled_logits(logits, md).softmax(-1)
-        sampled = (probs / _row_noise(probs, row_seeds, generator)).argmax(-1)
-        drawn = torch.where(md.greedy, drawn, sampled)
+    drawn = _draw(logits, md, row_seeds, generator)
     is_root = parent_rows < 0
     parent = torch.where(is_root, torch.arange(logits.shape[0], device=logits.device), parent_rows)
     accept = is_root | (node_tokens == drawn[parent])
@@ -94,6 +86,55 @@ def rejection_sample(logits: torch.Tensor, md: SamplingMetadata, node_tokens: to
         out.sampled_rank = (logprobs > chosen).sum(-1) + 1
         out.token_ids = row_token
     return SpecSamplerOutput(tokens, num_tokens, paths, out)
+
+
+def draw_rows(logits: torch.Tensor, md: SamplingMetadata, row_seeds: list[int | None] | None = None,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """The first half of :func:`rejection_sample` alone: s_r for every row ([R] int64 on the
+    logits' device; grammar masks and logits processors applied). With the drafts' trees on
+    the host, :func:`accept_paths` then walks them there: fewer device ops per verify step
+    than the device walk, for steps that need no logprobs."""
+    if md.grammar_bitmask is not None:
+        logits = md.grammar_bitmask.apply(logits)
+    return _draw(logits, md, row_seeds, generator)
+
+
+def accept_paths(drawn: list[int], drafts: list[list[int]], parents: list[list[int]],
+                 seq_rows: list[range]) -> tuple[list[list[int]], list[list[int]]]:
+    """The host twin of the walk in :func:`rejection_sample`. ``drawn``: s_r of every row;
+    per sequence its draft tokens, their parents (node index, -1 = the root) and its rows
+    (root first, node i at ``start + i + 1``). Returns per sequence the committed tokens and
+    the accepted path's offsets (0 = root), one per committed token."""
+    committed, paths = [], []
+    for tokens, par, rows in zip(drafts, parents, seq_rows):
+        children: dict[int, dict[int, int]] = {}
+        for i, p in enumerate(par):
+            children.setdefault(p, {}).setdefault(tokens[i], i)
+        node, out, path = -1, [], [0]
+        while True:
+            s = drawn[rows.start + node + 1]
+            out.append(s)
+            child = children.get(node, {}).get(s)
+            if child is None:
+                break
+            node = child
+            path.append(child + 1)
+        committed.append(out)
+        paths.append(path)
+    return committed, paths
+
+
+def _draw(logits: torch.Tensor, md: SamplingMetadata, row_seeds, generator) -> torch.Tensor:
+    for processor, state in md.processors:
+        logits = processor.apply(logits, state)
+    if md.processors:
+        logits = logits.clamp(max=torch.finfo(logits.dtype).max)
+    drawn = logits.argmax(-1)  # s_r
+    if not md.all_greedy:
+        probs = scaled_logits(logits, md).softmax(-1)
+        sampled = (probs / _row_noise(probs, row_seeds, generator)).argmax(-1)
+        drawn = torch.where(md.greedy, drawn, sampled)
+    return drawn
 
 
 def _row_noise(probs: torch.Tensor, row_seeds: list[int | None] | None, generator) -> torch.Tensor:

@@ -219,7 +219,7 @@ class ModelRunner:
     def _verify(self, fwd: ForwardOutput) -> InFlightStep:
         """Speculative verify: every sampling sequence's rows (its last token and drafts)
         through the rejection sampler; the committed tokens are read in ``collect``."""
-        from miniinfer.spec_decode.rejection_sampler import rejection_sample
+        from miniinfer.spec_decode.rejection_sampler import draw_rows, rejection_sample
         row_seqs = [seq for seq, rows in zip(fwd.sampling_seqs, fwd.seq_rows) for _ in rows]
         md = SamplingMetadata.build(row_seqs, fwd.logits.shape[-1], self.device, self.eos_token_ids,
                                     to_device=self.staging.to_device, rng=self.sample_rng)
@@ -230,6 +230,12 @@ class ModelRunner:
         if self.structured_output is not None:  # one mask row per tree node, filled while the forward runs
             md.grammar_bitmask = self.structured_output.fill_verify_bitmask(fwd.sampling_seqs, drafts, parents,
                                                                             fwd.seq_rows)
+        seeds = _position_seeds(verified, parents)
+        if not md.want_logprobs:  # only the draws go to the host; the trees are walked there
+            self.staging.end_step()
+            drawn = draw_rows(fwd.logits, md, seeds, self.cpu_generator)
+            return InFlightStep(fwd.sched, fwd.sampling_seqs, drawn, None, None, None, seq_rows=fwd.seq_rows,
+                                hidden=fwd.hidden, spec_trees=(drafts, parents))
         width = max(len(r) for r in fwd.seq_rows)
         node_tokens: list[int] = []
         parent_rows: list[int] = []
@@ -242,8 +248,7 @@ class ModelRunner:
         parents_t = self.staging.to_device(parent_rows, torch.int64)
         index_t = self.staging.to_device(row_index, torch.int64).view(len(drafts), width)
         self.staging.end_step()
-        out = rejection_sample(fwd.logits, md, tokens_t, parents_t, index_t, fwd.seq_rows,
-                               _position_seeds(verified, parents), self.cpu_generator)
+        out = rejection_sample(fwd.logits, md, tokens_t, parents_t, index_t, fwd.seq_rows, seeds, self.cpu_generator)
         return InFlightStep(fwd.sched, fwd.sampling_seqs, out.token_ids, None, None, out.sampler_output,
                             num_tokens=out.num_tokens, seq_rows=fwd.seq_rows, hidden=fwd.hidden, paths=out.paths)
 
@@ -255,10 +260,14 @@ class ModelRunner:
         """Wait for a launched step's sampled ids (the step's only device-to-host sync)."""
         if step.token_ids is None:
             return StepResult([], None, hidden=step.hidden)
-        if step.num_tokens is not None:  # speculative verify (synchronous steps)
-            rows, counts = step.token_ids.tolist(), step.num_tokens.tolist()
-            committed = [r[:n] for r, n in zip(rows, counts)]
-            paths = [p[:n] for p, n in zip(step.paths.tolist(), counts)]
+        if step.seq_rows is not None:  # speculative verify (synchronous steps)
+            if step.spec_trees is not None:  # the walk on the host, from each row's draw
+                from miniinfer.spec_decode.rejection_sampler import accept_paths
+                committed, paths = accept_paths(step.token_ids.tolist(), *step.spec_trees, step.seq_rows)
+            else:
+                rows, counts = step.token_ids.tolist(), step.num_tokens.tolist()
+                committed = [r[:n] for r, n in zip(rows, counts)]
+                paths = [p[:n] for p, n in zip(step.paths.tolist(), counts)]
             self._compact_accepted_kv(step.sched, paths)
             return StepResult([c[0] for c in committed], step.sampler_output, committed,
                               [r.start for r in step.seq_rows], hidden=step.hidden, spec_paths=paths)

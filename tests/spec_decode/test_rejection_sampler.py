@@ -131,3 +131,35 @@ def test_tree_greedy_walks_the_argmax_branch():
     logits[0, 4] = 5.0  # the root now prefers 4: the leaf branch, then draft 1's argmax
     out = _run(logits, [TREE_DRAFTS], 0.0, 1, parents=TREE_PARENTS)
     assert out.token_ids[0].tolist() == [4, 3, -1, -1] and out.paths[0].tolist() == [0, 2, -1, -1]
+
+
+def test_host_walk_equals_device_walk():
+    """``accept_paths`` (the runner's walk on the host from ``draw_rows``) commits the same tokens
+    along the same paths as ``rejection_sample``'s device walk, over random trees and draws."""
+    from miniinfer.spec_decode.rejection_sampler import accept_paths, draw_rows
+    gen = torch.Generator().manual_seed(3)
+    longest = 0
+    for trial in range(40):
+        n = int(torch.randint(1, 9, (1,), generator=gen))
+        parents = [-1] + [int(torch.randint(-1, j, (1,), generator=gen)) for j in range(1, n)]
+        # siblings carry distinct tokens (a deterministic drafter's children); small vocabulary: many hits
+        tokens, used = [], {}
+        for p in parents:
+            free = [t for t in range(V) if t not in used.setdefault(p, set())]
+            t = free[int(torch.randint(0, len(free), (1,), generator=gen))]
+            used[p].add(t)
+            tokens.append(t)
+        logits = torch.randn(n + 1, V, generator=gen) * 3
+        temperature = 0.0 if trial % 2 else 1.0
+        device = _run(logits, [tokens], temperature, 2, seed=trial, parents=parents)
+        seqs = [Sequence(f"r{i}", 0, [0], 1, SamplingParams(temperature=temperature)) for i in range(2)]
+        md = SamplingMetadata.build([s for s in seqs for _ in range(n + 1)], V, torch.device("cpu"))
+        drawn = draw_rows(logits.repeat(2, 1), md, None, torch.Generator().manual_seed(trial))
+        committed, paths = accept_paths(drawn.tolist(), [tokens] * 2, [parents] * 2,
+                                        [range(0, n + 1), range(n + 1, 2 * n + 2)])
+        for b in range(2):
+            k = int(device.num_tokens[b])
+            assert committed[b] == device.token_ids[b, :k].tolist()
+            assert paths[b] == device.paths[b, :k].tolist()
+            longest = max(longest, k)
+    assert longest >= 3  # drafts were accepted, some two deep
