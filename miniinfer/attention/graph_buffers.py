@@ -10,6 +10,11 @@ owns the graphs, the attention backend owns these buffers):
   slot −1 and lie outside the sequence's query range. Captured with a tree mask (all −1), so
   a replay serves both a plain chunk (its rows −1: the causal path) and a batch-1 draft-tree
   verify (``meta.tree_mask`` copied in); the decode family has none.
+* ``"verify"``: up to ``size`` sequences of at most ``rows`` tokens each (a speculative verify
+  of several sequences: the last token and the drafts), ``size * rows`` token rows in all, a
+  tree mask like the prefill family. Padding sequences have no tokens (their
+  ``query_start_loc`` entries repeat the last real one) and length 1; padding tokens belong to
+  no sequence and have slot −1.
 
 A backend whose metadata has more subclasses this and extends
 ``capture_metadata`` / ``prepare_replay``.
@@ -31,12 +36,23 @@ class GraphBuffers:
         self.block_tables = torch.zeros(max_seqs, max_blocks, **i32)  # [B, max_blocks]
         self.decode_qsl = torch.arange(max_seqs + 1, **i32)  # [B + 1]: one token per sequence
         self.prefill_qsl = torch.zeros(2, **i32)  # [2]: one sequence
+        self.verify_qsl = torch.zeros(max_seqs + 1, **i32)  # [B + 1]: several sequences, q_len <= rows
         self.tree_mask = torch.full((max(max_seqs, max_tokens),), -1, **i64)  # [T], -1: causal row
         self._tree_rows = 0  # rows [0, _tree_rows) may hold bits other than -1
 
-    def capture_metadata(self, kind: str, size: int) -> AttentionMetadata:
-        """Metadata views over the buffers for a graph of ``size`` sequences (decode) or tokens
-        (prefill); ``max_seq_len`` is the capture-time upper bound, so one graph serves any length."""
+    def capture_metadata(self, kind: str, size: int, rows: int = 0) -> AttentionMetadata:
+        """Metadata views over the buffers for a graph of ``size`` sequences (decode; verify, of
+        up to ``rows`` tokens each) or tokens (prefill); ``max_seq_len`` is the capture-time
+        upper bound, so one graph serves any length."""
+        if kind == "verify":
+            t = size * rows
+            self.verify_qsl[:size + 1] = torch.arange(0, t + 1, rows, dtype=torch.int32)
+            self.seq_lens[:size] = rows
+            return AttentionMetadata(
+                num_decodes=0, num_decode_tokens=0, query_start_loc=self.verify_qsl[:size + 1],
+                seq_lens=self.seq_lens[:size], block_tables=self.block_tables[:size],
+                slot_mapping=self.slots[:t], max_query_len=rows, max_seq_len=self.max_seq_len,
+                tree_mask=self.tree_mask[:t])
         if kind == "decode":
             return AttentionMetadata(
                 num_decodes=size, num_decode_tokens=size, query_start_loc=self.decode_qsl[:size + 1],
@@ -50,15 +66,21 @@ class GraphBuffers:
             slot_mapping=self.slots[:size], max_query_len=size, max_seq_len=self.max_seq_len,
             tree_mask=self.tree_mask[:size])
 
-    def prepare_replay(self, kind: str, size: int, meta: AttentionMetadata) -> None:
-        """Copy a live step's metadata (``n`` real rows / tokens ≤ ``size``) in and pad the rest."""
+    def prepare_replay(self, kind: str, size: int, meta: AttentionMetadata, rows: int = 0) -> None:
+        """Copy a live step's metadata (``n`` real rows / tokens ≤ ``size``; verify: ``b`` ≤
+        ``size`` sequences, n ≤ ``size * rows`` tokens) in and pad the rest."""
         n = meta.slot_mapping.shape[0]
         self.slots[:n].copy_(meta.slot_mapping)
-        self.slots[n:size].fill_(-1)
+        self.slots[n:size * rows if kind == "verify" else size].fill_(-1)
         b = meta.seq_lens.shape[0]
         self.seq_lens[:b].copy_(meta.seq_lens)
         if kind == "decode":
             self.seq_lens[b:size].fill_(1)
+        elif kind == "verify":
+            self.seq_lens[b:size].fill_(1)
+            self.verify_qsl[:b + 1].copy_(meta.query_start_loc)
+            self.verify_qsl[b + 1:size + 1].fill_(n)  # padding sequences: no tokens
+            self._replay_tree_mask(n, meta)
         else:
             self.prefill_qsl.copy_(meta.query_start_loc)
             self._replay_tree_mask(n, meta)

@@ -166,6 +166,8 @@ class ModelRunner:
         if (graphs is not None and num_scheduled == 1 and 0 < num_logits <= MAX_LOGIT_ROWS
                 and graphs.prefill_bucket(batch.input_ids.shape[0]) is not None):
             return graphs.replay_prefill(batch)
+        if graphs is not None and graphs.fits_verify(batch, num_scheduled):
+            return graphs.replay_verify(batch)
         with forward_context(batch.attn_metadata):
             hidden = self.model(batch.input_ids, batch.positions)
         if num_logits == 0:
@@ -330,8 +332,10 @@ class ModelRunner:
 
     # --- start-up ----------------------------------------------------------------------
     def capture_cuda_graphs(self) -> None:
+        spec = self.cfg.speculative_config  # verify graphs: 1 + the drafts of one sequence rows each
         self.cuda_graphs = CUDAGraphs(self.model, self.backend, self.cfg.max_num_seqs, self.kv_layout.max_model_len,
-                                      self.block_size, self.device)
+                                      self.block_size, self.device,
+                                      verify_rows=1 + spec.max_draft_tokens if spec is not None else 0)
         self.cuda_graphs.capture()
 
     @torch.inference_mode()

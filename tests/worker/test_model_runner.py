@@ -60,3 +60,28 @@ def test_verify_takes_the_prefill_graph_with_several_logit_rows(tiny_llm):
     assert got == want
     assert max(rows) > 1 and spec.engine.stats()["spec_num_draft_tokens"] > 0
     check_clean(spec)
+
+
+def test_verify_of_several_sequences_takes_a_verify_graph(tiny_llm):
+    """With speculation, a verify of 2 … 32 sequences replays a verify graph (sequences and
+    tokens padded to the bucket) and gives the eager engine's greedy output."""
+    prompts = [[5, 6, 7, 8, 9] * 6, [11, 12, 13] * 9, [21, 22] * 12]  # repetitive: n-gram drafts
+    params = SamplingParams(temperature=0, max_tokens=24)
+    eager = tiny_llm("qwen3", max_model_len=256)
+    want = [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
+    spec = tiny_llm("qwen3", max_model_len=256, max_num_seqs=8,
+                    speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    spec.engine.runner.capture_cuda_graphs()
+    graphs = spec.engine.runner.cuda_graphs
+    assert graphs.verify_rows == 5 and sorted(graphs.verify) == [2, 4, 8]
+    seqs = []
+    orig = graphs.replay_verify
+
+    def counted(batch):
+        seqs.append(batch.attn_metadata.num_seqs)
+        return orig(batch)
+    graphs.replay_verify = counted
+    got = [o.outputs[0].token_ids for o in spec.generate(prompts, params, use_tqdm=False)]
+    assert got == want
+    assert 3 in seqs  # three sequences in the bucket of 4: one padding sequence
+    check_clean(spec)
