@@ -41,11 +41,9 @@ def _pow2_window(device) -> torch.Tensor:
 
 
 class StaticTreeDrafter:
-    """Grows EAGLE-2 trees for up to ``max_batch`` sequences with fixed K, D, N.
-
-    ``grow(seqs, root_h)``: ``root_h`` [B, H] the head's output at each sequence's last known
-    token; the head's cache must have blocks through ``P + (D − 1) K − 1`` for each. Returns
-    one :class:`DraftTree` per sequence (at most N nodes, breadth-first)."""
+    """Grows EAGLE-2 trees with fixed K, D, N for the ``drafter`` (an ``EagleDrafter``): static
+    input buffers for up to ``max_batch`` rows of ``max_blocks`` block-table entries, a graph
+    per bucket once :meth:`capture` ran (CUDA), :meth:`grow` per step."""
 
     def __init__(self, drafter, max_batch: int, max_blocks: int):
         cfg = drafter.config
@@ -133,6 +131,11 @@ class StaticTreeDrafter:
 
     def grow(self, block_tables: list[list[int]], num_tokens: list[int], root_h: torch.Tensor,
              root_allowed: torch.Tensor | None = None) -> list[DraftTree]:
+        """One tree per sequence (at most N nodes, breadth-first). ``block_tables`` and
+        ``num_tokens`` (P): each sequence's, whose head cache must have blocks through KV index
+        ``P + (D − 1) K − 1``; ``root_h`` [B, H] the head's output at its last known token;
+        ``root_allowed`` [B, Vd] bool (device) or None. A graph replay when a bucket holds B
+        rows, else the program eagerly; one device read either way."""
         B = len(num_tokens)
         bucket = self.bucket(B)
         if bucket is None:  # eager, on exactly B rows

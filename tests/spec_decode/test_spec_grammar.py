@@ -170,12 +170,11 @@ def test_draft_masks_of_many_sequences_on_fill_threads_equal_one_by_one(smol_llm
     assert bool(allowed[0, 0, paris]) and not bool(allowed[2, 1].any())  # "Rome" then "Paris": forbidden
 
 
-def test_grammar_aware_drafts_are_all_grammatical(reference, monkeypatch):
-    """With the head's proposals masked by the grammar (the default), every draft of a
-    constrained sequence is allowed at its parent's row of the verify mask; without, some are
-    not; the output is the same either way."""
+def _record_draft_grammaticality(monkeypatch, root_children_only: bool = False) -> list[bool]:
+    """Spy on the verify masks: per draft of a constrained sequence (or of the root's children
+    only), whether its parent's row allows it. Returns the list the spy appends to."""
     from miniinfer.structured_output.manager import StructuredOutputManager
-    seen = []
+    seen: list[bool] = []
     orig = StructuredOutputManager.fill_verify_bitmask
 
     def spy(self, seqs, drafts, parents, seq_rows):
@@ -183,10 +182,20 @@ def test_grammar_aware_drafts_are_all_grammatical(reference, monkeypatch):
         for s, d, par, rows in zip(seqs, drafts, parents, seq_rows):
             if s.grammar_active and not s.is_finished and out is not None:
                 for t, p in zip(d, par):
+                    if root_children_only and p >= 0:
+                        continue
                     word = int(out.bitmask[rows.start + p + 1, t // 32])
                     seen.append(bool((word >> (t % 32)) & 1))
         return out
     monkeypatch.setattr(StructuredOutputManager, "fill_verify_bitmask", spy)
+    return seen
+
+
+def test_grammar_aware_drafts_are_all_grammatical(reference, monkeypatch):
+    """With the head's proposals masked by the grammar (the default), every draft of a
+    constrained sequence is allowed at its parent's row of the verify mask; without, some are
+    not; the output is the same either way."""
+    seen = _record_draft_grammaticality(monkeypatch)
     llm = LLM(None, dtype="float32", max_model_len=2048, progress=False, speculative_config=EAGLE_TREE)
     counts = {}
     for aware in (True, False):
@@ -237,20 +246,7 @@ def test_root_only_grammar_drafting_in_the_static_program(reference, monkeypatch
     """``grammar_all_depths`` off (the CUDA default): the static tree program masks the root's
     children with the grammar, deeper nodes are unmasked; the root's children are then all
     grammatical, and the output is the same."""
-    from miniinfer.structured_output.manager import StructuredOutputManager
-    seen = []
-    orig = StructuredOutputManager.fill_verify_bitmask
-
-    def spy(self, seqs, drafts, parents, seq_rows):
-        out = orig(self, seqs, drafts, parents, seq_rows)
-        for s, d, par, rows in zip(seqs, drafts, parents, seq_rows):
-            if s.grammar_active and not s.is_finished and out is not None:
-                for t, p in zip(d, par):
-                    if p < 0:  # a child of the root
-                        word = int(out.bitmask[rows.start, t // 32])
-                        seen.append(bool((word >> (t % 32)) & 1))
-        return out
-    monkeypatch.setattr(StructuredOutputManager, "fill_verify_bitmask", spy)
+    seen = _record_draft_grammaticality(monkeypatch, root_children_only=True)
     llm = LLM(None, dtype="float32", max_model_len=2048, progress=False, speculative_config=EAGLE_TREE)
     drafter = llm.engine.proposer
     drafter.grammar_all_depths = False
