@@ -7,7 +7,8 @@ speculation off, in the same process.
 * embedded SmolLM2 (real weights), batch 1, greedy, 256 tokens, n-gram on code / repetitive
   chat prompts: ``ngram_bs1_speedup_<dev>`` (TPOT off ÷ on), ``ngram_mean_accepted_len``;
   its EAGLE head on the 32 held-out chat prompts (benchmarks/eagle_eval_prompts.json):
-  ``eagle_bs1_speedup_<gpu|cpu>``, ``eagle_mean_accepted_len_<gpu|cpu>``;
+  ``eagle_bs1_speedup_<gpu|cpu>``, ``eagle_mean_accepted_len_<gpu|cpu>``; the EAGLE-2 tree
+  also at ``--eagle-batch`` sizes (prompts that many at a time: ``eagle_tree_bs<b>_*``);
 * Qwen2-7B dummy weights (GPU): ``verify_cost_ratio_<n>``: one verify forward + rejection
   sampler over n tokens (the root + n − 1 tree nodes, tree-masked) ÷ one plain decode step, both
   at a 512-token context (a batch-1 verify of up to 64 tokens replays a prefill graph);
@@ -47,33 +48,34 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def bs1_tpot(llm, prompts, max_tokens, device) -> tuple[float, int]:
-    """Mean per-token time (ms) over prompts run one at a time, and tokens generated."""
+def bs1_tpot(llm, prompts, max_tokens, device, batch: int = 1) -> tuple[float, int]:
+    """Mean per-token time (ms) of a request over prompts run ``batch`` at a time (wall time ×
+    batch ÷ tokens), and tokens generated."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     total_t, total_n = 0.0, 0
-    for p in prompts:
+    for i in range(0, len(prompts), batch):
         _sync(device)
         t = time.perf_counter()
-        out = llm.generate([p], params, use_tqdm=False)[0]
+        outs = llm.generate(prompts[i:i + batch], params, use_tqdm=False)
         _sync(device)
-        n = len(out.outputs[0].token_ids)
-        total_t += time.perf_counter() - t
+        n = sum(len(o.outputs[0].token_ids) for o in outs)
+        total_t += (time.perf_counter() - t) * len(outs)
         total_n += n
     return total_t / total_n * 1e3, total_n
 
 
-def _bs1_on_off(texts: list[str], spec: dict, device: str, max_tokens: int) -> dict:
-    """The embedded SmolLM2, chat prompts one at a time: TPOT without and with ``spec``."""
+def _bs1_on_off(texts: list[str], spec: dict, device: str, max_tokens: int, batch: int = 1) -> dict:
+    """The embedded SmolLM2, chat prompts ``batch`` at a time: TPOT without and with ``spec``."""
     kw = dict(dtype="float32" if device == "cpu" else "bfloat16", device=device, max_model_len=2048, progress=False)
     base = LLM(None, **kw)
     prompts = [base.engine.apply_chat_template([{"role": "user", "content": p}]) for p in texts]
-    bs1_tpot(base, prompts[:1], 16, device)  # warm
-    off_ms, n_off = bs1_tpot(base, prompts, max_tokens, device)
+    bs1_tpot(base, prompts[:batch], 16, device, batch)  # warm
+    off_ms, n_off = bs1_tpot(base, prompts, max_tokens, device, batch)
     del base
     llm = LLM(None, speculative_config=spec, **kw)
-    bs1_tpot(llm, prompts[:1], 16, device)
+    bs1_tpot(llm, prompts[:batch], 16, device, batch)
     s0 = llm.engine.stats()
-    on_ms, n_on = bs1_tpot(llm, prompts, max_tokens, device)
+    on_ms, n_on = bs1_tpot(llm, prompts, max_tokens, device, batch)
     s1 = llm.engine.stats()
     drafts, drafted, acc = (s1[k] - s0[k] for k in ("spec_num_drafts", "spec_num_draft_tokens",
                                                     "spec_num_accepted_tokens"))
@@ -92,10 +94,10 @@ def smollm2_ngram(device: str, max_tokens: int, k: int, quick: bool) -> dict:
 
 
 def smollm2_eagle(device: str, max_tokens: int, k: int, quick: bool, head: str | None = None,
-                  topk: int = 1, nodes: int | None = None) -> dict:
-    """The embedded SmolLM2 with its EAGLE head on the 32 held-out chat prompts, batch 1: a
-    chain of k drafts (``eagle_*`` keys), or with ``topk`` > 1 an EAGLE-2 tree of depth k and
-    ``nodes`` nodes (``eagle_tree_*`` keys)."""
+                  topk: int = 1, nodes: int | None = None, batch: int = 1) -> dict:
+    """The embedded SmolLM2 with its EAGLE head on the 32 held-out chat prompts, batch 1 (or
+    ``batch`` at a time: keys ``*_bs<batch>_*``): a chain of k drafts (``eagle_*`` keys), or
+    with ``topk`` > 1 an EAGLE-2 tree of depth k and ``nodes`` nodes (``eagle_tree_*`` keys)."""
     import os
     path = os.path.join(os.path.dirname(__file__), "eagle_eval_prompts.json")
     with open(path) as f:
@@ -103,12 +105,14 @@ def smollm2_eagle(device: str, max_tokens: int, k: int, quick: bool, head: str |
     spec = {"method": "eagle", "num_speculative_tokens": k, **({"model": head} if head else {})}
     if topk > 1:
         spec.update(eagle_topk=topk, num_draft_tokens=nodes)
-    r = _bs1_on_off(texts[:4] if quick else texts, spec, device, max_tokens)
+    r = _bs1_on_off(texts[:max(4, batch)] if quick else texts, spec, device, max_tokens, batch)
     tag = "gpu" if device == "cuda" else "cpu"
     name = "eagle_tree" if topk > 1 else "eagle"
-    out = {f"{name}_bs1_tpot_ms_off_{tag}": r["tpot_ms_off"], f"{name}_bs1_tpot_ms_on_{tag}": r["tpot_ms_on"],
-           f"{name}_bs1_speedup_{tag}": r["speedup"], f"{name}_mean_accepted_len_{tag}": r["mean_accepted_len"],
-           f"{name}_acceptance_rate_{tag}": r["acceptance_rate"]}
+    bs = f"bs{batch}"
+    acc = "" if batch == 1 else f"_{bs}"
+    out = {f"{name}_{bs}_tpot_ms_off_{tag}": r["tpot_ms_off"], f"{name}_{bs}_tpot_ms_on_{tag}": r["tpot_ms_on"],
+           f"{name}_{bs}_speedup_{tag}": r["speedup"], f"{name}_mean_accepted_len{acc}_{tag}": r["mean_accepted_len"],
+           f"{name}_acceptance_rate{acc}_{tag}": r["acceptance_rate"]}
     if topk > 1:
         out[f"eagle_tree_config_{tag}"] = {"depth": k, "eagle_topk": topk, "num_draft_tokens": nodes}
     return out
@@ -190,6 +194,8 @@ def main() -> None:
     ap.add_argument("--eagle-k", type=int, default=3)
     ap.add_argument("--eagle-tree", default="4,4,10",
                     help="EAGLE-2 tree run: depth,eagle_topk,num_draft_tokens ('' to skip)")
+    ap.add_argument("--eagle-batch", type=int, nargs="+", default=[1],
+                    help="batch sizes of the EAGLE-2 tree run (prompts that many at a time; keys *_bs<b>_*)")
     a = ap.parse_args()
     skip = set(a.skip.split(","))
     metrics = {} if "smollm2" in skip else smollm2_ngram(a.device, a.max_tokens, a.k, a.quick)
@@ -199,8 +205,9 @@ def main() -> None:
         print(json.dumps(metrics), flush=True)
     if "eagle" not in skip and a.eagle_tree:
         depth, topk, nodes = (int(x) for x in a.eagle_tree.split(","))
-        metrics.update(smollm2_eagle(a.device, a.max_tokens, depth, a.quick, a.eagle_head, topk, nodes))
-        print(json.dumps(metrics), flush=True)
+        for b in a.eagle_batch:
+            metrics.update(smollm2_eagle(a.device, a.max_tokens, depth, a.quick, a.eagle_head, topk, nodes, b))
+            print(json.dumps(metrics), flush=True)
     if "cpu_verify" not in skip and a.device == "cpu":
         # the embedded model's verify cost on the CPU (compute-bound past a few rows: it bounds
         # what speculation can win there)
