@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import torch
 
@@ -268,14 +269,18 @@ class LLMEngine:
         done: list[RequestOutput] = []
         grammar = self.inflight is not None and self._structured is not None and any(
             s.samples and s.seq.grammar is not None for s in sched.scheduled)  # dormant too: N-1 may wake it
+        t0 = time.perf_counter() if self.proposer is not None else None  # a verify's time (spec metrics)
         try:
             if grammar:
                 fwd = self.runner.forward(sched, self.inflight)
                 prev, self.inflight = self.inflight, None
                 result = self.runner.collect(prev)
                 done = self._process(prev, result)  # matchers advance by N-1's tokens
-                return self.runner.sample(fwd), done  # N's mask is filled there, while N's forward runs
-            return self.runner.launch(sched, self.inflight), done
+                launched = self.runner.sample(fwd)  # N's mask is filled there, while N's forward runs
+            else:
+                launched = self.runner.launch(sched, self.inflight)
+            launched.launched_at = t0
+            return launched, done
         except BaseException:
             # The step's K/V may not have been written: roll the progress back so that an
             # abort (which publishes computed pages) can't put unwritten pages in the cache.
@@ -287,8 +292,9 @@ class LLMEngine:
         return self._process(step, self.runner.collect(step))
 
     def _process(self, step: InFlightStep, result) -> list[RequestOutput]:
-        if self.proposer is not None:
-            self.proposer.record(step.sched, result)
+        if self.proposer is not None:  # a verify's time: its launch to its tokens on the host
+            verify_s = time.perf_counter() - step.launched_at if step.launched_at is not None else None
+            self.proposer.record(step.sched, result, verify_s)
         outputs = self.output_processor.process(step.sched, result)
         for out in outputs:
             if out.finished:

@@ -239,6 +239,8 @@ def make_output(req: Request) -> RequestOutput:
     if drafted:  # speculative decoding
         metrics["spec_num_draft_tokens"] = drafted
         metrics["spec_num_accepted_tokens"] = sum(s.num_accepted_tokens for s in seqs)
+        metrics["spec_draft_time_s"] = sum(s.spec_draft_time_s for s in seqs)
+        metrics["spec_verify_time_s"] = sum(s.spec_verify_time_s for s in seqs)
     error = next((s.error for s in seqs if s.error is not None), None)
     return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, comps, req.finished,
                          num_cached_tokens=seqs[0].num_cached_tokens, metrics=metrics, error=error)

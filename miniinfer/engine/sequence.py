@@ -51,6 +51,8 @@ class Sequence:
     spec_state: object | None = None  # the drafter's per-sequence state (e.g. its cache's valid length)
     num_draft_tokens: int = 0  # drafts verified for this sequence ...
     num_accepted_tokens: int = 0  # ... and how many of them the target accepted
+    spec_draft_time_s: float = 0.0  # this sequence's share of the drafting and verify steps' wall time
+    spec_verify_time_s: float = 0.0
     prefix_cursor: object | None = None  # KVCacheManager.insert's resume point
     # Overlap scheduling: tokens sampled by a step still running on the device sit at the end
     # of token_ids as PLACEHOLDER until that step is processed; pending_row is the row of the

@@ -84,6 +84,7 @@ class InFlightStep:
     # speculative verify walked on the host: (draft tokens, parents) per sequence; token_ids
     # then holds every row's draw (rejection_sampler.accept_paths)
     spec_trees: tuple[list[list[int]], list[list[int]]] | None = None
+    launched_at: float | None = None  # time.perf_counter() when the engine launched it (speculation's metrics)
 
 
 @dataclass

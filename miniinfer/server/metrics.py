@@ -68,6 +68,9 @@ class _EngineCollector:
                           s["spec_num_drafts"])
             yield counter("spec_decode_num_draft_tokens", "Draft tokens proposed.", s["spec_num_draft_tokens"])
             yield counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.", s["spec_num_accepted_tokens"])
+            yield counter("spec_decode_draft_time_seconds", "Wall time of the drafting steps.", s["spec_draft_time_s"])
+            yield counter("spec_decode_verify_time_seconds", "Wall time of the verify steps (launch to committed tokens).",
+                          s["spec_verify_time_s"])
 
 
 class ServerMetrics:
@@ -173,6 +176,8 @@ class ServerMetrics:
             "num_preemptions_total": s["num_preemptions"],
             "spec_acceptance_rate": s.get("spec_acceptance_rate"),  # None without speculation
             "spec_mean_accepted_len": s.get("spec_mean_accepted_len"),
+            "spec_draft_ms_per_step": s.get("spec_draft_ms_per_step"),
+            "spec_verify_ms_per_step": s.get("spec_verify_ms_per_step"),
             "generation_throughput_tok_s": gen_tps,
             "prompt_throughput_tok_s": prompt_tps,
             "recent_requests": len(recent),

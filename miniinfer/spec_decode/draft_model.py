@@ -86,10 +86,10 @@ class DraftModelDrafter(Proposer):
         for seq, _ in live:
             seq.spec_state = (seq.num_preemptions, seq.num_tokens)  # every known token; see record
 
-    def record(self, sched: SchedulerOutput, result: StepResult) -> None:
+    def record(self, sched: SchedulerOutput, result: StepResult, verify_time_s: float | None = None) -> None:
         """Also: the drafts the target accepted were fed to the draft model (all but the
         last): their draft K/V is valid too."""
-        super().record(sched, result)
+        super().record(sched, result, verify_time_s)
         for s, tokens in verified(sched, result):
             if s.draft_token_ids and s.seq.spec_state is not None:
                 pre, valid = s.seq.spec_state

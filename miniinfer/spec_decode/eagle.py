@@ -159,9 +159,9 @@ class EagleDrafter(Proposer):
         return self._grammar_mask
 
     # --- features from the target ------------------------------------------------------
-    def record(self, sched: SchedulerOutput, result: StepResult) -> None:
+    def record(self, sched: SchedulerOutput, result: StepResult, verify_time_s: float | None = None) -> None:
         if result.spec_token_ids is not None:
-            super().record(sched, result)
+            super().record(sched, result, verify_time_s)
         if result.hidden is None:
             return
         paths = iter(result.spec_paths or [])

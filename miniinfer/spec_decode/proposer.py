@@ -7,6 +7,7 @@ sequences draft this step, how many tokens each may, and the acceptance statisti
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -20,13 +21,20 @@ class SpecDecodeStats:
     num_drafts: int = 0  # sequences × verify steps that carried drafts
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    num_draft_steps: int = 0  # engine steps that drafted, and their wall time (s) ...
+    draft_time_s: float = 0.0
+    num_verify_steps: int = 0  # ... steps that verified drafts: launch to committed tokens (s)
+    verify_time_s: float = 0.0
 
     def as_dict(self) -> dict:
         rate = self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
         mean = 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
         return {"spec_num_drafts": self.num_drafts, "spec_num_draft_tokens": self.num_draft_tokens,
                 "spec_num_accepted_tokens": self.num_accepted_tokens, "spec_acceptance_rate": rate,
-                "spec_mean_accepted_len": mean}
+                "spec_mean_accepted_len": mean,
+                "spec_draft_time_s": self.draft_time_s, "spec_verify_time_s": self.verify_time_s,
+                "spec_draft_ms_per_step": 1e3 * self.draft_time_s / self.num_draft_steps if self.num_draft_steps else 0.0,
+                "spec_verify_ms_per_step": 1e3 * self.verify_time_s / self.num_verify_steps if self.num_verify_steps else 0.0}
 
 
 class Proposer:
@@ -53,10 +61,16 @@ class Proposer:
                 seqs.append(seq)
                 ks.append(k)
         if seqs:
+            t0 = time.perf_counter()
             for seq in seqs:
                 seq.spec_parents = None  # a chain unless the drafter grows a tree
             for seq, tokens in zip(seqs, self.draft(seqs, ks)):
                 seq.spec_token_ids = tokens
+            dt = time.perf_counter() - t0  # the drafter's host work and its device reads
+            self.stats_.num_draft_steps += 1
+            self.stats_.draft_time_s += dt
+            for seq in seqs:  # each drafting sequence's share of the step
+                seq.spec_draft_time_s += dt / len(seqs)
 
     def budget(self, seq: Sequence) -> int:
         """How many drafts ``seq`` may carry: 0 unless it is decoding with every token known
@@ -74,15 +88,22 @@ class Proposer:
             k = min(k, p.max_tokens - seq.num_output_tokens - 1)
         return max(k, 0)
 
-    def record(self, sched: SchedulerOutput, result: StepResult) -> None:
-        """Count a verify step's drafts and accepted tokens (called after every step)."""
-        for s, tokens in verified(sched, result):
-            if s.draft_token_ids:
-                self.stats_.num_drafts += 1
-                self.stats_.num_draft_tokens += len(s.draft_token_ids)
-                self.stats_.num_accepted_tokens += len(tokens) - 1
-                s.seq.num_draft_tokens += len(s.draft_token_ids)
-                s.seq.num_accepted_tokens += len(tokens) - 1
+    def record(self, sched: SchedulerOutput, result: StepResult, verify_time_s: float | None = None) -> None:
+        """Count a verify step's drafts and accepted tokens (called after every step);
+        ``verify_time_s``: the step's wall time from launch to its committed tokens, shared
+        among the sequences that verified drafts."""
+        with_drafts = [(s, tokens) for s, tokens in verified(sched, result) if s.draft_token_ids]
+        for s, tokens in with_drafts:
+            self.stats_.num_drafts += 1
+            self.stats_.num_draft_tokens += len(s.draft_token_ids)
+            self.stats_.num_accepted_tokens += len(tokens) - 1
+            s.seq.num_draft_tokens += len(s.draft_token_ids)
+            s.seq.num_accepted_tokens += len(tokens) - 1
+            if verify_time_s is not None:
+                s.seq.spec_verify_time_s += verify_time_s / len(with_drafts)
+        if with_drafts and verify_time_s is not None:
+            self.stats_.num_verify_steps += 1
+            self.stats_.verify_time_s += verify_time_s
 
     def stats(self) -> dict:
         return self.stats_.as_dict()

@@ -208,3 +208,18 @@ def test_eagle_head_graph_paths_match(reference):
     assert (s["spec_num_draft_tokens"], s["spec_num_accepted_tokens"]) == \
         (e["spec_num_draft_tokens"], e["spec_num_accepted_tokens"])  # the same drafts
     check_clean(llm)
+
+
+def test_draft_and_verify_time_metrics(ngram_llm):
+    """Drafting and verify wall time: engine totals and per-step means in ``stats()``, each
+    request's share in its metrics; the shares add up to the totals."""
+    before = ngram_llm.engine.stats()
+    outs = ngram_llm.generate(_chat(ngram_llm, PROMPTS[:3]), GREEDY, use_tqdm=False)
+    after = ngram_llm.engine.stats()
+    draft = after["spec_draft_time_s"] - before["spec_draft_time_s"]
+    verify = after["spec_verify_time_s"] - before["spec_verify_time_s"]
+    assert draft > 0 and verify > draft  # the verify runs the 30-layer target, the n-gram lookup is NumPy
+    assert after["spec_draft_ms_per_step"] > 0 and after["spec_verify_ms_per_step"] > 0
+    per_request = [o.metrics for o in outs]
+    assert sum(m["spec_draft_time_s"] for m in per_request) == pytest.approx(draft, rel=1e-6)
+    assert sum(m["spec_verify_time_s"] for m in per_request) == pytest.approx(verify, rel=1e-6)

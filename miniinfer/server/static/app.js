@@ -339,7 +339,8 @@
     if (st.spec_acceptance_rate !== null && st.spec_acceptance_rate !== undefined) {
       $("stat-spec-row").hidden = false;
       $("stat-spec").textContent =
-        `${fmt(st.spec_acceptance_rate * 100, 1)}% · ${fmt(st.spec_mean_accepted_len, 2)} tok/verify`;
+        `${fmt(st.spec_acceptance_rate * 100, 1)}% · ${fmt(st.spec_mean_accepted_len, 2)} tok/verify · ` +
+        `draft ${fmt(st.spec_draft_ms_per_step || 0, 2)} ms · verify ${fmt(st.spec_verify_ms_per_step || 0, 2)} ms`;
     }
     $("stat-kv-blocks").textContent = st.num_kv_blocks ? `${fmt(st.num_free_kv_blocks)} / ${fmt(st.num_kv_blocks)}` : "—";
     $("stat-max-len").textContent = st.max_model_len ? `${fmt(st.max_model_len)} tokens` : "—";
