@@ -154,7 +154,9 @@ class StaticTreeDrafter:
     def _stage(self, block_tables, num_tokens, root_h, bucket: int, root_allowed=None) -> None:
         """Copy the step's rows into the static inputs (one staged host copy), pad the rest."""
         B = len(num_tokens)
-        width = self.block_tables.shape[1]
+        # only the widest live table's columns: a live row reads below its own length, a
+        # padding row (P = 1) only its first columns, so older entries past them are never read
+        width = min(max(len(t) for t in block_tables), self.block_tables.shape[1])
         staging = self.drafter.staging  # the catch-up's arena (pinned on CUDA): one copy, no wait
         dev_flat = staging.to_device(num_tokens + [x for t in block_tables for x in t[:width] + [0] * (width - len(t))],
                                      torch.int64)
@@ -163,7 +165,7 @@ class StaticTreeDrafter:
         self.num_tokens[B:bucket].fill_(1)
         self.live[:B].fill_(True)
         self.live[B:bucket].fill_(False)
-        self.block_tables[:B].copy_(dev_flat[B:].view(B, width))
+        self.block_tables[:B, :width].copy_(dev_flat[B:].view(B, width))
         self.root_h[:B].copy_(root_h)
         if root_allowed is not None:
             self.root_allowed[:B].copy_(root_allowed)

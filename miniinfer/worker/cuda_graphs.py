@@ -116,10 +116,12 @@ class CUDAGraphs:
                 and batch.logits_indices.shape[0] == num_scheduled and num_scheduled <= self.max_decode_bs)
 
     def fits_verify(self, batch: InputBatch, num_scheduled: int) -> bool:
-        """A speculative verify of 2 ≤ B ≤ the largest bucket sequences, each sampling and of
-        at most ``verify_rows`` tokens (no prefill chunk rides along)."""
-        return (bool(self.verify) and batch.seq_rows is not None and 2 <= num_scheduled <= self.verify_sizes[-1]
-                and len(batch.seq_rows) == num_scheduled and batch.attn_metadata.max_query_len <= self.verify_rows)
+        """A speculative verify (more logits rows than sequences) of 2 ≤ B ≤ the largest bucket
+        sequences of at most ``verify_rows`` tokens each; decodes and short prefill chunks may
+        ride along. Decided from the packed inputs only (what every tensor-parallel rank has)."""
+        return (bool(self.verify) and 2 <= num_scheduled <= self.verify_sizes[-1]
+                and batch.logits_indices.shape[0] > num_scheduled
+                and batch.attn_metadata.max_query_len <= self.verify_rows)
 
     def replay_verify(self, batch: InputBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [rows, V], hidden [n, H]), static outputs as for ``replay_decode``."""

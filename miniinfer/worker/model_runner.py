@@ -333,9 +333,10 @@ class ModelRunner:
     # --- start-up ----------------------------------------------------------------------
     def capture_cuda_graphs(self) -> None:
         spec = self.cfg.speculative_config  # verify graphs: 1 + the drafts of one sequence rows each
+        # (a tree's nodes; chain drafters may propose num_speculative_tokens whatever num_draft_tokens says)
+        drafts = max(spec.max_draft_tokens, spec.num_speculative_tokens) if spec is not None else -1
         self.cuda_graphs = CUDAGraphs(self.model, self.backend, self.cfg.max_num_seqs, self.kv_layout.max_model_len,
-                                      self.block_size, self.device,
-                                      verify_rows=1 + spec.max_draft_tokens if spec is not None else 0)
+                                      self.block_size, self.device, verify_rows=1 + drafts)
         self.cuda_graphs.capture()
 
     @torch.inference_mode()
@@ -353,9 +354,9 @@ class ModelRunner:
 
 
 def _position_seeds(verified: list[ScheduledSeq], parents: list[list[int]]) -> list[int | None] | None:
-    """Per verify row, the seed of the position it draws for (root at ``start`` draws for
-    ``start + 1``, a depth-d node for ``start + d + 1``) when its request is seeded; None when no
-    verifying request is."""
+    """Per verify row, the seed of the position it draws for (a root at ``start`` draws for
+    ``start + 1``, a depth-d node for ``start + d + 1``; a sampling prefill chunk of n tokens in
+    the step for ``start + n``) when its request is seeded; None when no verifying request is."""
     if all(s.seq.params.seed is None for s in verified):
         return None
     out: list[int | None] = []
@@ -364,5 +365,6 @@ def _position_seeds(verified: list[ScheduledSeq], parents: list[list[int]]) -> l
             out.extend([None] * (len(par) + 1))
             continue
         base = (s.seq.params.seed + s.seq.index) * 1_000_003
-        out.extend((base + s.start + 1 + d) % 2 ** 63 for d in [0] + draft_depths(par))
+        first = s.start + s.num_new_tokens - len(par)  # the root's position + 1 (a sampling prefill chunk: its end)
+        out.extend((base + first + d) % 2 ** 63 for d in [0] + draft_depths(par))
     return out

@@ -85,3 +85,31 @@ def test_verify_of_several_sequences_takes_a_verify_graph(tiny_llm):
     assert got == want
     assert 3 in seqs  # three sequences in the bucket of 4: one padding sequence
     check_clean(spec)
+
+
+def test_position_seeds_of_verify_rows():
+    """A seeded request's verify rows draw with the seed of the position they sample for: the
+    root at ``start`` for ``start + 1``, a depth-d node for ``start + d + 1``, and a sampling
+    prefill chunk of n tokens riding in the verify step for ``start + n``."""
+    from miniinfer.engine.sequence import Sequence
+    from miniinfer.engine.step import ScheduledSeq
+    from miniinfer.worker.model_runner import _position_seeds
+    seeded = Sequence("a", 0, list(range(20)), 20, SamplingParams(seed=7))
+    seeded.num_computed_tokens = 19
+    verify = ScheduledSeq(seeded, 3, 19, [5, 6], [-1, 0])  # root at 19, drafts at depths 1 and 2
+    chunk_seq = Sequence("b", 0, list(range(12)), 12, SamplingParams(seed=7))
+    chunk = ScheduledSeq(chunk_seq, 8, 4)  # the prompt's last 8 tokens: samples position 12
+    plain = ScheduledSeq(Sequence("c", 0, [1, 2], 2, SamplingParams()), 1, 1)
+    base = 7 * 1_000_003
+    assert _position_seeds([verify, chunk, plain], [[-1, 0], [], []]) == [
+        base + 20, base + 21, base + 22, base + 12, None]
+    assert _position_seeds([plain], [[]]) is None
+
+
+def test_verify_graph_rows_cover_chain_drafters(tiny_llm):
+    """n-gram drafts num_speculative_tokens whatever num_draft_tokens says: the verify graphs
+    hold 1 + k rows per sequence, so its verifies replay them."""
+    spec = tiny_llm("qwen3", max_model_len=256, max_num_seqs=4,
+                    speculative_config={"method": "ngram", "num_speculative_tokens": 4, "num_draft_tokens": 2})
+    spec.engine.runner.capture_cuda_graphs()
+    assert spec.engine.runner.cuda_graphs.verify_rows == 5
