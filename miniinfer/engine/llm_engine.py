@@ -91,7 +91,8 @@ class LLMEngine:
         self._structured = None  # StructuredOutputManager, built on the first constrained request
         self._structured_lock = threading.Lock()
         self.requests: dict[str, Request] = {}
-        self.output_processor = OutputProcessor(tokenizer, eos, self.max_model_len, self.scheduler, self.requests)
+        self.output_processor = OutputProcessor(tokenizer, eos, self.max_model_len, self.scheduler, self.requests,
+                                                speculative=config.speculative_config is not None)
         self.eos_token_ids = eos
         self.inflight: InFlightStep | None = None  # launched, not yet processed (overlap)
         self._num_sync_requests = 0  # unfinished requests for which forces_sync() holds

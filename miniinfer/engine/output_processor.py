@@ -38,8 +38,9 @@ class Request:
 
 class OutputProcessor:
     def __init__(self, tokenizer, eos_token_ids: set[int], max_model_len: int, scheduler: Scheduler,
-                 requests: dict[str, Request]):
+                 requests: dict[str, Request], speculative: bool = False):
         self.tokenizer = tokenizer
+        self.speculative = speculative  # RequestOutput.metrics carry the spec_* keys (zero without drafts)
         self.requests = requests  # the engine's, by id
         self._token_bytes = None
         if tokenizer is not None:
@@ -80,7 +81,7 @@ class OutputProcessor:
         for rid in touched:
             req = self.requests.get(rid)
             if req is not None and (req.stream or req.finished):
-                outputs.append(make_output(req))
+                outputs.append(make_output(req, self.speculative))
         return outputs
 
     def _commit_verified(self, s: ScheduledSeq, tokens: list[int], path: list[int], result: StepResult,
@@ -222,8 +223,9 @@ _ADVANCED = GrammarOutcome()  # shared, never mutated: no allocation per row and
 _TERMINATED = GrammarOutcome(terminated=True)
 
 
-def make_output(req: Request) -> RequestOutput:
-    """The request's cumulative output (vLLM's ``RequestOutput``)."""
+def make_output(req: Request, speculative: bool = False) -> RequestOutput:
+    """The request's cumulative output (vLLM's ``RequestOutput``); with ``speculative`` (or
+    drafts verified) its metrics carry the speculation counters and times."""
     seqs = req.seqs
     comps = [CompletionOutput(s.index, s.output_text, s.output_token_ids, s.finish_reason, s.stop_reason,
                               s.logprobs) for s in seqs]
@@ -236,7 +238,7 @@ def make_output(req: Request) -> RequestOutput:
         "num_generated_tokens": sum(s.num_output_tokens for s in seqs),
     }
     drafted = sum(s.num_draft_tokens for s in seqs)
-    if drafted:  # speculative decoding
+    if drafted or speculative:  # speculative decoding
         metrics["spec_num_draft_tokens"] = drafted
         metrics["spec_num_accepted_tokens"] = sum(s.num_accepted_tokens for s in seqs)
         metrics["spec_draft_time_s"] = sum(s.spec_draft_time_s for s in seqs)

@@ -29,7 +29,8 @@ _MODEL_HELP = "HF folder, .gguf file or preset; default: the embedded SmolLM2-13
 # Fields of other types than bool/int/float/str (or Optional/list/Literal of them) get no flag.
 _HELP = {
     "speculative_config": 'speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
-                          "(methods: ngram, draft_model with \"model\")",
+                          "(methods: ngram; draft_model with \"model\"; eagle, with \"eagle_topk\" and "
+                          "\"num_draft_tokens\" for an EAGLE-2 tree)",
     "tokenizer": "tokenizer folder or .gguf file; default: the model's",
     "dtype": "auto | float32 | bfloat16 | float16 (auto: bfloat16 on CUDA, float32 on CPU)",
     "seed": "engine seed for requests that don't set their own",

@@ -1,6 +1,7 @@
 """``SpeculativeConfig``: which drafter, how many tokens, when to stand down (vLLM's names)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 
 METHODS = ("ngram", "draft_model", "eagle")
@@ -51,22 +52,42 @@ class SpeculativeConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"speculative_config.method must be one of {list(METHODS)}, got {self.method!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "eagle_topk",
+                     "num_draft_tokens", "disable_by_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"speculative_config.{name} must be an integer, got {value!r}")
         k = self.num_speculative_tokens
-        if not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+        if not 1 <= k <= MAX_SPECULATIVE_TOKENS:
             raise ValueError(f"speculative_config.num_speculative_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], "
                              f"got {k!r}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("speculative_config: need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
-        if self.method == "draft_model" and not self.model:
-            raise ValueError("speculative_config.model (the draft model's path) is required for draft_model")
+        self._validate_model()
         self._validate_tree()
         if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
             raise ValueError(f"speculative_config.disable_by_batch_size must be >= 1, got {self.disable_by_batch_size}")
 
+    def _validate_model(self) -> None:
+        """``model``: required by draft_model, optional for eagle (a head file), unused by ngram;
+        a local path that exists (no model hub)."""
+        if self.method == "draft_model" and not self.model:
+            raise ValueError("speculative_config.model (the draft model's path) is required for draft_model")
+        if self.model is None:
+            return
+        if self.method == "ngram":
+            raise ValueError("speculative_config.model is not used by method 'ngram' (prompt lookup has no model)")
+        what = "the draft model" if self.method == "draft_model" else "the EAGLE head file"
+        if not isinstance(self.model, str) or not os.path.exists(self.model):
+            raise ValueError(f"speculative_config.model ({what}): {self.model!r} does not exist")
+        if self.method == "eagle" and not os.path.isfile(self.model):
+            raise ValueError(f"speculative_config.model ({what}) must be a .safetensors file, got the folder "
+                             f"{self.model!r}")
+
     def _validate_tree(self) -> None:
         topk, k, n = self.eagle_topk, self.num_speculative_tokens, self.num_draft_tokens
-        if not isinstance(topk, int) or not 1 <= topk <= 16:
+        if not 1 <= topk <= 16:
             raise ValueError(f"speculative_config.eagle_topk must be in [1, 16], got {topk!r}")
         if topk > 1 and self.method != "eagle":
             raise ValueError(f"speculative_config.eagle_topk > 1 (a draft tree) needs method 'eagle', got {self.method!r}")
@@ -74,7 +95,7 @@ class SpeculativeConfig:
             raise ValueError("speculative_config: (num_speculative_tokens - 1) * eagle_topk must be <= 64 "
                              f"(the head's tree window), got ({k} - 1) * {topk}")
         limit = MAX_TREE_NODES if topk > 1 else k
-        if n is not None and (not isinstance(n, int) or not 1 <= n <= limit):
+        if n is not None and not 1 <= n <= limit:
             raise ValueError(f"speculative_config.num_draft_tokens must be in [1, {limit}] "
                              f"({'tree nodes' if topk > 1 else 'a chain: at most num_speculative_tokens'}), got {n!r}")
 

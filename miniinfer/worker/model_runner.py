@@ -152,6 +152,11 @@ class ModelRunner:
         logits, hidden = self._run_model(batch, len(sched.scheduled))
         if logits is None:
             return ForwardOutput(sched, [], None, hidden=hidden if self.keep_hidden else None)
+        if (batch.seq_rows is None and self.cfg.speculative_config is not None
+                and any(seq.params.seed is not None for seq in batch.sampling_seqs)):
+            # a seeded request draws by position in every step (the verify's scheme), so its
+            # tokens don't depend on whether a step also verified someone's drafts
+            batch.seq_rows = [range(i, i + 1) for i in range(len(batch.sampling_seqs))]
         return ForwardOutput(sched, batch.sampling_seqs, logits, batch.seq_rows,
                              hidden if self.keep_hidden else None)
 

@@ -151,6 +151,12 @@ def test_sampling_and_n_choices_run_clean(ngram_llm):
     ({"method": "eagle", "eagle_topk": 4, "num_draft_tokens": 64}, "num_draft_tokens must be in \\[1, 63\\]"),
     ({"method": "eagle", "num_speculative_tokens": 3, "num_draft_tokens": 4}, "num_draft_tokens must be in \\[1, 3\\]"),
     ({"method": "ngram", "k": 3}, "unknown key"),
+    ({"method": "ngram", "prompt_lookup_min": "2"}, "prompt_lookup_min must be an integer"),
+    ({"method": "ngram", "disable_by_batch_size": "8"}, "disable_by_batch_size must be an integer"),
+    ({"method": "ngram", "num_speculative_tokens": True}, "num_speculative_tokens must be an integer"),
+    ({"method": "ngram", "model": "x.gguf"}, "not used by method 'ngram'"),
+    ({"method": "eagle", "model": "/nonexistent/head.safetensors"}, "EAGLE head file.*does not exist"),
+    ({"method": "draft_model", "model": "/nonexistent/draft.gguf"}, "the draft model.*does not exist"),
 ])
 def test_bad_config_is_a_clear_error(bad, match):
     from miniinfer.config import EngineConfig
@@ -223,3 +229,25 @@ def test_draft_and_verify_time_metrics(ngram_llm):
     per_request = [o.metrics for o in outs]
     assert sum(m["spec_draft_time_s"] for m in per_request) == pytest.approx(draft, rel=1e-6)
     assert sum(m["spec_verify_time_s"] for m in per_request) == pytest.approx(verify, rel=1e-6)
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(ngram_llm):
+    """A seeded request's tokens are the same alone and beside a greedy request whose drafts
+    are verified in the same steps (every step of a speculative engine draws a seeded request's
+    tokens by position)."""
+    prompts = _chat(ngram_llm, PROMPTS[:2])
+    seeded = SamplingParams(temperature=0.8, seed=1, max_tokens=24)
+    alone = ngram_llm.generate(prompts[:1], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    both = ngram_llm.generate(prompts, [seeded, GREEDY], use_tqdm=False)
+    assert both[0].outputs[0].token_ids == alone
+    assert both[1].metrics["spec_num_draft_tokens"] > 0  # the neighbour did speculate
+    again = ngram_llm.generate(prompts[:1], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    assert again == alone
+    check_clean(ngram_llm)
+
+
+def test_spec_metrics_present_without_drafts(ngram_llm):
+    out = ngram_llm.generate(_chat(ngram_llm, ["Say hi."]), SamplingParams(temperature=0, max_tokens=2),
+                             use_tqdm=False)[0]
+    assert {"spec_num_draft_tokens", "spec_num_accepted_tokens", "spec_draft_time_s",
+            "spec_verify_time_s"} <= set(out.metrics)
