@@ -189,13 +189,17 @@ class EagleDrafter(Proposer):
     def draft(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
         """Drafts per sequence (a chain, or with ``eagle_topk`` > 1 a tree whose parents go to
         ``seq.spec_parents``); none for a sequence without kept features or cache room."""
-        topk = self.config.eagle_topk
+        topk, D = self.config.eagle_topk, self.config.num_speculative_tokens
         live = []
         for s, k in zip(seqs, ks):
+            if not isinstance(s.spec_state, EagleState):
+                continue
             nodes = min(self.config.max_draft_tokens, k) if topk == 1 else self.config.max_draft_tokens
+            full = s.num_tokens + max(nodes, (D - 1) * topk)  # the static program's head steps: depth D
             need = s.num_tokens + max(nodes, (k - 1) * topk)
-            if (isinstance(s.spec_state, EagleState) and need <= self.max_model_len
-                    and self.kv.allocate(s.block_table, need)):
+            if self.static is not None and full <= self.max_model_len and self.kv.allocate(s.block_table, full):
+                live.append((s, k, nodes))
+            elif need <= self.max_model_len and self.kv.allocate(s.block_table, need):
                 live.append((s, k, nodes))
         out = {id(s): [] for s in seqs}
         if live:
@@ -223,7 +227,8 @@ class EagleDrafter(Proposer):
             grammar = self.grammar_mask()  # the root's children among what each grammar allows
             rows = grammar.rows(seqs, [[[]] for _ in seqs]) if grammar is not None else None
             allowed = grammar.expand(rows[:, 0], h.device) if rows is not None else None
-            trees = self.static.grow([s.block_table for s in seqs], [s.num_tokens for s in seqs], h, allowed)
+            trees = self.static.grow([s.block_table for s in seqs], [s.num_tokens for s in seqs], h, allowed,
+                                     depths=[k for _, k, _ in order], num_nodes=[n for _, _, n in order])
         else:
             trees = grow_trees(self, seqs, [k for _, k, _ in order], [n for _, _, n in order], h)
         for (seq, _, _), tree in zip(order, trees):
@@ -235,14 +240,14 @@ class EagleDrafter(Proposer):
 
     def _static_fits(self, order: list[tuple[Sequence, int, int]]) -> bool:
         """The static tree program (``eagle_tree_static.py``) serves this step: every sequence
-        grows the full tree (depth k = D, N nodes), and no constrained sequence wants its
-        drafts masked at every depth (``grammar_all_depths``: ``grow_trees``' host walk per
-        depth); the static program masks the root's children only."""
+        has cache room for the full depth D (its tree is cut to its own budget afterwards), and
+        no constrained sequence wants its drafts masked at every depth (``grammar_all_depths``:
+        ``grow_trees``' host walk per depth); the static program masks the root's children only."""
         if self.static is None:
             return False
-        D, N = self.config.num_speculative_tokens, self.static.N
-        if any(k != D or n != N for _, k, n in order):
-            return False
+        D, K = self.config.num_speculative_tokens, self.config.eagle_topk
+        if any(len(s.block_table) * self.block_size < s.num_tokens + (D - 1) * K for s, _, _ in order):
+            return False  # no cache room for the full depth (near max_model_len)
         return not (self.grammar_all_depths and self.grammar_mask() is not None
                     and any(s.grammar is not None for s, _, _ in order))
 

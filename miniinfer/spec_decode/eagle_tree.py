@@ -145,14 +145,19 @@ def rerank_device(scores, tokens, parents, depth, n: int) -> torch.Tensor:
                         depth.gather(1, chosen).long(), torch.isfinite(scores.gather(1, chosen)).long()])
 
 
-def trees_from_rerank(packed: list, num_nodes: list[int]) -> list[DraftTree]:
+def trees_from_rerank(packed: list, num_nodes: list[int], depths: list[int] | None = None) -> list[DraftTree]:
     """``rerank_device``'s output on the host → each row's first ``num_nodes[b]`` candidates
-    as a breadth-first tree (a node whose parent was not chosen goes, with its subtree)."""
+    (of those no deeper than ``depths[b]``, when given) as a breadth-first tree (a node whose
+    parent was not chosen goes, with its subtree)."""
     idx, tok, par, dep, finite = packed
     n = len(idx[0]) if idx else 0
     trees = []
     for b, limit in enumerate(num_nodes):
-        nodes = sorted((j for j in range(min(limit, n)) if finite[b][j]), key=lambda j: (dep[b][j], idx[b][j]))
+        if depths is None:
+            ranked = [j for j in range(min(limit, n)) if finite[b][j]]
+        else:
+            ranked = [j for j in range(n) if finite[b][j] and dep[b][j] <= depths[b]][:limit]
+        nodes = sorted(ranked, key=lambda j: (dep[b][j], idx[b][j]))
         where: dict[int, int] = {}
         kept_tok, kept_par = [], []
         for j in nodes:  # breadth-first: a parent is placed before its children, or was not chosen

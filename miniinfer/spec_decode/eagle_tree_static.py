@@ -6,8 +6,9 @@ per depth a few dozen small ops and a device-to-host wait, most of a verify step
 for a 135M target. Here the same expansion runs as tensor ops only, so it can be captured:
 
 * every sequence grows a full tree: depth ``D = num_speculative_tokens``, ``K = eagle_topk``
-  branches, ``N = num_draft_tokens`` nodes (the caller takes this path only when every
-  sequence's budget is D);
+  branches, ``N = num_draft_tokens`` nodes; a sequence whose budget is shallower (near
+  ``max_tokens``) keeps the best nodes within it (a child never outscores its parent, so that
+  is still a tree, the one ``grow_trees`` would grow);
 * grammar-aware drafting masks the root's children only (``root_allowed``: the tokens the
   request's grammar allows now, one row per sequence, all True without a grammar); deeper
   proposals are unmasked here (their rows depend on the chosen paths: a host walk per depth).
@@ -130,12 +131,15 @@ class StaticTreeDrafter:
         return next((b for b in sorted(self.graphs) if b >= B), None)
 
     def grow(self, block_tables: list[list[int]], num_tokens: list[int], root_h: torch.Tensor,
-             root_allowed: torch.Tensor | None = None) -> list[DraftTree]:
+             root_allowed: torch.Tensor | None = None, depths: list[int] | None = None,
+             num_nodes: list[int] | None = None) -> list[DraftTree]:
         """One tree per sequence (at most N nodes, breadth-first). ``block_tables`` and
         ``num_tokens`` (P): each sequence's, whose head cache must have blocks through KV index
         ``P + (D − 1) K − 1``; ``root_h`` [B, H] the head's output at its last known token;
-        ``root_allowed`` [B, Vd] bool (device) or None. A graph replay when a bucket holds B
-        rows, else the program eagerly; one device read either way."""
+        ``root_allowed`` [B, Vd] bool (device) or None; ``depths`` / ``num_nodes``: each
+        sequence's budget (default D and N): its tree is the best nodes no deeper than that,
+        as ``grow_trees`` builds it. A graph replay when a bucket holds B rows, else the
+        program eagerly; one device read either way."""
         B = len(num_tokens)
         bucket = self.bucket(B)
         if bucket is None:  # eager, on exactly B rows
@@ -149,7 +153,7 @@ class StaticTreeDrafter:
             replay, out = self.graphs[bucket]
             replay()
             packed = out[:, :B]
-        return trees_from_rerank(packed.tolist(), [self.N] * B)
+        return trees_from_rerank(packed.tolist(), num_nodes or [self.N] * B, depths)
 
     def _stage(self, block_tables, num_tokens, root_h, bucket: int, root_allowed=None) -> None:
         """Copy the step's rows into the static inputs (one staged host copy), pad the rest."""

@@ -63,8 +63,8 @@ def test_static_tree_graphs_replay_the_eager_program():
     assert 1 in static.graphs and 4 in static.graphs
     orig, calls = static.grow, []
 
-    def both(tables, num_tokens, root_h, allowed=None):
-        got = orig(tables, num_tokens, root_h, allowed)
+    def both(tables, num_tokens, root_h, allowed=None, **budgets):
+        got = orig(tables, num_tokens, root_h, allowed, **budgets)
         B = len(num_tokens)
         graph_out = static.graphs[static.bucket(B)][1][:, :B].clone()
         eager = static.program(B, static.num_tokens[:B].clone(), static.block_tables[:B].clone(),

@@ -31,20 +31,22 @@ def test_static_trees_equal_host_built_trees(tree_llm):
     calls = []
     orig = static.grow
 
-    def both(tables, num_tokens, root_h, allowed=None):
+    def both(tables, num_tokens, root_h, allowed=None, depths=None, num_nodes=None):
         assert allowed is None  # no grammar here
-        got = orig(tables, num_tokens, root_h)
+        got = orig(tables, num_tokens, root_h, depths=depths, num_nodes=num_nodes)
         seqs = [SimpleNamespace(num_tokens=n, block_table=t, grammar=None) for t, n in zip(tables, num_tokens)]
-        want = grow_trees(drafter, seqs, [static.D] * len(seqs), [static.N] * len(seqs), root_h)
-        calls.append((len(seqs), [(t.tokens, t.parents) for t in got] == [(t.tokens, t.parents) for t in want]))
+        want = grow_trees(drafter, seqs, depths, num_nodes, root_h)
+        calls.append((len(seqs), min(depths), [(t.tokens, t.parents) for t in got] == [(t.tokens, t.parents) for t in want]))
         return got
     static.grow = both
-    try:
-        tree_llm.generate(_prompts(tree_llm), SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+    try:  # different max_tokens: sequences near their end draft shallower trees beside full ones
+        tree_llm.generate(_prompts(tree_llm), [SamplingParams(temperature=0, max_tokens=m) for m in (24, 7, 13)],
+                          use_tqdm=False)
     finally:
         static.grow = orig
-    assert len(calls) > 3 and any(b == 3 for b, _ in calls)  # batched steps were compared
-    assert all(same for _, same in calls)
+    assert len(calls) > 3 and any(b == 3 for b, _, _ in calls)  # batched steps were compared
+    assert any(d < static.D for _, d, _ in calls)  # budgets near max_tokens: trees cut to them
+    assert all(same for _, _, same in calls)
 
 
 def test_padding_rows_write_no_kv(tree_llm):

@@ -252,7 +252,7 @@ def test_root_only_grammar_drafting_in_the_static_program(reference, monkeypatch
     drafter.grammar_all_depths = False
     used = []
     grow = drafter.static.grow
-    monkeypatch.setattr(drafter.static, "grow", lambda *a: used.append(a[3] is not None) or grow(*a))
+    monkeypatch.setattr(drafter.static, "grow", lambda *a, **kw: used.append(a[3] is not None) or grow(*a, **kw))
     got = _run(llm, CASES)
     assert [g[0] for g in got] == [r[0] for r in reference]
     assert any(used)  # the static program ran with root masks
