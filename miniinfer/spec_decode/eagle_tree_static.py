@@ -43,7 +43,7 @@ def _pow2_window(device) -> torch.Tensor:
 
 class StaticTreeDrafter:
     """Grows EAGLE-2 trees with fixed K, D, N for the ``drafter`` (an ``EagleDrafter``): static
-    input buffers for up to ``max_batch`` rows of ``max_blocks`` block-table entries, a graph
+    input buffers for up to ``min(max_batch, 32)`` rows of ``max_blocks`` block-table entries, a graph
     per bucket once :meth:`capture` ran (CUDA), :meth:`grow` per step."""
 
     def __init__(self, drafter, max_batch: int, max_blocks: int):
@@ -54,7 +54,7 @@ class StaticTreeDrafter:
         self.device = dev
         self.block_size = drafter.block_size
         self.max_seq_len = drafter.max_model_len
-        self.max_batch = max_batch
+        max_batch = self.max_batch = min(max_batch, GRAPH_BATCH_SIZES[-1])  # larger batches run eager, unstaged
         i64 = dict(dtype=torch.int64, device=dev)
         self.num_tokens = torch.zeros(max_batch, **i64)  # P per row
         self.live = torch.zeros(max_batch, dtype=torch.bool, device=dev)
