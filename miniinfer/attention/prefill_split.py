@@ -177,18 +177,20 @@ def warmup_split(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.
 
 def split_extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                            v_cache: torch.Tensor, meta: AttentionMetadata, plan: SplitPlan, scale: float,
-                           out: torch.Tensor) -> torch.Tensor:
+                           out: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Extend attention of a step by ``plan`` (:func:`plan_split`), written into ``out``.
 
     ``q [T, H, D]``, ``k``/``v`` ``[T, Hkv, D]`` (this step's new tokens, rows as q's),
     caches ``[num_blocks, block_size, Hkv, D]`` already holding the new tokens (the plain
-    kernel of the short runs reads them there), ``out [T, H, D]``. Returns ``out``."""
+    kernel of the short runs reads them there), ``out [T, H, D]``. Returns ``out``.
+    An FP8 cache's scales (``k_scale``/``v_scale``) apply to the cached prefix; the new tokens'
+    part reads the step's unquantized ``k``/``v``."""
     # imported here: the planning and merge helpers above stay importable without triton
     from miniinfer.kernels.extend_attention import paged_extend_attention, paged_prefix_attention
 
     for b0, b1, max_q in plan.runs:
         paged_extend_attention(q, k_cache, v_cache, meta.block_tables[b0:b1], meta.query_start_loc[b0:b1 + 1],
-                               meta.seq_lens[b0:b1], max_q, scale, out=out)
+                               meta.seq_lens[b0:b1], max_q, scale, out=out, k_scale=k_scale, v_scale=v_scale)
     for b, s, e, prefix in plan.long:
         n = e - s
         qs, ks, vs = (_padded_heads_first(x[s:e], _bucket(n)) for x in (q, k, v))
@@ -200,5 +202,5 @@ def split_extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
             continue
         paged_prefix_attention(q, k_cache, v_cache, meta.block_tables[b:b + 1], meta.query_start_loc[b:b + 2],
                                meta.seq_lens[b:b + 1], e - s, scale, out=out, merge_with=(o_rows, lse),
-                               lse_row0=s)
+                               lse_row0=s, k_scale=k_scale, v_scale=v_scale)
     return out

@@ -28,7 +28,8 @@ when ``prefill_attention`` is ``"auto"`` (``set_prefill_attention``, from
 ``EngineConfig.prefill_attention``; default ``"triton"``: on an H200 the split cut a 16k-token
 TTFT 492 -> 461 ms but slowed the long-prompt throughput run 3,202 -> 2,454 tok/s) and the
 step allows it: host lists present (never under
-CUDA-graph capture or replay), no tree mask, no FP8 cache, bf16/fp16 on CUDA.
+CUDA-graph capture or replay), no tree mask, bf16/fp16 on CUDA (an FP8 cache's prefix is read
+with its scales; the new tokens' part uses the step's unquantized k/v).
 """
 from __future__ import annotations
 
@@ -67,8 +68,7 @@ class TritonAttentionBackend(PagedAttentionBase):
         """The split routing of extend sequences ``first ..`` (host-only checks, one plan per
         step), or None for the plain kernel."""
         if (self.prefill_attention != "auto" or meta.max_query_len < self.split_min_query_len
-                or meta.tree_mask is not None or meta.query_start_loc_cpu is None or meta.seq_lens_cpu is None
-                or is_fp8(k_cache.dtype)):
+                or meta.tree_mask is not None or meta.query_start_loc_cpu is None or meta.seq_lens_cpu is None):
             return None
         if q.is_cuda and (q.dtype == torch.float32 or torch.cuda.is_current_stream_capturing()):
             return None
@@ -114,7 +114,7 @@ class TritonAttentionBackend(PagedAttentionBase):
             )
         plan = self._split_plan(q, k_cache, meta, nd) if num_seqs > nd else None
         if plan is not None:
-            split_extend_attention(q, k, v, k_cache, v_cache, meta, plan, scale, out)
+            split_extend_attention(q, k, v, k_cache, v_cache, meta, plan, scale, out, ks, vs)
         elif num_seqs > nd:
             paged_extend_attention(
                 q, k_cache, v_cache, meta.block_tables[nd:], meta.query_start_loc[nd:],

@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from miniinfer.kernels.decode_attention import FP8_F16_DOT
 from miniinfer.kernels._common import dot_precision, dot_upcast, is_fp8, next_pow2, pages_f32
 
 _LOG2E = 1.4426950408889634
@@ -64,7 +65,7 @@ def _attn_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, n0, lo_mask_end, pos_m,
                 + offs_d[None, :], mask=mask_nd, other=0.0)
     v = tl.load(vc_ptr + (page * stride_vb + within * stride_vs + kvh * stride_vh)[:, None]
                 + offs_d[None, :], mask=mask_nd, other=0.0)
-    if FP8:  # e4m3 -> q's dtype (exact); the scales are applied by the caller
+    if FP8:  # e4m3 -> q's dtype (exact; fp16 under F16_DOT); the scales are applied by the caller
         k = k.to(q.dtype)
         v = v.to(q.dtype)
     elif UPCAST:
@@ -110,7 +111,7 @@ def _extend_kernel(
     stride_oit, stride_oih, stride_lih, stride_lit, stride_loh, stride_lot,
     G: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_TREE: tl.constexpr, FP8: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_TREE: tl.constexpr, FP8: tl.constexpr, F16_DOT: tl.constexpr,
     PREFIX_ONLY: tl.constexpr, MERGE: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
     # Heaviest (last, most keys under the causal mask) query tiles are scheduled first.
@@ -137,6 +138,8 @@ def _extend_kernel(
                 mask=mask_md, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
+    if F16_DOT:  # FP8 cache: the dots in fp16 (see decode_attention.FP8_F16_DOT)
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     pos_m = prefix + offs_m
 
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
@@ -270,7 +273,7 @@ def _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_qu
         G=H // k_cache.shape[2], PAGE=k_cache.shape[1], D=D,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=next_pow2(D),
         UPCAST=dot_upcast(q.dtype, q.device), PREC=dot_precision(q.dtype), HAS_TREE=tree_mask is not None,
-        FP8=fp8, PREFIX_ONLY=prefix_only, MERGE=merge_with is not None, WRITE_LSE=lse_out is not None,
+        FP8=fp8, F16_DOT=fp8 and q.dtype != torch.float32 and FP8_F16_DOT, PREFIX_ONLY=prefix_only, MERGE=merge_with is not None, WRITE_LSE=lse_out is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -309,11 +312,12 @@ def paged_prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            out: torch.Tensor | None = None, lse_out: torch.Tensor | None = None,
                            merge_with: tuple[torch.Tensor, torch.Tensor] | None = None, lse_row0: int = 0,
                            block_m: int | None = None, block_n: int | None = None,
-                           num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+                           num_warps: int | None = None, num_stages: int | None = None,
+                           k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Attention of each sequence's new tokens over its cached prefix only (KV positions
     ``[0, seq_len - q_len)``, no mask: every query sees the whole prefix), the ``PREFIX_ONLY``
     variant of the extend kernel. Arguments as in :func:`paged_extend_attention` (no tree
-    mask, no FP8 scales).
+    mask).
 
     ``lse_out`` (fp32 ``[H, >= rows]``, any strides): receives the natural-log log-sum-exp of
     the scaled scores of each written row (absolute row of q) at column ``row - lse_row0``
@@ -324,7 +328,6 @@ def paged_prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     ``out``'s rows (each program reads its tile before it writes it). Returns ``out``.
     """
     out = _check_args(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out)
-    assert not is_fp8(k_cache.dtype), "the prefix-only variant takes no FP8 cache"
     for lse in (lse_out, merge_with[1] if merge_with is not None else None):
         assert lse is None or (lse.dtype == torch.float32 and lse.dim() == 2 and lse.shape[0] == q.shape[1])
     if merge_with is not None:
@@ -332,7 +335,7 @@ def paged_prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if seq_lens.shape[0] == 0 or q.shape[0] == 0 or max_query_len <= 0:
         return out
     _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len, scale, out,
-            None, 1.0, 1.0, (block_m, block_n, num_warps, num_stages), prefix_only=True,
+            None, k_scale, v_scale, (block_m, block_n, num_warps, num_stages), prefix_only=True,
             merge_with=merge_with, lse_out=lse_out, lse_row0=lse_row0)
     return out
 

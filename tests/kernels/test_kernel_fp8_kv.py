@@ -68,8 +68,8 @@ def test_store_kv_cache_fp8_quantizes_and_saturates(device, dtype, k_scale, v_sc
     ([1, 17, 40, 100], 4, 2, 64, 16, 3),  # split-KV (stage 2), GQA 2
     ([33, 70], 6, 2, 32, 16, 1),          # direct output
 ])
-@pytest.mark.parametrize("fp8_mode", [0, 1, 2])  # dots in q's dtype / fp16 by cast / fp16 by bit ops
-def test_decode_attention_fp8(device, dtype, k_scale, v_scale, seq_lens, H, Hkv, D, bs, splits, fp8_mode):
+@pytest.mark.parametrize("f16_dot", [False, True])  # the dots in q's dtype / in fp16
+def test_decode_attention_fp8(device, dtype, k_scale, v_scale, seq_lens, H, Hkv, D, bs, splits, f16_dot):
     from miniinfer.kernels.decode_attention import paged_decode_attention, paged_decode_attention_ref
 
     kv = PagedKV(seq_lens, Hkv, D, bs, dtype, device)
@@ -78,7 +78,7 @@ def test_decode_attention_fp8(device, dtype, k_scale, v_scale, seq_lens, H, Hkv,
     scale = D ** -0.5
     out = paged_decode_attention(q, kc, vc, kv.block_tables, kv.seq_lens_t, scale, num_splits=splits,
                                  max_seq_len=max(seq_lens), block_n=16, k_scale=k_scale, v_scale=v_scale,
-                                 fp8_mode=fp8_mode)
+                                 f16_dot=f16_dot)
     ref = paged_decode_attention_ref(q, kc, vc, kv.block_tables, kv.seq_lens_t, scale,
                                      k_scale=k_scale, v_scale=v_scale)
     assert_close(out, ref)

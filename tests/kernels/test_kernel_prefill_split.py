@@ -58,6 +58,31 @@ def test_prefix_only_writes_lse(device, dtype):
     assert torch.isneginf(lse[:, 3:3 + qlens[0]]).all() and (out[:qlens[0]] == 0).all()
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefix_only_fp8_cache_equals_dequantized_cache(device, dtype):
+    """Over an FP8 cache the prefix-only kernel applies k_scale / v_scale: its output and LSE
+    equal those over a cache of the dequantized values (fp8 * scale) in the model dtype."""
+    from miniinfer.kernels._common import dequantize_fp8, quantize_fp8
+    from miniinfer.kernels.extend_attention import paged_prefix_attention
+
+    prefix, qlens, H, Hkv, D, bs = [37, 70], [20, 33], 4, 2, 32, 16
+    kv, q, qsl = _extend_inputs(prefix, qlens, H, Hkv, D, bs, dtype, device)
+    k_scale, v_scale = 0.05, 0.02
+    kc8, vc8 = quantize_fp8(kv.k_cache, k_scale), quantize_fp8(kv.v_cache, v_scale)
+    kc, vc = dequantize_fp8(kc8, k_scale, dtype), dequantize_fp8(vc8, v_scale, dtype)
+    scale = 1 / math.sqrt(D)
+    outs, lses = [], []
+    for caches, scales in (((kc8, vc8), (k_scale, v_scale)), ((kc, vc), (1.0, 1.0))):
+        lse = torch.empty(H, q.shape[0], dtype=torch.float32, device=device)
+        outs.append(paged_prefix_attention(q, *caches, kv.block_tables, qsl, kv.seq_lens_t, max(qlens), scale,
+                                           lse_out=lse, block_m=16, block_n=16, k_scale=scales[0],
+                                           v_scale=scales[1]))
+        lses.append(lse)
+    assert_close(outs[0], outs[1])
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(lses[0], lses[1], atol=tol, rtol=tol)
+
 def _new_token_partial(q, k_new, v_new, qsl, scale):
     """Causal attention of each sequence's rows over its own new keys with the CPU flash op:
     (o [T, H, D], lse [H, T])."""
