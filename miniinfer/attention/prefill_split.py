@@ -149,13 +149,15 @@ def _bucket(n: int) -> int:
 
 def _padded_heads_first(rows: torch.Tensor, n_pad: int) -> torch.Tensor:
     """``rows [n, h, D]`` -> ``[1, h, n_pad, D]``: a view when ``n == n_pad`` and the rows are
-    contiguous, else a contiguous copy with zero rows appended. The strides are then always
+    contiguous, else a contiguous copy with zero rows appended (only the tail is zeroed: one
+    write of the buffer, not two). The strides are then always
     those of a contiguous ``[n_pad, h, D]`` (cuDNN keys its graphs on strides too: q/k/v that
     are views of the fused qkv output would miss the graphs built at warm-up)."""
     n = rows.shape[0]
     if n != n_pad or not rows.is_contiguous():
-        padded = rows.new_zeros((n_pad,) + tuple(rows.shape[1:]))
+        padded = rows.new_empty((n_pad,) + tuple(rows.shape[1:]))
         padded[:n] = rows
+        padded[n:].zero_()
         rows = padded
     return rows.transpose(0, 1).unsqueeze(0)
 
