@@ -3,10 +3,11 @@
     python benchmarks/plot_sbs.py [--results benchmarks/results] [--out docs/img]
 
 Reads the newest ``*-sbs-*.json`` result (``benchmarks/results/<date>-sbs-<card>-<tag>.json``,
-metrics ``<metric>``, ``<metric>_before`` and ``<metric>_vllm`` per row) and writes
-``docs/img/sbs_vs_vllm.png``: per row, MiniInfer's speed relative to vLLM's (vLLM time ÷
-MiniInfer time for ``*_ms`` rows, MiniInfer ÷ vLLM for ``*_tok_s`` rows: above 1 is faster),
-before and after. Called by ``benchmarks/plot.py`` too."""
+metrics ``<metric>``, ``<metric>_before`` and ``<metric>_vllm`` per row; optional variants
+``<metric>_prefill_triton`` and ``<metric>_fp8_kv``) and writes ``docs/img/<file stem>.png``
+(the session-8 file's plot is ``docs/img/sbs_vs_vllm.png``): per row, MiniInfer's speed relative
+to vLLM's (vLLM time ÷ MiniInfer time for ``*_ms`` rows, MiniInfer ÷ vLLM for ``*_tok_s`` rows:
+above 1 is faster), before and after. Called by ``benchmarks/plot.py`` too."""
 from __future__ import annotations
 
 import argparse
@@ -30,6 +31,11 @@ LABELS = {
 }
 
 
+SERIES = (("_before", "before", "#9e9e9e"), ("_prefill_triton", "after, prefill_attention=triton", "#90caf9"),
+          ("", "after (default)", "#1565c0"), ("_fp8_kv", "after, fp8 KV cache", "#2e7d32"))
+LEGACY = {"2026-11-30-sbs-h200x2-session8": "sbs_vs_vllm"}  # image name kept for the committed doc
+
+
 def speed_vs_vllm(metric: str, value: float, vllm: float) -> float:
     """MiniInfer's speed ÷ vLLM's: >1 is faster (times invert, throughputs don't)."""
     return vllm / value if metric.endswith("_ms") else value / vllm
@@ -39,25 +45,30 @@ def plot(path: str, out_dir: str) -> str:
     with open(path) as f:
         data = json.load(f)
     m = data["metrics"]
-    rows = [k for k in LABELS if k in m and f"{k}_vllm" in m and f"{k}_before" in m]
+    rows = [k for k in LABELS if k in m and f"{k}_vllm" in m]
     fig, ax = plt.subplots(figsize=(1.4 + 1.5 * len(rows), 3.8))
-    width = 0.38
+    series = [s for s in SERIES if any(k + s[0] in m for k in rows)]
+    width = 0.8 / len(series)
+    seen = set()
     for i, k in enumerate(rows):
-        for j, (suffix, tag, color) in enumerate((("_before", "before (session 7 code)", "#9e9e9e"),
-                                                  ("", "after (this session)", "#1565c0"))):
+        for j, (suffix, tag, color) in enumerate(series):
+            if k + suffix not in m:
+                continue
             v = speed_vs_vllm(k, float(m[k + suffix]), float(m[k + "_vllm"]))
-            x = i + (j - 0.5) * width
-            ax.bar(x, v, width=width, color=color, label=tag if i == 0 else None)
+            x = i + (j - (len(series) - 1) / 2) * width
+            ax.bar(x, v, width=width, color=color, label=tag if tag not in seen else None)
+            seen.add(tag)
             ax.annotate(f"{v:.2f}", (x, v), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
     ax.axhline(1.0, color="#c62828", linestyle="--", linewidth=1, label="vLLM 0.24")
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([LABELS[k] for k in rows], fontsize=8)
     ax.set_ylabel("speed ÷ vLLM's (>1: faster)")
-    ax.legend(fontsize=7, loc="lower right")
-    ax.set_title(f"MiniInfer vs vLLM 0.24, one lease, {data['date']} ({data['device']})", fontsize=8)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    ax.set_title(f"MiniInfer vs vLLM 0.24 (bf16 KV), one lease, {data['date']} ({data['device']})", fontsize=8)
     fig.tight_layout()
     os.makedirs(out_dir, exist_ok=True)
-    out = os.path.join(out_dir, "sbs_vs_vllm.png")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    out = os.path.join(out_dir, LEGACY.get(stem, stem) + ".png")
     fig.savefig(out, dpi=130, bbox_inches="tight")
     plt.close(fig)
     print(f"wrote {out}")

@@ -25,8 +25,9 @@ An FP8 cache (``float8_e4m3fn``) takes the kernels' FP8 variants with the backen
 Long extend chunks (``q_len >= split_min_query_len``) take the split path of
 ``attention/prefill_split.py`` (SDPA on the new tokens + the paged prefix kernel, merged)
 when ``prefill_attention`` is ``"auto"`` (``set_prefill_attention``, from
-``EngineConfig.prefill_attention``; default ``"triton"``: on an H200 the split cut a 16k-token
-TTFT 492 -> 461 ms but slowed the long-prompt throughput run 3,202 -> 2,454 tok/s) and the
+``EngineConfig.prefill_attention``, whose default is ``"auto"``: on an H200 in one lease the
+split cut a 16k-token TTFT 500 -> 471 ms and raised the long-prompt throughput 3,474 -> 3,612
+tok/s; this class's own default, ``"triton"``, serves direct kernel tests) and the
 step allows it: host lists present (never under
 CUDA-graph capture or replay), no tree mask, bf16/fp16 on CUDA (an FP8 cache's prefix is read
 with its scales; the new tokens' part uses the step's unquantized k/v).

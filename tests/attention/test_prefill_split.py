@@ -58,7 +58,7 @@ def test_merge_attn_states_equals_attention_over_all_keys():
 def test_prefill_attention_knob_is_validated():
     from miniinfer.config import EngineConfig
 
-    assert EngineConfig(device="cpu").prefill_attention == "triton"
-    assert EngineConfig(device="cpu", prefill_attention="auto").prefill_attention == "auto"
+    assert EngineConfig(device="cpu").prefill_attention == "auto"
+    assert EngineConfig(device="cpu", prefill_attention="triton").prefill_attention == "triton"
     with pytest.raises(ValueError, match="prefill_attention"):
         EngineConfig(device="cpu", prefill_attention="sdpa")
