@@ -3,8 +3,6 @@
     python benchmarks/kernel_bench.py          (writes $OUT/kernel-bench.json)
     python benchmarks/kernel_bench.py --long   (the §9 decode batch: 128 contexts of 4k-8k tokens,
                                                 bf16 and fp8 caches, split counts; kernel-bench-long.json)
-    python benchmarks/kernel_bench.py --long --fp8-only   (fp8 with fp16 dots, 4 splits, a small sweep
-                                                incl. 2 warps and unpipelined loads)
 
 For each shape (batch, context, heads of a real model) it times the kernel with CUDA events
 for a sweep of tile sizes / warps / pipeline stages, and reports GB/s of K+V read against the
@@ -64,17 +62,12 @@ def long_main(out_dir: str) -> None:
     q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
     rows = []
-    variants = ((torch.bfloat16, False), (torch.float8_e4m3fn, False), (torch.float8_e4m3fn, True))
-    splits_list, configs = (1, 4, 8), LONG_CONFIGS
-    if "--fp8-only" in sys.argv:
-        variants, splits_list = ((torch.float8_e4m3fn, True),), (4,)
-        configs = list(itertools.product((64, 128), (2, 4), (1, 2, 3)))
-    for dtype, mode in variants:
+    for dtype, mode in ((torch.bfloat16, False), (torch.float8_e4m3fn, False), (torch.float8_e4m3fn, True)):
         k = torch.randn(nblk + 1, page, Hkv, D, device="cuda", dtype=torch.bfloat16).to(dtype)
         v = torch.randn_like(k, dtype=torch.bfloat16).to(dtype)
         gb = 2 * sum(lens_l) * Hkv * D * k.element_size() / 1e9
-        for splits in splits_list:
-            for block_n, warps, stages in configs:
+        for splits in (1, 4, 8):
+            for block_n, warps, stages in LONG_CONFIGS:
                 try:
                     ms = device_ms(lambda: paged_decode_attention(
                         q, k, v, tables, lens, D ** -0.5, out=out, max_seq_len=32768, num_splits=splits,

@@ -5,8 +5,7 @@ Per step (token layout: decodes first, then extend/prefill chunks; see forward_c
 1. ``store_kv_cache`` writes the step's k/v into the paged cache at ``meta.slot_mapping``
    (slot -1 is skipped, so padded CUDA-graph batches are fine);
 2. the first ``meta.num_decodes`` sequences (one token each) go through
-   ``paged_decode_attention`` with ``meta.max_seq_len`` as the split-count bound (its partitions
-   merged in the same kernel through the backend's self-resetting ``_split_counters``);
+   ``paged_decode_attention`` with ``meta.max_seq_len`` as the split-count bound;
 3. the remaining sequences go through ``paged_extend_attention``. Its
    ``query_start_loc`` holds absolute rows of ``q``, so ``meta.query_start_loc[num_decodes:]``
    is passed as is (no re-basing op) together with the full ``q`` / ``out``, and so is the
@@ -51,30 +50,12 @@ from miniinfer.kernels.rope import apply_rope_
 from miniinfer.kernels.rope_kv_store import rope_store_kv_cache_
 
 
-SPLIT_COUNTERS = 1 << 16  # sequences x KV heads of one decode batch with the fused split merge
-
-
 class TritonAttentionBackend(PagedAttentionBase):
     name = "triton"
     prefill_attention: str = "triton"  # auto: split long extend chunks; triton: the paged kernel only
     split_min_query_len: int = SPLIT_MIN_QUERY_LEN
     # forward_with_rope: RoPE + KV store in one kernel; False (MINIINFER_FUSED_ROPE_KV=0): two, for A/B
     fuse_rope: bool = os.environ.get("MINIINFER_FUSED_ROPE_KV", "1") != "0"
-    # split decode: the partitions merged in the first kernel (MINIINFER_DECODE_FUSED_MERGE=0: stage 2)
-    fused_merge: bool = os.environ.get("MINIINFER_DECODE_FUSED_MERGE", "1") != "0"
-    _split_counters: torch.Tensor | None = None  # int32 [SPLIT_COUNTERS], zero between launches
-
-    def _counters(self, q: torch.Tensor, needed: int) -> torch.Tensor | None:
-        """The decode kernel's split counters (allocated once, outside graph capture, so every
-        captured graph keeps a live address), or None: stage 2 merges instead."""
-        if not self.fused_merge or not q.is_cuda or needed > SPLIT_COUNTERS:
-            return None
-        c = self._split_counters
-        if c is None or c.device != q.device:
-            if torch.cuda.is_current_stream_capturing():
-                return None
-            c = self._split_counters = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=q.device)
-        return c
 
     def set_prefill_attention(self, mode: str) -> None:
         """Raises ``ValueError`` for a mode outside ``PREFILL_ATTENTION_MODES``."""
@@ -131,7 +112,6 @@ class TritonAttentionBackend(PagedAttentionBase):
             paged_decode_attention(
                 q[:nd_tok], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
                 out=out[:nd_tok], max_seq_len=meta.max_seq_len, k_scale=ks, v_scale=vs,
-                split_counters=self._counters(q, nd * k_cache.shape[2]),
             )
         plan = self._split_plan(q, k_cache, meta, nd) if num_seqs > nd else None
         if plan is not None:

@@ -13,11 +13,6 @@ the context (sized on the device, see below), walking it in tiles of ``BLOCK_N``
 block table; online softmax with fp32 accumulation. It writes a normalised partial output
 and its log-sum-exp (base 2) into fp32 workspaces. Stage 2 (grid ``(B, H)``) merges the
 partitions. With a single split, stage 1 writes the output directly and stage 2 is skipped.
-With ``split_counters`` (the fused merge) there is no stage 2: each non-empty partition bumps
-its (sequence, KV head) counter after storing, and the last one merges all of them (the
-semaphore pattern of CUTLASS's serial split-K reduction) and resets
-the counter; a context of one partition writes its output directly. It saves the second
-launch, which at batch 1 costs about as much as the first kernel's own work.
 
 CUDA graphs: nothing here reads device memory on the host. The split count (the grid's
 third dimension) depends only on host ints (``B``, ``Hkv``, an upper bound on the context,
@@ -59,7 +54,7 @@ _VARYING = ["stride_bt", "stride_mob", "stride_moh", "stride_mlb", "stride_mlh",
 
 @triton.jit(do_not_specialize=_VARYING)
 def _decode_stage1_kernel(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, sl_ptr, mo_ptr, ml_ptr, out_ptr, cnt_ptr,
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, sl_ptr, mo_ptr, ml_ptr, out_ptr,
     qk_scale, v_scale,
     stride_qb, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -68,10 +63,9 @@ def _decode_stage1_kernel(
     stride_mob, stride_moh, stride_mos,
     stride_mlb, stride_mlh,
     stride_ob, stride_oh,
-    num_splits, num_kv_heads,
+    num_splits,
     G: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
     DIRECT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, FP8: tl.constexpr,
     F16_DOT: tl.constexpr,
 ):
@@ -132,69 +126,15 @@ def _decode_stage1_kernel(
     o = acc / l_safe[:, None]
     if FP8:
         o = o * v_scale
-    out_rows = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-    n_valid = tl.minimum(tl.cdiv(seq_len, tl.maximum(part, 1)), num_splits)  # non-empty partitions
     if DIRECT:
-        tl.store(out_rows, o.to(out_ptr.dtype.element_ty), mask=mask_gd)
+        tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=mask_gd)
     else:
-        keep = start < seq_len  # a non-empty partition
-        if FUSED_MERGE:  # a short (or empty) context, one partition: its output is final
-            tl.store(out_rows, o.to(out_ptr.dtype.element_ty), mask=mask_gd & (s == 0) & (n_valid <= 1))
-            keep = keep & (n_valid > 1)
+        valid = start < seq_len
         mo = mo_ptr + b.to(tl.int64) * stride_mob + heads[:, None] * stride_moh + s * stride_mos
-        tl.store(mo + offs_d[None, :], o, mask=mask_gd & keep)
+        tl.store(mo + offs_d[None, :], o, mask=mask_gd & valid)
         lse = m_i + tl.log2(l_safe)
-        tl.store(ml_ptr + b.to(tl.int64) * stride_mlb + heads * stride_mlh + s, lse, mask=mask_g & keep)
-        if FUSED_MERGE:
-            if keep:
-                _merge_if_last(cnt_ptr + b.to(tl.int64) * num_kv_heads + kvh, n_valid,
-                               mo_ptr + b.to(tl.int64) * stride_mob, ml_ptr + b.to(tl.int64) * stride_mlb,
-                               out_ptr + b.to(tl.int64) * stride_ob, kvh, stride_moh, stride_mos, stride_mlh,
-                               stride_oh, G=G, D=D, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D)
-
-
-@triton.jit
-def _merge_if_last(cnt, n_valid, mo_b, ml_b, out_b, kvh, stride_moh, stride_mos, stride_mlh, stride_oh,
-                   G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Fused split merge: the last of a (sequence, KV head)'s ``n_valid`` partitions to finish
-    merges all of them into the output of its ``G`` query heads and sets the counter back to 0
-    (so it is 0 again for the next launch, CUDA-graph replays included). The barrier orders this
-    program's partial stores before the counter's release; the acq_rel add makes the other
-    programs' stores visible to the merging one (the split-K semaphore pattern)."""
-    tl.debug_barrier()
-    if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == n_valid - 1:
-        for g in tl.static_range(G):
-            h = kvh * G + g
-            _merge_head(mo_b + h * stride_moh, ml_b + h * stride_mlh, out_b + h * stride_oh,
-                        n_valid, stride_mos, D=D, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D)
-        tl.store(cnt, 0)
-
-
-@triton.jit
-def _merge_head(mo_row, ml_row, out_row, n_valid, stride_mos,
-                D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One head's output from its ``n_valid`` normalised partials (``mo_row + s * stride_mos``,
-    base-2 LSEs at ``ml_row + s``), BLOCK_S at a time, with a running log-sum-exp. The loads
-    skip L1 (``.cg``): under the fused merge other programs wrote the partials."""
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    m_i = tl.full([], float("-inf"), dtype=tl.float32)
-    den = tl.full([], 0.0, dtype=tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for s0 in range(0, n_valid, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        mask_s = offs_s < n_valid
-        lse = tl.load(ml_row + offs_s, mask=mask_s, other=float("-inf"), cache_modifier=".cg")
-        m_new = tl.maximum(m_i, tl.max(lse, 0))
-        alpha = tl.exp2(m_i - m_new)
-        w = tl.exp2(lse - m_new)
-        o = tl.load(mo_row + offs_s[:, None] * stride_mos + offs_d[None, :],
-                    mask=mask_s[:, None] & mask_d[None, :], other=0.0, cache_modifier=".cg")
-        acc = acc * alpha + tl.sum(o * w[:, None], 0)
-        den = den * alpha + tl.sum(w, 0)
-        m_i = m_new
-    den = tl.where(den > 0.0, den, 1.0)
-    tl.store(out_row + offs_d, (acc / den).to(out_row.dtype.element_ty), mask=mask_d)
+        tl.store(ml_ptr + b.to(tl.int64) * stride_mlb + heads * stride_mlh + s, lse, mask=mask_g & valid)
 
 
 @triton.jit(do_not_specialize=_VARYING[1:])
@@ -206,16 +146,34 @@ def _decode_stage2_kernel(
     num_splits,
     D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Merge the non-empty partitions of one (sequence, head).
+    # Merge the non-empty partitions, BLOCK_S at a time, with a running log-sum-exp.
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(sl_ptr + b)
     part = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits) * BLOCK_N  # as in stage 1
     n_valid = tl.minimum(tl.cdiv(seq_len, tl.maximum(part, 1)), num_splits)
-    _merge_head(mo_ptr + b.to(tl.int64) * stride_mob + h * stride_moh,
-                ml_ptr + b.to(tl.int64) * stride_mlb + h * stride_mlh,
-                out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh,
-                n_valid, stride_mos, D=D, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    ml_row = ml_ptr + b.to(tl.int64) * stride_mlb + h * stride_mlh
+    mo_row = mo_ptr + b.to(tl.int64) * stride_mob + h * stride_moh
+    m_i = tl.full([], float("-inf"), dtype=tl.float32)
+    den = tl.full([], 0.0, dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, n_valid, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        mask_s = offs_s < n_valid
+        lse = tl.load(ml_row + offs_s, mask=mask_s, other=float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(lse, 0))
+        alpha = tl.exp2(m_i - m_new)
+        w = tl.exp2(lse - m_new)
+        o = tl.load(mo_row + offs_s[:, None] * stride_mos + offs_d[None, :],
+                    mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+        acc = acc * alpha + tl.sum(o * w[:, None], 0)
+        den = den * alpha + tl.sum(w, 0)
+        m_i = m_new
+    den = tl.where(den > 0.0, den, 1.0)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d,
+             (acc / den).to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
 def _default_block_n(head_dim: int, fp8: bool = False) -> int:
@@ -260,8 +218,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            mid_lse: torch.Tensor | None = None,
                            block_n: int | None = None, num_warps: int | None = None,
                            num_stages: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
-                           f16_dot: bool | None = None,
-                           split_counters: torch.Tensor | None = None) -> torch.Tensor:
+                           f16_dot: bool | None = None) -> torch.Tensor:
     """Attention of one query token per sequence over its paged KV; returns ``out [B, H, D]``.
 
     ``max_seq_len`` (host int) bounds ``seq_lens`` for picking the split count (a loose or
@@ -269,9 +226,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     ``num_splits`` forces a split count. ``mid_out``/``mid_lse`` are optional fp32
     workspaces (shapes from :func:`decode_workspace_shapes`, split dim may be larger).
     ``k_scale``/``v_scale``: an FP8 cache's per-tensor scales (value = fp8 * scale); ignored
-    for other cache dtypes. ``split_counters`` (int32, contiguous, ``>= B * Hkv`` elements, all
-    zero; left zero): with more than one split, the partitions are merged inside the first kernel
-    by the last one to finish (no second launch); without it, by stage 2.
+    for other cache dtypes.
     """
     B, H, D = q.shape
     _, page, Hkv, Dk = k_cache.shape
@@ -296,10 +251,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_d = next_pow2(D)
     block_g = max(16, next_pow2(G))
     direct = splits == 1
-    fused = not direct and split_counters is not None
-    if fused:
-        assert split_counters.dtype == torch.int32 and split_counters.is_contiguous()
-        assert split_counters.numel() >= B * Hkv
     if direct:
         mo = ml = out  # unused
         mo_strides, ml_strides = (0, 0, 0), (0, 0)
@@ -323,7 +274,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     f16_dot = fp8 and q.dtype != torch.float32 and (FP8_F16_DOT if f16_dot is None else f16_dot)
     qk_scale = scale * _LOG2E * k_scale if fp8 else scale * _LOG2E
     _decode_stage1_kernel[(B, Hkv, splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, mo, ml, out, split_counters if fused else seq_lens,
+        q, k_cache, v_cache, block_tables, seq_lens, mo, ml, out,
         qk_scale, v_scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -331,12 +282,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_tables.stride(0),
         *mo_strides, *ml_strides,
         out.stride(0), out.stride(1),
-        splits, Hkv,
+        splits,
         G=G, PAGE=page, D=D, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n,
-        FUSED_MERGE=fused, BLOCK_S=_STAGE2_BLOCK_S, DIRECT=direct, UPCAST=dot_upcast(q.dtype, q.device), PREC=dot_precision(q.dtype), FP8=fp8,
+        DIRECT=direct, UPCAST=dot_upcast(q.dtype, q.device), PREC=dot_precision(q.dtype), FP8=fp8,
         F16_DOT=f16_dot, num_warps=num_warps, num_stages=num_stages,
     )
-    if not direct and not fused:
+    if not direct:
         _decode_stage2_kernel[(B, H)](
             mo, ml, seq_lens, out,
             *mo_strides, *ml_strides,
