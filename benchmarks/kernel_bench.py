@@ -73,7 +73,8 @@ def long_main(out_dir: str) -> None:
                         q, k, v, tables, lens, D ** -0.5, out=out, max_seq_len=32768, num_splits=splits,
                         block_n=block_n, num_warps=warps, num_stages=stages, f16_dot=mode))
                 except Exception as e:  # noqa: BLE001 - a config may not fit in shared memory
-                    rows.append({"dtype": str(dtype), "f16_dot": mode, "splits": splits, "block_n": block_n, "warps": warps,
+                    rows.append({"dtype": str(dtype), "f16_dot": mode, "splits": splits, "block_n": block_n,
+                                 "warps": warps,
                                  "stages": stages, "error": str(e)[:80]})
                     continue
                 rows.append({"dtype": str(dtype), "f16_dot": mode, "splits": splits, "block_n": block_n, "warps": warps,

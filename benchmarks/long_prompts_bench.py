@@ -7,8 +7,9 @@ GPU time goes.
 The workload is the one of ``../shared/vllm/sbs_bench.py`` task ``qwen3_long_tput`` (same prompts:
 ``random.seed(0)``, same sampling). Prints and writes ``$OUT/long-<label>.json``: wall seconds,
 output tokens per second and, with ``--profile``, the GPU time per kernel (``torch.profiler``,
-the whole run on fresh prompts of the same lengths' distribution: kernel sums are exact, the wall under the profiler is not) grouped into decode
-attention, extend (prefill) attention, GEMMs and the rest. The profiled run is a second run after
+the whole run on fresh prompts of the same length distribution: kernel sums are exact, the wall
+under the profiler is not) grouped into decode attention, extend (prefill) attention, GEMMs and
+the rest. The profiled run is a second run after
 the timed one, so the timed number is never taken under the profiler."""
 from __future__ import annotations
 

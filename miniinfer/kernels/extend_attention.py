@@ -273,7 +273,8 @@ def _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_qu
         G=H // k_cache.shape[2], PAGE=k_cache.shape[1], D=D,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=next_pow2(D),
         UPCAST=dot_upcast(q.dtype, q.device), PREC=dot_precision(q.dtype), HAS_TREE=tree_mask is not None,
-        FP8=fp8, F16_DOT=fp8 and q.dtype != torch.float32 and FP8_F16_DOT, PREFIX_ONLY=prefix_only, MERGE=merge_with is not None, WRITE_LSE=lse_out is not None,
+        FP8=fp8, F16_DOT=fp8 and q.dtype != torch.float32 and FP8_F16_DOT, PREFIX_ONLY=prefix_only,
+        MERGE=merge_with is not None, WRITE_LSE=lse_out is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
 
