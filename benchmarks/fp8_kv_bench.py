@@ -36,6 +36,7 @@ import time
 import torch
 
 from miniinfer import LLM, SamplingParams
+from miniinfer.bench.common import timed_generate
 
 FP8 = torch.float8_e4m3fn
 TINY_QWEN3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 512, "hidden_size": 64,
@@ -93,12 +94,7 @@ def throughput(model: str, kv: str, prompts, util: float, max_tokens: int) -> di
     params = SamplingParams(temperature=0.6, max_tokens=max_tokens, ignore_eos=True)
     llm.generate([prompts[0][:512]], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
     pre0 = llm.engine.stats()["num_preemptions"]
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    torch.cuda.synchronize()
-    wall = time.perf_counter() - t
-    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    _, wall, n_out = timed_generate(llm, prompts, params)
     res = dict(tok_s=n_out / wall, wall_s=wall, capacity=cap, output_tokens=n_out,
                preemptions=llm.engine.stats()["num_preemptions"] - pre0)
     del llm, runner

@@ -23,6 +23,7 @@ from collections import defaultdict
 import torch
 
 from miniinfer import LLM, SamplingParams
+from miniinfer.bench.common import timed_generate
 
 CATEGORIES = (  # first match wins; names as the profiler shows Triton / cuBLAS kernels
     ("decode_attention", ("_decode_stage",)),
@@ -84,12 +85,7 @@ def main() -> None:
     prompts = workload()
     params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=256)
     llm.generate([[1, 2, 3, 4]], SamplingParams(), use_tqdm=False)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    _, wall, out_tokens = timed_generate(llm, prompts, params)
     result = {"label": label, "llm_kwargs": {k: v for k, v in kw.items()}, "startup_s": round(startup, 2),
               "wall_s": round(wall, 3), "out_tok_s": round(out_tokens / wall, 1),
               "stats": {k: v for k, v in llm.engine.stats().items() if isinstance(v, (int, float))}

@@ -62,6 +62,17 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def timed_generate(llm, prompts, params) -> tuple[list, float, int]:
+    """``llm.generate(prompts, params)`` between two device syncs: (outputs, wall seconds,
+    output tokens of the first completion of each)."""
+    sync()
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    sync()
+    wall = time.perf_counter() - t
+    return outs, wall, sum(len(o.outputs[0].token_ids) for o in outs)
+
+
 def device_ms(fn, iters: int = 20) -> float:
     """Mean device milliseconds of ``fn`` over ``iters`` back-to-back calls (CUDA events;
     one untimed call first). Host-bound callables measure their launch rate instead."""
