@@ -17,8 +17,10 @@ version (tests, fallback).
 
 Which sequences are long is host knowledge (``AttentionMetadata.query_start_loc_cpu`` /
 ``seq_lens_cpu``); metadata without those lists (CUDA-graph capture and replay) never takes
-this path, nor does a step under stream capture, with a tree mask, or with an FP8 cache (the
-backend checks). Other extend sequences of the step go through the plain paged kernel in
+this path, nor does a step under stream capture or with a tree mask (the backend checks).
+With an FP8 cache the prefix is read with its scales and the new tokens' k/v are rounded
+through e4m3 first (quantize + dequantize, as the cache stores them), so a chunk sees the same
+key/value numbers whichever path it takes, and later decode steps see them too. Other extend sequences of the step go through the plain paged kernel in
 contiguous runs (the kernel takes absolute query rows, so slices of the metadata suffice).
 """
 from __future__ import annotations
@@ -185,17 +187,22 @@ def split_extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
     ``q [T, H, D]``, ``k``/``v`` ``[T, Hkv, D]`` (this step's new tokens, rows as q's),
     caches ``[num_blocks, block_size, Hkv, D]`` already holding the new tokens (the plain
     kernel of the short runs reads them there), ``out [T, H, D]``. Returns ``out``.
-    An FP8 cache's scales (``k_scale``/``v_scale``) apply to the cached prefix; the new tokens'
-    part reads the step's unquantized ``k``/``v``."""
+    With an FP8 cache the scales (``k_scale``/``v_scale``) apply to the cached prefix, and the
+    new tokens' ``k``/``v`` are rounded through e4m3 with them (the values the cache holds)."""
     # imported here: the planning and merge helpers above stay importable without triton
+    from miniinfer.kernels._common import dequantize_fp8, is_fp8, quantize_fp8
     from miniinfer.kernels.extend_attention import paged_extend_attention, paged_prefix_attention
+
+    def as_cached(x: torch.Tensor, scale: float) -> torch.Tensor:
+        return dequantize_fp8(quantize_fp8(x, scale), scale, x.dtype) if is_fp8(k_cache.dtype) else x
 
     for b0, b1, max_q in plan.runs:
         paged_extend_attention(q, k_cache, v_cache, meta.block_tables[b0:b1], meta.query_start_loc[b0:b1 + 1],
                                meta.seq_lens[b0:b1], max_q, scale, out=out, k_scale=k_scale, v_scale=v_scale)
     for b, s, e, prefix in plan.long:
         n = e - s
-        qs, ks, vs = (_padded_heads_first(x[s:e], _bucket(n)) for x in (q, k, v))
+        qs, ks, vs = (_padded_heads_first(x, _bucket(n))
+                      for x in (q[s:e], as_cached(k[s:e], k_scale), as_cached(v[s:e], v_scale)))
         o, lse = sdpa_causal(qs, ks, vs, scale, want_lse=prefix > 0)
         o_rows = o[0].transpose(0, 1)[:n]  # [n, H, D]
         lse = lse[:, :n] if lse is not None else None

@@ -29,8 +29,8 @@ when ``prefill_attention`` is ``"auto"`` (``set_prefill_attention``, from
 split cut a 16k-token TTFT 500 -> 471 ms and raised the long-prompt throughput 3,474 -> 3,612
 tok/s; this class's own default, ``"triton"``, serves direct kernel tests) and the
 step allows it: host lists present (never under
-CUDA-graph capture or replay), no tree mask, bf16/fp16 on CUDA (an FP8 cache's prefix is read
-with its scales; the new tokens' part uses the step's unquantized k/v).
+CUDA-graph capture or replay), no tree mask, bf16/fp16 on CUDA (with an FP8 cache, the same
+key/value numbers as the cache: see ``attention/prefill_split.py``).
 """
 from __future__ import annotations
 

@@ -21,8 +21,8 @@ the device, ``partition = ceil(ceil(seq_len / BLOCK_N) / num_splits) * BLOCK_N``
 a graph captured with a loose bound (``max_model_len``) still spreads a short context over
 many programs instead of handing it all to the first split, and any bound is correct.
 
-FP8 cache (``float8_e4m3fn``, the ``FP8`` variant): K/V tiles are converted to q's dtype
-(exact for bf16/fp16) and the per-tensor scales are folded in: ``k_scale`` into the qk scale,
+FP8 cache (``float8_e4m3fn``, the ``FP8`` variant): K/V tiles are converted to fp16 (exact) and
+the dots run in fp16 with q (``F16_DOT``; fp32 queries: fp32), and the per-tensor scales are folded in: ``k_scale`` into the qk scale,
 ``v_scale`` into each partition's normalised output (linear, so stage 2 is unchanged).
 """
 from __future__ import annotations
@@ -187,8 +187,12 @@ def decode_split_config(batch: int, num_kv_heads: int, max_seq_len: int, device:
                         head_dim: int = 128, fp8: bool = False) -> int:
     """The number of KV partitions per (sequence, KV head); depends only on host ints.
 
-    Enough programs to fill the SMs about eight times over, but no more splits than there
-    are ``_MIN_PARTITION``-token pieces in the bound (stage 2 would cost more than it saves)."""
+    Few programs: enough splits to fill the SMs about eight times over, but no more than there
+    are ``_MIN_PARTITION``-token pieces in the bound (stage 2 would cost more than it saves).
+    Programs enough to fill the SMs: one split, or with a bound of 16k tokens and more 2 to 4
+    (``bound // 8192``), which evens out contexts of unequal length. The bound is the capture
+    bound under CUDA graphs (``max_model_len``), so short contexts in such an engine split too
+    (a few % of extra stage-2 work, not measured)."""
     block_n = block_n or _default_block_n(head_dim, fp8)
     max_seq_len = max(int(max_seq_len), 1)
     if num_splits is None:

@@ -24,9 +24,9 @@ With a tree mask (the ``HAS_TREE`` variant), a query tile holding a tree row mov
 down to ``min(prefix + m_start, seq_len - 64)`` and masks the rest up to ``seq_len`` per row
 (causal rows by position, tree rows by bit); a tile of -1 rows runs the split above.
 
-FP8 cache (``float8_e4m3fn``, the ``FP8`` variant): K/V tiles are converted to q's dtype
-(exact for bf16/fp16); ``k_scale`` is folded into the qk scale and ``v_scale`` multiplies the
-normalised output.
+FP8 cache (``float8_e4m3fn``, the ``FP8`` variant): K/V tiles are converted to fp16 (exact) and
+the dots run in fp16 with q (``F16_DOT``; fp32 queries stay fp32); ``k_scale`` is folded into the
+qk scale and ``v_scale`` multiplies the normalised output.
 
 Prefix-only (``PREFIX_ONLY``, :func:`paged_prefix_attention`): each query attends to its
 sequence's cached prefix ``[0, seq_len - q_len)`` only (no mask), for the split prefill path

@@ -93,8 +93,10 @@ def test_decode_split_config_is_host_only():
     assert 1 < s <= 4096 // 128
     # the split count never exceeds the number of tiles
     assert decode_split_config(1, 1, 10, cpu, num_splits=8, block_n=16) == 1
-    # plenty of programs: no split
+    # plenty of programs: no split below a 16k bound; 2 to 4 splits above it (unequal long contexts)
     assert decode_split_config(64, 8, 4096, cpu) == 1
+    assert decode_split_config(64, 8, 16384, cpu) == 2
+    assert decode_split_config(64, 8, 32768, cpu) == decode_split_config(64, 8, 131072, cpu) == 4
 
 
 # ---------------------------------------------------------------- extend

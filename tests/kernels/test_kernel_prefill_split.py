@@ -58,7 +58,6 @@ def test_prefix_only_writes_lse(device, dtype):
     assert torch.isneginf(lse[:, 3:3 + qlens[0]]).all() and (out[:qlens[0]] == 0).all()
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefix_only_fp8_cache_equals_dequantized_cache(device, dtype):
     """Over an FP8 cache the prefix-only kernel applies k_scale / v_scale: its output and LSE
@@ -82,6 +81,7 @@ def test_prefix_only_fp8_cache_equals_dequantized_cache(device, dtype):
     assert_close(outs[0], outs[1])
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(lses[0], lses[1], atol=tol, rtol=tol)
+
 
 def _new_token_partial(q, k_new, v_new, qsl, scale):
     """Causal attention of each sequence's rows over its own new keys with the CPU flash op:
@@ -166,6 +166,31 @@ def test_backend_routes_long_chunks(device):
     backend.set_prefill_attention("triton")
     assert backend._split_plan(q, kv.k_cache, meta, 2) is None
 
+
+
+def test_backend_split_path_fp8_cache_matches_plain_kernel(device):
+    """With an FP8 cache the split path rounds the new tokens' k/v through e4m3 as the cache
+    holds them, so it gives the plain kernel's result (which reads everything from the cache)
+    up to compute order, not an fp8 rounding apart."""
+    from miniinfer.attention import get_backend
+    from miniinfer.kernels._common import quantize_fp8
+
+    prefix, qlens = [30, 40, 0], [1, 40, 33]
+    H, Hkv, D, bs = 4, 2, 32, 16
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    kv, q, k, v, meta = _split_step(prefix, qlens, 1, H, Hkv, D, bs, dtype, device)
+    k_scale, v_scale = 0.5, 0.25
+    outs = {}
+    for mode in ("auto", "triton"):
+        backend = get_backend("triton", "cuda")
+        backend.k_scale, backend.v_scale = k_scale, v_scale
+        backend.set_prefill_attention(mode)
+        backend.split_min_query_len = 32
+        kc, vc = quantize_fp8(kv.k_cache, k_scale), quantize_fp8(kv.v_cache, v_scale)
+        if mode == "auto":
+            assert [x[0] for x in backend._split_plan(q, kc, meta, 1).long] == [1, 2]
+        outs[mode] = backend.forward(q, k, v, kc, vc, meta, 1 / math.sqrt(D))
+    assert_close(outs["auto"], outs["triton"])
 
 # ---- GPU: the bench shapes, split path vs the plain kernel (bf16) --------------------------
 
