@@ -17,7 +17,8 @@ partitions. With a single split, stage 1 writes the output directly and stage 2 
 CUDA graphs: nothing here reads device memory on the host. The split count (the grid's
 third dimension) depends only on host ints (``B``, ``Hkv``, an upper bound on the context,
 the SM count); each program derives its partition from the sequence's *actual* length on
-the device, ``partition = ceil(ceil(seq_len / BLOCK_N) / num_splits) * BLOCK_N`` tokens. So
+the device, ``partition = ceil(ceil(seq_len / BLOCK_N) / num_splits) * BLOCK_N`` tokens (at
+least ``min_part``: ``_LONG_MIN_PARTITION`` when a full batch splits for a long bound). So
 a graph captured with a loose bound (``max_model_len``) still spreads a short context over
 many programs instead of handing it all to the first split, and any bound is correct.
 
@@ -40,6 +41,7 @@ _LOG2E = 1.4426950408889634
 _MIN_PARTITION = 128  # tokens: below this, splitting costs more than it buys (untuned)
 _MAX_SPLITS = 128
 _STAGE2_BLOCK_S = 16  # partitions merged per step (fixed: no recompiles as contexts grow)
+_LONG_MIN_PARTITION = 1024  # tokens: the smallest partition of a full batch's long-bound split
 # FP8 cache: convert K/V tiles to fp16 and run the dots in fp16 (Triton's e4m3 -> bf16 cast is
 # several instructions, e4m3 -> fp16 one per pair). H200, 128 contexts of 4k-8k: 775 -> 645 us,
 # 539 us with 128-key tiles (bf16 cache 763 us). MINIINFER_FP8_F16_DOT=0: the dots in q's dtype, for A/B.
@@ -49,7 +51,7 @@ FP8_F16_DOT = os.environ.get("MINIINFER_FP8_F16_DOT", "1") != "0"
 # Ints that vary from step to step (block-table width, split count and the workspace strides
 # that follow it) are not specialized: a new "== 1" / "multiple of 16" variant would compile
 # a fresh kernel in the middle of serving, after warmup.
-_VARYING = ["stride_bt", "stride_mob", "stride_moh", "stride_mlb", "stride_mlh", "num_splits"]
+_VARYING = ["stride_bt", "stride_mob", "stride_moh", "stride_mlb", "stride_mlh", "num_splits", "min_part"]
 
 
 @triton.jit(do_not_specialize=_VARYING)
@@ -63,7 +65,7 @@ def _decode_stage1_kernel(
     stride_mob, stride_moh, stride_mos,
     stride_mlb, stride_mlh,
     stride_ob, stride_oh,
-    num_splits,
+    num_splits, min_part,
     G: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, FP8: tl.constexpr,
@@ -73,7 +75,7 @@ def _decode_stage1_kernel(
     kvh = tl.program_id(1)
     s = tl.program_id(2)
     seq_len = tl.load(sl_ptr + b)
-    part = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits) * BLOCK_N
+    part = tl.maximum(tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits) * BLOCK_N, min_part)
     start = s * part
     end = tl.minimum(seq_len, start + part)
 
@@ -143,14 +145,14 @@ def _decode_stage2_kernel(
     stride_mob, stride_moh, stride_mos,
     stride_mlb, stride_mlh,
     stride_ob, stride_oh,
-    num_splits,
+    num_splits, min_part,
     D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Merge the non-empty partitions, BLOCK_S at a time, with a running log-sum-exp.
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(sl_ptr + b)
-    part = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits) * BLOCK_N  # as in stage 1
+    part = tl.maximum(tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits) * BLOCK_N, min_part)  # as in stage 1
     n_valid = tl.minimum(tl.cdiv(seq_len, tl.maximum(part, 1)), num_splits)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
@@ -191,8 +193,8 @@ def decode_split_config(batch: int, num_kv_heads: int, max_seq_len: int, device:
     are ``_MIN_PARTITION``-token pieces in the bound (stage 2 would cost more than it saves).
     Programs enough to fill the SMs: one split, or with a bound of 16k tokens and more 2 to 4
     (``bound // 8192``), which evens out contexts of unequal length. The bound is the capture
-    bound under CUDA graphs (``max_model_len``), so short contexts in such an engine split too
-    (a few % of extra stage-2 work, not measured)."""
+    bound under CUDA graphs (``max_model_len``), so the kernel then gives partitions of at least
+    ``_LONG_MIN_PARTITION`` tokens: a short context stays one partition."""
     block_n = block_n or _default_block_n(head_dim, fp8)
     max_seq_len = max(int(max_seq_len), 1)
     if num_splits is None:
@@ -250,6 +252,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         max_seq_len = block_tables.shape[1] * page
     block_n = block_n or _default_block_n(D, is_fp8(k_cache.dtype))
     splits = decode_split_config(B, Hkv, max_seq_len, q.device, num_splits, block_n, D)
+    # A full batch split only for its long bound: contexts under _LONG_MIN_PARTITION tokens keep
+    # one partition (no split work for short contexts), and 4k+ ones split as measured.
+    full = num_splits is None and B * Hkv >= 2 * num_sms(q.device)
+    min_part = _LONG_MIN_PARTITION if full and splits > 1 else block_n
     if num_stages is None:
         num_stages = 3 if is_fp8(k_cache.dtype) else 2  # fp8 + 128-key tiles: 542 -> 536 us
     block_d = next_pow2(D)
@@ -286,7 +292,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_tables.stride(0),
         *mo_strides, *ml_strides,
         out.stride(0), out.stride(1),
-        splits,
+        splits, min_part,
         G=G, PAGE=page, D=D, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n,
         DIRECT=direct, UPCAST=dot_upcast(q.dtype, q.device), PREC=dot_precision(q.dtype), FP8=fp8,
         F16_DOT=f16_dot, num_warps=num_warps, num_stages=num_stages,
@@ -296,7 +302,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             mo, ml, seq_lens, out,
             *mo_strides, *ml_strides,
             out.stride(0), out.stride(1),
-            splits,
+            splits, min_part,
             D=D, BLOCK_S=_STAGE2_BLOCK_S, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=2,
         )
     return out

@@ -84,6 +84,30 @@ def test_decode_loose_bound_spreads_short_contexts(device):
     assert_close(out, paged_decode_attention_ref(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens_t, 0.125))
 
 
+
+def test_decode_full_batch_long_bound_keeps_short_contexts_whole(device):
+    """A batch that fills the SMs, split only because its bound is long: contexts shorter
+    than the minimum partition stay one partition, longer ones split; all exact."""
+    from miniinfer.kernels.decode_attention import (_LONG_MIN_PARTITION, decode_split_config,
+                                                    decode_workspace_shapes, paged_decode_attention,
+                                                    paged_decode_attention_ref)
+    from miniinfer.kernels._common import num_sms
+
+    H, Hkv, D, bs = 4, 2, 32, 16
+    B = -(-2 * num_sms(torch.device(device)) // Hkv)  # enough programs to fill the SMs
+    seq_lens = [([1, 100, 2 * _LONG_MIN_PARTITION + 70] * B)[i] for i in range(B)]
+    assert decode_split_config(B, Hkv, 32768, torch.device(device), block_n=64) == 4
+    kv = PagedKV(seq_lens, Hkv, D, bs, torch.float32, device)
+    q = _decode_q(seq_lens, H, D, torch.float32, device)
+    mo_shape, ml_shape = decode_workspace_shapes(B, H, D, 4)
+    mid_lse = torch.full(ml_shape, float("nan"), device=device)
+    out = paged_decode_attention(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens_t, 0.2,
+                                 max_seq_len=32768, block_n=64, mid_lse=mid_lse,
+                                 mid_out=torch.empty(mo_shape, device=device))
+    assert_close(out, paged_decode_attention_ref(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens_t, 0.2))
+    written = (~torch.isnan(mid_lse[:, 0])).sum(-1).tolist()  # partitions each sequence used
+    assert written == [-(-n // _LONG_MIN_PARTITION) for n in seq_lens]  # 1, 1, 3, ...
+
 def test_decode_split_config_is_host_only():
     from miniinfer.kernels.decode_attention import decode_split_config
 
