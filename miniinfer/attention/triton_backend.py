@@ -26,8 +26,8 @@ Long extend chunks (``q_len >= split_min_query_len``) take the split path of
 ``attention/prefill_split.py`` (SDPA on the new tokens + the paged prefix kernel, merged)
 when ``prefill_attention`` is ``"auto"`` (``set_prefill_attention``, from
 ``EngineConfig.prefill_attention``, whose default is ``"auto"``: on an H200 in one lease the
-split cut a 16k-token TTFT 500 -> 471 ms and raised the long-prompt throughput 3,474 -> 3,612
-tok/s; this class's own default, ``"triton"``, serves direct kernel tests) and the
+split cut a 16k-token TTFT 500 -> 471 ms and raised the long-prompt throughput 3,365 -> 3,475
+tok/s (bf16 cache); this class's own default, ``"triton"``, serves direct kernel tests) and the
 step allows it: host lists present (never under
 CUDA-graph capture or replay), no tree mask, bf16/fp16 on CUDA (with an FP8 cache, the same
 key/value numbers as the cache: see ``attention/prefill_split.py``).
