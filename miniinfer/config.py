@@ -135,7 +135,7 @@ class EngineConfig:
     overlap_scheduling: bool = True  # the host prepares step N+1 while the device runs step N
     attention_backend: str = "auto"  # auto | torch | cpu (torch + C decode kernel) | triton
     # triton backend: auto (chunks >= 1,024 new tokens: cuDNN SDPA + the paged prefix kernel) | triton
-    # (the paged kernel only). H200, same lease: §9 long prompts 3,474 -> 3,612 tok/s, 16k TTFT 500 -> 471 ms
+    # (the paged kernel only). H200, same lease: §9 long prompts 3,365 -> 3,475 tok/s, 16k TTFT 500 -> 471 ms
     prefill_attention: str = "auto"
     enforce_eager: bool = False  # no CUDA graphs
     cpu_packed_weights: bool = True  # CPU fp32: weights pre-packed for oneDNN (~2x faster GEMMs)
