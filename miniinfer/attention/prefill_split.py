@@ -20,8 +20,9 @@ Which sequences are long is host knowledge (``AttentionMetadata.query_start_loc_
 this path, nor does a step under stream capture or with a tree mask (the backend checks).
 With an FP8 cache the prefix is read with its scales and the new tokens' k/v are rounded
 through e4m3 first (quantize + dequantize, as the cache stores them), so a chunk sees the same
-key/value numbers whichever path it takes, and later decode steps see them too. Other extend sequences of the step go through the plain paged kernel in
-contiguous runs (the kernel takes absolute query rows, so slices of the metadata suffice).
+key/value numbers whichever path it takes, and later decode steps see them too. Other extend
+sequences of the step go through the plain paged kernel in contiguous runs (the kernel takes
+absolute query rows, so slices of the metadata suffice).
 """
 from __future__ import annotations
 

@@ -23,29 +23,26 @@ a graph captured with a loose bound (``max_model_len``) still spreads a short co
 many programs instead of handing it all to the first split, and any bound is correct.
 
 FP8 cache (``float8_e4m3fn``, the ``FP8`` variant): K/V tiles are converted to fp16 (exact) and
-the dots run in fp16 with q (``F16_DOT``; fp32 queries: fp32), and the per-tensor scales are folded in: ``k_scale`` into the qk scale,
-``v_scale`` into each partition's normalised output (linear, so stage 2 is unchanged).
+the dots run in fp16 with q (``F16_DOT``, see ``_common.fp16_dots``; fp32 queries: fp32), and
+the per-tensor scales are folded in: ``k_scale`` into the qk scale, ``v_scale`` into each
+partition's normalised output (linear, so stage 2 is unchanged).
 """
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from miniinfer.kernels._common import dot_precision, dot_upcast, is_fp8, next_pow2, num_sms, pages_f32
+from miniinfer.kernels._common import (dot_precision, dot_upcast, fp16_dots, is_fp8, next_pow2, num_sms,
+                                       pages_f32)
 
 _LOG2E = 1.4426950408889634
 _MIN_PARTITION = 128  # tokens: below this, splitting costs more than it buys (untuned)
 _MAX_SPLITS = 128
 _STAGE2_BLOCK_S = 16  # partitions merged per step (fixed: no recompiles as contexts grow)
 _LONG_MIN_PARTITION = 1024  # tokens: the smallest partition of a full batch's long-bound split
-# FP8 cache: convert K/V tiles to fp16 and run the dots in fp16 (Triton's e4m3 -> bf16 cast is
-# several instructions, e4m3 -> fp16 one per pair). H200, 128 contexts of 4k-8k: 775 -> 645 us,
-# 539 us with 128-key tiles (bf16 cache 763 us). MINIINFER_FP8_F16_DOT=0: the dots in q's dtype, for A/B.
-FP8_F16_DOT = os.environ.get("MINIINFER_FP8_F16_DOT", "1") != "0"
 
 
 # Ints that vary from step to step (block-table width, split count and the workspace strides
@@ -91,7 +88,7 @@ def _decode_stage1_kernel(
                 mask=mask_gd, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    if F16_DOT:  # FP8 cache: the dots in fp16 (e4m3 -> fp16 is exact; |q| clamped to fp16's range)
+    if F16_DOT:  # FP8 cache: the dots in fp16 (_common.fp16_dots; |q| clamped to fp16's range)
         q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
@@ -184,9 +181,14 @@ def _default_block_n(head_dim: int, fp8: bool = False) -> int:
     return 64 if head_dim <= 128 else 32
 
 
+def _fills_sms(programs: int, device: torch.device) -> bool:
+    """Whether one program per (sequence, KV head) already fills the SMs twice over."""
+    return programs >= 2 * num_sms(device)
+
+
 def decode_split_config(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
                         num_splits: int | None = None, block_n: int | None = None,
-                        head_dim: int = 128, fp8: bool = False) -> int:
+                        head_dim: int = 128) -> int:
     """The number of KV partitions per (sequence, KV head); depends only on host ints.
 
     Few programs: enough splits to fill the SMs about eight times over, but no more than there
@@ -195,12 +197,12 @@ def decode_split_config(batch: int, num_kv_heads: int, max_seq_len: int, device:
     (``bound // 8192``), which evens out contexts of unequal length. The bound is the capture
     bound under CUDA graphs (``max_model_len``), so the kernel then gives partitions of at least
     ``_LONG_MIN_PARTITION`` tokens: a short context stays one partition."""
-    block_n = block_n or _default_block_n(head_dim, fp8)
+    block_n = block_n or _default_block_n(head_dim)
     max_seq_len = max(int(max_seq_len), 1)
     if num_splits is None:
         programs = max(batch * num_kv_heads, 1)
         target = 2 * num_sms(device)
-        if programs >= target:
+        if _fills_sms(programs, device):
             # long contexts: finer partitions even out the tail of a batch of unequal lengths
             # (H200, 128 contexts of 4k-8k tokens: 1 split 843 us, 2 splits 800, 4 splits 764)
             num_splits = min(4, max(1, max_seq_len // 8192))
@@ -250,14 +252,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     G = H // Hkv
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * page
-    block_n = block_n or _default_block_n(D, is_fp8(k_cache.dtype))
+    fp8 = is_fp8(k_cache.dtype)
+    block_n = block_n or _default_block_n(D, fp8)
     splits = decode_split_config(B, Hkv, max_seq_len, q.device, num_splits, block_n, D)
     # A full batch split only for its long bound: contexts under _LONG_MIN_PARTITION tokens keep
     # one partition (no split work for short contexts), and 4k+ ones split as measured.
-    full = num_splits is None and B * Hkv >= 2 * num_sms(q.device)
+    full = num_splits is None and _fills_sms(B * Hkv, q.device)
     min_part = _LONG_MIN_PARTITION if full and splits > 1 else block_n
     if num_stages is None:
-        num_stages = 3 if is_fp8(k_cache.dtype) else 2  # fp8 + 128-key tiles: 542 -> 536 us
+        num_stages = 3 if fp8 else 2  # fp8 + 128-key tiles: 542 -> 536 us
     block_d = next_pow2(D)
     block_g = max(16, next_pow2(G))
     direct = splits == 1
@@ -280,8 +283,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         ml_strides = (mid_lse.stride(0), mid_lse.stride(1))
     if num_warps is None:
         num_warps = 8 if (block_d > 64 and block_g > 16) else 4
-    fp8 = is_fp8(k_cache.dtype)
-    f16_dot = fp8 and q.dtype != torch.float32 and (FP8_F16_DOT if f16_dot is None else f16_dot)
+    f16_dot = fp16_dots(k_cache.dtype, q.dtype, f16_dot)
     qk_scale = scale * _LOG2E * k_scale if fp8 else scale * _LOG2E
     _decode_stage1_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, mo, ml, out,

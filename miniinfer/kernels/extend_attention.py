@@ -42,8 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from miniinfer.kernels.decode_attention import FP8_F16_DOT
-from miniinfer.kernels._common import dot_precision, dot_upcast, is_fp8, next_pow2, pages_f32
+from miniinfer.kernels._common import dot_precision, dot_upcast, fp16_dots, is_fp8, next_pow2, pages_f32
 
 _LOG2E = 1.4426950408889634
 _LOG2E_C = tl.constexpr(1.4426950408889634)
@@ -138,7 +137,7 @@ def _extend_kernel(
                 mask=mask_md, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    if F16_DOT:  # FP8 cache: the dots in fp16 (see decode_attention.FP8_F16_DOT)
+    if F16_DOT:  # FP8 cache: the dots in fp16 (_common.fp16_dots; |q| clamped to fp16's range)
         q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     pos_m = prefix + offs_m
 
@@ -273,7 +272,7 @@ def _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_qu
         G=H // k_cache.shape[2], PAGE=k_cache.shape[1], D=D,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=next_pow2(D),
         UPCAST=dot_upcast(q.dtype, q.device), PREC=dot_precision(q.dtype), HAS_TREE=tree_mask is not None,
-        FP8=fp8, F16_DOT=fp8 and q.dtype != torch.float32 and FP8_F16_DOT, PREFIX_ONLY=prefix_only,
+        FP8=fp8, F16_DOT=fp16_dots(k_cache.dtype, q.dtype), PREFIX_ONLY=prefix_only,
         MERGE=merge_with is not None, WRITE_LSE=lse_out is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
