@@ -25,6 +25,27 @@ def num_sms(device: torch.device) -> int:
     return _num_sms(index)
 
 
+# Programmatic dependent launch (kernels/pdl.py) for the decode-path kernels; MINIINFER_PDL=0
+# turns it off (A/B). Read at each launch, so a benchmark may flip it between engine builds.
+PDL = os.environ.get("MINIINFER_PDL", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _cc_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """Extra kwargs for a Triton launch of a kernel with a ``USE_PDL`` constexpr:
+    ``{"USE_PDL": True, "launch_pdl": True}`` on sm_90+ CUDA devices while ``PDL`` is on,
+    else ``{"USE_PDL": False}`` (CPU interpreter, older GPUs, ``MINIINFER_PDL=0``)."""
+    if PDL and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if _cc_major(index) >= 9:
+            return {"USE_PDL": True, "launch_pdl": True}
+    return {"USE_PDL": False}
+
+
 def dot_upcast(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether tl.dot operands must be upcast to fp32.
 

@@ -5,11 +5,13 @@ import torch
 import triton
 import triton.language as tl
 
-from miniinfer.kernels._common import next_pow2
+from miniinfer.kernels._common import next_pow2, pdl_launch
+from miniinfer.kernels.pdl import pdl_wait
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_o, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < I
@@ -33,7 +35,8 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     block = min(1024, next_pow2(I))
     num_warps = 4 if block >= 512 else (2 if block >= 256 else 1)
     grid = (T, triton.cdiv(I, block))
-    _silu_and_mul_kernel[grid](x, out, I, x.stride(0), out.stride(0), BLOCK=block, num_warps=num_warps)
+    _silu_and_mul_kernel[grid](x, out, I, x.stride(0), out.stride(0), BLOCK=block, num_warps=num_warps,
+                               **pdl_launch(x.device))
     return out
 
 

@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 
 from miniinfer.kernels._common import (dot_precision, dot_upcast, fp16_dots, is_fp8, next_pow2, num_sms,
-                                       pages_f32)
+                                       pages_f32, pdl_launch)
+from miniinfer.kernels.pdl import pdl_wait
 
 _LOG2E = 1.4426950408889634
 _MIN_PARTITION = 128  # tokens: below this, splitting costs more than it buys (untuned)
@@ -66,8 +67,9 @@ def _decode_stage1_kernel(
     G: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, FP8: tl.constexpr,
-    F16_DOT: tl.constexpr,
+    F16_DOT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
@@ -144,7 +146,9 @@ def _decode_stage2_kernel(
     stride_ob, stride_oh,
     num_splits, min_part,
     D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     # Merge the non-empty partitions, BLOCK_S at a time, with a running log-sum-exp.
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -285,6 +289,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         num_warps = 8 if (block_d > 64 and block_g > 16) else 4
     f16_dot = fp16_dots(k_cache.dtype, q.dtype, f16_dot)
     qk_scale = scale * _LOG2E * k_scale if fp8 else scale * _LOG2E
+    pdl = pdl_launch(q.device)
     _decode_stage1_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, mo, ml, out,
         qk_scale, v_scale,
@@ -297,7 +302,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         splits, min_part,
         G=G, PAGE=page, D=D, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n,
         DIRECT=direct, UPCAST=dot_upcast(q.dtype, q.device), PREC=dot_precision(q.dtype), FP8=fp8,
-        F16_DOT=f16_dot, num_warps=num_warps, num_stages=num_stages,
+        F16_DOT=f16_dot, num_warps=num_warps, num_stages=num_stages, **pdl,
     )
     if not direct:
         _decode_stage2_kernel[(B, H)](
@@ -305,7 +310,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             *mo_strides, *ml_strides,
             out.stride(0), out.stride(1),
             splits, min_part,
-            D=D, BLOCK_S=_STAGE2_BLOCK_S, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=2,
+            D=D, BLOCK_S=_STAGE2_BLOCK_S, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=2, **pdl,
         )
     return out
 

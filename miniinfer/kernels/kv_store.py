@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from miniinfer.kernels._common import FP8_E4M3_MAX, is_fp8, next_pow2, quantize_fp8
+from miniinfer.kernels._common import FP8_E4M3_MAX, is_fp8, next_pow2, pdl_launch, quantize_fp8
+from miniinfer.kernels.pdl import pdl_wait
 
 
 @triton.jit
@@ -37,8 +38,9 @@ def _store_kv_kernel(
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     num_heads, block_size, k_inv_scale, v_inv_scale,
     D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    FP8: tl.constexpr, FP8_MAX: tl.constexpr, PRE_ROUND: tl.constexpr,
+    FP8: tl.constexpr, FP8_MAX: tl.constexpr, PRE_ROUND: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
@@ -96,7 +98,7 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         Hkv, k_cache.shape[1], 1.0 / k_scale, 1.0 / v_scale,
         D=D, BLOCK_H=block_h, BLOCK_D=block_d, FP8=fp8, FP8_MAX=FP8_E4M3_MAX,
-        PRE_ROUND=fp8 and k_cache.device.type != "cuda", num_warps=num_warps,
+        PRE_ROUND=fp8 and k_cache.device.type != "cuda", num_warps=num_warps, **pdl_launch(k.device),
     )
 
 

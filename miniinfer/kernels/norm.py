@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from miniinfer.kernels._common import next_pow2
+from miniinfer.kernels._common import next_pow2, pdl_launch
+from miniinfer.kernels.pdl import pdl_wait
 
 _MAX_N = 65536
 
@@ -22,8 +23,9 @@ def _rms_norm_kernel(
     x_ptr, w_ptr, out_ptr,
     num_rows, inner, stride_x0, stride_x1, stride_o0, stride_o1,
     N, eps,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     # Rows r = (i, j) with i = r // inner, j = r % inner (inner = 1 for 2-D inputs).
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -47,8 +49,9 @@ def _rms_norm_kernel(
 @triton.jit(do_not_specialize=["num_rows"])
 def _fused_add_rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, num_rows, stride_x, stride_r, N, eps,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows < num_rows
@@ -105,7 +108,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     grid = (triton.cdiv(num_rows, block_r),)
     _rms_norm_kernel[grid](
         x, weight, out, num_rows, max(inner, 1), sx0, sx1, so0, so1, N, eps,
-        BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps,
+        BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps, **pdl_launch(x.device),
     )
     return out
 
@@ -123,7 +126,7 @@ def fused_add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     grid = (triton.cdiv(T, block_r),)
     _fused_add_rms_norm_kernel[grid](
         x, residual, weight, T, x.stride(0), residual.stride(0), N, eps,
-        BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps,
+        BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps, **pdl_launch(x.device),
     )
 
 

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from miniinfer.kernels._common import next_pow2
+from miniinfer.kernels._common import next_pow2, pdl_launch
+from miniinfer.kernels.pdl import pdl_wait
 
 
 @triton.jit
@@ -55,8 +56,9 @@ def _rope_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
     num_q_heads, num_k_heads,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     cos, sin, offs_d, mask_d = load_cos_sin(pos_ptr, cs_ptr, t, stride_cs, HALF, BLOCK_HALF)
     rope_heads_(q_ptr + t * stride_qt, stride_qh, num_q_heads, cos, sin, offs_d, mask_d, HALF, BLOCK_HQ)
@@ -95,7 +97,7 @@ def apply_rope_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
         H, k.shape[1],
         HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
-        num_warps=rope_num_warps((block_hq + block_hk) * block_half),
+        num_warps=rope_num_warps((block_hq + block_hk) * block_half), **pdl_launch(q.device),
     )
 
 

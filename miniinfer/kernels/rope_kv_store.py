@@ -25,8 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from miniinfer.kernels._common import is_fp8, next_pow2
+from miniinfer.kernels._common import is_fp8, next_pow2, pdl_launch
 from miniinfer.kernels.kv_store import check_kv_store_args
+from miniinfer.kernels.pdl import pdl_wait
 from miniinfer.kernels.rope import load_cos_sin, rope_heads_, check_rope_args, rope_num_warps
 
 
@@ -37,11 +38,12 @@ def _rope_kv_store_kernel(
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     num_q_heads, num_k_heads, block_size,
     D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
-    BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+    BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_TAIL: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Token t = program 0: rotate q[t] and k[t] in place; if slot[t] >= 0 store k[t] (rotated)
     and v[t] at cache[slot // block_size, slot % block_size]. BLOCK_TAIL > 0: dims
     [2 * HALF, D) are not rotated and are copied as they are."""
+    pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     cos, sin, offs_d, mask_d = load_cos_sin(pos_ptr, cs_ptr, t, stride_cs, HALF, BLOCK_HALF)
     rope_heads_(q_ptr + t * stride_qt, stride_qh, num_q_heads, cos, sin, offs_d, mask_d, HALF, BLOCK_HQ)
@@ -93,5 +95,5 @@ def rope_store_kv_cache_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tens
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         H, Hkv, k_cache.shape[1],
         D=D, HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
-        BLOCK_TAIL=block_tail, num_warps=rope_num_warps(elems),
+        BLOCK_TAIL=block_tail, num_warps=rope_num_warps(elems), **pdl_launch(q.device),
     )

@@ -44,7 +44,8 @@ def _setup():
             kernel = kernel.result()
         md = kernel.metadata
         compiled.append(dict(name=self.fn.__name__, num_warps=md.num_warps,
-                             num_stages=md.num_stages, shared=md.shared))
+                             num_stages=md.num_stages, shared=md.shared,
+                             pdl=bool(getattr(md, "launch_pdl", False))))
         return kernel
 
     JITFunction.run = run
@@ -100,6 +101,40 @@ def _compile_all():
     silu_and_mul(x)
 
 
+def _compile_pdl():
+    """The decode path's kernels as launched on sm_90+ GPUs: programmatic dependent launch
+    (kernels/pdl.py), and the GEMV's L2 weight prefetch (1 and 2 chunks, split-K too)."""
+    import torch
+
+    from miniinfer.kernels import activation, decode_attention, gemv, norm, rope_kv_store
+
+    on = lambda device: {"USE_PDL": True, "launch_pdl": True}  # noqa: E731
+    for mod in (activation, decode_attention, gemv, norm, rope_kv_store):
+        mod.pdl_launch = on
+    decode_attention.dot_upcast = gemv.dot_upcast = lambda *a: False
+    decode_attention.num_sms = gemv.num_sms = lambda device: 132
+    dt = torch.bfloat16
+    H, Hkv, D = 28, 4, 128
+    qkv = torch.zeros(1, (H + 2 * Hkv) * D, dtype=dt)
+    q = qkv[:, : H * D].view(1, H, D)
+    k = qkv[:, H * D:(H + Hkv) * D].view(1, Hkv, D)
+    v = qkv[:, (H + Hkv) * D:].view(1, Hkv, D)
+    kc = torch.zeros(8, 16, Hkv, D, dtype=dt)
+    rope_kv_store.rope_store_kv_cache_(torch.zeros(1, dtype=torch.int64), q, k, v, torch.zeros(16, D), D,
+                                       kc, torch.zeros_like(kc), torch.zeros(1, dtype=torch.int64))
+    bt = torch.zeros(1, 4, dtype=torch.int32)
+    sl = torch.ones(1, dtype=torch.int32)
+    decode_attention.paged_decode_attention(q, kc, torch.zeros_like(kc), bt, sl, 0.1, max_seq_len=4096)
+    x = torch.zeros(1, 3584, dtype=dt)
+    norm.fused_add_rms_norm_(x, x.clone(), torch.ones(3584, dtype=dt), 1e-6)
+    norm.rms_norm(x, torch.ones(3584, dtype=dt), 1e-6)
+    activation.silu_and_mul(x)
+    for chunks in (1, 2):
+        gemv.PREFETCH_CHUNKS = chunks
+        gemv.gemv(x, torch.zeros(4608, 3584, dtype=dt), torch.zeros(4608, dtype=dt))
+        gemv.gemv(x, torch.zeros(3584, 3584, dtype=dt), config=gemv.GemvConfig(block_n=4, block_k=512, split_k=4))
+
+
 def main():
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET"
     try:
@@ -108,6 +143,7 @@ def main():
         print(json.dumps(dict(status="setup-failed", error=repr(e))))
         return
     _compile_all()
+    _compile_pdl()
     print(json.dumps(dict(status="ok", kernels=compiled)))
 
 

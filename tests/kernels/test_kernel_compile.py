@@ -29,9 +29,13 @@ def test_kernels_compile_for_sm90():
     assert {"_decode_stage1_kernel", "_decode_stage2_kernel", "_extend_kernel", "_rope_kernel",
             "_rms_norm_kernel", "_fused_add_rms_norm_kernel", "_silu_and_mul_kernel",
             "_store_kv_kernel"} <= names
-    count = {n: sum(k["name"] == n for k in result["kernels"]) for n in names}
+    count = {n: sum(k["name"] == n and not k["pdl"] for k in result["kernels"]) for n in names}
     assert count["_extend_kernel"] == 8  # 2 shapes x (plain, HAS_TREE) x (bf16, fp8 KV cache)
     assert count["_decode_stage1_kernel"] == 8  # 2 shapes x (direct, split) x (bf16, fp8 KV cache)
     assert count["_store_kv_kernel"] == 4  # 2 shapes x (bf16, fp8 KV cache)
+    # the decode path as launched on sm_90+: programmatic dependent launch (kernels/pdl.py)
+    assert {k["name"] for k in result["kernels"] if k["pdl"]} == {
+        "_rope_kv_store_kernel", "_decode_stage1_kernel", "_decode_stage2_kernel", "_fused_add_rms_norm_kernel",
+        "_rms_norm_kernel", "_silu_and_mul_kernel", "_gemv_kernel", "_splitk_reduce_kernel"}
     for k in result["kernels"]:
         assert k["shared"] <= 227 * 1024, k  # fits an H100 SM
