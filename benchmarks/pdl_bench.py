@@ -1,5 +1,6 @@
 """Programmatic dependent launch (``kernels/pdl.py``) A/B at batch 1 (#16), baseline in the same
-process: PDL off, PDL on, PDL on with the GEMV's L2 weight prefetch of 1 / 2 chunks.
+process: PDL off and on. (The session-12 run, commit 8e4616b, also had variants with an L2 prefetch
+of each GEMV program's first weight chunks, since removed: slower.)
 
     python benchmarks/pdl_bench.py [--models qwen2-7b,qwen2-0.5b] [--rounds 3] [--json PATH]
 
@@ -24,15 +25,14 @@ import torch
 
 from miniinfer.bench.common import device_ms, sync, write_result
 from miniinfer.bench.offline import _llm, hbm_bandwidth
-from miniinfer.kernels import _common, gemv
+from miniinfer.kernels import _common
 from miniinfer.sampling_params import SamplingParams
 
-VARIANTS = {"off": (False, 0), "pdl": (True, 0), "pdl_pf1": (True, 1), "pdl_pf2": (True, 2)}
+VARIANTS = {"off": False, "pdl": True}
 
 
-def _recapture(runner, pdl: bool, chunks: int) -> None:
+def _recapture(runner, pdl: bool) -> None:
     _common.PDL = pdl
-    gemv.PREFETCH_CHUNKS = chunks
     runner.cuda_graphs = None
     gc.collect()
     torch.cuda.empty_cache()
@@ -69,14 +69,14 @@ def bench_model(model: str, rounds: int) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     samples: dict[str, dict[str, list[float]]] = {v: {"graph": [], "tpot": []} for v in VARIANTS}
     for r in range(rounds):
-        for name, (pdl, chunks) in VARIANTS.items():
-            _recapture(runner, pdl, chunks)
+        for name, pdl in VARIANTS.items():
+            _recapture(runner, pdl)
             llm.generate([[1] * 16], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # warm
             samples[name]["graph"].append(_decode_graph_ms(runner))
             samples[name]["tpot"].append(_tpot_ms(llm, rng, vocab))
             print(f"[{model} round {r}] {name}: graph {samples[name]['graph'][-1]:.4f} ms, "
                   f"tpot {samples[name]['tpot'][-1]:.4f} ms", flush=True)
-    _recapture(runner, True, 1)
+    _recapture(runner, _common.os.environ.get("MINIINFER_PDL", "1") != "0")
     del llm, runner
     gc.collect()
     torch.cuda.empty_cache()
@@ -101,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    bw = hbm_bandwidth()
     metrics: dict = {}
     for model in args.models.split(","):
         metrics.update(bench_model(model, args.rounds))
-    bw = hbm_bandwidth()
     metrics["hbm_bandwidth_gb_s"] = bw / 1e9
     for model in args.models.split(","):
         key = model.replace("-", "_").replace(".", "_")

@@ -4,7 +4,7 @@
 
 Reads the newest ``*-sbs-*.json`` result (``benchmarks/results/<date>-sbs-<card>-<tag>.json``,
 metrics ``<metric>``, ``<metric>_before`` and ``<metric>_vllm`` per row; optional variants
-``<metric>_prefill_triton`` and ``<metric>_fp8_kv``) and writes ``docs/img/<file stem>.png``
+``<metric>_pdl_off``, ``<metric>_prefill_triton`` and ``<metric>_fp8_kv``) and writes ``docs/img/<file stem>.png``
 (the session-8 file's plot is ``docs/img/sbs_vs_vllm.png``): per row, MiniInfer's speed relative
 to vLLM's (vLLM time ÷ MiniInfer time for ``*_ms`` rows, MiniInfer ÷ vLLM for ``*_tok_s`` rows:
 above 1 is faster), before and after. Called by ``benchmarks/plot.py`` too."""
@@ -23,6 +23,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS = {
+    "offline_throughput_tok_s": "§1 Qwen3-0.6B\nthroughput",
+    "qwen2_0.5b_offline_throughput_tok_s": "§1 Qwen2-0.5B\nthroughput",
+    "qwen2_7b_offline_throughput_tok_s": "§1 Qwen2-7B\nthroughput",
+    "qwen2_0.5b_bs1_tpot_ms": "Qwen2-0.5B\nbs-1 TPOT",
+    "qwen2_0.5b_ttft_128_ms": "Qwen2-0.5B\nTTFT 128",
+    "qwen2_0.5b_ttft_1024_ms": "Qwen2-0.5B\nTTFT 1024",
+    "qwen2_0.5b_prefix_wall_ms": "§5 shared\nprefix wall",
     "qwen2_7b_bs1_tpot_ms": "Qwen2-7B\nbs-1 TPOT",
     "qwen2_7b_ttft_128_ms": "Qwen2-7B\nTTFT 128",
     "qwen2_7b_ttft_16384_ms": "Qwen2-7B\nTTFT 16k",
@@ -31,7 +38,7 @@ LABELS = {
 }
 
 
-SERIES = (("_before", "before", "#9e9e9e"), ("_prefill_triton", "after, prefill_attention=triton", "#90caf9"),
+SERIES = (("_before", "before", "#9e9e9e"), ("_pdl_off", "after, MINIINFER_PDL=0", "#9e9e9e"), ("_prefill_triton", "after, prefill_attention=triton", "#90caf9"),
           ("", "after (default)", "#1565c0"), ("_fp8_kv", "after, fp8 KV cache", "#2e7d32"))
 LEGACY = {"2026-11-30-sbs-h200x2-session8": "sbs_vs_vllm"}  # image name kept for the committed doc
 

@@ -41,7 +41,6 @@ accumulation. Errors: AssertionError on any violation of the above.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -49,13 +48,9 @@ import triton
 import triton.language as tl
 
 from miniinfer.kernels._common import dot_precision, dot_upcast, next_pow2, num_sms, pdl_launch
-from miniinfer.kernels.pdl import pdl_wait, prefetch_l2
+from miniinfer.kernels.pdl import pdl_wait
 
 MAX_ROWS = 8  # largest M the kernel takes (the wrapper asserts it)
-# Under PDL (kernels/pdl.py) a program asks L2 for its first PREFETCH_CHUNKS chunks of W before it
-# waits for the previous kernel: the weight stream starts while that kernel (a norm, attention)
-# still runs. MINIINFER_GEMV_PREFETCH=0 turns it off.
-PREFETCH_CHUNKS = int(os.environ.get("MINIINFER_GEMV_PREFETCH", "1"))
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -219,18 +214,6 @@ def _store_rows(acc, offs_m, offs_n, M, N, b_ptr, y_ptr, stride_ym, part_ptr, pi
 
 
 @triton.jit
-def _prefetch_w(w_rows, kb_start, kb_end, K, BLOCK_K: tl.constexpr, LINE: tl.constexpr,
-                CHUNKS: tl.constexpr):
-    """L2 prefetch of W chunks kb_start .. kb_start + CHUNKS - 1 (clamped to the program's
-    last chunk and to K): one address per LINE elements (a 128-byte line)."""
-    offs = tl.arange(0, BLOCK_K // LINE) * LINE
-    for c in tl.static_range(CHUNKS):
-        kb = tl.minimum(kb_start + c, kb_end - 1)
-        ks = tl.minimum(kb * BLOCK_K + offs, K - 1)
-        prefetch_l2(w_rows + ks[None, :])
-
-
-@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, part_ptr,
     M, N, K, stride_xm, stride_wn, stride_ym,
@@ -238,14 +221,13 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     USE_DOT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
-    SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr,
+    SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """One program: rows [pid_n*BLOCK_N, +BLOCK_N) of W over K chunks
     [pid_k*blocks_per_split, +blocks_per_split) * BLOCK_K; all M rows of x.
     PARTIAL=False writes y (bias added, cast); else fp32 partials part[pid_k, m, n].
     SILU_MUL: x rows are [gate (K) | up (K)], the input is silu(gate) * up (up at +K).
-    USE_PDL: W's first PREFETCH chunks are prefetched to L2, then the program waits for the
-    previous kernel (nothing else is touched before)."""
+    USE_PDL: programmatic dependent launch (kernels/pdl.py)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -256,8 +238,6 @@ def _gemv_kernel(
     w_rows = w_ptr + n_ld[:, None] * stride_wn
     kb_start = pid_k * blocks_per_split
     kb_end = tl.minimum(kb_start + blocks_per_split, tl.cdiv(K, BLOCK_K))
-    if USE_PDL and PREFETCH > 0:
-        _prefetch_w(w_rows, kb_start, kb_end, K, BLOCK_K, LINE, PREFETCH)
     pdl_wait(USE_PDL)
     if USE_DOT:
         offs_m = tl.arange(0, BLOCK_M)
@@ -347,13 +327,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     b = bias if has_bias else out
     grid = (triton.cdiv(N, cfg.block_n), split)
     pdl = pdl_launch(x.device)
-    line = min(cfg.block_k, 128 // x.element_size())
     _gemv_kernel[grid](
         x, weight, b, out, part, M, N, K, x.stride(0), weight.stride(0), out.stride(0), per_split,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0,
         PARTIAL=split > 1, HAS_BIAS=has_bias, USE_DOT=cfg.use_dot, UPCAST=dot_upcast(x.dtype, x.device),
         PREC=dot_precision(x.dtype), STAGES=cfg.num_stages, SILU_MUL=act == "silu_mul",
-        PREFETCH=PREFETCH_CHUNKS, LINE=line, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
     if split > 1:
         block = min(1024, next_pow2(N))
         _splitk_reduce_kernel[(triton.cdiv(N, block), M)](

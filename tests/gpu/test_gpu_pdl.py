@@ -2,8 +2,8 @@
 
 One Qwen2-7B-shaped decode layer at batch 1 (add + RMSNorm, qkv GEMV with bias, RoPE + KV
 store, split-KV decode attention, o GEMV split-K, add + RMSNorm, gate_up GEMV, SiLU-and-mul,
-down GEMV), ten layers deep over distinct weights, captured in a CUDA graph with PDL on (and
-the GEMV's L2 prefetch) and with it off. Every replay takes new inputs; a kernel reading its
+down GEMV), ten layers deep over distinct weights, captured in a CUDA graph with PDL on and
+with it off. Every replay takes new inputs; a kernel reading its
 input before the previous kernel finished writing it would show as a mismatch."""
 from __future__ import annotations
 

@@ -103,7 +103,7 @@ def _compile_all():
 
 def _compile_pdl():
     """The decode path's kernels as launched on sm_90+ GPUs: programmatic dependent launch
-    (kernels/pdl.py), and the GEMV's L2 weight prefetch (1 and 2 chunks, split-K too)."""
+    (kernels/pdl.py); the GEMV with and without split-K."""
     import torch
 
     from miniinfer.kernels import activation, decode_attention, gemv, norm, rope_kv_store
@@ -129,10 +129,8 @@ def _compile_pdl():
     norm.fused_add_rms_norm_(x, x.clone(), torch.ones(3584, dtype=dt), 1e-6)
     norm.rms_norm(x, torch.ones(3584, dtype=dt), 1e-6)
     activation.silu_and_mul(x)
-    for chunks in (1, 2):
-        gemv.PREFETCH_CHUNKS = chunks
-        gemv.gemv(x, torch.zeros(4608, 3584, dtype=dt), torch.zeros(4608, dtype=dt))
-        gemv.gemv(x, torch.zeros(3584, 3584, dtype=dt), config=gemv.GemvConfig(block_n=4, block_k=512, split_k=4))
+    gemv.gemv(x, torch.zeros(4608, 3584, dtype=dt), torch.zeros(4608, dtype=dt))
+    gemv.gemv(x, torch.zeros(3584, 3584, dtype=dt), config=gemv.GemvConfig(block_n=4, block_k=512, split_k=4))
 
 
 def main():
