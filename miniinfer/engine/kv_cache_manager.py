@@ -93,6 +93,12 @@ class KVCacheManager:
                     self.free_blocks.append(b)
         block_table.clear()
 
+    def share(self, block_table: list[int], blocks: list[int]) -> None:
+        """Append ``blocks`` (held by another sequence) to ``block_table``, one reference each."""
+        for b in blocks:
+            self._ref(b)
+        block_table.extend(blocks)
+
     def _ref(self, b: int) -> None:
         if self.ref_count[b] == 0 and b in self.node_of_block:
             self.num_evictable -= 1

@@ -284,9 +284,10 @@ class LLMEngine:
             return launched, done
         except BaseException:
             # The step's K/V may not have been written: roll the progress back so that an
-            # abort (which publishes computed pages) can't put unwritten pages in the cache.
+            # abort (which publishes computed pages) can't put unwritten pages in the cache
+            # (pages shared from another chunk of this step included).
             for s in sched.scheduled:
-                s.seq.num_computed_tokens = s.start
+                s.seq.num_computed_tokens = s.start - s.num_borrowed_tokens
             raise
 
     def _complete(self, step: InFlightStep) -> list[RequestOutput]:

@@ -5,15 +5,25 @@ cache (one for a decode, a chunk for a prefill), under a per-step token budget, 
 waiting sequences FCFS while budget, sequence slots and KV blocks last. A sequence that can't
 get a block preempts the most recently admitted running one (its blocks are freed and it
 goes back to the front of the queue to be recomputed).
+
+Prompts that share a prefix with a prefill chunk of the same step share its pages at once
+(``_borrow``): every attention backend stores all of a step's K/V before any token attends, so
+a later sequence in the batch reads pages the step itself computes. Those that would still
+need a page another chunk computes wait one step. ``MINIINFER_SHARE_IN_STEP=0``: always wait
+(A/B).
 """
 from __future__ import annotations
 
+import os
 from collections import deque
 
 from miniinfer.config import EngineConfig
 from miniinfer.engine.kv_cache_manager import KVCacheManager
 from miniinfer.engine.sequence import Sequence, SequenceStatus
 from miniinfer.engine.step import ScheduledSeq, SchedulerOutput
+
+
+SHARE_IN_STEP = os.environ.get("MINIINFER_SHARE_IN_STEP", "1") != "0"
 
 
 class Scheduler:
@@ -67,14 +77,17 @@ class Scheduler:
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
             fresh = not seq.block_table
+            borrowed = 0
             if fresh:
                 # Reuse cached full pages; always leave at least one token to compute.
                 hit = self.kv.match_prefix(seq.token_ids, seq.num_tokens - 1)
                 seq.block_table.extend(hit)
-                seq.num_computed_tokens = len(hit) * self.kv.block_size
-                if in_progress and self._next_page_key(seq, len(hit)) in in_progress:
-                    # Another sequence is computing this very prefix now: wait one step and
-                    # reuse its pages instead of computing them twice.
+                if in_progress and SHARE_IN_STEP:
+                    borrowed = self._borrow(seq, len(hit), in_progress)
+                seq.num_computed_tokens = (len(hit) + borrowed) * self.kv.block_size
+                if in_progress and self._waits_for(seq, len(hit) + borrowed, in_progress):
+                    # Another sequence is computing this very prefix now, past what could be
+                    # shared: wait one step and reuse its pages instead of computing them twice.
                     self._release(seq)
                     break
             remaining = seq.num_tokens - seq.num_computed_tokens
@@ -92,10 +105,12 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens))
+            out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens,
+                                              num_borrowed_tokens=borrowed * self.kv.block_size))
             budget -= n
             if in_progress is not None:
-                in_progress |= self._pages_in_progress(out.scheduled[-1:])
+                for key, owner in self._pages_in_progress(out.scheduled[-1:]).items():
+                    in_progress.setdefault(key, owner)
 
         out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # decodes first (stable); drafts count as extends
         for s in out.scheduled:
@@ -119,17 +134,49 @@ class Scheduler:
             return None
         return (page, tuple(seq.token_ids[page * bs:(page + 1) * bs]))
 
-    def _pages_in_progress(self, scheduled: list[ScheduledSeq]) -> set[tuple]:
-        """(page index, page tokens) of the full pages that this step's prefill chunks compute."""
+    def _pages_in_progress(self, scheduled: list[ScheduledSeq]) -> dict[tuple, ScheduledSeq]:
+        """(page index, page tokens) of the full pages that this step's prefill chunks compute,
+        each with the first chunk computing it (verify steps' drafts are not prefill)."""
         bs = self.kv.block_size
-        keys: set[tuple] = set()
+        keys: dict[tuple, ScheduledSeq] = {}
         for s in scheduled:
-            if s.num_new_tokens == 1:
+            if s.num_new_tokens == 1 or s.draft_token_ids:
                 continue
             last = min((s.start + s.num_new_tokens - 1) // bs, s.seq.num_tokens // bs - 1)
             for page in range(s.start // bs, last + 1):
-                keys.add((page, tuple(s.seq.token_ids[page * bs:(page + 1) * bs])))
+                keys.setdefault((page, tuple(s.seq.token_ids[page * bs:(page + 1) * bs])), s)
         return keys
+
+    def _owner(self, seq: Sequence, page: int, in_progress: dict[tuple, ScheduledSeq]) -> ScheduledSeq | None:
+        """The chunk of this step computing ``seq``'s page ``page`` after the same token prefix."""
+        owner = in_progress.get(self._next_page_key(seq, page))
+        n = page * self.kv.block_size
+        return owner if owner is not None and seq.token_ids[:n] == owner.seq.token_ids[:n] else None
+
+    def _waits_for(self, seq: Sequence, page: int, in_progress: dict[tuple, ScheduledSeq]) -> bool:
+        """Whether ``seq``'s next page is being computed by this step for the same prefix (so
+        that waiting one step turns it into a cache hit)."""
+        return self._owner(seq, page, in_progress) is not None
+
+    def _borrow(self, seq: Sequence, hit: int, in_progress: dict[tuple, ScheduledSeq]) -> int:
+        """Share with ``seq`` (a fresh prompt whose first ``hit`` pages were cache hits) the
+        following pages that a prefill chunk of this step computes for a sequence with the same
+        tokens up to there: the pages of the same token prefix hold the same K/V, and this step
+        stores them before anything attends. Only pages that chunk completes and whose tokens
+        are known, and never ``seq``'s last token. Returns the number of pages shared."""
+        owner = self._owner(seq, hit, in_progress)
+        if owner is None:
+            return 0
+        bs, o = self.kv.block_size, owner.seq
+        end = min((owner.start + owner.num_new_tokens) // bs,  # full pages computed by the end of the step
+                  (o.num_tokens - o.num_pending) // bs, (seq.num_tokens - 1) // bs)
+        if end <= hit:
+            return 0
+        page = hit
+        while page < end and seq.token_ids[page * bs:(page + 1) * bs] == o.token_ids[page * bs:(page + 1) * bs]:
+            page += 1
+        self.kv.share(seq.block_table, o.block_table[hit:page])
+        return page - hit
 
     def _surely_finishing(self, seq: Sequence) -> bool:
         """A pending token (overlap) will end this sequence by length: don't compute past it."""

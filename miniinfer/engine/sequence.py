@@ -29,7 +29,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
-    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+    num_cached_tokens: int = 0  # prompt tokens not computed for it at first admission: prefix-cache
+    # hits and pages shared from another prefill chunk of the same step (Scheduler._borrow)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     error: str | None = None  # why it failed (finish_reason "error")

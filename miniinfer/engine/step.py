@@ -32,6 +32,9 @@ class ScheduledSeq:
     # a draft tree (EAGLE-2): the parent of each draft, an index into draft_token_ids or -1 for
     # the sequence's last token; parents come before children. None: a chain (parent = j - 1)
     draft_parents: list[int] | None = None
+    # tokens before ``start`` whose pages another sequence's prefill chunk computes in this same
+    # step (shared at admission; the forward stores every token's K/V before any attention)
+    num_borrowed_tokens: int = 0
     samples: bool = field(init=False)  # the step reaches the end of the tokens: sample one more
 
     def __post_init__(self) -> None:

@@ -38,8 +38,8 @@ def _cc_major(index: int) -> int:
 def pdl_launch(device: torch.device) -> dict:
     """Extra kwargs for a Triton launch of a kernel with a ``USE_PDL`` constexpr:
     ``{"USE_PDL": True, "launch_pdl": True}`` on sm_90+ CUDA devices while ``PDL`` is on,
-    else ``{"USE_PDL": False}`` (CPU interpreter, older GPUs, ``MINIINFER_PDL=0``)."""
-    if PDL and device.type == "cuda":
+    else ``{"USE_PDL": False}`` (CPU interpreter, older GPUs, ROCm, ``MINIINFER_PDL=0``)."""
+    if PDL and device.type == "cuda" and torch.version.hip is None:
         index = device.index if device.index is not None else torch.cuda.current_device()
         if _cc_major(index) >= 9:
             return {"USE_PDL": True, "launch_pdl": True}

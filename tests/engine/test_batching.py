@@ -221,24 +221,111 @@ def test_overlap_keeps_one_step_in_flight(tiny_llm):
     check_clean(llm)
 
 
-def test_shared_prefix_computed_once_when_submitted_together(tiny_llm):
-    """Requests that arrive together with one long common prefix: the first computes it, the
-    others wait a step and reuse its pages instead of computing them again."""
-    from miniinfer import SamplingParams
-    llm = tiny_llm("qwen2", block_size=8, max_num_batched_tokens=512)
-    prefix = random_prompts(1, seed=7, min_len=64, max_len=64)[0]
-    tails = random_prompts(8, seed=8, min_len=10, max_len=10)
-    prompts = [prefix + t for t in tails]
+def _spy_launch(llm) -> list[int]:
+    """Tokens computed per launched step (appended as steps launch)."""
     computed = []
     launch = llm.engine.runner.launch
 
     def spy(sched, prev):
         computed.append(sched.num_tokens)
         return launch(sched, prev)
-
     llm.engine.runner.launch = spy
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    return computed
+
+
+def _prefix_prompts(n: int = 8, prefix_len: int = 64, tail: int = 10) -> list[list[int]]:
+    prefix = random_prompts(1, seed=7, min_len=prefix_len, max_len=prefix_len)[0]
+    return [prefix + t for t in random_prompts(n, seed=8, min_len=tail, max_len=tail)]
+
+
+def test_shared_prefix_computed_once_when_submitted_together(tiny_llm):
+    """Requests that arrive together with one long common prefix: the first computes it and
+    the others share its pages in the same step (the forward stores all K/V before attending),
+    computing only their own tails; greedy outputs equal those without a prefix cache."""
+    from miniinfer import SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=4)
+    prompts = _prefix_prompts()
+    want = [o.outputs[0].token_ids for o in tiny_llm("qwen2", block_size=8, enable_prefix_caching=False)
+            .generate(prompts, params, use_tqdm=False)]
+    llm = tiny_llm("qwen2", block_size=8, max_num_batched_tokens=512)
+    computed = _spy_launch(llm)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.num_cached_tokens for o in outs] == [0] + [64] * 7
+    assert computed[0] == 74 + 7 * 10  # the prompt once and every tail, in one step
+    assert sum(computed) == 74 + 7 * 10 + 8 * 3  # then the decodes
+    assert [o.outputs[0].token_ids for o in outs] == want
+    check_clean(llm)
+
+
+def test_shared_prefix_waits_a_step_with_in_step_sharing_off(tiny_llm, monkeypatch):
+    """MINIINFER_SHARE_IN_STEP=0 (the A/B baseline): the others wait a step for the pages."""
+    from miniinfer import SamplingParams
+    from miniinfer.engine import scheduler
+    monkeypatch.setattr(scheduler, "SHARE_IN_STEP", False)
+    llm = tiny_llm("qwen2", block_size=8, max_num_batched_tokens=512)
+    computed = _spy_launch(llm)
+    outs = llm.generate(_prefix_prompts(), SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     assert [o.num_cached_tokens for o in outs] == [0] + [64] * 7
     assert computed[0] == 74  # only the first request's prompt in the first step
-    assert sum(computed) == 74 + 7 * 10 + 8 * 3  # prompts once, tails, then decodes
+    assert sum(computed) == 74 + 7 * 10 + 8 * 3
+    check_clean(llm)
+
+
+def test_in_step_sharing_from_a_chunk_of_a_longer_prefill(tiny_llm):
+    """The first prompt is chunked (50-token budget): the second shares the pages its second
+    chunk completes, computes only its tail, and both give the outputs they give alone."""
+    from miniinfer import SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=4)
+    prompts = _prefix_prompts(n=2)
+    alone = [tiny_llm("qwen2", block_size=8, enable_prefix_caching=False).generate([p], params, use_tqdm=False)[0]
+             .outputs[0].token_ids for p in prompts]
+    llm = tiny_llm("qwen2", block_size=8, max_num_batched_tokens=50)
+    computed = _spy_launch(llm)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert computed[:2] == [50, 24 + 10]  # 2nd step: the first prompt's rest + the second's tail
+    assert outs[1].num_cached_tokens == 64  # 48 published after step 1, 16 shared in step 2
+    assert [o.outputs[0].token_ids for o in outs] == alone
+    check_clean(llm)
+
+
+def test_failed_step_does_not_publish_shared_pages(tiny_llm):
+    """A step that fails at launch leaves no page of it in the prefix cache, the shared ones
+    included, and the engine serves the same prompts correctly afterwards."""
+    import pytest
+    from miniinfer import SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=4)
+    prompts = _prefix_prompts(n=4)
+    llm = tiny_llm("qwen2", block_size=8, max_num_batched_tokens=512)
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    llm.engine.kv.reset_prefix_cache()
+    launch = llm.engine.runner.launch
+
+    def boom(sched, prev):
+        llm.engine.runner.launch = launch
+        raise RuntimeError("launch failed")
+    llm.engine.runner.launch = boom
+    with pytest.raises(RuntimeError, match="launch failed"):
+        llm.generate(prompts, params, use_tqdm=False)
+    check_clean(llm)
+    assert not llm.engine.kv.node_of_block  # nothing was computed: nothing published
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
+    check_clean(llm)
+
+
+def test_in_step_sharing_needs_the_whole_token_prefix(tiny_llm):
+    """Same page tokens at the same page index after a *different* prefix hold different K/V:
+    B (cached prefix Y) must not share A's pages of P (computed after X)."""
+    from miniinfer import SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=4)
+    x, y, p, z, ta, tb = random_prompts(6, seed=11, min_len=16, max_len=16)
+    a, b = x + p + ta[:5], y + p + tb[:5]
+    alone = [tiny_llm("qwen2", block_size=8, enable_prefix_caching=False).generate([q], params, use_tqdm=False)[0]
+             .outputs[0].token_ids for q in (a, b)]
+    llm = tiny_llm("qwen2", block_size=8, max_num_batched_tokens=512)
+    llm.generate([y + z], params, use_tqdm=False)  # caches Y's two pages
+    computed = _spy_launch(llm)
+    outs = llm.generate([a, b], params, use_tqdm=False)
+    assert [o.num_cached_tokens for o in outs] == [0, 16]  # B: Y only, not A's pages of P
+    assert computed[0] == len(a) + len(b) - 16  # and B does not wait for pages it can't use
+    assert [o.outputs[0].token_ids for o in outs] == alone
     check_clean(llm)

@@ -45,11 +45,25 @@ def _setup():
         md = kernel.metadata
         compiled.append(dict(name=self.fn.__name__, num_warps=md.num_warps,
                              num_stages=md.num_stages, shared=md.shared,
-                             pdl=bool(getattr(md, "launch_pdl", False))))
+                             pdl=bool(getattr(md, "launch_pdl", False)),
+                             wait_first=_wait_first(kernel.asm.get("ptx", ""))))
         return kernel
 
     JITFunction.run = run
     return compiled
+
+
+def _wait_first(ptx: str) -> bool | None:
+    """For a PDL kernel's PTX: whether ``griddepcontrol.wait`` comes before its first global
+    memory access (None: no wait in it)."""
+    import re
+    lines = ptx.splitlines()
+    wait = next((i for i, ln in enumerate(lines) if "griddepcontrol.wait" in ln), None)
+    if wait is None:
+        return None
+    mem = re.compile(r"\b(ld|st|atom|red|cp\.async|prefetch)\.global|\bcp\.async")
+    first = next((i for i, ln in enumerate(lines) if mem.search(ln)), len(lines))
+    return wait < first
 
 
 def _compile_all():
@@ -106,10 +120,10 @@ def _compile_pdl():
     (kernels/pdl.py); the GEMV with and without split-K."""
     import torch
 
-    from miniinfer.kernels import activation, decode_attention, gemv, norm, rope_kv_store
+    from miniinfer.kernels import activation, decode_attention, gemv, kv_store, norm, rope, rope_kv_store
 
     on = lambda device: {"USE_PDL": True, "launch_pdl": True}  # noqa: E731
-    for mod in (activation, decode_attention, gemv, norm, rope_kv_store):
+    for mod in (activation, decode_attention, gemv, kv_store, norm, rope, rope_kv_store):
         mod.pdl_launch = on
     decode_attention.dot_upcast = gemv.dot_upcast = lambda *a: False
     decode_attention.num_sms = gemv.num_sms = lambda device: 132
@@ -122,6 +136,8 @@ def _compile_pdl():
     kc = torch.zeros(8, 16, Hkv, D, dtype=dt)
     rope_kv_store.rope_store_kv_cache_(torch.zeros(1, dtype=torch.int64), q, k, v, torch.zeros(16, D), D,
                                        kc, torch.zeros_like(kc), torch.zeros(1, dtype=torch.int64))
+    rope.apply_rope_(torch.zeros(1, dtype=torch.int64), q, k, torch.zeros(16, D), D)  # Qwen3 q/k-norm path
+    kv_store.store_kv_cache(k, v, kc, torch.zeros_like(kc), torch.zeros(1, dtype=torch.int64))
     bt = torch.zeros(1, 4, dtype=torch.int32)
     sl = torch.ones(1, dtype=torch.int32)
     decode_attention.paged_decode_attention(q, kc, torch.zeros_like(kc), bt, sl, 0.1, max_seq_len=4096)

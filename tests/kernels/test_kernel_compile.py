@@ -36,6 +36,10 @@ def test_kernels_compile_for_sm90():
     # the decode path as launched on sm_90+: programmatic dependent launch (kernels/pdl.py)
     assert {k["name"] for k in result["kernels"] if k["pdl"]} == {
         "_rope_kv_store_kernel", "_decode_stage1_kernel", "_decode_stage2_kernel", "_fused_add_rms_norm_kernel",
-        "_rms_norm_kernel", "_silu_and_mul_kernel", "_gemv_kernel", "_splitk_reduce_kernel"}
+        "_rms_norm_kernel", "_silu_and_mul_kernel", "_gemv_kernel", "_splitk_reduce_kernel", "_rope_kernel",
+        "_store_kv_kernel"}
+    # ... and each waits for the previous kernel before its first global memory access
+    assert all(k["wait_first"] for k in result["kernels"] if k["pdl"]), [k for k in result["kernels"] if k["pdl"]]
+    assert not any(k["wait_first"] is not None for k in result["kernels"] if not k["pdl"])
     for k in result["kernels"]:
         assert k["shared"] <= 227 * 1024, k  # fits an H100 SM
