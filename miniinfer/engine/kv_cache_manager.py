@@ -144,8 +144,13 @@ class KVCacheManager:
         now = next(self._clock)
         node, i = cursor.node, cursor.num_blocks
         while i < num_tokens // bs:
-            key = tuple(token_ids[i * bs:(i + 1) * bs])
             b = block_table[i]
+            child = self.node_of_block.get(b)
+            if child is not None and child.parent is node:  # a page this sequence shares: no key to build
+                child.last_access = now
+                node, i = child, i + 1
+                continue
+            key = tuple(token_ids[i * bs:(i + 1) * bs])
             child = node.children.get(key)
             if child is None:
                 child = RadixNode(key, b, node)

@@ -172,7 +172,7 @@ class Scheduler:
                   (o.num_tokens - o.num_pending) // bs, (seq.num_tokens - 1) // bs)
         if end <= hit:
             return 0
-        page = hit
+        page = end if seq.token_ids[hit * bs:end * bs] == o.token_ids[hit * bs:end * bs] else hit
         while page < end and seq.token_ids[page * bs:(page + 1) * bs] == o.token_ids[page * bs:(page + 1) * bs]:
             page += 1
         self.kv.share(seq.block_table, o.block_table[hit:page])
