@@ -164,3 +164,48 @@ def test_backend_long_context_bf16(H, Hkv, D):
     kv, q, k, v, meta, order = _step(prefix, qlens, 3, H, Hkv, D, 16, torch.bfloat16, "cuda")
     out = _backend().forward(q, k, v, kv.k_cache, kv.v_cache, meta, D ** -0.5)
     _check(kv, q, out, meta, order, D ** -0.5)
+
+
+@pytest.mark.parametrize("dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("a_len,shared_pages,b_len,mode", [
+    (48, 2, 10, "triton"),  # the paged extend kernel
+    pytest.param(1100, 64, 1040, "auto", marks=pytest.mark.skipif(not HAS_CUDA, reason="the split path is CUDA's")),
+])
+def test_backend_reads_pages_stored_in_the_same_step(device, dtype, a_len, shared_pages, b_len, mode):
+    """The scheduler lets a prompt share pages that another chunk of the same step computes
+    (``Scheduler._borrow``): B's first pages are A's, empty (NaN) before the step, written by
+    A's rows of this very forward. B must see them, on every path (``auto``: B's 1,040 new
+    tokens take the split path, its prefix read by the paged prefix kernel)."""
+    from miniinfer.attention.metadata import AttentionMetadata
+    if mode == "auto" and dtype == torch.float32:
+        pytest.skip("the split path takes bf16 / fp16")
+    H, Hkv, D, bs = 4, 2, 64, 16
+    a_pages, b_own = -(-a_len // bs), -(-(b_len + shared_pages * bs) // bs) - shared_pages
+    num_blocks = a_pages + b_own + 2
+    perm = torch.randperm(num_blocks).tolist()
+    a_blocks, b_blocks = perm[:a_pages], perm[:shared_pages] + perm[a_pages:a_pages + b_own]
+    k_cache = torch.full((num_blocks, bs, Hkv, D), float("nan"), dtype=dtype, device=device)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    ka, va = (torch.randn(a_len, Hkv, D, device=device).to(dtype) for _ in range(2))
+    kb, vb = (torch.randn(b_len, Hkv, D, device=device).to(dtype) for _ in range(2))
+    q = torch.randn(a_len + b_len, H, D, device=device).to(dtype)
+    p0 = shared_pages * bs  # B's first new position
+    slots = [a_blocks[t // bs] * bs + t % bs for t in range(a_len)]
+    slots += [b_blocks[t // bs] * bs + t % bs for t in range(p0, p0 + b_len)]
+    width = max(a_pages, shared_pages + b_own)
+    tables = torch.zeros(2, width, dtype=torch.int32)
+    tables[0, :a_pages] = torch.tensor(a_blocks, dtype=torch.int32)
+    tables[1, :len(b_blocks)] = torch.tensor(b_blocks, dtype=torch.int32)
+    qsl, lens = [0, a_len, a_len + b_len], [a_len, p0 + b_len]
+    meta = AttentionMetadata(
+        num_decodes=0, num_decode_tokens=0, query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device), block_tables=tables.to(device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device), max_query_len=max(a_len, b_len),
+        max_seq_len=max(lens), query_start_loc_cpu=qsl, seq_lens_cpu=lens)
+    backend = _backend()
+    backend.set_prefill_attention(mode)
+    scale = D ** -0.5
+    out = backend.forward(q, torch.cat((ka, kb)), torch.cat((va, vb)), k_cache, v_cache, meta, scale)
+    assert_close(out[:a_len], sdpa_oracle(q[:a_len], ka, va, scale))
+    kb_full, vb_full = torch.cat((ka[:p0], kb)), torch.cat((va[:p0], vb))
+    assert_close(out[a_len:], sdpa_oracle(q[a_len:], kb_full, vb_full, scale))
