@@ -14,8 +14,8 @@ Host side: :func:`miniinfer.kernels._common.pdl_launch` gives a launch's extra k
 
 Measured (H200, ``benchmarks/pdl_bench.py``, batch-1 decode graph): Qwen2-7B 3.949 -> 3.796 ms,
 Qwen2-0.5B 0.819 -> 0.673 ms. An L2 prefetch of each GEMV program's first weight chunk before
-its wait (the weight stream starting under the previous kernel) made it slower (3.869 ms with one
-chunk, 4.056 with two) and was removed.
+its wait (the weight stream starting under the previous kernel) made it slower (Qwen2-7B: 3.869 ms
+with one chunk, 4.056 with two) and was removed.
 """
 from __future__ import annotations
 
