@@ -19,11 +19,10 @@ import argparse
 import gc
 import random
 import statistics
-import time
 
 import torch
 
-from miniinfer.bench.common import device_ms, sync, write_result
+from miniinfer.bench.common import device_ms, median_time, write_result
 from miniinfer.bench.offline import _llm, hbm_bandwidth
 from miniinfer.kernels import _common
 from miniinfer.sampling_params import SamplingParams
@@ -48,17 +47,10 @@ def _decode_graph_ms(runner) -> float:
 
 
 def _tpot_ms(llm, rng: random.Random, vocab: int) -> float:
-    def run(n: int) -> float:
+    def run(n: int) -> None:
         params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-        prompt = [rng.randrange(vocab) for _ in range(128)]
-        sync()
-        t = time.perf_counter()
-        llm.generate([prompt], params, use_tqdm=False)
-        sync()
-        return time.perf_counter() - t
-    first = statistics.median(run(1) for _ in range(3))
-    e2e = statistics.median(run(256) for _ in range(3))
-    return (e2e - first) / 255 * 1e3
+        llm.generate([[rng.randrange(vocab) for _ in range(128)]], params, use_tqdm=False)
+    return (median_time(lambda: run(256)) - median_time(lambda: run(1))) / 255 * 1e3
 
 
 def bench_model(model: str, rounds: int) -> dict:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import time
 
 from miniinfer.bench.common import sync
-from miniinfer.bench.offline import _llm
+from miniinfer.bench.offline import _llm, prefix_workload
 from miniinfer.sampling_params import SamplingParams
 
 
@@ -31,9 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     llm = _llm(args.model, enable_prefix_caching=args.cache, max_model_len=args.max_model_len)
     vocab = min(10000, llm.engine.model_config.vocab_size)
-    rng = random.Random(5)
-    system = [rng.randrange(vocab) for _ in range(args.prefix_len)]
-    prompts = [system + [rng.randrange(vocab) for _ in range(64)] for _ in range(args.requests)]
+    prompts = prefix_workload(5, args.prefix_len, args.requests, vocab)
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
     eng = llm.engine

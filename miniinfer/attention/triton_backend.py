@@ -64,8 +64,7 @@ class TritonAttentionBackend(PagedAttentionBase):
                              f"got {mode!r}")
         self.prefill_attention = mode
 
-    def _split_plan(self, q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata,
-                    first: int) -> SplitPlan | None:
+    def _split_plan(self, q: torch.Tensor, meta: AttentionMetadata, first: int) -> SplitPlan | None:
         """The split routing of extend sequences ``first ..`` (host-only checks, one plan per
         step), or None for the plain kernel."""
         if (self.prefill_attention != "auto" or meta.max_query_len < self.split_min_query_len
@@ -113,7 +112,7 @@ class TritonAttentionBackend(PagedAttentionBase):
                 q[:nd_tok], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
                 out=out[:nd_tok], max_seq_len=meta.max_seq_len, k_scale=ks, v_scale=vs,
             )
-        plan = self._split_plan(q, k_cache, meta, nd) if num_seqs > nd else None
+        plan = self._split_plan(q, meta, nd) if num_seqs > nd else None
         if plan is not None:
             split_extend_attention(q, k, v, k_cache, v_cache, meta, plan, scale, out, ks, vs)
         elif num_seqs > nd:

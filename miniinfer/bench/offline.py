@@ -2,7 +2,6 @@
 the same run and the ratio reported."""
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import time
@@ -10,8 +9,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from miniinfer.bench.common import (device_ms, hf_model_from_config, median_time, random_workload, sync,
-                                    write_result)
+from miniinfer.bench.common import device_ms, hf_model_from_config, median_time, random_workload, sync
 from miniinfer.sampling_params import SamplingParams
 
 
@@ -205,18 +203,20 @@ def sweep(model: str, sizes=(1, 8, 32, 64, 128, 256), prefix: str | None = None,
 
 
 # --- §5 shared prefix ----------------------------------------------------------------
+def prefix_workload(seed: int, prefix_len: int = 2048, requests: int = 64, vocab: int = 10000) -> list[list[int]]:
+    """§5's prompts: one shared ``prefix_len``-token prefix + 64 own tokens each, random ids."""
+    import random
+    rng = random.Random(seed)
+    system = [rng.randrange(vocab) for _ in range(prefix_len)]
+    return [system + [rng.randrange(vocab) for _ in range(64)] for _ in range(requests)]
+
+
 def prefix_cache(model: str, **engine_kw) -> dict:
     """§5: 64 requests = one shared 2,048-token prefix + 64 own tokens, 64 greedy tokens each, all
     at once; prefix caching on vs off, each engine warmed by the same workload over another
     prefix first (so that neither side pays first-use costs of its step shapes, e.g. cuBLAS's
     for a new token count, in the timed run; the timed prefix is not in any cache)."""
-    import random
-
-    def workload(seed: int) -> list[list[int]]:
-        rng = random.Random(seed)
-        system = [rng.randrange(10000) for _ in range(2048)]
-        return [system + [rng.randrange(10000) for _ in range(64)] for _ in range(64)]
-    warm, prompts = workload(4), workload(5)
+    warm, prompts = prefix_workload(4), prefix_workload(5)
     p = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     m = {}
     for on in (True, False):

@@ -85,7 +85,7 @@ class Scheduler:
                 if in_progress and SHARE_IN_STEP:
                     borrowed = self._borrow(seq, len(hit), in_progress)
                 seq.num_computed_tokens = (len(hit) + borrowed) * self.kv.block_size
-                if in_progress and self._waits_for(seq, len(hit) + borrowed, in_progress):
+                if in_progress and self._owner(seq, len(hit) + borrowed, in_progress) is not None:
                     # Another sequence is computing this very prefix now, past what could be
                     # shared: wait one step and reuse its pages instead of computing them twice.
                     self._release(seq)
@@ -152,11 +152,6 @@ class Scheduler:
         owner = in_progress.get(self._next_page_key(seq, page))
         n = page * self.kv.block_size
         return owner if owner is not None and seq.token_ids[:n] == owner.seq.token_ids[:n] else None
-
-    def _waits_for(self, seq: Sequence, page: int, in_progress: dict[tuple, ScheduledSeq]) -> bool:
-        """Whether ``seq``'s next page is being computed by this step for the same prefix (so
-        that waiting one step turns it into a cache hit)."""
-        return self._owner(seq, page, in_progress) is not None
 
     def _borrow(self, seq: Sequence, hit: int, in_progress: dict[tuple, ScheduledSeq]) -> int:
         """Share with ``seq`` (a fresh prompt whose first ``hit`` pages were cache hits) the

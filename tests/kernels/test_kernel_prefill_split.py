@@ -155,7 +155,7 @@ def test_backend_routes_long_chunks(device):
     backend = get_backend("triton", "cuda")
     backend.set_prefill_attention("auto")
     backend.split_min_query_len = 32
-    plan = backend._split_plan(q, kv.k_cache, meta, 2)
+    plan = backend._split_plan(q, meta, 2)
     assert [x[0] for x in plan.long] == [2, 4] and plan.runs == ((3, 4, 5), (5, 6, 3))
     out = backend.forward(q, k, v, kv.k_cache, kv.v_cache, meta, 1 / math.sqrt(D))
     ref = paged_extend_attention_ref(q, kv.k_cache, kv.v_cache, kv.block_tables, meta.query_start_loc,
@@ -164,7 +164,7 @@ def test_backend_routes_long_chunks(device):
     with pytest.raises(ValueError, match="prefill_attention"):
         backend.set_prefill_attention("cudnn")
     backend.set_prefill_attention("triton")
-    assert backend._split_plan(q, kv.k_cache, meta, 2) is None
+    assert backend._split_plan(q, meta, 2) is None
 
 
 
@@ -188,7 +188,7 @@ def test_backend_split_path_fp8_cache_matches_plain_kernel(device):
         backend.split_min_query_len = 32
         kc, vc = quantize_fp8(kv.k_cache, k_scale), quantize_fp8(kv.v_cache, v_scale)
         if mode == "auto":
-            assert [x[0] for x in backend._split_plan(q, kc, meta, 1).long] == [1, 2]
+            assert [x[0] for x in backend._split_plan(q, meta, 1).long] == [1, 2]
         outs[mode] = backend.forward(q, k, v, kc, vc, meta, 1 / math.sqrt(D))
     assert_close(outs["auto"], outs["triton"])
 
