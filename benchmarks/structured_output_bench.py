@@ -38,11 +38,15 @@ Workload, per model and batch size B (1 and 64):
 * ``plain``: unconstrained, ``ignore_eos=True`` (dummy weights: runs the full 256 tokens).
 * ``json``: constrained by ``SCHEMA`` (below), grammar-mask overlap on (the default: the host fills
   the bitmask while the forward runs).
-* ``json_serial``: the same with the overlap off — ``engine.structured_output.overlap = False``
+* ``json_undeferred``: the same with deferred sampling off (``engine.deferred_sampling =
+  False``): the mask of step N is filled inside ``sample`` on the engine thread after step N-1
+  is processed, instead of on the grammar thread while N-1 is processed and N+1 is scheduled
+  and staged; ``*_deferred_sampling_tpot_cut`` = 1 − json / json_undeferred TPOT.
+* ``json_serial``: the same with the overlap off (deferred sampling off too) — ``engine.structured_output.overlap = False``
   on the same engine, which is exactly what ``EngineConfig.structured_output_overlap=False``
   sets (``StructuredOutputManager.fill_bitmask`` then synchronizes with the device before
-  filling). One engine per model serves all three modes.
-* The modes alternate (plain, json, json_serial) within each of ``--repeats`` rounds after one
+  filling). One engine per model serves all four modes.
+* The modes alternate (plain, json, json_undeferred, json_serial) within each of ``--repeats`` rounds after one
   untimed warm-up round; each metric is the median over the rounds.
 
 TPOT of one request = (finished_time - first_token_time) / (output tokens - 1) from the
@@ -219,7 +223,7 @@ def run_round(llm, prompts, params) -> dict:
     return {"tpot_ms": statistics.mean(tpots) * 1e3 if tpots else float("nan"), "wall_s": wall,
             "mean_output_tokens": statistics.mean(lens), "finished_by_length_frac": by_length / len(outs),
             "stopped": stopped, "valid_json": valid, "valid_json_lenient": lenient, "invalid": invalid,
-            "sample": outs[0].outputs[0].text}
+            "sample": outs[0].outputs[0].text, "token_ids": [list(r.outputs[0].token_ids) for r in outs]}
 
 
 def bench_batch(llm, bs: int, max_tokens: int, repeats: int, tag: str, progress) -> dict:
@@ -231,13 +235,17 @@ def bench_batch(llm, bs: int, max_tokens: int, repeats: int, tag: str, progress)
     constrained = SamplingParams(temperature=0.0, max_tokens=max_tokens,
                                  structured_outputs=StructuredOutputsParams(json=SCHEMA))
     so = llm.engine.structured_output
-    modes = [("plain", plain, True), ("json", constrained, True), ("json_serial", constrained, False)]
-    rounds: dict[str, list[dict]] = {m: [] for m, _, _ in modes}
+    # (mode, params, mask overlap, deferred sampling)
+    modes = [("plain", plain, True, True), ("json", constrained, True, True),
+             ("json_undeferred", constrained, True, False), ("json_serial", constrained, False, False)]
+    rounds: dict[str, list[dict]] = {m[0]: [] for m in modes}
     timer = StepPhases(llm.engine)  # host µs per step by phase, the last timed round of each mode
-    fills: dict[str, list[float]] = {"json": [], "json_serial": []}
+    fills: dict[str, list[float]] = {"json": [], "json_undeferred": [], "json_serial": []}
+    deferred = llm.engine.deferred_sampling
     for rep in range(repeats + 1):  # round 0: warm-up, untimed
-        for mode, params, overlap in modes:
+        for mode, params, overlap, defer in modes:
             so.overlap = overlap
+            llm.engine.deferred_sampling = deferred and defer
             so.fill_times_us.clear()
             timer.reset()
             res = run_round(llm, prompts, params)
@@ -254,10 +262,11 @@ def bench_batch(llm, bs: int, max_tokens: int, repeats: int, tag: str, progress)
                 progress(f"{tag} bs{bs} sample json output: {res['sample'][:300]!r}")
     timer.remove()
     so.overlap = llm.engine.config.structured_output_overlap
+    llm.engine.deferred_sampling = deferred
     p = f"{tag}_bs{bs}_"
-    PHASES[f"{p[:-1]}"] = {mode: rounds[mode][-1]["phases_us"] for mode, _, _ in modes}
+    PHASES[f"{p[:-1]}"] = {mode[0]: rounds[mode[0]][-1]["phases_us"] for mode in modes}
     m = {}
-    for mode, _, _ in modes:
+    for mode, *_ in modes:
         rs = rounds[mode]
         m[f"{p}{mode}_tpot_ms"] = statistics.median(r["tpot_ms"] for r in rs)
         m[f"{p}{mode}_mean_output_tokens"] = statistics.mean(r["mean_output_tokens"] for r in rs)
@@ -274,6 +283,13 @@ def bench_batch(llm, bs: int, max_tokens: int, repeats: int, tag: str, progress)
     m[p + "json_tpot_overhead_serial"] = m[p + "json_serial_tpot_ms"] / m[p + "plain_tpot_ms"]
     m[p + "json_tpot_ms_serial"] = m.pop(p + "json_serial_tpot_ms")
     m[p + "grammar_overlap_tpot_cut"] = 1 - m[p + "json_tpot_ms"] / m[p + "json_tpot_ms_serial"]
+    m[p + "json_tpot_overhead_undeferred"] = m[p + "json_undeferred_tpot_ms"] / m[p + "plain_tpot_ms"]
+    m[p + "deferred_sampling_tpot_cut"] = 1 - m[p + "json_tpot_ms"] / m[p + "json_undeferred_tpot_ms"]
+    m[p + "grammar_mask_fill_us_p50_undeferred"] = percentile(fills["json_undeferred"], 50)
+    # greedy: deferring the sample must not change a token (same batches, same masks)
+    same = [a == b for r, u in zip(rounds["json"], rounds["json_undeferred"])
+            for a, b in zip(r["token_ids"], u["token_ids"])]
+    m[p + "json_deferred_same_tokens_frac"] = sum(same) / len(same)
     m[p + "grammar_mask_fill_us_p50"] = percentile(fills["json"], 50)
     m[p + "grammar_mask_fill_us_p99"] = percentile(fills["json"], 99)
     m[p + "grammar_mask_fill_us_p50_serial"] = percentile(fills["json_serial"], 50)

@@ -9,6 +9,7 @@ Single-threaded; front ends (``LLM``, the HTTP server) drive it from one thread.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -21,7 +22,7 @@ from miniinfer.engine.kv_cache_manager import KVCacheManager
 from miniinfer.engine.output_processor import OutputProcessor, Request
 from miniinfer.engine.scheduler import Scheduler
 from miniinfer.engine.sequence import Sequence
-from miniinfer.engine.step import InFlightStep
+from miniinfer.engine.step import ForwardOutput, InFlightStep
 from miniinfer.loader.model_loader import resolve_model
 from miniinfer.outputs import RequestOutput
 from miniinfer.parallel import TPGroup
@@ -29,6 +30,11 @@ from miniinfer.sampling_params import SamplingParams
 from miniinfer.worker.model_runner import ModelRunner
 
 log = logging.getLogger("miniinfer")
+
+# Deferred sampling needs this many constrained rows in a step: below it the grammar thread's
+# hand-off costs more than the fill it moves (H200 host, Qwen2-0.5B, batch 1: TPOT 0.97 ms
+# deferred vs 0.75 ms not; MINIINFER_DEFER_MIN_ROWS overrides it).
+DEFER_MIN_ROWS = int(os.environ.get("MINIINFER_DEFER_MIN_ROWS", "8"))
 
 
 def forces_sync(params: SamplingParams) -> bool:
@@ -95,6 +101,12 @@ class LLMEngine:
                                                 speculative=config.speculative_config is not None)
         self.eos_token_ids = eos
         self.inflight: InFlightStep | None = None  # launched, not yet processed (overlap)
+        self._pending: ForwardOutput | None = None  # deferred sampling: forward queued, not sampled yet
+        # EngineConfig.deferred_sampling (MINIINFER_DEFERRED_SAMPLING=0 turns it off); may be
+        # switched between steps (benchmarks' A/B)
+        self.deferred_sampling = (config.deferred_sampling and config.overlap_scheduling
+                                  and os.environ.get("MINIINFER_DEFERRED_SAMPLING", "1") != "0")
+        self.defer_min_rows = DEFER_MIN_ROWS
         self._num_sync_requests = 0  # unfinished requests for which forces_sync() holds
         self.prompt_tokens_total = 0
         self.proposer = None  # speculative decoding's drafter (spec_decode/), None when off
@@ -233,6 +245,8 @@ class LLMEngine:
         placeholders in ``token_ids`` and the runner reads them from N-1's device tensor.
         Requests for which ``forces_sync`` holds run synchronously.
         """
+        if self._pending is not None:
+            return self._step_deferred()
         outputs: list[RequestOutput] = []
         if self.inflight is not None and (not self.config.overlap_scheduling or self._num_sync_requests):
             outputs += self._complete(self.inflight)
@@ -241,16 +255,14 @@ class LLMEngine:
             self.proposer.propose_for(self.scheduler.running)
         sched = self.scheduler.schedule()
         launched = None
+        if not sched.is_empty() and self._defers(sched):
+            self._pending = self._run_deferred(sched, lambda: self.runner.forward(sched, self.inflight))
+            self._launched(sched, self._pending.sampling_seqs)
+            return outputs
         if not sched.is_empty():
             launched, done = self._launch(sched)
             outputs += done
-            for row, seq in enumerate(launched.sampling_seqs):
-                if not seq.is_finished:  # (finished by step N-1, processed before N sampled)
-                    seq.add_pending(row)
-            if self.kv.enable_prefix_caching:
-                for s in sched.scheduled:  # later steps may reuse these pages at once
-                    if not s.seq.is_finished:
-                        self.scheduler.publish(s.seq)
+            self._launched(sched, launched.sampling_seqs)
         elif self.inflight is None and self.scheduler.waiting and not self.scheduler.running:
             self._fail_unschedulable()
         if self.inflight is not None:
@@ -261,6 +273,89 @@ class LLMEngine:
             self.inflight = None
         return outputs
 
+    def _launched(self, sched, sampling_seqs) -> None:
+        """Bookkeeping once a step's forward is queued: its sampling rows' tokens become
+        placeholders, and its pages may be shared by later prompts at once."""
+        for row, seq in enumerate(sampling_seqs):
+            if not seq.is_finished:  # (finished by step N-1, processed before N sampled)
+                seq.add_pending(row)
+        if self.kv.enable_prefix_caching:
+            for s in sched.scheduled:
+                if not s.seq.is_finished:
+                    self.scheduler.publish(s.seq)
+
+    # --- deferred sampling (structured output with overlap scheduling) ---------------------
+    def _defers(self, sched) -> bool:
+        """Whether step N's sampling waits for the next ``step()``: ``defer_min_rows``
+        constrained sequences sample in it, none is waiting for its reasoning to end (its mask would depend on
+        N-1's tokens in a way the grammar thread doesn't follow), and nothing needs the
+        synchronous path (speculation, penalties, tensor parallelism) or the serial mask
+        (``structured_output_overlap`` off: the A/B baseline fills after the forward)."""
+        if (not self.deferred_sampling or self._structured is None or not self._structured.overlap
+                or self.proposer is not None
+                or self._num_sync_requests or self.runner.tp.enabled):
+            return False
+        constrained = 0
+        for s in sched.scheduled:
+            if s.samples and s.seq.grammar is not None:
+                if s.seq.reasoning_end is not None:
+                    return False
+                constrained += 1
+        return constrained >= max(self.defer_min_rows, 1)
+
+    def _run_deferred(self, sched, run):
+        """``run()`` (a part of queuing ``sched``), its progress rolled back if it raises."""
+        try:
+            return run()
+        except BaseException:
+            _rollback(sched)
+            raise
+
+    def _step_deferred(self) -> list[RequestOutput]:
+        """Step N's forward is queued, unsampled; step N-1 (if any) is sampled, uncollected.
+        Collect N-1; on the grammar thread advance the matchers by its tokens and fill N's
+        mask; meanwhile process N-1, schedule N+1 and stage its inputs; then sample N and
+        queue N+1's forward (deferred again, or sampled at once and N completed)::
+
+            host:    collect N-1 │ process N-1 │ schedule N+1 │ stage N+1 │ sample N │ run N+1
+            grammar:             │ accept N-1, fill N ────────────────────┘
+            device:  ────────── forward N ──────────────────────────────────┤ sample N │ forward N+1
+        """
+        fwd, self._pending = self._pending, None
+        prev, self.inflight = self.inflight, None
+        outputs: list[RequestOutput] = []
+        result = self.runner.collect(prev) if prev is not None else None
+        accept = []
+        if prev is not None:
+            rows = [s.seq for s in prev.sched.scheduled if s.samples]
+            accept = [(seq, t) for seq, t in zip(rows, result.token_ids) if seq.grammar_active and not seq.is_finished]
+        job = self._structured.start_step(accept, fwd.sampling_seqs)
+        prepared = sched = None
+        try:
+            if prev is not None:
+                outputs += self._process(prev, result, job)
+            sched = self.scheduler.schedule()
+            if not sched.is_empty():
+                prepared = self._run_deferred(sched, lambda: self.runner.prepare_forward(sched))
+        finally:
+            bitmask = self._structured.finish_step(job)
+        launched = self.runner.sample(fwd, bitmask)
+        self.inflight = launched
+        if prepared is None:
+            return outputs
+        following = self._run_deferred(sched, lambda: self.runner.run_forward(prepared, launched))
+        self._launched(sched, following.sampling_seqs)
+        if self._defers(sched):
+            self._pending = following
+            return outputs
+        if _constrained(sched):  # its mask needs N's tokens in the matchers first (as in _launch)
+            outputs += self._complete(launched)
+            self.inflight = self.runner.sample(following)
+        else:
+            self.inflight = self.runner.sample(following)
+            outputs += self._complete(launched)
+        return outputs
+
     def _launch(self, sched) -> tuple[InFlightStep, list[RequestOutput]]:
         """Queue step N. If a constrained sequence samples in it while step N-1 is in flight,
         N's forward goes first, then N-1 is completed (its tokens advance the grammar matchers)
@@ -268,8 +363,7 @@ class LLMEngine:
         forward and sample go together. Returns the launched step and N-1's outputs if it was
         completed here."""
         done: list[RequestOutput] = []
-        grammar = self.inflight is not None and self._structured is not None and any(
-            s.samples and s.seq.grammar is not None for s in sched.scheduled)  # dormant too: N-1 may wake it
+        grammar = self.inflight is not None and self._structured is not None and _constrained(sched)
         t0 = time.perf_counter() if self.proposer is not None else None  # a verify's time (spec metrics)
         try:
             if grammar:
@@ -283,21 +377,17 @@ class LLMEngine:
             launched.launched_at = t0
             return launched, done
         except BaseException:
-            # The step's K/V may not have been written: roll the progress back so that an
-            # abort (which publishes computed pages) can't put unwritten pages in the cache
-            # (pages shared from another chunk of this step included).
-            for s in sched.scheduled:
-                s.seq.num_computed_tokens = s.start - s.num_borrowed_tokens
+            _rollback(sched)
             raise
 
     def _complete(self, step: InFlightStep) -> list[RequestOutput]:
         return self._process(step, self.runner.collect(step))
 
-    def _process(self, step: InFlightStep, result) -> list[RequestOutput]:
+    def _process(self, step: InFlightStep, result, grammar_job=None) -> list[RequestOutput]:
         if self.proposer is not None:  # a verify's time: its launch to its tokens on the host
             verify_s = time.perf_counter() - step.launched_at if step.launched_at is not None else None
             self.proposer.record(step.sched, result, verify_s)
-        outputs = self.output_processor.process(step.sched, result)
+        outputs = self.output_processor.process(step.sched, result, grammar_job)
         for out in outputs:
             if out.finished:
                 self._forget(self.requests[out.request_id])
@@ -343,6 +433,7 @@ class LLMEngine:
         caches (it costs ~50 ms per 100k blocks in Python)."""
         if self.requests:
             return
+        self._pending = None  # a forward whose every sequence has finished: nothing to sample
         if self.inflight is not None:
             self._complete(self.inflight)
             self.inflight = None
@@ -356,3 +447,17 @@ class LLMEngine:
             log.exception("KV-cache integrity check failed")
             if raise_errors:
                 raise
+
+
+def _constrained(sched) -> bool:
+    """Whether a sequence with a grammar samples in the step (a dormant one too: the previous
+    step's token may wake it)."""
+    return any(s.samples and s.seq.grammar is not None for s in sched.scheduled)
+
+
+def _rollback(sched) -> None:
+    """A step that failed to queue may not have written its K/V: roll the progress back so
+    that an abort (which publishes computed pages) can't put unwritten pages in the cache
+    (pages shared from another chunk of this step included)."""
+    for s in sched.scheduled:
+        s.seq.num_computed_tokens = s.start - s.num_borrowed_tokens

@@ -4,8 +4,9 @@ For each sequence that sampled, in scheduled order: resolve its placeholder (ove
 the real token, record logprobs, advance the detokenizer, and decide whether it stops
 (``check_stop``: the one place that sets ``finish_reason`` / ``stop_reason`` and the final
 text). A finished sequence is released through the scheduler. This is where a grammar
-matcher will advance by the committed token, and where speculative acceptance will commit
-several tokens at once.
+matcher advances by the committed token (or, with deferred sampling, where the outcome of the
+grammar thread's advance is applied), and where speculative acceptance commits several tokens
+at once.
 """
 from __future__ import annotations
 
@@ -50,33 +51,43 @@ class OutputProcessor:
         self.max_model_len = max_model_len
         self.scheduler = scheduler
         self.generation_tokens_total = 0
+        self._job = None  # the GrammarStepJob of the step being processed (deferred sampling)
 
-    def process(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+    def process(self, sched: SchedulerOutput, result: StepResult, grammar_job=None) -> list[RequestOutput]:
         """Apply a step's sampled ids; returns the outputs due (streaming requests that moved,
-        and every request that finished)."""
+        and every request that finished). ``grammar_job``: a ``GrammarStepJob`` that advances
+        the matchers of the sequences it names by their tokens on another thread; its
+        outcomes (a rejected token fails the request, a completed grammar stops it) are
+        applied after every token is committed."""
         now = time.monotonic()
         touched: set[str] = set()
         row = 0
-        for s in sched.scheduled:
-            seq = s.seq
-            touched.add(seq.request_id)
-            if not s.samples:
-                if not seq.is_finished:
-                    self.scheduler.publish(seq)
-                continue
-            token = result.token_ids[row]
-            row += 1
-            if seq.is_finished:  # stopped or aborted while this step ran: drop the token
-                continue
-            try:
-                if result.spec_token_ids is None:
-                    self._commit(seq, token, result, row - 1, now)
-                else:
-                    self._commit_verified(s, result.spec_token_ids[row - 1], result.spec_paths[row - 1], result,
-                                          result.logits_rows[row - 1], now)
-            except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
-                log.exception("request %s failed while processing its output", seq.request_id)
-                self.fail(seq, f"{type(e).__name__}: {e}")
+        self._job = grammar_job
+        try:
+            for s in sched.scheduled:
+                seq = s.seq
+                touched.add(seq.request_id)
+                if not s.samples:
+                    if not seq.is_finished:
+                        self.scheduler.publish(seq)
+                    continue
+                token = result.token_ids[row]
+                row += 1
+                if seq.is_finished:  # stopped or aborted while this step ran: drop the token
+                    continue
+                try:
+                    if result.spec_token_ids is None:
+                        self._commit(seq, token, result, row - 1, now)
+                    else:
+                        self._commit_verified(s, result.spec_token_ids[row - 1], result.spec_paths[row - 1], result,
+                                              result.logits_rows[row - 1], now)
+                except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
+                    log.exception("request %s failed while processing its output", seq.request_id)
+                    self.fail(seq, f"{type(e).__name__}: {e}")
+        finally:
+            self._job = None
+        if grammar_job is not None:
+            self._apply_grammar_outcomes(grammar_job, now)
         outputs = []
         for rid in touched:
             req = self.requests.get(rid)
@@ -110,7 +121,9 @@ class OutputProcessor:
         self.generation_tokens_total += 1
         if seq.first_token_time is None:
             seq.first_token_time = now
-        grammar = _advance_grammar(seq, token) if seq.grammar is not None else None
+        grammar = None
+        if seq.grammar is not None and (self._job is None or not self._job.advances(seq)):
+            grammar = _advance_grammar(seq, token)
         if grammar is not None and grammar.error is not None:
             raise RuntimeError(grammar.error)
         self.check_stop(seq, token)
@@ -120,6 +133,15 @@ class OutputProcessor:
             seq.finished_time = now
         else:
             self.scheduler.publish(seq)
+
+    def _apply_grammar_outcomes(self, job, now: float) -> None:
+        for seq, token, accepted, terminated in job.outcomes():  # waits for the thread's advance
+            if not accepted:
+                self.fail(seq, f"RuntimeError: the grammar rejected token {token}, which the mask should have "
+                               "forbidden")
+            elif terminated and not seq.is_finished:
+                self.finish(seq, "stop")  # the grammar is complete: nothing more may follow
+                seq.finished_time = now
 
     def fail(self, seq: Sequence, error: str) -> None:
         """Fail one sequence (finish reason ``error``) and every sibling of its request: the

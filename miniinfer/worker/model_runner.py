@@ -1,7 +1,8 @@
 """The model runner: a scheduled step in, device work queued, sampled ids back.
 
 Owns the model, the KV-cache tensors and the CUDA graphs. Per step the engine calls
-``forward`` (pack inputs, fill placeholders, run the model: a graph or eager) and then
+``forward`` (``prepare_forward``: pack the inputs and queue their copy; ``run_forward``: fill
+placeholders, run the model, a graph or eager; deferred sampling calls the two apart) and then
 ``sample`` (sampling metadata, the sampler, a non-blocking copy of the ids to pinned host
 memory); ``launch`` is the two in a row. Between them the host may work on the previous step
 (and, with structured output, fill the grammar bitmask that ``sample`` applies).
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -32,6 +34,15 @@ from miniinfer.worker.input_batch import (InputBatch, StepHeader, draft_depths, 
 from miniinfer.worker.warmup import warmup_schedules
 
 log = logging.getLogger("miniinfer")
+
+FILL = object()  # ``sample``'s default: structured output fills the grammar mask there
+
+
+@dataclass
+class PreparedForward:
+    """A step whose inputs are packed and queued for the device, its model not run yet."""
+    sched: SchedulerOutput
+    batch: InputBatch
 
 
 class ModelRunner:
@@ -133,17 +144,29 @@ class ModelRunner:
     # --- the step ----------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, sched: SchedulerOutput, prev: InFlightStep | None) -> ForwardOutput:
-        """Queue the step's forward (and LM head on the sampling rows) without waiting.
+        """Queue the step's forward (and LM head on the sampling rows) without waiting:
+        ``run_forward(prepare_forward(sched), prev)``. Raises as those do."""
+        return self.run_forward(self.prepare_forward(sched), prev)
 
-        Inputs that are placeholders (tokens sampled by ``prev``, still on the device) are
-        filled from ``prev``'s sampled-ids tensor on the device. Raises ``RuntimeError`` if a
-        placeholder has no step in flight to come from, or if a tensor-parallel rank died (its
+    @torch.inference_mode()
+    def prepare_forward(self, sched: SchedulerOutput) -> PreparedForward:
+        """Pack the step's inputs and queue their copy to the device; nothing here reads the
+        previous step's sampled ids, so it may run before that step is sampled (the engine's
+        deferred sampling). Raises ``RuntimeError`` if a tensor-parallel rank died (its
         collectives would never complete: seen to block the host in the placeholder broadcast)."""
         if self.tp_alive is not None and not self.tp_alive():
             raise RuntimeError("a tensor-parallel rank died: the step can't run")
         batch, header, host = prepare_inputs(sched, self.block_size, self.staging)
         if self.channel is not None:  # the other ranks run the same forward on the same inputs
             self.channel.publish(header, host)
+        return PreparedForward(sched, batch)
+
+    @torch.inference_mode()
+    def run_forward(self, prepared: PreparedForward, prev: InFlightStep | None) -> ForwardOutput:
+        """Queue a prepared step's model run: inputs that are placeholders (tokens sampled by
+        ``prev``, still on the device) are filled from ``prev``'s sampled-ids tensor first.
+        Raises ``RuntimeError`` if a placeholder has no step in flight to come from."""
+        sched, batch = prepared.sched, prepared.batch
         if batch.fill_at is not None:
             if prev is None or prev.token_ids is None:
                 raise RuntimeError("a step input is a placeholder but no previous step is in flight")
@@ -197,15 +220,19 @@ class ModelRunner:
         self._run_model(batch, header.num_seqs)
 
     @torch.inference_mode()
-    def sample(self, fwd: ForwardOutput) -> InFlightStep:
-        """Sample the forward's logits and start copying the ids to the host (no wait)."""
+    def sample(self, fwd: ForwardOutput, grammar_bitmask=FILL) -> InFlightStep:
+        """Sample the forward's logits and start copying the ids to the host (no wait).
+        ``grammar_bitmask``: the rows' mask when the caller filled it (a ``GrammarBitmask`` or
+        None), else (``FILL``) structured output fills it here, while the forward runs."""
         if fwd.logits is None:
             return InFlightStep(fwd.sched, [], None, None, None, None, hidden=fwd.hidden)
         if fwd.seq_rows is not None:
             return self._verify(fwd)
         md = SamplingMetadata.build(fwd.sampling_seqs, fwd.logits.shape[-1], self.device, self.eos_token_ids,
                                     to_device=self.staging.to_device, rng=self.sample_rng)
-        if self.structured_output is not None:  # the host fills the mask while the forward runs
+        if grammar_bitmask is not FILL:
+            md.grammar_bitmask = grammar_bitmask
+        elif self.structured_output is not None:  # the host fills the mask while the forward runs
             md.grammar_bitmask = self.structured_output.fill_bitmask(fwd.sampling_seqs)
         self.staging.end_step()
         out = sample(fwd.logits, md, self.cpu_generator)

@@ -32,7 +32,8 @@ def test_structured_bench_quick(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(BENCH, "structured_output_bench.py"), "--quick",
                            "--device", "cpu", "--model-dir", str(model), "--tokenizer", str(tok),
                            "--max-tokens", "16", "--out", str(out)],
-                          capture_output=True, text=True, timeout=180, cwd=ROOT)
+                          capture_output=True, text=True, timeout=180, cwd=ROOT,
+                          env={**os.environ, "MINIINFER_DEFER_MIN_ROWS": "1"})  # defer even at batch 1
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     result = json.loads(out.read_text())
@@ -41,13 +42,15 @@ def test_structured_bench_quick(tmp_path):
     m = result["metrics"]
     for bs in (1, 4):  # --quick's batch sizes
         p = f"qwen2_tiny_bs{bs}_"
-        for key in ("plain_tpot_ms", "json_tpot_ms", "json_tpot_ms_serial", "json_tpot_overhead",
+        for key in ("plain_tpot_ms", "json_tpot_ms", "json_tpot_ms_serial", "json_undeferred_tpot_ms",
+                    "json_tpot_overhead", "json_tpot_overhead_undeferred",
                     "json_tpot_overhead_serial", "grammar_mask_fill_us_p50", "grammar_mask_fill_us_p99",
                     "plain_mean_output_tokens", "json_mean_output_tokens"):
             v = m[p + key]
             assert isinstance(v, (int, float)) and math.isfinite(v) and v > 0, (p + key, v)
         assert m[p + "grammar_mask_fill_us_p50"] <= m[p + "grammar_mask_fill_us_p99"]
         assert m[p + "plain_mean_output_tokens"] == 16  # ignore_eos: the full max_tokens
+        assert m[p + "json_deferred_same_tokens_frac"] == 1.0
         assert abs(m[p + "json_tpot_overhead"] - m[p + "json_tpot_ms"] / m[p + "plain_tpot_ms"]) < 1e-3
     for key in ("grammar_compile_ms_cold", "grammar_compile_ms_warm", "grammar_first_request_ms_cold",
                 "grammar_first_request_ms_warm"):
@@ -56,8 +59,10 @@ def test_structured_bench_quick(tmp_path):
     assert all(isinstance(v, (int, float)) for v in m.values())  # the result format: name -> number
     phases = result["details"]["host_phases_us_per_step"]  # benchmarks/step_phases.py
     for bs in (1, 4):
-        for mode in ("plain", "json", "json_serial"):
+        for mode in ("plain", "json", "json_undeferred", "json_serial"):
             ph = phases[f"qwen2_tiny_bs{bs}"][mode]
             assert ph["steps"] >= 16 and ph["step"] > 0 and ph["schedule"] > 0 and ph["process"] > 0, (bs, mode, ph)
-            parts = ph["schedule"] + ph["forward"] + ph["sample"] + ph["collect"] + ph["process"]
+            assert (ph.get("grammar_wait", 0) > 0) == (mode == "json"), (bs, mode, ph)  # the grammar thread's join
+            parts = sum(ph.get(k, 0) for k in ("schedule", "prepare", "run", "sample", "collect", "process",
+                                               "grammar_wait"))
             assert parts <= ph["step"] * 1.05, (bs, mode, ph)  # nested in step(): the parts fit in it

@@ -12,6 +12,7 @@ import pytest
 
 from helpers import check_clean
 from miniinfer import LLM, SamplingParams, StructuredOutputsParams
+from miniinfer.engine import llm_engine
 from schemas import SCHEMAS
 
 QUESTION = "Answer with JSON describing a made-up example that fits this JSON schema: {}"
@@ -128,25 +129,35 @@ def test_n_choices_each_have_a_matcher(smol):
     check_clean(smol)
 
 
-def test_overlap_samples_after_the_previous_step_is_processed(smol):
-    """With overlap scheduling a constrained step's forward is queued first, then the previous
-    step is processed (its tokens advance the matchers), then the step samples: its mask is
-    filled there, while its forward runs."""
+@pytest.mark.parametrize("deferred", [True, False])
+def test_overlap_samples_after_the_previous_step_is_processed(smol, deferred):
+    """With overlap scheduling a constrained step samples only after the previous step is
+    processed (its tokens advance the matchers). Deferred sampling: process N-1, stage N+1's
+    inputs, sample N, run N+1 (the mask filled on the grammar thread meanwhile); without it:
+    forward N, process N-1, sample N (the mask filled while the forward runs)."""
     eng = smol.engine
     events = []
-    fwd, smp, proc = eng.runner.forward, eng.runner.sample, eng._process
-    eng.runner.forward = lambda *a: (events.append("forward"), fwd(*a))[1]
-    eng.runner.sample = lambda *a: (events.append("sample"), smp(*a))[1]
-    eng._process = lambda *a: (events.append("process"), proc(*a))[1]
+    names = {"prepare_forward": "P", "run_forward": "R", "sample": "S"}
+    saved = {n: getattr(eng.runner, n) for n in names}
+    for n, c in names.items():
+        setattr(eng.runner, n, lambda *a, _f=saved[n], _c=c, **k: (events.append(_c), _f(*a, **k))[1])
+    proc = eng._process
+    eng._process = lambda *a: (events.append("X"), proc(*a))[1]
+    eng.deferred_sampling, eng.defer_min_rows = deferred, 1
     try:
         out = smol.generate(_prompt(smol, SCHEMAS[2]), SamplingParams(
             temperature=0, max_tokens=30, structured_outputs=StructuredOutputsParams(json=SCHEMAS[2])),
             use_tqdm=False)[0].outputs[0]
     finally:
-        del eng.runner.forward, eng.runner.sample, eng._process
+        eng.deferred_sampling, eng.defer_min_rows = True, llm_engine.DEFER_MIN_ROWS
+        for n in names:
+            delattr(eng.runner, n)
+        del eng._process
     jsonschema.validate(json.loads(out.text), SCHEMAS[2])
     assert eng.config.overlap_scheduling
-    assert "".join(e[0] for e in events).count("fps") >= 3, events
+    order = "".join(events)
+    assert order.count("XPSR" if deferred else "PRXS") >= 3, order
+    assert ("PRXS" in order) == (not deferred), order
     check_clean(smol)
 
 
