@@ -112,6 +112,19 @@ def _rope_from_hf(cfg: dict[str, Any]) -> tuple[float, dict | None]:
     return float(rope_theta or 10000.0), rope_scaling
 
 
+def offline_max_num_batched_tokens(device: str = "auto") -> int:
+    """The ``LLM`` class's default step budget, as vLLM's offline default: 16,384 tokens on a
+    GPU of at least 70 GiB other than an A100, else 8,192 (``EngineConfig``'s, which the server
+    keeps for its latency). Larger prefill chunks, H200, same lease: a 16k prompt's TTFT on
+    Qwen2-7B 470 -> 434 ms (one chunk instead of two), §9 long prompts 3,354 -> 3,561 tok/s."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return 8192
+    props = torch.cuda.get_device_properties(torch.device(device))
+    return 16384 if props.total_memory >= 70 * 2 ** 30 and "a100" not in props.name.lower() else 8192
+
+
 @dataclass
 class EngineConfig:
     """Everything the engine needs to know, in one place. ``LLM(**kwargs)`` fills it."""

@@ -6,7 +6,7 @@ from typing import Any, Sequence as Seq
 
 from tqdm.auto import tqdm
 
-from miniinfer.config import EngineConfig
+from miniinfer.config import EngineConfig, offline_max_num_batched_tokens
 from miniinfer.engine.llm_engine import LLMEngine
 from miniinfer.outputs import RequestOutput
 from miniinfer.sampling_params import SamplingParams
@@ -17,6 +17,8 @@ PromptType = str | list[int] | dict[str, Any]
 class LLM:
     def __init__(self, model: str | None = None, **kwargs: Any):
         progress = kwargs.pop("progress", True)
+        if kwargs.get("max_num_batched_tokens") is None:
+            kwargs["max_num_batched_tokens"] = offline_max_num_batched_tokens(kwargs.get("device", "auto"))
         self.engine_config = EngineConfig(model=model, **kwargs)
         self.engine = LLMEngine(self.engine_config, progress=progress)
         self._ids = itertools.count()

@@ -273,3 +273,22 @@ def test_bad_engine_args(tiny_model):
                           (dict(num_kv_blocks=0), "num_kv_blocks")):
         with pytest.raises(ValueError, match=field):
             LLM(folder, progress=False, device="cpu", **kwargs)
+
+
+def test_offline_chunk_budget_follows_vllm(monkeypatch):
+    """``LLM``'s default step budget is vLLM's offline one: 16,384 tokens on a GPU of at least
+    70 GiB other than an A100, else 8,192 (the engine's and the server's)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from miniinfer.config import EngineConfig, offline_max_num_batched_tokens
+    assert offline_max_num_batched_tokens("cpu") == 8192 == EngineConfig(device="cpu").max_num_batched_tokens
+    cards = {"NVIDIA H200": (141, 16384), "NVIDIA H100 80GB HBM3": (80, 16384),
+             "NVIDIA A100-SXM4-80GB": (80, 8192), "NVIDIA L4": (24, 8192)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, (gib, budget) in cards.items():
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda d, _n=name, _g=gib: SimpleNamespace(name=_n, total_memory=_g * 2 ** 30))
+        assert offline_max_num_batched_tokens("cuda") == budget, name
+        assert offline_max_num_batched_tokens("auto") == budget, name
