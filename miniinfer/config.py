@@ -117,6 +117,7 @@ def offline_max_num_batched_tokens(device: str = "auto") -> int:
     GPU of at least 70 GiB other than an A100, else 8,192 (``EngineConfig``'s, which the server
     keeps for its latency). Larger prefill chunks, H200, same lease: a 16k prompt's TTFT on
     Qwen2-7B 470 -> 434 ms (one chunk instead of two), §9 long prompts 3,354 -> 3,561 tok/s."""
+    device = str(device)  # a torch.device too
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if not device.startswith("cuda") or not torch.cuda.is_available():

@@ -256,7 +256,11 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         launched = None
         if not sched.is_empty() and self._defers(sched):
-            self._pending = self._run_deferred(sched, lambda: self.runner.forward(sched, self.inflight))
+            try:
+                self._pending = self.runner.forward(sched, self.inflight)
+            except BaseException:
+                _rollback(sched)
+                raise
             self._launched(sched, self._pending.sampling_seqs)
             return outputs
         if not sched.is_empty():
@@ -303,23 +307,16 @@ class LLMEngine:
                 constrained += 1
         return constrained >= max(self.defer_min_rows, 1)
 
-    def _run_deferred(self, sched, run):
-        """``run()`` (a part of queuing ``sched``), its progress rolled back if it raises."""
-        try:
-            return run()
-        except BaseException:
-            _rollback(sched)
-            raise
-
     def _step_deferred(self) -> list[RequestOutput]:
         """Step N's forward is queued, unsampled; step N-1 (if any) is sampled, uncollected.
-        Collect N-1; on the grammar thread advance the matchers by its tokens and fill N's
-        mask; meanwhile process N-1, schedule N+1 and stage its inputs; then sample N and
-        queue N+1's forward (deferred again, or sampled at once and N completed)::
+        Collect N-1 and advance the matchers by its tokens; fill N's mask on the grammar
+        thread while N-1 is processed, N+1 scheduled and its inputs staged; then sample N and
+        queue N+1's forward (deferred again, or sampled at once and N completed). A fault
+        before N+1's forward is queued rolls N+1's progress back (as ``_launch`` does)::
 
-            host:    collect N-1 │ process N-1 │ schedule N+1 │ stage N+1 │ sample N │ run N+1
-            grammar:             │ accept N-1, fill N ────────────────────┘
-            device:  ────────── forward N ──────────────────────────────────┤ sample N │ forward N+1
+            host:    collect N-1 │ accept N-1 │ process N-1 │ schedule N+1 │ stage N+1 │ sample N │ run N+1
+            grammar:                          │ fill N ────────────────────────────────┘
+            device:  ────────── forward N ───────────────────────────────────────────────┤ sample N │ forward N+1
         """
         fwd, self._pending = self._pending, None
         prev, self.inflight = self.inflight, None
@@ -330,20 +327,26 @@ class LLMEngine:
             rows = [s.seq for s in prev.sched.scheduled if s.samples]
             accept = [(seq, t) for seq, t in zip(rows, result.token_ids) if seq.grammar_active and not seq.is_finished]
         job = self._structured.start_step(accept, fwd.sampling_seqs)
-        prepared = sched = None
-        try:
-            if prev is not None:
-                outputs += self._process(prev, result, job)
-            sched = self.scheduler.schedule()
-            if not sched.is_empty():
-                prepared = self._run_deferred(sched, lambda: self.runner.prepare_forward(sched))
-        finally:
-            bitmask = self._structured.finish_step(job)
-        launched = self.runner.sample(fwd, bitmask)
-        self.inflight = launched
-        if prepared is None:
+        sched = prepared = following = None
+        try:  # until N+1's forward is queued, a fault rolls its scheduled progress back
+            try:
+                if prev is not None:
+                    outputs += self._process(prev, result, job)
+                sched = self.scheduler.schedule()
+                if not sched.is_empty():
+                    prepared = self.runner.prepare_forward(sched)
+            finally:
+                bitmask = self._structured.finish_step(job)
+            launched = self.runner.sample(fwd, bitmask)
+            self.inflight = launched
+            if prepared is not None:
+                following = self.runner.run_forward(prepared, launched)
+        except BaseException:
+            if sched is not None:
+                _rollback(sched)
+            raise
+        if following is None:
             return outputs
-        following = self._run_deferred(sched, lambda: self.runner.run_forward(prepared, launched))
         self._launched(sched, following.sampling_seqs)
         if self._defers(sched):
             self._pending = following

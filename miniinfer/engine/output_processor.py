@@ -55,10 +55,10 @@ class OutputProcessor:
 
     def process(self, sched: SchedulerOutput, result: StepResult, grammar_job=None) -> list[RequestOutput]:
         """Apply a step's sampled ids; returns the outputs due (streaming requests that moved,
-        and every request that finished). ``grammar_job``: a ``GrammarStepJob`` that advances
-        the matchers of the sequences it names by their tokens on another thread; its
-        outcomes (a rejected token fails the request, a completed grammar stops it) are
-        applied after every token is committed."""
+        and every request that finished). ``grammar_job``: a ``GrammarStepJob`` that has
+        advanced the matchers of the sequences it names by these tokens already; its outcomes
+        (a rejected token fails the request, a completed grammar stops it) are applied where
+        the matcher would have moved."""
         now = time.monotonic()
         touched: set[str] = set()
         row = 0
@@ -86,8 +86,6 @@ class OutputProcessor:
                     self.fail(seq, f"{type(e).__name__}: {e}")
         finally:
             self._job = None
-        if grammar_job is not None:
-            self._apply_grammar_outcomes(grammar_job, now)
         outputs = []
         for rid in touched:
             req = self.requests.get(rid)
@@ -122,8 +120,14 @@ class OutputProcessor:
         if seq.first_token_time is None:
             seq.first_token_time = now
         grammar = None
-        if seq.grammar is not None and (self._job is None or not self._job.advances(seq)):
-            grammar = _advance_grammar(seq, token)
+        if seq.grammar is not None:
+            moved = self._job.outcome(seq) if self._job is not None else None  # advanced already (deferred sampling)
+            if moved is None:
+                grammar = _advance_grammar(seq, token)
+            elif not moved[0]:
+                grammar = GrammarOutcome(f"the grammar rejected token {token}, which the mask should have forbidden")
+            else:
+                grammar = _TERMINATED if moved[1] else _ADVANCED
         if grammar is not None and grammar.error is not None:
             raise RuntimeError(grammar.error)
         self.check_stop(seq, token)
@@ -133,15 +137,6 @@ class OutputProcessor:
             seq.finished_time = now
         else:
             self.scheduler.publish(seq)
-
-    def _apply_grammar_outcomes(self, job, now: float) -> None:
-        for seq, token, accepted, terminated in job.outcomes():  # waits for the thread's advance
-            if not accepted:
-                self.fail(seq, f"RuntimeError: the grammar rejected token {token}, which the mask should have "
-                               "forbidden")
-            elif terminated and not seq.is_finished:
-                self.finish(seq, "stop")  # the grammar is complete: nothing more may follow
-                seq.finished_time = now
 
     def fail(self, seq: Sequence, error: str) -> None:
         """Fail one sequence (finish reason ``error``) and every sibling of its request: the

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -35,27 +36,28 @@ class GrammarStepJob:
     so a thread would only take turns with the caller); then, on ``pool``'s thread, fill
     ``host[rows[j]]`` from ``fill_seqs[j]``'s matcher for each j whose matcher neither
     rejected its token nor terminated. ``fill`` is ``fill(matchers, host, rows)``. The
-    matchers of ``fill_seqs`` must not move until ``rows()`` returned."""
+    matchers of ``fill_seqs`` must not move until ``rows()`` returned; ``rows()`` is called
+    exactly once (it restores the switch interval)."""
 
     def __init__(self, pool: ThreadPoolExecutor, fill, accept: list[tuple[object, int]],
                  fill_seqs: list, rows: list[int], host: torch.Tensor):
         import xgrammar as xgr
-        self._accept = accept
-        self._owned = {id(seq) for seq, _ in accept}
-        self._ok: list[bool] = []
-        self._terminated: list[bool] = []
+        self._outcomes: dict[int, tuple[bool, bool]] = {}  # id(seq) -> (accepted, terminated)
         if accept:
             matchers = [seq.grammar for seq, _ in accept]
-            self._ok = xgr.BatchGrammarMatcher.batch_accept_token(matchers, [t for _, t in accept])
-            self._terminated = [m.is_terminated() for m in matchers]
-        done = {id(seq) for (seq, _), ok, end in zip(accept, self._ok, self._terminated) if not ok or end}
-        live = [(seq.grammar, r) for seq, r in zip(fill_seqs, rows) if id(seq) not in done]
+            ok = xgr.BatchGrammarMatcher.batch_accept_token(matchers, [t for _, t in accept])
+            self._outcomes = {id(seq): (a, m.is_terminated()) for (seq, _), a, m in zip(accept, ok, matchers)}
+        live = [(seq.grammar, r) for seq, r in zip(fill_seqs, rows)
+                if self._outcomes.get(id(seq), (True, False)) == (True, False)]
         self.rows_filled = [r for _, r in live]
         self.fill_us = 0.0  # the fill's time on the job's thread, µs
         self.host = host
-        self._previous_interval = sys.getswitchinterval()
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
-        self._future: Future = pool.submit(self._fill, fill, [m for m, _ in live])
+        _lower_switch_interval()
+        try:
+            self._future: Future = pool.submit(self._fill, fill, [m for m, _ in live])
+        except BaseException:
+            _restore_switch_interval()
+            raise
 
     def _fill(self, fill, matchers: list) -> None:
         t0 = time.perf_counter()
@@ -63,19 +65,40 @@ class GrammarStepJob:
             fill(matchers, self.host, self.rows_filled)
         self.fill_us = (time.perf_counter() - t0) * 1e6
 
-    def advances(self, seq) -> bool:
-        """Whether this job moved ``seq``'s matcher (the caller must not)."""
-        return id(seq) in self._owned
-
-    def outcomes(self) -> list[tuple[object, int, bool, bool]]:
-        """(sequence, token, accepted, terminated) for each advanced sequence."""
-        return [(seq, t, ok, end) for (seq, t), ok, end in zip(self._accept, self._ok, self._terminated)]
+    def outcome(self, seq) -> tuple[bool, bool] | None:
+        """(accepted, terminated) if this job advanced ``seq``'s matcher, else None."""
+        return self._outcomes.get(id(seq))
 
     def rows(self) -> list[int]:
         """The rows filled (every row whose matcher is still live); waits for the fill and
         restores the switch interval. Raises the thread's error."""
+        if self._future is None:
+            raise RuntimeError("GrammarStepJob.rows() called twice")
         try:
             self._future.result()
             return self.rows_filled
         finally:
-            sys.setswitchinterval(self._previous_interval)
+            self._future = None
+            _restore_switch_interval()
+
+
+_lock = threading.Lock()
+_running = 0  # jobs between start and join, over every engine of the process
+_saved_interval = 0.0
+
+
+def _lower_switch_interval() -> None:
+    global _running, _saved_interval
+    with _lock:
+        if _running == 0:
+            _saved_interval = sys.getswitchinterval()
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
+        _running += 1
+
+
+def _restore_switch_interval() -> None:
+    global _running
+    with _lock:
+        _running -= 1
+        if _running == 0:
+            sys.setswitchinterval(_saved_interval)

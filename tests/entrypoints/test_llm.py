@@ -284,6 +284,7 @@ def test_offline_chunk_budget_follows_vllm(monkeypatch):
 
     from miniinfer.config import EngineConfig, offline_max_num_batched_tokens
     assert offline_max_num_batched_tokens("cpu") == 8192 == EngineConfig(device="cpu").max_num_batched_tokens
+    assert offline_max_num_batched_tokens(torch.device("cpu")) == 8192
     cards = {"NVIDIA H200": (141, 16384), "NVIDIA H100 80GB HBM3": (80, 16384),
              "NVIDIA A100-SXM4-80GB": (80, 8192), "NVIDIA L4": (24, 8192)}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

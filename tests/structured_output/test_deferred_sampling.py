@@ -128,8 +128,83 @@ def test_a_rejected_token_fails_only_its_request(tight, monkeypatch):
     assert victim
     failed = [o for o in outs if o.outputs[0].finish_reason == "error"]
     assert len(failed) == 1 and "rejected token" in failed[0].error
+    assert all(c.finish_reason == "error" for c in failed[0].outputs)
     for i, o in enumerate(outs):
         if o is not failed[0]:
             assert o.outputs[0].token_ids == alone[i][0]
     check_clean(tight)
     assert sys.getswitchinterval() == pytest.approx(0.005)  # restored after every job
+
+
+def test_a_rejected_last_token_still_fails_the_request(tight, monkeypatch):
+    """A rejected token that is also the sequence's last (max_tokens) fails the request, as
+    without deferral: the outcome is applied where the matcher would have moved, before the
+    stop checks."""
+    import xgrammar as xgr
+    real = xgr.BatchGrammarMatcher.batch_accept_token
+    victim = {}
+    rejected = []
+
+    def flaky(matchers, tokens, debug_print=False):
+        ok = real(matchers, tokens, debug_print)
+        seq = victim.get("seq")
+        for i, m in enumerate(matchers):
+            if seq is not None and m is seq.grammar and seq.num_output_tokens + 1 == seq.params.max_tokens:
+                ok[i] = False  # the token that reaches max_tokens
+                rejected.append(tokens[i])
+        return ok
+    monkeypatch.setattr(xgr.BatchGrammarMatcher, "batch_accept_token", staticmethod(flaky))
+    reqs = _requests(tight)
+    eng = tight.engine
+    short = SamplingParams(temperature=0, max_tokens=5, structured_outputs=reqs[0][1].structured_outputs)
+    eng.add_request("v", reqs[0][0], short)
+    eng.add_request("w", reqs[4][0], reqs[4][1])
+    victim["seq"] = eng.requests["v"].seqs[0]
+    done = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out
+    eng.on_idle()
+    assert len(rejected) == 1  # the last token went through the deferred path
+    assert done["v"].outputs[0].finish_reason == "error" and "rejected token" in done["v"].error
+    assert done["w"].outputs[0].finish_reason == "stop"
+    check_clean(tight)
+
+
+def test_a_fault_after_the_next_step_is_scheduled_rolls_it_back(tight):
+    """A fault between scheduling step N+1 and queuing its forward (here: joining the grammar
+    thread) rolls N+1's progress back, so the aborts of recovery publish no page that was
+    never written: the same prompt later gives what a cache-less engine gives."""
+    eng = tight.engine
+    story = eng.apply_chat_template([{"role": "user", "content": "Summarize: " + " ".join(
+        f"The river number {i} flows north past the old mill and the stone bridge." for i in range(3))}])
+    reference = LLM(None, dtype="float32", max_model_len=1024, progress=False, num_kv_blocks=16,
+                    enable_prefix_caching=False).generate(story, SamplingParams(temperature=0, max_tokens=12),
+                                                          use_tqdm=False)[0].outputs[0].token_ids
+    eng.add_request("a", _requests(tight)[0][0], _requests(tight)[0][1])
+    for _ in range(4):
+        eng.step()
+    assert eng._pending is not None
+    eng.add_request("x", story, SamplingParams(temperature=0, max_tokens=12))
+    seq = eng.requests["x"].seqs[0]
+    so = eng._structured
+    real = so.finish_step
+
+    def boom(job):
+        real(job)
+        raise RuntimeError("injected fault")
+    so.finish_step = boom
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            eng.step()
+    finally:
+        del so.finish_step
+    assert seq.num_computed_tokens == seq.num_cached_tokens < 48  # its first chunk scheduled, then rolled back
+    for rid in list(eng.requests):  # what recovery does
+        eng.abort_request(rid)
+    eng.on_idle()
+    check_clean(tight)
+    out = tight.generate(story, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == reference
+    check_clean(tight)
