@@ -304,6 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="EAGLE: mask the head's proposals with the grammar at every depth (1: host walk per "
                          "depth) or the root's children only (0: the static tree graph); default: the engine's")
     ap.add_argument("--qwen7b", default=None, help="Qwen2-7B config folder (dummy weights, n-gram; GPU only)")
+    ap.add_argument("--skip-smollm2", action="store_true", help="with --qwen7b: the 7B rows only (no SmolLM2 to stage)")
     ap.add_argument("--tokenizer", default=os.path.join(HERE, ".vllm", "bench_tokenizer_qwen2"),
                     help="tokenizer folder for --qwen7b (benchmarks/qwen2_vocab_tokenizer.py)")
     ap.add_argument("--prompt-budget", type=int, default=384, help="prompt tokens at most (max_model_len sizing)")
@@ -318,6 +319,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--device cuda: no GPU here (use --device cpu)")
     if args.quick and args.qwen7b:
         raise SystemExit("--quick runs SmolLM2 only: drop --qwen7b")
+    if args.skip_smollm2 and not args.qwen7b:
+        raise SystemExit("--skip-smollm2 needs --qwen7b (nothing to run)")
     if args.qwen7b and args.device != "cuda":
         raise SystemExit("--qwen7b: GPU only (a 7B model with dummy weights, timing only)")
     if args.qwen7b and not os.path.isfile(os.path.join(args.tokenizer, "tokenizer.json")):
@@ -335,7 +338,8 @@ def main(argv: list[str] | None = None) -> dict:
         eagle.update(eagle_topk=args.eagle_topk, num_draft_tokens=args.eagle_nodes)
     smol_specs = [(m, eagle if m == "eagle" else ngram) for m in args.methods]
     metrics: dict = {"max_tokens": args.max_tokens, "repeats": args.repeats, "warmup_rounds": args.warmup_rounds}
-    metrics.update(bench_model(None, smol_specs, args, progress))
+    if not args.skip_smollm2:
+        metrics.update(bench_model(None, smol_specs, args, progress))
     if args.qwen7b:
         metrics.update(bench_model(args.qwen7b, [("ngram", ngram)], args, progress))
     head = "smollm2_eagle_bs1_"

@@ -374,7 +374,8 @@ class ModelRunner:
     @torch.inference_mode()
     def warmup(self) -> None:
         """Compile every kernel before the first request (see ``worker/warmup.py``)."""
-        for sched in warmup_schedules(self.block_size, self.num_blocks, self.kv_layout.max_model_len, self.device):
+        for sched in warmup_schedules(self.block_size, self.num_blocks, self.kv_layout.max_model_len, self.device,
+                                      self.cfg.max_num_seqs):
             self.execute(sched)
         if getattr(self.backend, "prefill_attention", None) == "auto" and self.dtype != torch.float32:
             from miniinfer.attention.prefill_split import warmup_split

@@ -24,8 +24,10 @@ PLANS = [
 ]
 
 
-def warmup_schedules(block_size: int, num_blocks: int, max_model_len: int,
-                     device: torch.device) -> list[SchedulerOutput]:
+def warmup_schedules(block_size: int, num_blocks: int, max_model_len: int, device: torch.device,
+                     max_num_seqs: int) -> list[SchedulerOutput]:
+    """The synthetic steps, each with at most ``max_num_seqs`` sequences (the runner's sampled-ids
+    buffers hold that many rows: an engine with ``max_num_seqs=1`` failed its warm-up)."""
     samplers = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, top_p=0.9, top_k=20, min_p=0.05),
                 SamplingParams(temperature=1.0, repetition_penalty=1.1, presence_penalty=0.1, seed=1,
                                logprobs=2)]
@@ -33,7 +35,7 @@ def warmup_schedules(block_size: int, num_blocks: int, max_model_len: int,
     for i, (lens, news) in enumerate(PLANS):
         sched = SchedulerOutput()
         next_block = 0
-        for ln, n in zip(lens, news):
+        for ln, n in list(zip(lens, news))[:max(max_num_seqs, 1)]:
             ln = min(ln, max_model_len - 1)
             seq = Sequence("warmup", 0, [1] * ln, ln, samplers[i % len(samplers)])
             if seq.params.seed is not None:
