@@ -107,6 +107,7 @@ class LLMEngine:
         self.deferred_sampling = (config.deferred_sampling and config.overlap_scheduling
                                   and os.environ.get("MINIINFER_DEFERRED_SAMPLING", "1") != "0")
         self.defer_min_rows = DEFER_MIN_ROWS
+        self.num_deferred_steps = 0  # steps whose sampling waited for the next step's staging
         self._num_sync_requests = 0  # unfinished requests for which forces_sync() holds
         self.prompt_tokens_total = 0
         self.proposer = None  # speculative decoding's drafter (spec_decode/), None when off
@@ -262,6 +263,7 @@ class LLMEngine:
                 _rollback(sched)
                 raise
             self._launched(sched, self._pending.sampling_seqs)
+            self.num_deferred_steps += 1
             return outputs
         if not sched.is_empty():
             launched, done = self._launch(sched)
@@ -350,6 +352,7 @@ class LLMEngine:
         self._launched(sched, following.sampling_seqs)
         if self._defers(sched):
             self._pending = following
+            self.num_deferred_steps += 1
             return outputs
         if _constrained(sched):  # its mask needs N's tokens in the matchers first (as in _launch)
             outputs += self._complete(launched)
@@ -414,6 +417,7 @@ class LLMEngine:
             "prefix_cache_queries": self.kv.prefix_queries,
             "prefix_cache_hits": self.kv.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_deferred_steps": self.num_deferred_steps,
             **(self.proposer.stats() if self.proposer is not None else {}),
             "num_kv_blocks": self.kv.num_blocks,
             "num_free_kv_blocks": self.kv.num_free_blocks,

@@ -50,7 +50,7 @@ _STOP = object()  # the command that ends the engine thread
 _EMPTY_STATS = {
     "num_running": 0, "num_waiting": 0, "kv_cache_usage": 0.0, "prompt_tokens_total": 0,
     "generation_tokens_total": 0, "prefix_cache_queries": 0, "prefix_cache_hits": 0,
-    "num_preemptions": 0, "num_kv_blocks": 0, "num_free_kv_blocks": 0,
+    "num_preemptions": 0, "num_kv_blocks": 0, "num_free_kv_blocks": 0, "num_deferred_steps": 0,
 }
 
 

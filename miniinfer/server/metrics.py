@@ -63,6 +63,8 @@ class _EngineCollector:
                       s["prefix_cache_queries"])
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s["prefix_cache_hits"])
         yield counter("num_preemptions", "Requests preempted for lack of KV-cache space.", s["num_preemptions"])
+        yield counter("deferred_sampling_steps", "Constrained steps sampled after the next step was staged "
+                      "(grammar mask filled on a thread meanwhile).", s.get("num_deferred_steps", 0))
         if "spec_num_drafts" in s:  # speculative decoding (vLLM's metric names)
             yield counter("spec_decode_num_drafts", "Verify steps x sequences that carried drafts.",
                           s["spec_num_drafts"])
@@ -174,6 +176,7 @@ class ServerMetrics:
             "prefix_cache_hits_total": h,
             "prefix_cache_hit_rate": (h / q) if q else 0.0,
             "num_preemptions_total": s["num_preemptions"],
+            "num_deferred_steps_total": s.get("num_deferred_steps", 0),
             "spec_acceptance_rate": s.get("spec_acceptance_rate"),  # None without speculation
             "spec_mean_accepted_len": s.get("spec_mean_accepted_len"),
             "spec_draft_ms_per_step": s.get("spec_draft_ms_per_step"),

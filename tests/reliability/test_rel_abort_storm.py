@@ -11,6 +11,10 @@ Each request is written on a raw socket (so the cut is exactly where we want it)
 * ``nonstream_cut``: a non-streaming request closed while the server waits for it;
 * ``complete``: read to ``data: [DONE]`` (the server keeps serving during the storm).
 
+60 % of the chat requests ask for a JSON object (``response_format``), so grammar rows, and
+steps whose sampling is deferred (structured output; the server defers from 2 grammar rows
+here), are cut too.
+
 Half the cuts close the socket with a FIN, half with a RST (SO_LINGER 0). Afterwards
 ``/api/stats`` and ``/metrics`` must show 0 running, 0 waiting and every KV block free, no 5xx
 anywhere (client, access log, ``http_errors`` metric), no traceback in the server log, the
@@ -64,6 +68,8 @@ def _body(rng: random.Random, kind: str, chat: bool, model: str) -> tuple[str, d
         body["stream_options"] = {"include_usage": True}
     if chat:
         body["messages"] = [{"role": "user", "content": text}]
+        if rng.random() < 0.6:  # constrained too: steps with many grammar rows take the deferred sampling path
+            body["response_format"] = {"type": "json_object"}
         return "/v1/chat/completions", body
     body["prompt"] = text
     return "/v1/completions", body
@@ -149,10 +155,28 @@ def _greedy(p) -> str:
     return r.json()["choices"][0]["text"]
 
 
-def test_abort_storm(make_server):
+def _warm_structured_output(p) -> None:
+    """The server starts its grammar threads (compile pool, fill and deferred-sampling threads)
+    on the first constrained requests: start them before the thread count is taken, with as
+    many constrained requests at once as the storm runs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> int:
+        r = p.http.post("/v1/chat/completions", json={
+            "model": p.model, "max_tokens": 12, "temperature": 0, "response_format": {"type": "json_object"},
+            "messages": [{"role": "user", "content": f"Describe item {i} as JSON."}]})
+        return r.status_code
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        assert set(pool.map(one, range(2 * CONCURRENCY))) == {200}
+
+
+def test_abort_storm(make_server, monkeypatch):
+    monkeypatch.setenv("MINIINFER_DEFER_MIN_ROWS", "2")  # the server defers at the storm's few grammar rows too
     p = make_server()
     reference = _greedy(p)
+    _warm_structured_output(p)
     p.assert_idle_everywhere()
+    deferred0 = p.stats()["num_deferred_steps_total"]
     time.sleep(0.5)
     fds0, threads0, rss0 = p.num_fds(), p.threads(), p.rss_kb()
     m0 = p.metrics()
@@ -201,3 +225,4 @@ def test_abort_storm(make_server):
     assert threads1 <= threads0 + 2, (threads0, threads1)
     assert generated < 0.5 * requested, (generated, requested)  # the cut requests were really stopped
     assert after == reference
+    assert p.stats()["num_deferred_steps_total"] > deferred0  # deferred steps were cut too
