@@ -163,9 +163,7 @@ class EngineConfig:
     all_reduce_mode: str = "auto"  # tensor parallelism on CUDA: auto | nccl | symm_mem (one-/two-shot, see comm.py)
     reasoning_parser: str | None = None  # qwen3 | deepseek_r1: <think> split off, grammars start after it
     structured_output_overlap: bool = True  # fill grammar masks while the forward runs (off: after it, for A/B)
-    # with overlap scheduling, sample a constrained step after the next one is scheduled and
-    # staged, its matchers advanced and mask filled on a thread meanwhile (off: A/B baseline)
-    deferred_sampling: bool = True
+    deferred_sampling: bool = True  # overlap scheduling: sample constrained steps after the next is staged (mask filled on a thread)
     # speculative decoding, e.g. {"method": "ngram", "num_speculative_tokens": 4} (spec_decode/config.py)
     speculative_config: Any = field(default=None, metadata={"json": True})
     trust_remote_code: bool = False  # accepted for API parity; never executes remote code

@@ -107,7 +107,7 @@ class LLMEngine:
         self.deferred_sampling = (config.deferred_sampling and config.overlap_scheduling
                                   and os.environ.get("MINIINFER_DEFERRED_SAMPLING", "1") != "0")
         self.defer_min_rows = DEFER_MIN_ROWS
-        self.num_deferred_steps = 0  # steps whose sampling waited for the next step's staging
+        self.num_deferred_steps = 0  # constrained steps whose sampling was deferred (their forward queued alone)
         self._num_sync_requests = 0  # unfinished requests for which forces_sync() holds
         self.prompt_tokens_total = 0
         self.proposer = None  # speculative decoding's drafter (spec_decode/), None when off
@@ -355,6 +355,7 @@ class LLMEngine:
             self.num_deferred_steps += 1
             return outputs
         if _constrained(sched):  # its mask needs N's tokens in the matchers first (as in _launch)
+            self.inflight = None  # N is completed here: never again by on_idle, should this raise
             outputs += self._complete(launched)
             self.inflight = self.runner.sample(following)
         else:

@@ -63,8 +63,8 @@ class _EngineCollector:
                       s["prefix_cache_queries"])
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s["prefix_cache_hits"])
         yield counter("num_preemptions", "Requests preempted for lack of KV-cache space.", s["num_preemptions"])
-        yield counter("deferred_sampling_steps", "Constrained steps sampled after the next step was staged "
-                      "(grammar mask filled on a thread meanwhile).", s.get("num_deferred_steps", 0))
+        yield counter("deferred_sampling_steps", "Constrained steps whose sampling was deferred until the next "
+                      "step was staged (grammar mask filled on a thread meanwhile).", s.get("num_deferred_steps", 0))
         if "spec_num_drafts" in s:  # speculative decoding (vLLM's metric names)
             yield counter("spec_decode_num_drafts", "Verify steps x sequences that carried drafts.",
                           s["spec_num_drafts"])
