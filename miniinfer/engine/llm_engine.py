@@ -3,6 +3,7 @@
     add_request ─▶ InputProcessor (template, tokenize, validate) ─▶ Scheduler.waiting
     step():  Scheduler.schedule ─▶ ModelRunner.launch (forward, then sample)
              ─▶ OutputProcessor (tokens, detokenize, stop checks) ─▶ RequestOutput (cumulative)
+             (a constrained step may sample in the next step() instead: ``_step_deferred``)
 
 Single-threaded; front ends (``LLM``, the HTTP server) drive it from one thread.
 """
@@ -293,10 +294,10 @@ class LLMEngine:
     # --- deferred sampling (structured output with overlap scheduling) ---------------------
     def _defers(self, sched) -> bool:
         """Whether step N's sampling waits for the next ``step()``: ``defer_min_rows``
-        constrained sequences sample in it, none is waiting for its reasoning to end (its mask would depend on
-        N-1's tokens in a way the grammar thread doesn't follow), and nothing needs the
-        synchronous path (speculation, penalties, tensor parallelism) or the serial mask
-        (``structured_output_overlap`` off: the A/B baseline fills after the forward)."""
+        constrained sequences sample in it, none is waiting for its reasoning to end (its mask
+        would depend on N-1's tokens in a way the grammar thread doesn't follow), and nothing
+        needs the synchronous path (speculation, penalties, tensor parallelism) or the serial
+        mask (``structured_output_overlap`` off: the A/B baseline fills after the forward)."""
         if (not self.deferred_sampling or self._structured is None or not self._structured.overlap
                 or self.proposer is not None
                 or self._num_sync_requests or self.runner.tp.enabled):
