@@ -10,20 +10,20 @@ Single-threaded; front ends (``LLM``, the HTTP server) drive it from one thread.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 
 import torch
 
 from miniinfer.config import EngineConfig, ModelConfig
+from miniinfer.engine.deferred_sampling import DeferredSampling
 from miniinfer.engine.input_processor import InputLimits, InputProcessor
 from miniinfer.errors import InvalidRequestError
 from miniinfer.engine.kv_cache_manager import KVCacheManager
 from miniinfer.engine.output_processor import OutputProcessor, Request
 from miniinfer.engine.scheduler import Scheduler
 from miniinfer.engine.sequence import Sequence
-from miniinfer.engine.step import ForwardOutput, InFlightStep
+from miniinfer.engine.step import InFlightStep
 from miniinfer.loader.model_loader import resolve_model
 from miniinfer.outputs import RequestOutput
 from miniinfer.parallel import TPGroup
@@ -31,11 +31,6 @@ from miniinfer.sampling_params import SamplingParams
 from miniinfer.worker.model_runner import ModelRunner
 
 log = logging.getLogger("miniinfer")
-
-# Deferred sampling needs this many constrained rows in a step: below it the grammar thread's
-# hand-off costs more than the fill it moves (H200 host, Qwen2-0.5B, batch 1: TPOT 0.97 ms
-# deferred vs 0.75 ms not; MINIINFER_DEFER_MIN_ROWS overrides it).
-DEFER_MIN_ROWS = int(os.environ.get("MINIINFER_DEFER_MIN_ROWS", "8"))
 
 
 def forces_sync(params: SamplingParams) -> bool:
@@ -46,7 +41,7 @@ def forces_sync(params: SamplingParams) -> bool:
     return params.needs_penalties
 
 
-class LLMEngine:
+class LLMEngine(DeferredSampling):
     def __init__(self, config: EngineConfig, progress: bool = True):
         self.config = config
         source = resolve_model(config)
@@ -102,13 +97,7 @@ class LLMEngine:
                                                 speculative=config.speculative_config is not None)
         self.eos_token_ids = eos
         self.inflight: InFlightStep | None = None  # launched, not yet processed (overlap)
-        self._pending: ForwardOutput | None = None  # deferred sampling: forward queued, not sampled yet
-        # EngineConfig.deferred_sampling (MINIINFER_DEFERRED_SAMPLING=0 turns it off); may be
-        # switched between steps (benchmarks' A/B)
-        self.deferred_sampling = (config.deferred_sampling and config.overlap_scheduling
-                                  and os.environ.get("MINIINFER_DEFERRED_SAMPLING", "1") != "0")
-        self.defer_min_rows = DEFER_MIN_ROWS
-        self.num_deferred_steps = 0  # constrained steps whose sampling was deferred (their forward queued alone)
+        self._init_deferred_sampling(config)
         self._num_sync_requests = 0  # unfinished requests for which forces_sync() holds
         self.prompt_tokens_total = 0
         self.proposer = None  # speculative decoding's drafter (spec_decode/), None when off
@@ -258,13 +247,7 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         launched = None
         if not sched.is_empty() and self._defers(sched):
-            try:
-                self._pending = self.runner.forward(sched, self.inflight)
-            except BaseException:
-                _rollback(sched)
-                raise
-            self._launched(sched, self._pending.sampling_seqs)
-            self.num_deferred_steps += 1
+            self._start_deferred(sched)
             return outputs
         if not sched.is_empty():
             launched, done = self._launch(sched)
@@ -291,79 +274,6 @@ class LLMEngine:
                 if not s.seq.is_finished:
                     self.scheduler.publish(s.seq)
 
-    # --- deferred sampling (structured output with overlap scheduling) ---------------------
-    def _defers(self, sched) -> bool:
-        """Whether step N's sampling waits for the next ``step()``: ``defer_min_rows``
-        constrained sequences sample in it, none is waiting for its reasoning to end (its mask
-        would depend on N-1's tokens in a way the grammar thread doesn't follow), and nothing
-        needs the synchronous path (speculation, penalties, tensor parallelism) or the serial
-        mask (``structured_output_overlap`` off: the A/B baseline fills after the forward)."""
-        if (not self.deferred_sampling or self._structured is None or not self._structured.overlap
-                or self.proposer is not None
-                or self._num_sync_requests or self.runner.tp.enabled):
-            return False
-        constrained = 0
-        for s in sched.scheduled:
-            if s.samples and s.seq.grammar is not None:
-                if s.seq.reasoning_end is not None:
-                    return False
-                constrained += 1
-        return constrained >= max(self.defer_min_rows, 1)
-
-    def _step_deferred(self) -> list[RequestOutput]:
-        """Step N's forward is queued, unsampled; step N-1 (if any) is sampled, uncollected.
-        Collect N-1 and advance the matchers by its tokens; fill N's mask on the grammar
-        thread while N-1 is processed, N+1 scheduled and its inputs staged; then sample N and
-        queue N+1's forward (deferred again, or sampled at once and N completed). A fault
-        before N+1's forward is queued rolls N+1's progress back (as ``_launch`` does)::
-
-            host:    collect N-1 │ accept N-1 │ process N-1 │ schedule N+1 │ stage N+1 │ sample N │ run N+1
-            grammar:                          │ fill N ────────────────────────────────┘
-            device:  ────────── forward N ───────────────────────────────────────────────┤ sample N │ forward N+1
-        """
-        fwd, self._pending = self._pending, None
-        prev, self.inflight = self.inflight, None
-        outputs: list[RequestOutput] = []
-        result = self.runner.collect(prev) if prev is not None else None
-        accept = []
-        if prev is not None:
-            rows = [s.seq for s in prev.sched.scheduled if s.samples]
-            accept = [(seq, t) for seq, t in zip(rows, result.token_ids) if seq.grammar_active and not seq.is_finished]
-        job = self._structured.start_step(accept, fwd.sampling_seqs)
-        sched = prepared = following = None
-        try:  # until N+1's forward is queued, a fault rolls its scheduled progress back
-            try:
-                if prev is not None:
-                    outputs += self._process(prev, result, job)
-                sched = self.scheduler.schedule()
-                if not sched.is_empty():
-                    prepared = self.runner.prepare_forward(sched)
-            finally:
-                bitmask = self._structured.finish_step(job)
-            launched = self.runner.sample(fwd, bitmask)
-            self.inflight = launched
-            if prepared is not None:
-                following = self.runner.run_forward(prepared, launched)
-        except BaseException:
-            if sched is not None:
-                _rollback(sched)
-            raise
-        if following is None:
-            return outputs
-        self._launched(sched, following.sampling_seqs)
-        if self._defers(sched):
-            self._pending = following
-            self.num_deferred_steps += 1
-            return outputs
-        if _constrained(sched):  # its mask needs N's tokens in the matchers first (as in _launch)
-            self.inflight = None  # N is completed here: never again by on_idle, should this raise
-            outputs += self._complete(launched)
-            self.inflight = self.runner.sample(following)
-        else:
-            self.inflight = self.runner.sample(following)
-            outputs += self._complete(launched)
-        return outputs
-
     def _launch(self, sched) -> tuple[InFlightStep, list[RequestOutput]]:
         """Queue step N. If a constrained sequence samples in it while step N-1 is in flight,
         N's forward goes first, then N-1 is completed (its tokens advance the grammar matchers)
@@ -371,7 +281,7 @@ class LLMEngine:
         forward and sample go together. Returns the launched step and N-1's outputs if it was
         completed here."""
         done: list[RequestOutput] = []
-        grammar = self.inflight is not None and self._structured is not None and _constrained(sched)
+        grammar = self.inflight is not None and self._structured is not None and sched.has_constrained_sampler
         t0 = time.perf_counter() if self.proposer is not None else None  # a verify's time (spec metrics)
         try:
             if grammar:
@@ -385,7 +295,7 @@ class LLMEngine:
             launched.launched_at = t0
             return launched, done
         except BaseException:
-            _rollback(sched)
+            sched.rollback()
             raise
 
     def _complete(self, step: InFlightStep) -> list[RequestOutput]:
@@ -457,16 +367,3 @@ class LLMEngine:
             if raise_errors:
                 raise
 
-
-def _constrained(sched) -> bool:
-    """Whether a sequence with a grammar samples in the step (a dormant one too: the previous
-    step's token may wake it)."""
-    return any(s.samples and s.seq.grammar is not None for s in sched.scheduled)
-
-
-def _rollback(sched) -> None:
-    """A step that failed to queue may not have written its K/V: roll the progress back so
-    that an abort (which publishes computed pages) can't put unwritten pages in the cache
-    (pages shared from another chunk of this step included)."""
-    for s in sched.scheduled:
-        s.seq.num_computed_tokens = s.start - s.num_borrowed_tokens

@@ -51,7 +51,6 @@ class OutputProcessor:
         self.max_model_len = max_model_len
         self.scheduler = scheduler
         self.generation_tokens_total = 0
-        self._job = None  # the GrammarStepJob of the step being processed (deferred sampling)
 
     def process(self, sched: SchedulerOutput, result: StepResult, grammar_job=None) -> list[RequestOutput]:
         """Apply a step's sampled ids; returns the outputs due (streaming requests that moved,
@@ -62,30 +61,26 @@ class OutputProcessor:
         now = time.monotonic()
         touched: set[str] = set()
         row = 0
-        self._job = grammar_job
-        try:
-            for s in sched.scheduled:
-                seq = s.seq
-                touched.add(seq.request_id)
-                if not s.samples:
-                    if not seq.is_finished:
-                        self.scheduler.publish(seq)
-                    continue
-                token = result.token_ids[row]
-                row += 1
-                if seq.is_finished:  # stopped or aborted while this step ran: drop the token
-                    continue
-                try:
-                    if result.spec_token_ids is None:
-                        self._commit(seq, token, result, row - 1, now)
-                    else:
-                        self._commit_verified(s, result.spec_token_ids[row - 1], result.spec_paths[row - 1], result,
-                                              result.logits_rows[row - 1], now)
-                except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
-                    log.exception("request %s failed while processing its output", seq.request_id)
-                    self.fail(seq, f"{type(e).__name__}: {e}")
-        finally:
-            self._job = None
+        for s in sched.scheduled:
+            seq = s.seq
+            touched.add(seq.request_id)
+            if not s.samples:
+                if not seq.is_finished:
+                    self.scheduler.publish(seq)
+                continue
+            token = result.token_ids[row]
+            row += 1
+            if seq.is_finished:  # stopped or aborted while this step ran: drop the token
+                continue
+            try:
+                if result.spec_token_ids is None:
+                    self._commit(seq, token, result, row - 1, now, grammar_job)
+                else:
+                    self._commit_verified(s, result.spec_token_ids[row - 1], result.spec_paths[row - 1], result,
+                                          result.logits_rows[row - 1], now)
+            except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
+                log.exception("request %s failed while processing its output", seq.request_id)
+                self.fail(seq, f"{type(e).__name__}: {e}")
         outputs = []
         for rid in touched:
             req = self.requests.get(rid)
@@ -108,8 +103,10 @@ class OutputProcessor:
             if s.seq.is_finished:
                 break
 
-    def _commit(self, seq: Sequence, token: int, result: StepResult, row: int, now: float) -> None:
-        """One committed token: logprobs, the placeholder resolved, text, stop checks."""
+    def _commit(self, seq: Sequence, token: int, result: StepResult, row: int, now: float,
+                grammar_job=None) -> None:
+        """One committed token: logprobs, the placeholder resolved, text, stop checks.
+        ``grammar_job``: see ``process``."""
         if seq.logprobs is not None:
             seq.logprobs.append(self._logprob_entry(result, row, token, seq.params.logprobs))
         if seq.num_pending:
@@ -121,13 +118,7 @@ class OutputProcessor:
             seq.first_token_time = now
         grammar = None
         if seq.grammar is not None:
-            moved = self._job.outcome(seq) if self._job is not None else None  # advanced already (deferred sampling)
-            if moved is None:
-                grammar = _advance_grammar(seq, token)
-            elif not moved[0]:
-                grammar = GrammarOutcome(f"the grammar rejected token {token}, which the mask should have forbidden")
-            else:
-                grammar = _TERMINATED if moved[1] else _ADVANCED
+            grammar = _advance_grammar(seq, token, grammar_job.outcome(seq) if grammar_job is not None else None)
         if grammar is not None and grammar.error is not None:
             raise RuntimeError(grammar.error)
         self.check_stop(seq, token)
@@ -221,15 +212,18 @@ class GrammarOutcome:
     terminated: bool = False  # the grammar is complete: the sequence stops
 
 
-def _advance_grammar(seq: Sequence, token: int) -> GrammarOutcome:
-    """Feed a committed token to the sequence's matcher (the one place a matcher moves); a
-    dormant grammar (reasoning) wakes after the token that completes the end marker and
+def _advance_grammar(seq: Sequence, token: int, moved: tuple[bool, bool] | None = None) -> GrammarOutcome:
+    """Feed a committed token to the sequence's matcher (the one place a matcher moves, unless
+    ``moved``: (accepted, terminated) when deferred sampling's grammar job advanced it already);
+    a dormant grammar (reasoning) wakes after the token that completes the end marker and
     constrains from the next one."""
     if seq.reasoning_end is None:
-        matcher = seq.grammar
-        if not matcher.accept_token(token):
+        if moved is None:
+            accepted = seq.grammar.accept_token(token)
+            moved = accepted, accepted and seq.grammar.is_terminated()
+        if not moved[0]:
             return GrammarOutcome(f"the grammar rejected token {token}, which the mask should have forbidden")
-        return _TERMINATED if matcher.is_terminated() else _ADVANCED
+        return _TERMINATED if moved[1] else _ADVANCED
     end = len(seq.token_ids) - seq.num_pending  # the committed tokens, this one included, end here
     if seq.token_ids[end - len(seq.reasoning_end):end] == seq.reasoning_end:
         seq.reasoning_end = None

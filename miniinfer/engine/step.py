@@ -50,6 +50,19 @@ class SchedulerOutput:
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
 
+    @property
+    def has_constrained_sampler(self) -> bool:
+        """Whether a sequence with a grammar samples in the step (a dormant one too: the
+        previous step's token may wake it)."""
+        return any(s.samples and s.seq.grammar is not None for s in self.scheduled)
+
+    def rollback(self) -> None:
+        """A step that failed to queue may not have written its K/V: roll the progress back so
+        that an abort (which publishes computed pages) can't put unwritten pages in the cache
+        (pages shared from another chunk of this step included)."""
+        for s in self.scheduled:
+            s.seq.num_computed_tokens = s.start - s.num_borrowed_tokens
+
     def is_empty(self) -> bool:
         return not self.scheduled
 

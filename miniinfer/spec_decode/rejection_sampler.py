@@ -22,8 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
+from miniinfer.engine.step import ScheduledSeq
 from miniinfer.sample.metadata import SamplingMetadata
 from miniinfer.sample.sampler import SamplerOutput, scaled_logits
+from miniinfer.worker.input_batch import draft_depths
 
 
 @dataclass
@@ -154,3 +156,20 @@ def _row_noise(probs: torch.Tensor, row_seeds: list[int | None] | None, generato
 
 def _usable(generator, device) -> torch.Generator | None:
     return generator if generator is not None and generator.device == device else None
+
+
+def position_seeds(verified: list[ScheduledSeq], parents: list[list[int]]) -> list[int | None] | None:
+    """Per verify row, the seed of the position it draws for (a root at ``start`` draws for
+    ``start + 1``, a depth-d node for ``start + d + 1``; a sampling prefill chunk of n tokens in
+    the step for ``start + n``) when its request is seeded; None when no verifying request is."""
+    if all(s.seq.params.seed is None for s in verified):
+        return None
+    out: list[int | None] = []
+    for s, par in zip(verified, parents):
+        if s.seq.params.seed is None:
+            out.extend([None] * (len(par) + 1))
+            continue
+        base = (s.seq.params.seed + s.seq.index) * 1_000_003
+        first = s.start + s.num_new_tokens - len(par)  # the root's position + 1 (a sampling prefill chunk: its end)
+        out.extend((base + first + d) % 2 ** 63 for d in [0] + draft_depths(par))
+    return out

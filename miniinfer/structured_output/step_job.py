@@ -1,7 +1,7 @@
 """Deferred sampling's grammar work, on a thread beside the engine's host work.
 
 With overlap scheduling, step N's mask needs step N-1's tokens, which reach the host only
-while step N's forward runs. The engine then (``LLMEngine._step_deferred``) starts one
+while step N's forward runs. The engine then (``engine/deferred_sampling.py``) starts one
 :class:`GrammarStepJob` — advance the matchers by N-1's tokens, then fill N's rows — and
 meanwhile processes N-1, schedules N+1 and stages its inputs; only N's sampler waits for it::
 

@@ -29,7 +29,7 @@ from miniinfer.sampling_params import SamplingParams
 from miniinfer.worker import kv_cache
 from miniinfer.worker.cuda_graphs import MAX_LOGIT_ROWS, CUDAGraphs
 from miniinfer.worker.host_staging import PinnedStaging
-from miniinfer.worker.input_batch import (InputBatch, StepHeader, draft_depths, inputs_from_host, meta_from_lists,
+from miniinfer.worker.input_batch import (InputBatch, StepHeader, inputs_from_host, meta_from_lists,
                                          prepare_inputs)
 from miniinfer.worker.warmup import warmup_schedules
 
@@ -253,7 +253,7 @@ class ModelRunner:
     def _verify(self, fwd: ForwardOutput) -> InFlightStep:
         """Speculative verify: every sampling sequence's rows (its last token and drafts)
         through the rejection sampler; the committed tokens are read in ``collect``."""
-        from miniinfer.spec_decode.rejection_sampler import draw_rows, rejection_sample
+        from miniinfer.spec_decode.rejection_sampler import draw_rows, position_seeds, rejection_sample
         row_seqs = [seq for seq, rows in zip(fwd.sampling_seqs, fwd.seq_rows) for _ in rows]
         md = SamplingMetadata.build(row_seqs, fwd.logits.shape[-1], self.device, self.eos_token_ids,
                                     to_device=self.staging.to_device, rng=self.sample_rng)
@@ -264,7 +264,7 @@ class ModelRunner:
         if self.structured_output is not None:  # one mask row per tree node, filled while the forward runs
             md.grammar_bitmask = self.structured_output.fill_verify_bitmask(fwd.sampling_seqs, drafts, parents,
                                                                             fwd.seq_rows)
-        seeds = _position_seeds(verified, parents)
+        seeds = position_seeds(verified, parents)
         if not md.want_logprobs:  # only the draws go to the host; the trees are walked there
             self.staging.end_step()
             drawn = draw_rows(fwd.logits, md, seeds, self.cpu_generator)
@@ -385,19 +385,3 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-
-def _position_seeds(verified: list[ScheduledSeq], parents: list[list[int]]) -> list[int | None] | None:
-    """Per verify row, the seed of the position it draws for (a root at ``start`` draws for
-    ``start + 1``, a depth-d node for ``start + d + 1``; a sampling prefill chunk of n tokens in
-    the step for ``start + n``) when its request is seeded; None when no verifying request is."""
-    if all(s.seq.params.seed is None for s in verified):
-        return None
-    out: list[int | None] = []
-    for s, par in zip(verified, parents):
-        if s.seq.params.seed is None:
-            out.extend([None] * (len(par) + 1))
-            continue
-        base = (s.seq.params.seed + s.seq.index) * 1_000_003
-        first = s.start + s.num_new_tokens - len(par)  # the root's position + 1 (a sampling prefill chunk: its end)
-        out.extend((base + first + d) % 2 ** 63 for d in [0] + draft_depths(par))
-    return out

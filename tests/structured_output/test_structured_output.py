@@ -12,7 +12,7 @@ import pytest
 
 from helpers import check_clean
 from miniinfer import LLM, SamplingParams, StructuredOutputsParams
-from miniinfer.engine import llm_engine
+from miniinfer.engine import deferred_sampling
 from schemas import SCHEMAS
 
 QUESTION = "Answer with JSON describing a made-up example that fits this JSON schema: {}"
@@ -149,7 +149,7 @@ def test_overlap_samples_after_the_previous_step_is_processed(smol, deferred):
             temperature=0, max_tokens=30, structured_outputs=StructuredOutputsParams(json=SCHEMAS[2])),
             use_tqdm=False)[0].outputs[0]
     finally:
-        eng.deferred_sampling, eng.defer_min_rows = True, llm_engine.DEFER_MIN_ROWS
+        eng.deferred_sampling, eng.defer_min_rows = True, deferred_sampling.DEFER_MIN_ROWS
         for n in names:
             delattr(eng.runner, n)
         del eng._process

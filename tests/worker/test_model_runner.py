@@ -93,7 +93,7 @@ def test_position_seeds_of_verify_rows():
     prefill chunk of n tokens riding in the verify step for ``start + n``."""
     from miniinfer.engine.sequence import Sequence
     from miniinfer.engine.step import ScheduledSeq
-    from miniinfer.worker.model_runner import _position_seeds
+    from miniinfer.spec_decode.rejection_sampler import position_seeds as _position_seeds
     seeded = Sequence("a", 0, list(range(20)), 20, SamplingParams(seed=7))
     seeded.num_computed_tokens = 19
     verify = ScheduledSeq(seeded, 3, 19, [5, 6], [-1, 0])  # root at 19, drafts at depths 1 and 2
