@@ -218,6 +218,20 @@ static void quantize_q8(const float* X, int8_t* xq, float* xd, float* xs, size_t
     }
 }
 
+// Bytes of int8-activation scratch for `rows` rows of K: q8_scratch_gemm's `scratch`.
+static size_t q8_scratch_bytes(int rows, int K) { return (size_t)rows * (K / 32) * (32 + 2 * sizeof(float)); }
+
+// Q4_1 x int8 activations with the active path's int8 kernel (which must exist). Row i's result
+// depends on row i alone (quantize_q8 and every q8_tile are per row): the same bits for any M.
+static void q8_scratch_gemm(const uint8_t* packed, const float* X, float* Y, int M, int N, int K, void* scratch) {
+    const size_t blocks = (size_t)M * (K / 32);
+    float* xd = (float*)scratch;
+    float* xs = xd + blocks;
+    int8_t* xq = (int8_t*)(xs + blocks);
+    quantize_q8(X, xq, xd, xs, blocks);
+    active_q8(packed, xq, xd, xs, Y, M, N, K);
+}
+
 // Q4_1 x int8 activations where the active path has it (avx512: VNNI, else the AVX2 code;
 // avx2: AVX2): returns 0; on the portable path it runs q4_1_gemm (fp32) and returns 1.
 int q4_1_gemm_int8(const uint8_t* packed, const float* X, float* Y, int M, int N, int K) {
@@ -225,14 +239,9 @@ int q4_1_gemm_int8(const uint8_t* packed, const float* X, float* Y, int M, int N
         q4_1_gemm(packed, X, Y, M, N, K);
         return 1;
     }
-    const size_t blocks = (size_t)M * (K / 32);
-    void* scratch = malloc(blocks * (32 + 2 * sizeof(float)));
+    void* scratch = malloc(q8_scratch_bytes(M, K));
     if (!scratch) return 2;  // (M * K * 1.25 bytes: never large; Y is left as allocated)
-    float* xd = (float*)scratch;
-    float* xs = xd + blocks;
-    int8_t* xq = (int8_t*)(xs + blocks);
-    quantize_q8(X, xq, xd, xs, blocks);
-    active_q8(packed, xq, xd, xs, Y, M, N, K);
+    q8_scratch_gemm(packed, X, Y, M, N, K, scratch);
     free(scratch);
     return 0;
 }
@@ -316,6 +325,8 @@ int store_kv(const float* k, long k_stride, const float* v, long v_stride, const
 // The caller applies the final norm (residual += hidden). `layers` holds DECODE_PTRS int64 per
 // layer: Wqkv, Wo, Wgate_up, Wdown (packed), their formats (0 Q4_1, 1 Q8_0), qkv bias or 0,
 // ln1, ln2, q_norm or 0, k_norm or 0, k_cache, v_cache. Scratch: decode_scratch_floats().
+// int8 != 0: every Q4_1 GEMM takes int8 activations as q4_1_gemm_int8 (the portable path: fp32);
+// Q8_0 ones stay fp32.
 // Returns what the exported kernels return for the same bad input (1: a position, slot or
 // seq_len out of range, 2: a block out of range), or 3 out of memory, doing nothing.
 #define DECODE_PTRS 15
@@ -330,7 +341,7 @@ int decode_layers(const int64_t* layers, int L, float* hidden, float* residual, 
                   const int64_t* positions, const float* cos_sin, int rot, long n_positions,
                   const int64_t* slots, long n_slots, const int32_t* block_tables, int bt_stride,
                   const int32_t* seq_lens, int block_size, int max_len, float scale, int num_blocks,
-                  const int64_t* tree_bits) {
+                  const int64_t* tree_bits, int int8) {
     const long limit = max_len < (long)bt_stride * block_size ? max_len : (long)bt_stride * block_size;
     for (int b = 0; b < B; b++) {
         if (positions[b] < 0 || positions[b] >= n_positions || slots[b] < -1 || slots[b] >= n_slots) return 1;
@@ -351,9 +362,16 @@ int decode_layers(const int64_t* layers, int L, float* hidden, float* residual, 
     float* act = gu + (size_t)B * 2 * I;               // [B, I]
     float* scores = (float*)malloc(sizeof(float) * (size_t)B * Hq * max_len);
     float* xsum = (float*)malloc(sizeof(float) * (size_t)B * ((H > I ? H : I) + Hq * D) / 32 + 64);
-    if (!scores || !xsum) { free(scores); free(xsum); return 3; }
+    int kmax = H > I ? H : I;  // the widest GEMM input
+    if (Hq * D > kmax) kmax = Hq * D;
+    void* q8 = int8 && active_q8 ? malloc(q8_scratch_bytes(B, kmax)) : 0;  // 0: every GEMM fp32
+    if (!scores || !xsum || (int8 && active_q8 && !q8)) { free(scores); free(xsum); free(q8); return 3; }
     memset(residual, 0, sizeof(float) * (size_t)B * H);
-#define GEMM(w, fmt, X, Y, N, K) active->gemm((const uint8_t*)(w), X, (fmt) ? 0 : xsum, Y, B, N, K, (int)(fmt))
+#define GEMM(w, fmt, X, Y, N, K)                                                                 \
+    do {                                                                                        \
+        if (q8 && !(fmt)) q8_scratch_gemm((const uint8_t*)(w), X, Y, B, N, K, q8);              \
+        else active->gemm((const uint8_t*)(w), X, (fmt) ? 0 : xsum, Y, B, N, K, (int)(fmt));    \
+    } while (0)
     for (int l = 0; l < L; l++) {
         const int64_t* p = layers + (size_t)l * DECODE_PTRS;
         const float* bias = (const float*)p[8];
@@ -387,6 +405,7 @@ int decode_layers(const int64_t* layers, int L, float* hidden, float* residual, 
 #undef GEMM
     free(scores);
     free(xsum);
+    free(q8);
     return 0;
 }
 

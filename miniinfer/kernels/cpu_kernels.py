@@ -123,7 +123,7 @@ def _library() -> ctypes.CDLL | None:
     lib.store_kv.restype = i
     lib.decode_scratch_floats.argtypes, lib.decode_scratch_floats.restype = [i] * 6, lg
     lib.decode_layers.argtypes = [p, i, p, p, p, i, i, i, i, i, i, ctypes.c_float, p, p, i, lg, p, lg, p, i, p,
-                                  i, i, ctypes.c_float, i, p]
+                                  i, i, ctypes.c_float, i, p, i]
     lib.decode_layers.restype = i
     for name in ("miniinfer_cpu_isas", "miniinfer_isa", "miniinfer_int8_kernel"):
         getattr(lib, name).argtypes, getattr(lib, name).restype = [], i

@@ -5,9 +5,10 @@ per-module path, so the results are the same bits), instead of ~10 Python module
 the kernels was ~40 % of a batch-1 decode step.
 
 Taken when the model is fp32 on the CPU without tensor parallelism, every projection is a
-GGUF :class:`~miniinfer.models.packed_linear.QuantizedLinear` (Q4_1 / Q8_0) running fp32
-activations at the step's size, the attention backend is the C one, and every new token of
-the step is a row of the C attention (``CPUDecodePlan.rows``). Otherwise the module path runs.
+GGUF :class:`~miniinfer.models.packed_linear.QuantizedLinear` (Q4_1 / Q8_0), the Q4_1 ones
+agree on int8 activations at the step's size (all of them or none: ``int8_min_rows``), the
+attention backend is the C one, and every new token of the step is a row of the C attention
+(``CPUDecodePlan.rows``). Otherwise the module path runs.
 """
 from __future__ import annotations
 
@@ -28,10 +29,11 @@ class CPUDecodePlan:
     """The layer table ``decode_layers`` walks (int64 pointers into the model's own tensors,
     which must stay where they are: build the plan after the KV cache is bound)."""
 
-    def __init__(self, model, table: torch.Tensor, keep: list[torch.Tensor]):
+    def __init__(self, model, table: torch.Tensor, keep: list[torch.Tensor], q4_1: list[QuantizedLinear]):
         self.model = model
         self.table = table
         self._keep = keep  # the tensors whose pointers the table holds
+        self._q4_1 = q4_1  # the Q4_1 projections: their int8_min_rows decide a step's activations
         cfg = model.config
         attn = model.layers[0].self_attn
         self.dims = (cfg.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim,
@@ -72,22 +74,31 @@ class CPUDecodePlan:
                         + [bias, norms[0].data_ptr(), norms[1].data_ptr(),
                            qk[0].data_ptr() if qk else 0, qk[1].data_ptr() if qk else 0,
                            caches[0].data_ptr(), caches[1].data_ptr()])
-        return cls(model, torch.tensor(rows, dtype=torch.int64).contiguous(), keep)
+        q4_1 = [p for layer in model.layers for p in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                      layer.mlp.gate_up_proj, layer.mlp.down_proj) if p.fmt == "Q4_1"]
+        return cls(model, torch.tensor(rows, dtype=torch.int64).contiguous(), keep, q4_1)
+
+    def int8(self, t: int) -> bool | None:
+        """Whether a step of ``t`` rows runs the Q4_1 GEMMs with int8 activations (as
+        ``QuantizedLinear.forward`` would), None where the layers disagree (the module path runs)."""
+        due = {p.int8_min_rows is not None and t >= p.int8_min_rows for p in self._q4_1}
+        return None if len(due) > 1 else bool(due and due.pop())
 
     def rows(self, hidden: torch.Tensor, meta: AttentionMetadata):
-        """The step as attention rows — (block table per token, keys each token sees, the most
-        keys, tree bits per token or None: ``cpu_backend.token_rows``) — if it can run here,
-        else None: fp32, int8 activations not due, and every new token a row of the C attention
-        (decodes, and extends / prefill chunks small enough for the C path:
+        """The step as attention rows and its activations — (block table per token, keys each
+        token sees, the most keys, tree bits per token or None: ``cpu_backend.token_rows``;
+        then True where the Q4_1 GEMMs take int8 activations: :meth:`int8`) — if it can run
+        here, else None: fp32, the Q4_1 layers agreeing on int8, and every new token a row of
+        the C attention (decodes, and extends / prefill chunks small enough for the C path:
         ``attention/cpu_backend.py``; speculative verifies are such extends)."""
         t = hidden.shape[0]
-        int8 = self.model.layers[0].self_attn.qkv_proj.int8_min_rows
         qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
         if (t == 0 or qsl is None or lens is None or hidden.dtype != torch.float32
-                or (int8 is not None and t >= int8) or self.model.layers[0].self_attn.k_cache is not self.k_cache):
+                or self.model.layers[0].self_attn.k_cache is not self.k_cache):
             return None
-        rows = token_rows(meta, qsl, lens)
-        return rows if rows is not None and rows[0].shape[0] == t else None
+        int8 = self.int8(t)
+        rows = None if int8 is None else token_rows(meta, qsl, lens)
+        return (*rows, int8) if rows is not None and rows[0].shape[0] == t else None
 
     def run(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, rows) -> torch.Tensor:
         """``hidden`` [T, H] (the embeddings, overwritten) -> the last layer's (output, residual);
@@ -110,7 +121,7 @@ class CPUDecodePlan:
             b, h, hq, hkv, d, inter, ctypes.c_float(self.eps), pos.data_ptr(), cos_sin.data_ptr(),
             cos_sin.shape[-1], cos_sin.shape[0], slots.data_ptr(), n_slots, tables.data_ptr(), tables.shape[1],
             lens.data_ptr(), kc.shape[1], rows[2], ctypes.c_float(self.scale), kc.shape[0],
-            None if bits is None else bits.data_ptr())
+            None if bits is None else bits.data_ptr(), int(rows[4]))
         if err:
             raise ValueError("decode step inputs out of range" if err < 3 else "out of memory")
         return hidden, residual

@@ -141,6 +141,24 @@ def test_q4_1_int8_activations(isa, n, k, m):
     assert 1e-4 < err < (1e-2 if k > 32 else 2e-2)  # K = 32: one block, sums of 32 terms cancel more
 
 
+@pytest.mark.parametrize("n,k", [(960, 576), (576, 1536)])
+def test_q4_1_int8_row_does_not_depend_on_the_call(isa, n, k):
+    """gemm(..., int8=True): row i's output has the same bits whether it runs alone or at any
+    place of a 2-, 4-, 7- or 16-row call (tiles of every size and remainder). Speculative
+    decoding's verify rows and the decode rows it replaces must agree exactly for greedy
+    output to stay the same. The portable path runs its fp32 tile here (no int8 kernel)."""
+    packed = cpu_kernels.repack(_q4_1_blocks(n, k, seed=k), k)
+    x = torch.randn(16, k, generator=torch.Generator().manual_seed(k))
+    x[3, :32] *= 50  # an outlier block
+    x[5, 32:64] = 0  # an all-zero block
+    alone = torch.cat([cpu_kernels.gemm(x[i:i + 1], packed, n, k, int8=True) for i in range(16)])
+    for m in (2, 4, 7, 16):
+        for start in range(0, 16 - m + 1, m):
+            y = cpu_kernels.gemm(x[start:start + m], packed, n, k, int8=True)
+            diff = (y != alone[start:start + m]).any(-1).nonzero().flatten().tolist()
+            assert not diff, f"{isa} ({cpu_kernels.int8_kernel()}), M = {m}: rows {diff} differ from alone"
+
+
 def test_int8_kernel_per_path():
     """avx512 runs VNNI where the CPU has it (else the AVX2 int8 code), avx2 its own, portable none."""
     import ctypes

@@ -74,6 +74,39 @@ def test_tiny_models_fused_decode_equals_module_path(tiny_llm, name, fmt):
     _assert_same(fused, _run(llm, prompts, False))
 
 
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_int8_fused_decode_equals_module_path(tiny_llm, isa):
+    """int8 activations on every Q4_1 call (``use_int8_activations(model, 1)``): the one C call
+    runs the steps with them (1-row decodes included) and gives the module path's bits; with
+    the layers disagreeing, the module path runs."""
+    from miniinfer.models.cpu_decode import CPUDecodePlan
+    from miniinfer.models.packed_linear import use_int8_activations
+    if isa not in cpu_kernels.supported_isas():
+        pytest.skip(f"this CPU does not run the {isa} kernels (it runs {cpu_kernels.supported_isas()})")
+    llm = tiny_llm("llama", cpu_packed_weights=False)
+    model = llm.engine.runner.model
+    _quantize_projections(model, "Q4_1", seed=3)
+    prompts = random_prompts(5, seed=11, min_len=3, max_len=40)
+    with cpu_kernels.use_isa(isa):
+        fp32 = _run(llm, prompts, True)
+        assert use_int8_activations(model, 1) == 4 * len(model.layers)
+        fused = _run(llm, prompts, True)
+        plan = model.cpu_decode
+        assert isinstance(plan, CPUDecodePlan) and plan.int8(1) is True
+        module = _run(llm, prompts, False)
+        for x, y in zip(fused, module):
+            assert x.token_ids == y.token_ids
+            assert [{t: p.logprob for t, p in lp.items()} for lp in x.logprobs] == \
+                   [{t: p.logprob for t, p in lp.items()} for lp in y.logprobs]
+        lp = [p.logprob for o in fused for d in o.logprobs for p in d.values()]
+        lp32 = [p.logprob for o in fp32 for d in o.logprobs for p in d.values()]
+        if cpu_kernels.int8_kernel() is not None:  # the portable path has no int8 kernel: fp32
+            assert lp != lp32
+        model.layers[1].mlp.down_proj.int8_min_rows = 2
+        assert plan.int8(1) is None and plan.int8(2) is True
+    use_int8_activations(model, None)
+
+
 def test_dense_weights_keep_the_module_path(tiny_llm):
     llm = tiny_llm("qwen2")
     llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3), use_tqdm=False)
