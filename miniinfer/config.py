@@ -154,7 +154,7 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     cpu_packed_weights: bool = True  # CPU fp32: weights pre-packed for oneDNN (~2x faster GEMMs)
     cpu_gguf_kernels: bool = True  # CPU fp32, GGUF Q4_1/Q8_0: weights stay quantized, AVX-512 kernels
-    cpu_int8_activations: bool = False  # CPU GGUF Q4_1: int8 activations as llama.cpp: ~3x faster GEMMs, logits ~5% off
+    cpu_int8_activations: bool = False  # CPU GGUF Q4_1: int8 activations as llama.cpp, every row count: ~3x faster GEMMs, logits ~5% off
     warmup: bool = True
     check_integrity_when_idle: bool = True  # verify KV bookkeeping whenever the engine goes idle
     max_logprobs: int = 20

@@ -57,7 +57,8 @@ class QuantizedLinear(nn.Module):
     all). fp32 activations and sums by default, so results match an fp32 GEMM over the
     dequantized weights up to summation order; with ``int8_min_rows`` set, a Q4_1 call of at
     least that many rows quantizes x to int8 per 32-block and uses integer dot products
-    (``cpu_kernels.gemm(..., int8=True)``: ~3x faster on AVX-512 VNNI, relative error ~5e-3)."""
+    (``cpu_kernels.gemm(..., int8=True)``: ~3x faster on AVX-512 VNNI, relative error ~5e-3;
+    each output row has the same bits whatever the call's other rows)."""
 
     def __init__(self, blocks: torch.Tensor, in_features: int, bias: torch.Tensor | None, fmt: str,
                  int8_min_rows: int | None = None):
@@ -83,12 +84,16 @@ class QuantizedLinear(nn.Module):
         return y.view(*lead, self.out_features)
 
 
-INT8_MIN_ROWS = 2  # batch-1 decode (1 row) stays fp32: int8 gave it no measurable speed (memory-bound)
+# Every row count, batch-1 decode included: a speculative verify's rows then get the decode's
+# bits (int8 rows don't depend on their call's size), and one row is faster in int8 too.
+INT8_MIN_ROWS = 1
 
 
 def use_int8_activations(model: nn.Module, min_rows: int | None = INT8_MIN_ROWS) -> int:
     """Let every Q4_1 :class:`QuantizedLinear` in ``model`` run calls of at least ``min_rows``
-    rows with int8 activations (None: fp32 again); returns how many layers it set."""
+    rows with int8 activations (None: fp32 again); returns how many layers it set. With
+    ``min_rows`` > 1, calls of fewer rows stay fp32: greedy output with speculative decoding
+    may then differ from without (its verify rows int8, the decode rows fp32)."""
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.fmt == "Q4_1"]
     for m in layers:
         m.int8_min_rows = min_rows
