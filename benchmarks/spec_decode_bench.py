@@ -210,10 +210,12 @@ def main() -> None:
             print(json.dumps(metrics), flush=True)
     if "cpu_verify" not in skip and a.device == "cpu":
         # the embedded model's verify cost on the CPU (compute-bound past a few rows: it bounds
-        # what speculation can win there)
-        llm = LLM(None, dtype="float32", max_model_len=2048, progress=False)
-        metrics.update({f"smollm2_cpu_{k}": v for k, v in verify_cost(llm, sizes=(2, 4, 8, 11, 16), reps=20).items()})
-        print(json.dumps(metrics), flush=True)
+        # what speculation can win there); fp32 activations, then int8 ones on every Q4_1 call
+        for prefix, int8 in (("smollm2_cpu_", False), ("smollm2_cpu_int8_", True)):
+            llm = LLM(None, dtype="float32", max_model_len=2048, progress=False, cpu_int8_activations=int8)
+            metrics.update({prefix + k: v for k, v in verify_cost(llm, sizes=(2, 4, 8, 11, 16), reps=20).items()})
+            print(json.dumps(metrics), flush=True)
+            del llm
     if a.qwen7b and a.device == "cuda":
         # two engines side by side: an explicit cache size each (32k tokens, ~1.8 GB)
         kw = dict(load_format="dummy", dtype="bfloat16", max_model_len=4096, num_kv_blocks=2048, progress=False)
