@@ -62,9 +62,11 @@ class StaticTreeDrafter:
         self.root_h = torch.zeros(max_batch, drafter.hidden_size, dtype=drafter.head.dtype, device=dev)
         width = drafter.vocab_w.shape[0] if drafter.vocab_w is not None else drafter.vocab_size
         self.root_allowed = torch.ones(max_batch, width, dtype=torch.bool, device=dev)
+        self.depth_limit = torch.full((max_batch,), float(self.D), device=dev)  # each row's budget
         self.pow2 = _pow2_window(dev)
         self.graphs: dict[int, tuple] = {}  # bucket -> (replay, packed output)
         self._masked = 0  # rows of root_allowed that may hold False
+        self._limited = 0  # rows of depth_limit that may be below D
 
     # --- the tensor program ------------------------------------------------------------
     def _meta(self, B: int, d: int, P: torch.Tensor, tables: torch.Tensor, live: torch.Tensor,
@@ -91,9 +93,12 @@ class StaticTreeDrafter:
         return meta, positions
 
     def program(self, B: int, P: torch.Tensor, tables: torch.Tensor, live: torch.Tensor,
-                root_h: torch.Tensor, root_allowed: torch.Tensor | None = None) -> torch.Tensor:
+                root_h: torch.Tensor, root_allowed: torch.Tensor | None = None,
+                depth_limit: torch.Tensor | None = None) -> torch.Tensor:
         """The whole expansion and rerank for B rows → ``rerank_device``'s [5, B, n] int64.
-        ``root_allowed`` [B, Vd] bool or None: the root's children are taken among those."""
+        ``root_allowed`` [B, Vd] bool or None: the root's children are taken among those;
+        ``depth_limit`` [B] float or None: nodes deeper than a row's limit are not ranked (its
+        best n within the budget, not the best n overall cut to it)."""
         d_ = self.drafter
         K, D, dev = self.K, self.D, self.device
         logp, ids = d_.top_tokens(root_h, K, root_allowed)  # [B, K]
@@ -123,8 +128,10 @@ class StaticTreeDrafter:
             vis = torch.cat([vis.gather(1, parent_j[:, :, None].expand(B, K, vis.shape[-1])), own], dim=2)
             index, scores = size + best.indices, best.values
             size += K * K
-        return rerank_device(torch.cat(pool_scores, 1), torch.cat(pool_tokens, 1), torch.cat(pool_parents, 1),
-                             torch.cat(pool_depth, 1), self.N)
+        all_scores, all_depth = torch.cat(pool_scores, 1), torch.cat(pool_depth, 1)
+        if depth_limit is not None:
+            all_scores = all_scores.masked_fill(all_depth > depth_limit[:, None], float("-inf"))
+        return rerank_device(all_scores, torch.cat(pool_tokens, 1), torch.cat(pool_parents, 1), all_depth, self.N)
 
     # --- running it --------------------------------------------------------------------
     def bucket(self, B: int) -> int | None:
@@ -147,15 +154,17 @@ class StaticTreeDrafter:
             width = max(len(t) for t in block_tables)
             tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32, device=dev)
             P = torch.tensor(num_tokens, dtype=torch.int64, device=dev)
-            packed = self.program(B, P, tables, torch.ones(B, dtype=torch.bool, device=dev), root_h, root_allowed)
+            limit = torch.tensor(depths or [self.D] * B, dtype=torch.float32, device=dev)
+            packed = self.program(B, P, tables, torch.ones(B, dtype=torch.bool, device=dev), root_h, root_allowed,
+                                  limit)
         else:
-            self._stage(block_tables, num_tokens, root_h, bucket, root_allowed)
+            self._stage(block_tables, num_tokens, root_h, bucket, root_allowed, depths)
             replay, out = self.graphs[bucket]
             replay()
             packed = out[:, :B]
         return trees_from_rerank(packed.tolist(), num_nodes or [self.N] * B, depths)
 
-    def _stage(self, block_tables, num_tokens, root_h, bucket: int, root_allowed=None) -> None:
+    def _stage(self, block_tables, num_tokens, root_h, bucket: int, root_allowed=None, depths=None) -> None:
         """Copy the step's rows into the static inputs (one staged host copy), pad the rest."""
         B = len(num_tokens)
         # only the widest live table's columns: a live row reads below its own length, a
@@ -167,6 +176,12 @@ class StaticTreeDrafter:
         staging.end_step()
         self.num_tokens[:B].copy_(dev_flat[:B])
         self.num_tokens[B:bucket].fill_(1)
+        if depths is not None and min(depths) < self.D:
+            self.depth_limit[:B].copy_(torch.tensor(depths, dtype=torch.float32), non_blocking=True)
+            self._limited = max(self._limited, B)
+        elif self._limited:  # rows a step near max_tokens left behind
+            self.depth_limit[:self._limited].fill_(float(self.D))
+            self._limited = 0
         self.live[:B].fill_(True)
         self.live[B:bucket].fill_(False)
         self.block_tables[:B, :width].copy_(dev_flat[B:].view(B, width))
@@ -186,7 +201,7 @@ class StaticTreeDrafter:
         for b in sorted((b for b in GRAPH_BATCH_SIZES if b <= min(max_batch, self.max_batch)), reverse=True):
             def run(b=b):
                 return self.program(b, self.num_tokens[:b], self.block_tables[:b], self.live[:b], self.root_h[:b],
-                                    self.root_allowed[:b])
+                                    self.root_allowed[:b], self.depth_limit[:b])
             self.live[:b].fill_(False)
             with torch.inference_mode():
                 run()
