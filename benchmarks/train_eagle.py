@@ -277,23 +277,52 @@ def init_from_target(head: TrainHead, model) -> None:
         head.norm.weight.copy_(model.norm.weight.float())
 
 
+def load_head(head: TrainHead, path: str) -> None:
+    """Start from an earlier head file (``hf_state_dict``'s names and shapes); ValueError if it
+    does not fit."""
+    from safetensors.torch import load_file
+    state = {k: v.float() for k, v in load_file(path).items()}
+    try:
+        head.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"--init {path}: not a head for this target ({e})") from None
+
+
+def save_data(path: str, items: list[dict], seqs: list[tuple[list[int], int, bool]], n_prompts: int,
+              stats: dict) -> None:
+    """The generated sequences (token ids, prompt length, greedy?) and the prompt items, so a
+    later run can train longer on the same data without generating it again (``--load-data``)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"items": items, "seqs": seqs, "n_prompts": n_prompts, "stats": stats}, f)
+
+
+def load_data(path: str) -> tuple[list[dict], list[tuple[list[int], int, bool]], int, dict]:
+    with open(path) as f:
+        d = json.load(f)
+    return d["items"], [tuple(s) for s in d["seqs"]], d["n_prompts"], d["stats"]
+
+
 # --- 2./3. data: responses from our engine, features from our model --------------------------------
-def generate(llm, chats: list[list[dict]], max_tokens: int, seed: int) -> list[tuple[list[int], int, bool]]:
+def generate(llm, chats: list[list[dict]], max_tokens: int, seed: int,
+             greedy_frac: float = 0.5) -> list[tuple[list[int], int, bool]]:
     """(prompt + response token ids, prompt length, greedy?) per chat (a list of messages);
-    even rows greedy, odd rows temperature 0.7. Prompts longer than max_model_len − max_tokens
-    keep their last tokens (local files differ per machine; a long excerpt must not fail)."""
+    a ``greedy_frac`` share of the rows (evenly spread) greedy, the others temperature 0.7.
+    Prompts longer than max_model_len − max_tokens keep their last tokens (local files differ
+    per machine; a long excerpt must not fail)."""
     from miniinfer import SamplingParams
     limit = llm.engine.max_model_len - max_tokens  # a longer prompt keeps its end (the assistant turn's start)
     texts = []
     for m in chats:
         ids = llm.engine.tokenize(llm.engine.apply_chat_template(m))
         texts.append({"prompt_token_ids": ids[-limit:]})
-    params = [SamplingParams(temperature=0.0, max_tokens=max_tokens) if i % 2 == 0 else
+    greedy = [(i * greedy_frac) % 1.0 < greedy_frac for i in range(len(chats))]  # 0.5: even rows
+    params = [SamplingParams(temperature=0.0, max_tokens=max_tokens) if g else
               SamplingParams(temperature=0.7, top_p=0.95, max_tokens=max_tokens, seed=seed + i)
-              for i in range(len(chats))]
+              for i, g in enumerate(greedy)]
     outs = llm.generate(texts, params, use_tqdm=False)
-    return [(list(o.prompt_token_ids) + list(o.outputs[0].token_ids), len(o.prompt_token_ids), i % 2 == 0)
-            for i, o in enumerate(outs)]
+    return [(list(o.prompt_token_ids) + list(o.outputs[0].token_ids), len(o.prompt_token_ids), g)
+            for o, g in zip(outs, greedy)]
 
 
 @torch.inference_mode()
@@ -399,11 +428,12 @@ def _autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
-def _lr(step: int, total: int, warmup: int, base: float) -> float:
+def _lr(step: int, progress: float, warmup: int, base: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from ``base`` to base / 10 as
+    ``progress`` (0..1: steps or seconds, whichever budget is nearer its end) goes to 1."""
     if step < warmup:
         return base * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 def train(head, data, train_idx, lm_w, args, device) -> dict:
@@ -421,8 +451,10 @@ def train(head, data, train_idx, lm_w, args, device) -> dict:
                 break
             _, emb, prev, f, mask = data.batch(b)
             noise = (torch.rand_like(prev, dtype=torch.float32) * 2 - 1) * (args.noise * feat_std)
+            # progress toward whichever end comes first, the step count or the time budget
+            progress = max(step / max(total, 1), (time.time() - t0) / args.train_seconds)
             for g in opt.param_groups:
-                g["lr"] = _lr(step, total, args.warmup, args.lr)
+                g["lr"] = _lr(step, progress, args.warmup, args.lr)
             with _autocast(device):
                 hs = head(emb.float(), (prev.float() + noise), args.train_depth)
             loss = reg = ce = 0.0
@@ -455,8 +487,9 @@ def _argmax_rows(x: torch.Tensor, lm_w: torch.Tensor, chunk: int = 8192) -> torc
 
 
 @torch.no_grad()
-def evaluate(head, data, idx, lm_w, depth: int, batch_tokens: int, device) -> dict:
-    """Teacher-forced top-1 agreement (head argmax == target argmax, all masked positions) and
+def evaluate(head, data, idx, lm_w, depth: int, batch_tokens: int, device, draft_ids=None) -> dict:
+    """Teacher-forced top-1 agreement (head argmax == target argmax, all masked positions; the
+    head's argmax over ``draft_ids`` [Vd] only when given, as the engine's FR-Spec drafter) and
     the greedy chain of ``depth`` drafts from every anchor of the greedy sequences (their
     tokens are the target's argmax, so an accepted draft is the next input): mean accepted
     drafts, and P(first j drafts all accepted) for j = 1..depth."""
@@ -467,7 +500,10 @@ def evaluate(head, data, idx, lm_w, depth: int, batch_tokens: int, device) -> di
         with _autocast(device):
             hs = head(emb.float(), prev.float(), depth)
         tgt = _argmax_rows(f, lm_w)
-        match = [(_argmax_rows(h, lm_w) == tgt) for h in hs]
+        if draft_ids is None:
+            match = [_argmax_rows(h, lm_w) == tgt for h in hs]
+        else:
+            match = [draft_ids[_argmax_rows(h, lm_w[draft_ids])] == tgt for h in hs]
         hits += int(match[0][mask].sum())
         total += int(mask.sum())
         length = ids.shape[1]
@@ -553,7 +589,15 @@ def parse_args(argv=None):
     p.add_argument("--eval-depth", type=int, default=4)
     p.add_argument("--draft-vocab-size", type=int, default=8192,
                    help="FR-Spec: the most frequent output tokens the drafter scores (0: all)")
-    p.add_argument("--init", default="last-layer", choices=["last-layer", "random"])
+    p.add_argument("--init", default="last-layer",
+                   help="the head's start: last-layer (the target's last decoder layer), random, or a head file")
+    p.add_argument("--ce-vocab", default="full", choices=["full", "draft"],
+                   help="the CE term over the full vocabulary or the draft vocabulary (FR-Spec: what the drafter scores)")
+    p.add_argument("--greedy-frac", type=float, default=0.5,
+                   help="share of the training responses decoded greedily (the rest at temperature 0.7)")
+    p.add_argument("--save-data", default=None, help="write the generated sequences here (JSON)")
+    p.add_argument("--data-only", action="store_true", help="with --save-data: stop after writing the data")
+    p.add_argument("--load-data", default=None, help="train on sequences a --save-data run wrote (no generation)")
     p.add_argument("--log-every", type=int, default=25)
     args = p.parse_args(argv)
     if args.quick:
@@ -593,14 +637,25 @@ def main(argv=None) -> dict:
         print(f"[train_eagle] feature parity: {metrics['feature_parity']}", flush=True)
 
     t = time.time()
-    items, data_stats = build_items(llm, args, random.Random(args.seed))
-    print(f"[train_eagle] {len(items)} training prompts in {time.time() - t:.1f} s: {data_stats}", flush=True)
-    prompts = [it["messages"] for it in items]
-    eval_prompts = [[{"role": "user", "content": p}] for p in load_eval_prompts()[:args.num_eval_prompts]]
-    t = time.time()
-    seqs = generate(llm, prompts + eval_prompts, args.max_tokens, args.seed)
-    n_tok, gen_s = sum(len(s[0]) for s in seqs), time.time() - t
-    print(f"[train_eagle] generated {len(seqs)} responses ({n_tok} tokens) in {gen_s:.1f} s", flush=True)
+    if args.load_data:
+        items, seqs, n_prompts, data_stats = load_data(args.load_data)
+        gen_s = 0.0
+        print(f"[train_eagle] loaded {len(seqs)} sequences from {args.load_data}", flush=True)
+    else:
+        items, data_stats = build_items(llm, args, random.Random(args.seed))
+        print(f"[train_eagle] {len(items)} training prompts in {time.time() - t:.1f} s: {data_stats}", flush=True)
+        eval_prompts = [[{"role": "user", "content": p}] for p in load_eval_prompts()[:args.num_eval_prompts]]
+        t = time.time()
+        seqs = (generate(llm, [it["messages"] for it in items], args.max_tokens, args.seed, args.greedy_frac)
+                + generate(llm, eval_prompts, args.max_tokens, args.seed, 1.0))  # the benchmark decodes greedily
+        n_prompts, gen_s = len(items), time.time() - t
+        if args.save_data:
+            save_data(args.save_data, items, seqs, n_prompts, data_stats)
+            if args.data_only:
+                print(f"[train_eagle] wrote {args.save_data} ({time.time() - t_start:.1f} s)", flush=True)
+                return {"data": data_stats}
+    n_tok = sum(len(s[0]) for s in seqs)
+    print(f"[train_eagle] {len(seqs)} responses ({n_tok} tokens), generated in {gen_s:.1f} s", flush=True)
     t = time.time()
     feats = target_features(runner, [s[0] for s in seqs], 32768)
     print(f"[train_eagle] features in {time.time() - t:.1f} s", flush=True)
@@ -608,43 +663,50 @@ def main(argv=None) -> dict:
     embed = model.embed_tokens.weight.detach()
     lm_w = model.lm_head.weight.detach() if isinstance(model.lm_head, nn.Linear) else embed
     data = Data(seqs, feats, embed)
-    n_val = max(2, int(len(prompts) * args.val_frac))
-    train_idx, val_idx = list(range(len(prompts) - n_val)), list(range(len(prompts) - n_val, len(prompts)))
-    eval_idx = list(range(len(prompts), len(seqs)))
+    n_val = max(2, int(n_prompts * args.val_frac))
+    train_idx, val_idx = list(range(n_prompts - n_val)), list(range(n_prompts - n_val, n_prompts))
+    eval_idx = list(range(n_prompts, len(seqs)))
     data_stats["generation_s"] = round(gen_s, 1)
     data_stats["tokens"] = {"train": data.tokens(train_idx), "val": data.tokens(val_idx), "eval": data.tokens(eval_idx),
                             "response_train": sum(len(seqs[i][0]) - seqs[i][1] for i in train_idx)}
-    data_stats["tokens_per_source"] = {k: sum(len(seqs[i][0]) for i in range(len(prompts)) if items[i]["source"] == k)
+    data_stats["tokens_per_source"] = {k: sum(len(seqs[i][0]) for i in range(n_prompts) if items[i]["source"] == k)
                                        for k in sorted({it["source"] for it in items})}
     data_stats["val_per_source"] = {k: sum(items[i]["source"] == k for i in val_idx)
                                     for k in sorted({it["source"] for it in items})}
     metrics["data"] = data_stats
 
+    draft_ids = None
+    if args.draft_vocab_size:  # FR-Spec: the drafter's logits over the most frequent output tokens
+        counts = collections.Counter(t for i in train_idx for t in seqs[i][0][seqs[i][1]:])
+        top = counts.most_common(args.draft_vocab_size)
+        metrics["draft_vocab"] = sorted(t for t, _ in top)
+        metrics["draft_vocab_coverage"] = sum(c for _, c in top) / max(sum(counts.values()), 1)
+        draft_ids = torch.tensor(metrics["draft_vocab"], dtype=torch.int64, device=device)
+
     head = TrainHead(cfg, max(len(s[0]) for s in seqs) + 1).to(device)
     if args.init == "last-layer":
         init_from_target(head, model)
-    metrics["before"] = {"val": evaluate(head, data, val_idx, lm_w, args.eval_depth, args.batch_tokens, device)}
+    elif args.init != "random":
+        load_head(head, args.init)
+    ev = dict(depth=args.eval_depth, batch_tokens=args.batch_tokens, device=device, draft_ids=draft_ids)
+    metrics["before"] = {"val": evaluate(head, data, val_idx, lm_w, **ev)}
+    print(f"[train_eagle] before: {metrics['before']['val']}", flush=True)
     print(f"[train_eagle] training on {len(train_idx)} sequences, validating on {len(val_idx)} + "
           f"{len(eval_idx)} held-out prompts", flush=True)
-    metrics["train"] = train(head, data, train_idx, lm_w, args, device)
+    ce_w = lm_w[draft_ids] if args.ce_vocab == "draft" and draft_ids is not None else lm_w
+    metrics["train"] = train(head, data, train_idx, ce_w, args, device)
     for name, idx in (("val", val_idx), ("eval_prompts", eval_idx)):
-        metrics[name] = evaluate(head, data, idx, lm_w, args.eval_depth, args.batch_tokens, device)
+        metrics[name] = evaluate(head, data, idx, lm_w, **ev)
         print(f"[train_eagle] {name}: {metrics[name]}", flush=True)
     metrics["val_by_source"] = {}
     for src in sorted({items[i]["source"] for i in val_idx}):
-        m = evaluate(head, data, [i for i in val_idx if items[i]["source"] == src], lm_w, args.eval_depth,
-                     args.batch_tokens, device)
+        m = evaluate(head, data, [i for i in val_idx if items[i]["source"] == src], lm_w, **ev)
         metrics["val_by_source"][src] = {k: m[k] for k in ("top1", "positions", "mean_accepted")}
     print(f"[train_eagle] val by source: {metrics['val_by_source']}", flush=True)
 
     from safetensors.torch import save_file
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_file(head.hf_state_dict(torch.float16), args.out, metadata={"format": "pt", "kind": "eagle_head"})
-    if args.draft_vocab_size:  # FR-Spec: the drafter's logits over the most frequent output tokens
-        counts = collections.Counter(t for i in train_idx for t in seqs[i][0][seqs[i][1]:])
-        top = counts.most_common(args.draft_vocab_size)
-        metrics["draft_vocab"] = sorted(t for t, _ in top)
-        metrics["draft_vocab_coverage"] = sum(c for _, c in top) / max(sum(counts.values()), 1)
     metrics.update(data_sequences=len(seqs), data_tokens=n_tok, total_s=round(time.time() - t_start, 1),
                    device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", out=args.out)
     with open(args.metrics, "w") as f:
