@@ -64,9 +64,13 @@ def bs1_tpot(llm, prompts, max_tokens, device, batch: int = 1) -> tuple[float, i
     return total_t / total_n * 1e3, total_n
 
 
-def _bs1_on_off(texts: list[str], spec: dict, device: str, max_tokens: int, batch: int = 1) -> dict:
-    """The embedded SmolLM2, chat prompts ``batch`` at a time: TPOT without and with ``spec``."""
+def _bs1_on_off(texts: list[str], spec: dict, device: str, max_tokens: int, batch: int = 1,
+                int8: bool = False) -> dict:
+    """The embedded SmolLM2, chat prompts ``batch`` at a time: TPOT without and with ``spec``
+    (``int8``: the CPU's int8-activation mode on both sides)."""
     kw = dict(dtype="float32" if device == "cpu" else "bfloat16", device=device, max_model_len=2048, progress=False)
+    if int8:
+        kw["cpu_int8_activations"] = True
     base = LLM(None, **kw)
     prompts = [base.engine.apply_chat_template([{"role": "user", "content": p}]) for p in texts]
     bs1_tpot(base, prompts[:batch], 16, device, batch)  # warm
@@ -94,7 +98,7 @@ def smollm2_ngram(device: str, max_tokens: int, k: int, quick: bool) -> dict:
 
 
 def smollm2_eagle(device: str, max_tokens: int, k: int, quick: bool, head: str | None = None,
-                  topk: int = 1, nodes: int | None = None, batch: int = 1) -> dict:
+                  topk: int = 1, nodes: int | None = None, batch: int = 1, int8: bool = False) -> dict:
     """The embedded SmolLM2 with its EAGLE head on the 32 held-out chat prompts, batch 1 (or
     ``batch`` at a time: keys ``*_bs<batch>_*``): a chain of k drafts (``eagle_*`` keys), or
     with ``topk`` > 1 an EAGLE-2 tree of depth k and ``nodes`` nodes (``eagle_tree_*`` keys)."""
@@ -105,7 +109,7 @@ def smollm2_eagle(device: str, max_tokens: int, k: int, quick: bool, head: str |
     spec = {"method": "eagle", "num_speculative_tokens": k, **({"model": head} if head else {})}
     if topk > 1:
         spec.update(eagle_topk=topk, num_draft_tokens=nodes)
-    r = _bs1_on_off(texts[:max(4, batch)] if quick else texts, spec, device, max_tokens, batch)
+    r = _bs1_on_off(texts[:max(4, batch)] if quick else texts, spec, device, max_tokens, batch, int8)
     tag = "gpu" if device == "cuda" else "cpu"
     name = "eagle_tree" if topk > 1 else "eagle"
     bs = f"bs{batch}"
@@ -192,6 +196,7 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: smollm2,eagle,verify,tput,cpu_verify")
     ap.add_argument("--eagle-head", default=None, help="EAGLE head file (default: the shipped one)")
     ap.add_argument("--eagle-k", type=int, default=3)
+    ap.add_argument("--cpu-int8", action="store_true", help="EAGLE runs with cpu_int8_activations (CPU)")
     ap.add_argument("--eagle-tree", default="4,4,10",
                     help="EAGLE-2 tree run: depth,eagle_topk,num_draft_tokens ('' to skip)")
     ap.add_argument("--eagle-batch", type=int, nargs="+", default=[1],
@@ -201,12 +206,13 @@ def main() -> None:
     metrics = {} if "smollm2" in skip else smollm2_ngram(a.device, a.max_tokens, a.k, a.quick)
     print(json.dumps(metrics), flush=True)
     if "eagle" not in skip:
-        metrics.update(smollm2_eagle(a.device, a.max_tokens, a.eagle_k, a.quick, a.eagle_head))
+        metrics.update(smollm2_eagle(a.device, a.max_tokens, a.eagle_k, a.quick, a.eagle_head, int8=a.cpu_int8))
         print(json.dumps(metrics), flush=True)
     if "eagle" not in skip and a.eagle_tree:
         depth, topk, nodes = (int(x) for x in a.eagle_tree.split(","))
         for b in a.eagle_batch:
-            metrics.update(smollm2_eagle(a.device, a.max_tokens, depth, a.quick, a.eagle_head, topk, nodes, b))
+            metrics.update(smollm2_eagle(a.device, a.max_tokens, depth, a.quick, a.eagle_head, topk, nodes, b,
+                                         int8=a.cpu_int8))
             print(json.dumps(metrics), flush=True)
     if "cpu_verify" not in skip and a.device == "cpu":
         # the embedded model's verify cost on the CPU (compute-bound past a few rows: it bounds

@@ -16,22 +16,33 @@ Pipeline (one H200: about 4 minutes end to end; ``--quick`` runs a tiny version 
    target's own first answers; a few with a system prompt. Nothing near a prompt of the held-out
    ``benchmarks/eagle_eval_prompts.json`` (used only for evaluation) is kept; a random
    ``--val-frac`` of the training prompts is held out too (per-source numbers in the metrics);
-2. responses from our engine (the embedded SmolLM2), half greedy, half temperature 0.7;
+2. responses from our engine (the embedded SmolLM2), a ``--greedy-frac`` share greedy (default
+   half), the rest at temperature 0.7; the held-out eval prompts greedy; ``--save-data`` keeps the
+   sequences (JSON) and ``--load-data`` trains on them again (a longer run in another call,
+   no generation; ``--data-only`` stops after writing them);
 3. features ``f_p`` of every position of prompt + response, from our engine's own model through
    the paged path (exactly what the drafter sees at inference; ``--check-features`` compares
    them with HF transformers' post-norm hidden states on CPU in fp32);
 4. training (fp32 master weights, bf16 autocast on CUDA): SmoothL1(h_p, f_p) + 0.1 × soft CE
    between LM-head(h_p) and softmax(LM-head(f_p)), uniform noise on the input features; with
    ``--train-depth 2`` also the second draft step (the head's own output as the feature,
-   weight ``--depth-weight``), which is what deeper drafts see;
-5. evaluation on held-out sequences: teacher-forced top-1 agreement with the target's argmax,
-   and the greedy acceptance of a ``--eval-depth``-token chain (mean accepted drafts).
+   weight ``--depth-weight``), which is what deeper drafts see; ``--ce-vocab draft`` takes the
+   CE over the FR-Spec draft vocabulary only (what the drafter scores); ``--init FILE`` continues
+   from an earlier head; the LR's cosine ends with whichever budget ends first (steps or
+   ``--train-seconds``);
+5. evaluation on held-out sequences: teacher-forced top-1 agreement with the target's argmax
+   (the head's argmax over the draft vocabulary, as the drafter takes it), and the greedy acceptance of a ``--eval-depth``-token chain (mean accepted drafts).
 
 Writes the head (safetensors fp16, HF-style names: ``fc.weight``, ``layers.0.*``, ``norm.weight``)
 to ``--out`` and the metrics to ``--metrics`` (default: ``--out`` with ``.json``).
 
     python benchmarks/train_eagle.py --out eagle_smollm2.safetensors        # GPU
     python benchmarks/train_eagle.py --quick --device cpu --out /tmp/h.safetensors
+    # the shipped head (session 14): generate once, then continue the session-7 head
+    python benchmarks/train_eagle.py --out x --num-prompts 12000 --seed 1 --greedy-frac 0.75 \
+        --max-num-seqs 512 --save-data data.json --data-only
+    python benchmarks/train_eagle.py --out head.safetensors --load-data data.json --epochs 1000 \
+        --train-seconds 440 --init OLD_HEAD.safetensors --lr 5e-4 --eval-depth 5
 """
 from __future__ import annotations
 
