@@ -54,6 +54,7 @@ import os
 import random
 import sys
 import time
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -182,7 +183,8 @@ def generate(llm, chats: list[list[dict]], max_tokens: int, seed: int,
     for m in chats:
         ids = llm.engine.tokenize(llm.engine.apply_chat_template(m))
         texts.append({"prompt_token_ids": ids[-limit:]})
-    greedy = [(i * greedy_frac) % 1.0 < greedy_frac for i in range(len(chats))]  # 0.5: even rows
+    share = Fraction(greedy_frac).limit_denominator(10 ** 6)  # exact: float multiples of 0.3 miss block edges
+    greedy = [(i * share) % 1 < share for i in range(len(chats))]  # 0.5: even rows
     params = [SamplingParams(temperature=0.0, max_tokens=max_tokens) if g else
               SamplingParams(temperature=0.7, top_p=0.95, max_tokens=max_tokens, seed=seed + i)
               for i, g in enumerate(greedy)]

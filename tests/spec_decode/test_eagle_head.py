@@ -160,6 +160,31 @@ def test_quick_training_run_writes_a_loadable_head(tmp_path):
     assert h.shape == (5, cfg.hidden_size) and torch.isfinite(h).all()
 
 
+@pytest.mark.parametrize("frac", [0.0, 0.1, 0.3, 0.5, 0.6, 0.75, 1.0])
+def test_generate_greedy_share(frac):
+    """``generate(..., greedy_frac)`` decodes that share of the rows greedily, evenly spread
+    (0.5: the even rows, as before the option). Float multiples of 0.3 or 0.6 fall just below a
+    block edge: ``(i * frac) % 1.0 < frac`` made ~39 % / ~79 % of the rows greedy."""
+    from types import SimpleNamespace
+    mod = _train_module()
+    seen = []
+
+    def fake_generate(texts, params, use_tqdm=False):
+        seen.extend(params)
+        return [SimpleNamespace(prompt_token_ids=t["prompt_token_ids"], outputs=[SimpleNamespace(token_ids=[9])])
+                for t in texts]
+    engine = SimpleNamespace(max_model_len=64, apply_chat_template=lambda m: m, tokenize=lambda m: [1, 2])
+    llm = SimpleNamespace(engine=engine, generate=fake_generate)
+    n = 1000
+    out = mod.generate(llm, [[{"role": "user", "content": "x"}]] * n, 8, 0, frac)
+    greedy = [g for _, _, g in out]
+    assert greedy == [p.temperature == 0.0 for p in seen]
+    assert sum(greedy) == round(frac * n)
+    assert all(sum(greedy[i:i + 20]) == round(frac * 20) for i in range(0, n, 20))  # evenly spread
+    if frac == 0.5:
+        assert greedy[:4] == [True, False, True, False]
+
+
 # --- CPU Q8_0 head (eagle_head.quantize_for_cpu) ----------------------------------------
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
