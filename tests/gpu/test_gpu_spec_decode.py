@@ -53,7 +53,8 @@ def test_greedy_identical_with_speculation_fp32():
 def test_static_tree_graphs_replay_the_eager_program():
     """EAGLE-2 trees from the captured static program (one CUDA graph per batch bucket,
     ``spec_decode/eagle_tree_static.py``) equal the same program run eagerly on the same staged
-    inputs, at batch 1 and 3 (bucket 4: one padding row), fp32; that the program grows
+    inputs and the step's depth budgets (``depth_limit``: rows near max_tokens), at batch 1 and 3
+    (bucket 4: one padding row), fp32; that the program grows
     ``grow_trees``' trees is a CPU test (tests/spec_decode/test_eagle_tree_static.py)."""
     from miniinfer import LLM, SamplingParams
     spec = {"method": "eagle", "num_speculative_tokens": 4, "eagle_topk": 4, "num_draft_tokens": 10}
@@ -67,16 +68,21 @@ def test_static_tree_graphs_replay_the_eager_program():
         got = orig(tables, num_tokens, root_h, allowed, **budgets)
         B = len(num_tokens)
         graph_out = static.graphs[static.bucket(B)][1][:, :B].clone()
+        # the step's own depth budgets (not the staged depth_limit: a stale row there would show)
+        depths = budgets.get("depths") or [static.D] * B
+        limit = torch.tensor(depths, dtype=torch.float32, device=static.device)
         eager = static.program(B, static.num_tokens[:B].clone(), static.block_tables[:B].clone(),
-                               static.live[:B].clone(), static.root_h[:B].clone(), static.root_allowed[:B].clone())
-        calls.append((B, torch.equal(graph_out, eager)))
+                               static.live[:B].clone(), static.root_h[:B].clone(), static.root_allowed[:B].clone(),
+                               limit)
+        calls.append((B, torch.equal(graph_out, eager), min(depths) < static.D))
         return got
     static.grow = both
     prompts = [llm.engine.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS[:3]]
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
     llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
     static.grow = orig
-    assert any(b == 3 for b, _ in calls) and any(b == 1 for b, _ in calls)
-    same = sum(s for _, s in calls)
+    assert any(b == 3 for b, _, _ in calls) and any(b == 1 for b, _, _ in calls)
+    assert any(limited for _, _, limited in calls)  # steps near max_tokens: depth-limited replays
+    same = sum(s for _, s, _ in calls)
     assert same == len(calls), f"{len(calls) - same} of {len(calls)} graph replays differ from the eager program"
     llm.engine.check_integrity()
