@@ -420,14 +420,19 @@ int decode_layers(const int64_t* layers, int L, float* hidden, float* residual, 
 #endif
 
 #if MI_ISA == 2  // ==================================================================== AVX-512
-#define TILE_M 6  // activation rows per register tile
+#define TILE_M 5  // activation rows per register tile (Q8_0)
+#define TILE_M_Q4_1 4  // Q4_1 (5 rows measured slower: 4 chains x 5 rows + the nibble table)
 
 // One record group (16 rows, all K blocks) times mr activation rows starting at m0.
+// Every row sums in the same order whatever mr (a row's bits do not depend on how many rows
+// share the call: speculative decoding's verify rows equal the decode rows they replace):
+// per 32-block, q * x in 4 chains (position 8h + s in chain (8h + s) % 4), added in chain
+// order, then acc = fma(d, p, acc) (Q4_1: then acc = fma(m, sum x, acc)).
 INLINE void F(tile)(const uint8_t* rec, const float* X, const float* xsum, float* Y,
                     int N, int K, int n0, int m0, const int mr, const int q8) {
     const int nb = K / 32;
     const int record = q8 ? RECORD_Q8_0 : RECORD_Q4_1;
-    const int chains = mr == 1 ? 4 : (mr == 2 ? 2 : 1);  // independent FMA chains at small mr
+    const int chains = 4, groups = q8 ? 8 : 4, per_lane = q8 ? 4 : 8;
     const __m512 nibble_value = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     __m512 acc[TILE_M];
     for (int i = 0; i < mr; i++) acc[i] = _mm512_setzero_ps();
@@ -436,10 +441,10 @@ INLINE void F(tile)(const uint8_t* rec, const float* X, const float* xsum, float
         for (int i = 0; i < mr; i++)
             for (int c = 0; c < chains; c++) part[i][c] = _mm512_setzero_ps();
 #pragma GCC unroll 8
-        for (int h = 0; h < (q8 ? 8 : 4); h++) {
+        for (int h = 0; h < groups; h++) {  // (a bound in a variable: the pragma applies)
             const __m512i packed = _mm512_loadu_si512(rec + (q8 ? 32 : 64) + 64 * h);
 #pragma GCC unroll 8
-            for (int s = 0; s < (q8 ? 4 : 8); s++) {
+            for (int s = 0; s < per_lane; s++) {
                 __m512 q;
                 int k;
                 if (q8) {  // byte s of each lane, sign-extended
@@ -1105,14 +1110,22 @@ static void F(silu_and_mul_row)(const float* gate, const float* up, float* dst, 
     }
 }
 #endif  // ====================================================== the same drivers for every ISA
+#ifndef TILE_M_Q4_1
+#define TILE_M_Q4_1 TILE_M
+#endif
 
 INLINE void F(group_rows)(const uint8_t* rec, const float* X, const float* xsum, float* Y,
                           int N, int K, int n0, int m_begin, int m_end, const int q8) {
     int m = m_begin;
-    for (; m + TILE_M <= m_end; m += TILE_M) F(tile)(rec, X, xsum, Y, N, K, n0, m, TILE_M, q8);
+    if (q8 || TILE_M_Q4_1 == TILE_M)
+        for (; m + TILE_M <= m_end; m += TILE_M) F(tile)(rec, X, xsum, Y, N, K, n0, m, TILE_M, q8);
+    else
+        for (; m + TILE_M_Q4_1 <= m_end; m += TILE_M_Q4_1) F(tile)(rec, X, xsum, Y, N, K, n0, m, TILE_M_Q4_1, q8);
     switch (m_end - m) {  // constant mr per call: the compiler unrolls each
 #if TILE_M > 5
         case 5: F(tile)(rec, X, xsum, Y, N, K, n0, m, 5, q8); break;
+#endif
+#if TILE_M > 4
         case 4: F(tile)(rec, X, xsum, Y, N, K, n0, m, 4, q8); break;
 #endif
         case 3: F(tile)(rec, X, xsum, Y, N, K, n0, m, 3, q8); break;
@@ -1262,6 +1275,7 @@ static void F(store_kv)(const float* k, long k_stride, const float* v, long v_st
 }
 
 #undef TILE_M
+#undef TILE_M_Q4_1
 #undef PRESCALE_X
 #undef Q8_TILE_M
 #undef Q8_TARGET
