@@ -1114,24 +1114,28 @@ static void F(silu_and_mul_row)(const float* gate, const float* up, float* dst, 
 #define TILE_M_Q4_1 TILE_M
 #endif
 
+// Tiles of near-equal height (6 rows at a cap of 5: 3 + 3, not 5 + 1: a lone-row tile re-decodes
+// every weight for one row). On paths whose tiles are row-independent (every height sums in one
+// order) the split does not change any row's bits.
 INLINE void F(group_rows)(const uint8_t* rec, const float* X, const float* xsum, float* Y,
                           int N, int K, int n0, int m_begin, int m_end, const int q8) {
-    int m = m_begin;
-    if (q8 || TILE_M_Q4_1 == TILE_M)
-        for (; m + TILE_M <= m_end; m += TILE_M) F(tile)(rec, X, xsum, Y, N, K, n0, m, TILE_M, q8);
-    else
-        for (; m + TILE_M_Q4_1 <= m_end; m += TILE_M_Q4_1) F(tile)(rec, X, xsum, Y, N, K, n0, m, TILE_M_Q4_1, q8);
-    switch (m_end - m) {  // constant mr per call: the compiler unrolls each
+    const int cap = (q8 || TILE_M_Q4_1 == TILE_M) ? TILE_M : TILE_M_Q4_1;
+    const int rows = m_end - m_begin, tiles = (rows + cap - 1) / cap;
+    for (int t = 0, m = m_begin; t < tiles; t++) {
+        const int h = (m_end - m + (tiles - t) - 1) / (tiles - t);  // ceil(rows left / tiles left)
+        switch (h) {  // constant mr per call: the compiler unrolls each
 #if TILE_M > 5
-        case 5: F(tile)(rec, X, xsum, Y, N, K, n0, m, 5, q8); break;
+            case 6: F(tile)(rec, X, xsum, Y, N, K, n0, m, 6, q8); break;
 #endif
 #if TILE_M > 4
-        case 4: F(tile)(rec, X, xsum, Y, N, K, n0, m, 4, q8); break;
+            case 5: F(tile)(rec, X, xsum, Y, N, K, n0, m, 5, q8); break;
 #endif
-        case 3: F(tile)(rec, X, xsum, Y, N, K, n0, m, 3, q8); break;
-        case 2: F(tile)(rec, X, xsum, Y, N, K, n0, m, 2, q8); break;
-        case 1: F(tile)(rec, X, xsum, Y, N, K, n0, m, 1, q8); break;
-        default: break;
+            case 4: F(tile)(rec, X, xsum, Y, N, K, n0, m, 4, q8); break;
+            case 3: F(tile)(rec, X, xsum, Y, N, K, n0, m, 3, q8); break;
+            case 2: F(tile)(rec, X, xsum, Y, N, K, n0, m, 2, q8); break;
+            default: F(tile)(rec, X, xsum, Y, N, K, n0, m, 1, q8); break;
+        }
+        m += h;
     }
 }
 
