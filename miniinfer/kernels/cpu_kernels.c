@@ -701,13 +701,23 @@ static void F(prescale_x)(const float* X, float* xs, size_t n, int q8) {
 #define PRESCALE_X 1
 
 // One record group (16 rows, all K blocks) times mr activation rows starting at m0.
-// mr = 1 (decode): per-block sums of q * x in 4 independent chains, scaled by d once per block.
-// mr > 1: the weights are scaled by d once (d * q is exact in fp32) and shared by the rows.
+// Every row sums in the same order whatever mr (a row's bits do not depend on how many rows
+// share the call: speculative decoding's verify rows equal the decode rows they replace):
+// per 32-block and half, q * x in `chains` chains (position (h, s) in chain s % chains, in
+// (h, s) order), added (p0 + p1) or (p0 + p1) + (p2 + p3), then acc = fma(d, p, acc) (Q4_1:
+// then acc = fma(m, sum x, acc)).
+// mr = 1 (decode): both halves' chains at once. mr > 1: the chains in phases of
+// TILE_PHASE(mr, chains) (each (h, s) belongs to one phase: no weight is decoded twice), so that
+// 2 halves x chains per phase x mr partial sums fit the 16 ymm registers with the weights and x.
+#define TILE_PHASE(mr, chains) ((mr) == 2 ? 2 : 1)
 INLINE void F(tile)(const uint8_t* rec, const float* X, const float* xsum, float* Y,
                     int N, int K, int n0, int m0, const int mr, const int q8) {
     const int nb = K / 32;
     const int record = q8 ? RECORD_Q8_0 : RECORD_Q4_1;
     const int groups = q8 ? 8 : 4, per_lane = q8 ? 4 : 8, first = q8 ? 32 : 64;
+    // [half][chain]: independent FMA chains to cover the FMA latency (Q8_0: 4 measured
+    // faster than 8, Q4_1: 8 faster than 4, on Zen 4)
+    const int chains = q8 ? 2 : 4;
     __m256 acc[TILE_M][2];
     for (int i = 0; i < mr; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++, rec += record) {
@@ -715,9 +725,6 @@ INLINE void F(tile)(const uint8_t* rec, const float* X, const float* xsum, float
         const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(rec + 16)));
         if (mr == 1) {
             const float* x = X + (size_t)m0 * K + 32 * b;
-            // [half][chain]: independent FMA chains to cover the FMA latency (Q8_0: 4 measured
-            // faster than 8, Q4_1: 8 faster than 4, on Zen 4)
-            const int chains = q8 ? 2 : 4;
             __m256 part[2][4];
             for (int c = 0; c < 4; c++) part[0][c] = part[1][c] = _mm256_setzero_ps();
 #pragma GCC unroll 8
@@ -740,23 +747,54 @@ INLINE void F(tile)(const uint8_t* rec, const float* X, const float* xsum, float
                 acc[0][half] = _mm256_fmadd_ps(half ? d1 : d0, p, acc[0][half]);
             }
         } else {
-#pragma GCC unroll 8
-            for (int h = 0; h < groups; h++) {
-                const __m256i lo = _mm256_loadu_si256((const __m256i*)(rec + first + 64 * h));
-                const __m256i hi = _mm256_loadu_si256((const __m256i*)(rec + first + 64 * h + 32));
-#pragma GCC unroll 8
-                for (int s = 0; s < per_lane; s++) {
-                    const int k = 32 * b + (q8 ? 4 * h + s : 4 * h + (s >> 1) + ((s & 1) ? 16 : 0));
-                    const __m256 w0 = _mm256_mul_ps(F(lane_weights)(lo, s, q8), d0);
-                    const __m256 w1 = _mm256_mul_ps(F(lane_weights)(hi, s, q8), d1);
+            const int per_phase = TILE_PHASE(mr, chains) < chains ? TILE_PHASE(mr, chains) : chains;
+            __m256 sum[TILE_M][2][4];  // [row][half][chain]: the finished chains
+            __m256 pair[TILE_M][2][2];  // [row][half]: p0 + p1, p2 + p3
 #pragma GCC unroll 4
-                    for (int i = 0; i < mr; i++) {
-                        const __m256 xb = _mm256_broadcast_ss(X + (size_t)(m0 + i) * K + k);
-                        acc[i][0] = _mm256_fmadd_ps(w0, xb, acc[i][0]);
-                        acc[i][1] = _mm256_fmadd_ps(w1, xb, acc[i][1]);
+            for (int ph = 0; ph < chains; ph += per_phase) {
+                // (each phase loads the weights again: a compiler that kept one phase's loads
+                // for the next would hold all 2 x groups of them in registers, and spill)
+                __asm__ volatile("" ::: "memory");
+                __m256 part[TILE_M][2][4];
+                for (int i = 0; i < mr; i++)
+                    for (int c = 0; c < per_phase; c++) part[i][0][c] = part[i][1][c] = _mm256_setzero_ps();
+#pragma GCC unroll 8
+                for (int h = 0; h < groups; h++) {
+                    const __m256i lo = _mm256_loadu_si256((const __m256i*)(rec + first + 64 * h));
+                    const __m256i hi = _mm256_loadu_si256((const __m256i*)(rec + first + 64 * h + 32));
+#pragma GCC unroll 8
+                    for (int s = 0; s < per_lane; s++) {
+                        const int c = s % chains - ph;
+                        if (c < 0 || c >= per_phase) continue;
+                        const int k = 32 * b + (q8 ? 4 * h + s : 4 * h + (s >> 1) + ((s & 1) ? 16 : 0));
+                        const __m256 w0 = F(lane_weights)(lo, s, q8), w1 = F(lane_weights)(hi, s, q8);
+#pragma GCC unroll 6
+                        for (int i = 0; i < mr; i++) {
+                            const __m256 xb = _mm256_broadcast_ss(X + (size_t)(m0 + i) * K + k);
+                            part[i][0][c] = _mm256_fmadd_ps(w0, xb, part[i][0][c]);
+                            part[i][1][c] = _mm256_fmadd_ps(w1, xb, part[i][1][c]);
+                        }
                     }
                 }
+                for (int i = 0; i < mr; i++)
+                    for (int c = 0; c < per_phase; c++) {
+                        sum[i][0][ph + c] = part[i][0][c];
+                        sum[i][1][ph + c] = part[i][1][c];
+                    }
+                const int done = ph + per_phase;  // chains 0 .. done - 1 are finished
+                for (int i = 0; i < mr; i++)
+                    for (int half = 0; half < 2; half++) {
+                        if (ph < 2 && done >= 2) pair[i][half][0] = _mm256_add_ps(sum[i][half][0], sum[i][half][1]);
+                        if (done == 4) pair[i][half][1] = _mm256_add_ps(sum[i][half][2], sum[i][half][3]);
+                    }
             }
+#pragma GCC unroll 6
+            for (int i = 0; i < mr; i++)
+                for (int half = 0; half < 2; half++) {
+                    const __m256 p = chains == 2 ? pair[i][half][0] : _mm256_add_ps(pair[i][half][0], pair[i][half][1]);
+                    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(rec + 16 * half)));
+                    acc[i][half] = _mm256_fmadd_ps(d, p, acc[i][half]);
+                }
         }
         if (!q8) {
             const __m256 m0v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(rec + 32)));
@@ -774,6 +812,20 @@ INLINE void F(tile)(const uint8_t* rec, const float* X, const float* xsum, float
         _mm256_storeu_ps(Y + (size_t)(m0 + i) * N + n0 + 8, acc[i][1]);
     }
 }
+
+// The decode tile (mr = 1) in functions of their own: inlined into the GEMM next to the
+// mr > 1 tiles, the compiler's register allocation of the whole function spilled one of its
+// FMA chains to the stack (measured ~2 % slower decode GEMM).
+static __attribute__((noinline)) void F(tile_1_q4_1)(const uint8_t* rec, const float* X, const float* xsum, float* Y,
+                                                     int N, int K, int n0, int m0) {
+    F(tile)(rec, X, xsum, Y, N, K, n0, m0, 1, 0);
+}
+static __attribute__((noinline)) void F(tile_1_q8_0)(const uint8_t* rec, const float* X, const float* xsum, float* Y,
+                                                     int N, int K, int n0, int m0) {
+    F(tile)(rec, X, xsum, Y, N, K, n0, m0, 1, 1);
+}
+#define TILE_1(rec, X, xsum, Y, N, K, n0, m, q8) \
+    ((q8) ? F(tile_1_q8_0)(rec, X, xsum, Y, N, K, n0, m) : F(tile_1_q4_1)(rec, X, xsum, Y, N, K, n0, m))
 
 // ---- Q4_1 x int8 activations (q4_1_gemm_int8; also the avx512 path's where the CPU lacks
 // AVX-512 VNNI): as the VNNI version, per 8-row half of a record; vpmaddubsw multiplies the
@@ -1133,7 +1185,11 @@ INLINE void F(group_rows)(const uint8_t* rec, const float* X, const float* xsum,
             case 4: F(tile)(rec, X, xsum, Y, N, K, n0, m, 4, q8); break;
             case 3: F(tile)(rec, X, xsum, Y, N, K, n0, m, 3, q8); break;
             case 2: F(tile)(rec, X, xsum, Y, N, K, n0, m, 2, q8); break;
+#ifdef TILE_1
+            default: TILE_1(rec, X, xsum, Y, N, K, n0, m, q8); break;
+#else
             default: F(tile)(rec, X, xsum, Y, N, K, n0, m, 1, q8); break;
+#endif
         }
         m += h;
     }
@@ -1279,6 +1335,8 @@ static void F(store_kv)(const float* k, long k_stride, const float* v, long v_st
 }
 
 #undef TILE_M
+#undef TILE_PHASE
+#undef TILE_1
 #undef TILE_M_Q4_1
 #undef PRESCALE_X
 #undef Q8_TILE_M

@@ -166,8 +166,6 @@ def test_fp32_row_does_not_depend_on_the_call(isa, fmt, n, k):
     row i's output has the same bits whether it runs alone or at any place of a 2-, 3-, 4-, 7-
     or 16-row call (full register tiles and every remainder). Verify rows of speculative
     decoding and the decode rows they replace must agree exactly (lossless greedy output)."""
-    if isa == "avx2":
-        pytest.xfail("the AVX2 fp32 tile still sums mr > 1 rows in another order than mr = 1")
     packed = cpu_kernels.repack(BLOCKS[fmt](n, k, seed=k), k, fmt)
     x = torch.randn(16, k, generator=torch.Generator().manual_seed(k + 1))
     x[3, :32] *= 50  # an outlier block
