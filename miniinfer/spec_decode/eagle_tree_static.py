@@ -62,11 +62,10 @@ class StaticTreeDrafter:
         self.root_h = torch.zeros(max_batch, drafter.hidden_size, dtype=drafter.head.dtype, device=dev)
         width = drafter.vocab_w.shape[0] if drafter.vocab_w is not None else drafter.vocab_size
         self.root_allowed = torch.ones(max_batch, width, dtype=torch.bool, device=dev)
-        self.depth_limit = torch.full((max_batch,), float(self.D), device=dev)  # each row's budget
+        self.depth_limit = torch.full((max_batch,), self.D, **i64)  # each row's depth budget
         self.pow2 = _pow2_window(dev)
         self.graphs: dict[int, tuple] = {}  # bucket -> (replay, packed output)
         self._masked = 0  # rows of root_allowed that may hold False
-        self._limited = 0  # rows of depth_limit that may be below D
 
     # --- the tensor program ------------------------------------------------------------
     def _meta(self, B: int, d: int, P: torch.Tensor, tables: torch.Tensor, live: torch.Tensor,
@@ -97,7 +96,7 @@ class StaticTreeDrafter:
                 depth_limit: torch.Tensor | None = None) -> torch.Tensor:
         """The whole expansion and rerank for B rows → ``rerank_device``'s [5, B, n] int64.
         ``root_allowed`` [B, Vd] bool or None: the root's children are taken among those;
-        ``depth_limit`` [B] float or None: nodes deeper than a row's limit are not ranked (its
+        ``depth_limit`` [B] int64 or None: nodes deeper than a row's limit are not ranked (its
         best n within the budget, not the best n overall cut to it)."""
         d_ = self.drafter
         K, D, dev = self.K, self.D, self.device
@@ -154,7 +153,7 @@ class StaticTreeDrafter:
             width = max(len(t) for t in block_tables)
             tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32, device=dev)
             P = torch.tensor(num_tokens, dtype=torch.int64, device=dev)
-            limit = torch.tensor(depths or [self.D] * B, dtype=torch.float32, device=dev)
+            limit = torch.tensor(depths or [self.D] * B, dtype=torch.int64, device=dev)
             packed = self.program(B, P, tables, torch.ones(B, dtype=torch.bool, device=dev), root_h, root_allowed,
                                   limit)
         else:
@@ -171,20 +170,16 @@ class StaticTreeDrafter:
         # padding row (P = 1) only its first columns, so older entries past them are never read
         width = min(max(len(t) for t in block_tables), self.block_tables.shape[1])
         staging = self.drafter.staging  # the catch-up's arena (pinned on CUDA): one copy, no wait
-        dev_flat = staging.to_device(num_tokens + [x for t in block_tables for x in t[:width] + [0] * (width - len(t))],
+        dev_flat = staging.to_device(num_tokens + (depths or [self.D] * B)
+                                     + [x for t in block_tables for x in t[:width] + [0] * (width - len(t))],
                                      torch.int64)
         staging.end_step()
         self.num_tokens[:B].copy_(dev_flat[:B])
         self.num_tokens[B:bucket].fill_(1)
-        if depths is not None and min(depths) < self.D:
-            self.depth_limit[:B].copy_(torch.tensor(depths, dtype=torch.float32), non_blocking=True)
-            self._limited = max(self._limited, B)
-        elif self._limited:  # rows a step near max_tokens left behind
-            self.depth_limit[:self._limited].fill_(float(self.D))
-            self._limited = 0
+        self.depth_limit[:B].copy_(dev_flat[B:2 * B])  # padding rows: outputs dropped
         self.live[:B].fill_(True)
         self.live[B:bucket].fill_(False)
-        self.block_tables[:B, :width].copy_(dev_flat[B:].view(B, width))
+        self.block_tables[:B, :width].copy_(dev_flat[2 * B:].view(B, width))
         self.root_h[:B].copy_(root_h)
         if root_allowed is not None:
             self.root_allowed[:B].copy_(root_allowed)
