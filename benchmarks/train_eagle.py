@@ -363,6 +363,7 @@ def evaluate(head, data, idx, lm_w, depth: int, batch_tokens: int, device, draft
     drafts, and P(first j drafts all accepted) for j = 1..depth."""
     hits = total = anchors = 0
     accepted = torch.zeros(depth, dtype=torch.float64)
+    draft_w = None if draft_ids is None else lm_w[draft_ids]
     for b in make_batches(data, idx, batch_tokens, None):
         ids, emb, prev, f, mask = data.batch(b)
         with _autocast(device):
@@ -371,7 +372,7 @@ def evaluate(head, data, idx, lm_w, depth: int, batch_tokens: int, device, draft
         if draft_ids is None:
             match = [_argmax_rows(h, lm_w) == tgt for h in hs]
         else:
-            match = [draft_ids[_argmax_rows(h, lm_w[draft_ids])] == tgt for h in hs]
+            match = [draft_ids[_argmax_rows(h, draft_w)] == tgt for h in hs]
         hits += int(match[0][mask].sum())
         total += int(mask.sum())
         length = ids.shape[1]
