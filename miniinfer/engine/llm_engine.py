@@ -245,12 +245,13 @@ class LLMEngine(DeferredSampling):
         if self.proposer is not None:
             self.proposer.propose_for(self.scheduler.running)
         sched = self.scheduler.schedule()
+        fused = self.proposer is not None and self.proposer.claim(sched)  # the drafter runs it
         launched = None
         if not sched.is_empty() and self._defers(sched):
             self._start_deferred(sched)
             return outputs
         if not sched.is_empty():
-            launched, done = self._launch(sched)
+            launched, done = self._launch(sched, fused)
             outputs += done
             self._launched(sched, launched.sampling_seqs)
         elif self.inflight is None and self.scheduler.waiting and not self.scheduler.running:
@@ -274,7 +275,7 @@ class LLMEngine(DeferredSampling):
                 if not s.seq.is_finished:
                     self.scheduler.publish(s.seq)
 
-    def _launch(self, sched) -> tuple[InFlightStep, list[RequestOutput]]:
+    def _launch(self, sched, fused: bool = False) -> tuple[InFlightStep, list[RequestOutput]]:
         """Queue step N. If a constrained sequence samples in it while step N-1 is in flight,
         N's forward goes first, then N-1 is completed (its tokens advance the grammar matchers)
         and only then N is sampled, its bitmask filled while N's forward runs; otherwise
@@ -284,7 +285,9 @@ class LLMEngine(DeferredSampling):
         grammar = self.inflight is not None and self._structured is not None and sched.has_constrained_sampler
         t0 = time.perf_counter() if self.proposer is not None else None  # a verify's time (spec metrics)
         try:
-            if grammar:
+            if fused:  # the EAGLE step as one program (spec_decode/eagle_fused.py)
+                launched = self.proposer.launch(sched)
+            elif grammar:
                 fwd = self.runner.forward(sched, self.inflight)
                 prev, self.inflight = self.inflight, None
                 result = self.runner.collect(prev)

@@ -10,7 +10,7 @@ import this module and neither imports the other.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -101,6 +101,8 @@ class InFlightStep:
     # then holds every row's draw (rejection_sampler.accept_paths)
     spec_trees: tuple[list[list[int]], list[list[int]]] | None = None
     launched_at: float | None = None  # time.perf_counter() when the engine launched it (speculation's metrics)
+    # a step launched outside the runner's forward/sample (the fused EAGLE step): its collect
+    collect_with: "Callable[[InFlightStep], StepResult] | None" = None
 
 
 @dataclass

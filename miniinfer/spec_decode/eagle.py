@@ -23,6 +23,7 @@ prefix-cache hit, or position 0) gets a zero feature, as in training.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +47,7 @@ class EagleState:
     valid: int  # the head's K/V is valid below this position
     feat_start: int  # position of the first kept target feature
     feats: list[torch.Tensor] = field(default_factory=list)  # [n_i, H] each, consecutive positions
+    fused_mark: tuple | None = None  # (fused step, row, num_tokens) whose buffers hold its next inputs
 
     @property
     def feat_end(self) -> int:
@@ -93,9 +95,15 @@ class EagleDrafter(Proposer):
         self.graphs = None
         from miniinfer.spec_decode.eagle_tree_static import StaticTreeDrafter
         self.static = StaticTreeDrafter(self, engine.config.max_num_seqs, -(-engine.max_model_len // self.block_size))
+        self.fused = None  # the whole step as one program (eagle_fused.py); MINIINFER_SPEC_FUSED=0: off
+        if not runner.tp.enabled and os.environ.get("MINIINFER_SPEC_FUSED", "1") != "0":
+            from miniinfer.spec_decode.eagle_fused import FusedEagleDriver
+            self.fused = FusedEagleDriver(self, engine)
         if runner.device.type == "cuda" and not engine.config.enforce_eager:
             self.capture_cuda_graphs(engine)
             self.static.capture(engine.config.max_num_seqs)
+            if self.fused is not None:
+                self.fused.step.capture(engine.config.max_num_seqs)
 
     def _draft_vocab(self, path: str, engine) -> None:
         """Frequency-ranked drafting (Zhao et al., "FR-Spec", 2025): the head's logits over the
@@ -142,9 +150,9 @@ class EagleDrafter(Proposer):
         else:  # renormalized over the allowed tokens; a row allowing none: all -inf
             logits = logits.masked_fill(~allowed.to(logits.device, non_blocking=True), float("-inf"))
             logp = logits.log_softmax(-1).nan_to_num(nan=float("-inf"), neginf=float("-inf"))
-        top = logp.topk(k, dim=-1)
-        ids = top.indices if self.vocab_ids is None else self.vocab_ids[top.indices]
-        return top.values, ids
+        values, indices = topk_rows(logp, k)
+        ids = indices if self.vocab_ids is None else self.vocab_ids[indices]
+        return values, ids
 
     def grammar_mask(self) -> "GrammarDraftMask | None":
         """The grammar-aware drafting masks (``grammar_draft.py``) once the engine has a
@@ -186,6 +194,26 @@ class EagleDrafter(Proposer):
         st.feats.append(feats.clone())  # graph outputs are static buffers
 
     # --- drafting ----------------------------------------------------------------------
+    def propose_for(self, running: list[Sequence]) -> None:
+        """The fused step when every running sequence qualifies (``eagle_fused.py``), else drafts."""
+        limit = self.config.disable_by_batch_size
+        if self.fused is not None and running and (limit is None or len(running) <= limit):
+            t0 = time.perf_counter()
+            if self.fused.stage(running, [self.budget(s) for s in running]):
+                dt = time.perf_counter() - t0
+                self.stats_.num_draft_steps += 1
+                self.stats_.draft_time_s += dt
+                for seq in running:
+                    seq.spec_draft_time_s += dt / len(running)
+                return
+        super().propose_for(running)
+
+    def claim(self, sched: SchedulerOutput) -> bool:
+        return self.fused is not None and self.fused.claim(sched)
+
+    def launch(self, sched: SchedulerOutput):
+        return self.fused.launch(sched)
+
     def draft(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
         """Drafts per sequence (a chain, or with ``eagle_topk`` > 1 a tree whose parents go to
         ``seq.spec_parents``); none for a sequence without kept features or cache room."""
@@ -284,6 +312,26 @@ class EagleDrafter(Proposer):
             return g.replay_prefill(batch)[1]
         with forward_context(batch.attn_metadata):
             return self.head(self.target.embed(batch.input_ids), features, batch.positions)
+
+
+def topk_rows(x: torch.Tensor, k: int, chunk: int = 128, two_stage: bool | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x.topk(k, dim=-1)`` for x [n, V] (values, indices, best first). On CUDA in two stages:
+    the top k of each ``chunk`` columns, then the top k of those: torch's one-block-per-row
+    radix select over a draft vocabulary of ~8k columns took ~46 µs a call on the H200, the two
+    stages a few µs each (``benchmarks/spec_step_phases.py``). The same set of values; the
+    order of exact ties may differ. ``two_stage``: default on CUDA only."""
+    n, V = x.shape
+    if not (x.is_cuda if two_stage is None else two_stage) or V <= 4 * chunk or k > chunk:
+        top = x.topk(k, dim=-1)
+        return top.values, top.indices
+    pad = -V % chunk
+    xp = torch.nn.functional.pad(x, (0, pad), value=float("-inf")) if pad else x
+    first = xp.view(n, -1, chunk).topk(k, dim=-1)  # [n, V / chunk, k]
+    second = first.values.view(n, -1).topk(k, dim=-1)  # [n, k] over the V / chunk × k candidates
+    cand = second.indices
+    col = first.indices.view(n, -1).gather(1, cand) + (cand // k) * chunk
+    return second.values, col
 
 
 def _plain_matrix(w) -> bool:

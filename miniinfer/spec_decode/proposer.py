@@ -72,6 +72,14 @@ class Proposer:
             for seq in seqs:  # each drafting sequence's share of the step
                 seq.spec_draft_time_s += dt / len(seqs)
 
+    def claim(self, sched: SchedulerOutput) -> bool:
+        """Whether the drafter runs the scheduled step itself (``launch``): EAGLE's fused
+        step. False here."""
+        return False
+
+    def launch(self, sched: SchedulerOutput):
+        raise NotImplementedError
+
     def budget(self, seq: Sequence) -> int:
         """How many drafts ``seq`` may carry: 0 unless it is decoding with every token known
         and its sampling needs nothing per position that the verify lacks (penalties,

@@ -292,6 +292,8 @@ class ModelRunner:
 
     def collect(self, step: InFlightStep) -> StepResult:
         """Wait for a launched step's sampled ids (the step's only device-to-host sync)."""
+        if step.collect_with is not None:
+            return step.collect_with(step)
         if step.token_ids is None:
             return StepResult([], None, hidden=step.hidden)
         if step.seq_rows is not None:  # speculative verify (synchronous steps)
