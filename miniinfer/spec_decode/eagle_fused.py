@@ -313,6 +313,8 @@ class FusedEagleDriver:
         rows, self.rows = self.rows, None
         if rows is None:
             return False
+        for seq in rows:  # placeholders of rows the scheduler did not reach (it pops the others)
+            seq.spec_token_ids, seq.spec_parents = [], None
         N = self.step.N
         if (not sched.preempted and len(sched.scheduled) == len(rows)
                 and all(s.seq is seq and len(s.draft_token_ids) == N for s, seq in zip(sched.scheduled, rows))):

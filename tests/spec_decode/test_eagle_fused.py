@@ -50,3 +50,25 @@ def test_fused_step_is_lossless_on_cpu(spec):
     del llm
     plain = LLM(None, **kw)
     assert [o.outputs[0].token_ids for o in plain.generate(prompts, greedy, use_tqdm=False)] == host
+
+
+def test_fused_step_under_preemption_and_a_small_token_budget():
+    """A cache too small for the batch: steps whose schedule preempts (or cuts the drafts to the
+    token budget) are not the staged step, so their rows turn into plain decodes; the output
+    stays the plain engine's and the cache ends clean."""
+    from miniinfer import LLM, SamplingParams
+    kw = dict(dtype="float32", device="cpu", max_model_len=1024, progress=False)
+    greedy = SamplingParams(temperature=0, max_tokens=32)
+    plain = LLM(None, **kw)
+    prompts = [plain.engine.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS * 2]
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, greedy, use_tqdm=False)]
+    del plain
+    spec = {"method": "eagle", "num_speculative_tokens": 4, "eagle_topk": 4, "num_draft_tokens": 10}
+    llm = LLM(None, speculative_config=spec, num_kv_blocks=12, max_num_batched_tokens=64, max_num_seqs=8, **kw)
+    llm.engine.proposer.fused.enabled = True
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    stats = llm.engine.stats()
+    assert stats["num_preemptions"] > 0 and llm.engine.proposer.fused.gen > 0
+    assert got == want
+    llm.engine.check_integrity()
+    assert stats["num_free_kv_blocks"] == stats["num_kv_blocks"]
