@@ -200,11 +200,7 @@ class EagleDrafter(Proposer):
         if self.fused is not None and running and (limit is None or len(running) <= limit):
             t0 = time.perf_counter()
             if self.fused.stage(running, [self.budget(s) for s in running]):
-                dt = time.perf_counter() - t0
-                self.stats_.num_draft_steps += 1
-                self.stats_.draft_time_s += dt
-                for seq in running:
-                    seq.spec_draft_time_s += dt / len(running)
+                self.count_draft_step(running, time.perf_counter() - t0)  # staging only: drafting runs in the step
                 return
         super().propose_for(running)
 

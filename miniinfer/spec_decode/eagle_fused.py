@@ -34,7 +34,10 @@ from dataclasses import dataclass
 import torch
 
 from miniinfer.attention.metadata import TREE_WINDOW, AttentionMetadata, forward_context
-from miniinfer.spec_decode.eagle_tree_static import GRAPH_BATCH_SIZES, _pow2_window
+from miniinfer.engine.step import InFlightStep, StepResult
+from miniinfer.sampling_params import GREEDY_TEMPERATURE
+from miniinfer.spec_decode.eagle import EagleState
+from miniinfer.spec_decode.eagle_tree_static import GRAPH_BATCH_SIZES, _pow2_window, device_slots
 
 
 @dataclass
@@ -71,7 +74,6 @@ class FusedEagleStep:
         self.block_tables = torch.zeros(B, max_blocks, dtype=torch.int32, device=dev)
         self.pow2 = _pow2_window(dev)
         self.graphs: dict[int, tuple] = {}  # bucket -> (replay, packed outputs [b, 2R + 2N + 2])
-        self.rows_key: tuple | None = None  # (bucket, ((id(seq), num_tokens), ...)) the buffers hold next
 
     @property
     def out_width(self) -> int:
@@ -79,8 +81,7 @@ class FusedEagleStep:
 
     # --- the tensor program ------------------------------------------------------------
     def _slots(self, tables: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        bs = self.block_size
-        return tables.gather(1, (kv // bs).to(torch.int64)).to(torch.int64) * bs + kv % bs
+        return device_slots(tables, kv, self.block_size)
 
     def _meta(self, B: int, q: int, seq_lens: torch.Tensor, tables: torch.Tensor, slots: torch.Tensor,
               tree_mask: torch.Tensor | None = None) -> AttentionMetadata:
@@ -192,7 +193,6 @@ class FusedEagleStep:
             pool = graph.pool() if pool is None else pool
             self.graphs[b] = (graph.replay, out)
         torch.cuda.synchronize()
-        self.rows_key = None
 
     @torch.inference_mode()
     def run(self, B: int) -> torch.Tensor:
@@ -240,8 +240,6 @@ class FusedEagleDriver:
                       if dev.type == "cuda" else None)
 
     def fusable(self, seq, k: int) -> bool:
-        from miniinfer.sampling_params import GREEDY_TEMPERATURE
-        from miniinfer.spec_decode.eagle import EagleState
         p, st = seq.params, seq.spec_state
         if (k < 1 or not isinstance(st, EagleState) or st.num_preemptions != seq.num_preemptions
                 or p.temperature >= GREEDY_TEMPERATURE or p.logprobs is not None or p.logit_bias
@@ -265,7 +263,7 @@ class FusedEagleDriver:
             full = seq.num_tokens + room
             if full > d_.max_model_len or not d_.kv.allocate(seq.block_table, full):
                 return False
-        fast = B == self._last_B and all(getattr(seq.spec_state, "fused_mark", None) == (self.gen, b, seq.num_tokens)
+        fast = B == self._last_B and all(seq.spec_state.fused_mark == (self.gen, b, seq.num_tokens)
                                          for b, seq in enumerate(running))
         width = min(max(len(seq.block_table) for seq in running), s_.block_tables.shape[1])
         tables: list[int] = []
@@ -330,7 +328,6 @@ class FusedEagleDriver:
     @torch.inference_mode()
     def launch(self, sched):
         """Replay the step for the claimed ``sched``; its outputs start copying to the host."""
-        from miniinfer.engine.step import InFlightStep
         B = len(sched.scheduled)
         out = self.step.run(B)
         self._feats = self.step.cu_feat[:B].clone()  # the accepted rows' features (kept by each sequence)
@@ -348,7 +345,6 @@ class FusedEagleDriver:
     def collect(self, step):
         """Wait for the step's outputs → ``StepResult`` (committed tokens and paths); each row's
         drafts become its real tree, its head state the one the program left."""
-        from miniinfer.engine.step import StepResult
         if step.event is not None:
             step.event.synchronize()
         s_ = self.step

@@ -35,6 +35,12 @@ from miniinfer.spec_decode.eagle_tree import DraftTree, rerank_device, trees_fro
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 
 
+def device_slots(tables: torch.Tensor, kv: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The paged layout on the device: cache slots (int64, ``kv``'s shape) of KV indices ``kv``
+    [B, n] (int64) of the sequences whose block tables are ``tables`` [B, W] (int32)."""
+    return tables.gather(1, (kv // block_size).to(torch.int64)).to(torch.int64) * block_size + kv % block_size
+
+
 def _pow2_window(device) -> torch.Tensor:
     """[64] int64: the value of window bit i (bit 63 is the sign bit: −2^63)."""
     vals = [1 << i for i in range(TREE_WINDOW - 1)] + [-(1 << (TREE_WINDOW - 1))]
@@ -73,7 +79,7 @@ class StaticTreeDrafter:
         """Head step d's metadata for B sequences × K frontier nodes, and the positions [B K]."""
         K, bs, dev = self.K, self.block_size, self.device
         kv = (P + (d - 1) * K)[:, None] + torch.arange(K, device=dev)  # [B, K] KV indices
-        slots = tables.gather(1, (kv // bs).to(torch.int64)).to(torch.int64) * bs + kv % bs
+        slots = device_slots(tables, kv, bs)
         slots = torch.where(live[:, None], slots, -1).reshape(-1)
         positions = (P - 1 + d)[:, None].expand(B, K).reshape(-1)
         seq_lens = (P + d * K).to(torch.int32)

@@ -66,11 +66,14 @@ class Proposer:
                 seq.spec_parents = None  # a chain unless the drafter grows a tree
             for seq, tokens in zip(seqs, self.draft(seqs, ks)):
                 seq.spec_token_ids = tokens
-            dt = time.perf_counter() - t0  # the drafter's host work and its device reads
-            self.stats_.num_draft_steps += 1
-            self.stats_.draft_time_s += dt
-            for seq in seqs:  # each drafting sequence's share of the step
-                seq.spec_draft_time_s += dt / len(seqs)
+            self.count_draft_step(seqs, time.perf_counter() - t0)  # the drafter's host work and its device reads
+
+    def count_draft_step(self, seqs: list[Sequence], dt: float) -> None:
+        """A drafting step of ``dt`` seconds for ``seqs``: each gets its share."""
+        self.stats_.num_draft_steps += 1
+        self.stats_.draft_time_s += dt
+        for seq in seqs:
+            seq.spec_draft_time_s += dt / len(seqs)
 
     def claim(self, sched: SchedulerOutput) -> bool:
         """Whether the drafter runs the scheduled step itself (``launch``): EAGLE's fused
