@@ -215,7 +215,8 @@ def bench_batch(spec_llm, nospec_llm, prompts, bs: int, args, ignore_eos_plain: 
 
 def _record_verify_fills(llm) -> None:
     """Give the engine's manager a ``verify_fill_times_us`` list: the ``fill_times_us`` entries
-    that ``fill_verify_bitmask`` appended (an instance attribute the runner calls through)."""
+    that ``fill_verify_bitmask`` (the host path) or the fused EAGLE step's ``_fill`` appended
+    (instance attributes their callers call through)."""
     so = llm.engine.structured_output
     if hasattr(so, "verify_fill_times_us"):
         return
@@ -228,6 +229,16 @@ def _record_verify_fills(llm) -> None:
         so.verify_fill_times_us.extend(list(so.fill_times_us)[n:])
         return out
     so.fill_verify_bitmask = fill_verify_bitmask
+    fused = getattr(llm.engine.proposer, "fused", None)
+    if fused is not None:  # the fused EAGLE step's constrained steps fill through their driver
+        fused_fill = fused._fill
+
+        def fill(*a, **kw):
+            n = len(so.fill_times_us)
+            out = fused_fill(*a, **kw)
+            so.verify_fill_times_us.extend(list(so.fill_times_us)[n:])
+            return out
+        fused._fill = fill
 
 
 def _free(*llms) -> None:

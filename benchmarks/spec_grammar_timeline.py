@@ -9,6 +9,8 @@ forward runs; ``serial``: ``StructuredOutputManager.overlap = False``, the fill 
 ``record_function`` (wrapped here, the engine is not changed): ``draft`` (the proposer),
 ``forward`` (the verify forward's launch), ``mask_fill`` (``fill_verify_bitmask``), ``sample``
 (the acceptance launch; the fill runs inside it), ``collect`` (waiting for the accepted ids), ``process``.
+With the fused EAGLE step (CUDA default, ``MINIINFER_SPEC_FUSED=0``: off) ``draft`` is its staging,
+``forward`` its launch (draft, verify and accept graphs; the fill, ``FusedEagleDriver._fill``, inside).
 
 Output (``--out``): per mode, the labelled host intervals and the GPU's busy intervals (kernels
 merged) of ``--steps`` consecutive verify steps from the middle of the run, in µs from the first
@@ -157,6 +159,9 @@ def main(argv: list[str] | None = None) -> dict:
     _label(eng.proposer, "propose_for", "draft")
     _label(eng.runner, "forward", "forward")
     _label(so, "fill_verify_bitmask", "mask_fill")
+    if getattr(eng.proposer, "fused", None) is not None:  # the fused step: launch = draft + verify + accept
+        _label(eng.proposer.fused, "_fill", "mask_fill")
+        _label(eng.proposer.fused, "launch", "forward")
     _label(eng.runner, "sample", "sample")
     _label(eng.runner, "collect", "collect")
     _label(eng, "_process", "process")

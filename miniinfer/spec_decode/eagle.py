@@ -97,13 +97,15 @@ class EagleDrafter(Proposer):
         self.static = StaticTreeDrafter(self, engine.config.max_num_seqs, -(-engine.max_model_len // self.block_size))
         self.fused = None  # the whole step as one program (eagle_fused.py); MINIINFER_SPEC_FUSED=0: off
         if not runner.tp.enabled and os.environ.get("MINIINFER_SPEC_FUSED", "1") != "0":
-            from miniinfer.spec_decode.eagle_fused import FusedEagleDriver
+            from miniinfer.spec_decode.eagle_fused_driver import FusedEagleDriver
             self.fused = FusedEagleDriver(self, engine)
         if runner.device.type == "cuda" and not engine.config.enforce_eager:
             self.capture_cuda_graphs(engine)
             self.static.capture(engine.config.max_num_seqs)
             if self.fused is not None:
-                self.fused.step.capture(engine.config.max_num_seqs)
+                # the constrained steps' three graphs too, when structured output can be used
+                import importlib.util
+                self.fused.step.capture(engine.config.max_num_seqs, split=importlib.util.find_spec("xgrammar") is not None)
 
     def _draft_vocab(self, path: str, engine) -> None:
         """Frequency-ranked drafting (Zhao et al., "FR-Spec", 2025): the head's logits over the

@@ -3,7 +3,7 @@
 The host path (``eagle.py`` + the runner's verify) costs ~3 ms of Python a step on the GPU
 machine for ~1 ms of kernels (``benchmarks/spec_step_phases.py``): the catch-up's inputs, the
 tree read, the verify's packing, the draws read, the accept walk and the KV compaction each
-wait on the host. For greedy sequences without logprobs, penalties, logit bias or grammars,
+wait on the host. For greedy sequences without logprobs, penalties or logit bias,
 this module runs, per sequence of a batch bucket (1, 2, 4 … 32 rows):
 
 1. **catch-up**: the head over the ``cu_n`` ≤ D + 1 tokens since its cache was valid (the last
@@ -23,6 +23,12 @@ this module runs, per sequence of a batch bucket (1, 2, 4 … 32 rows):
    new ``start`` go back into the input buffers, so a next step over the same rows restages only
    the block tables and depth budgets.
 
+Constrained sequences (issue #14) take the same ops as three parts (``split_parts``: draft, verify,
+masked accept; three graphs per bucket when xgrammar is installed): the drafted tree goes to the
+host between the first two, the host fills one bitmask row per node while the verify runs, and
+only the accept's draws (masked by ``bitmask``) wait for the rows (``run_split``;
+``eagle_fused_driver.py`` drives it).
+
 Outputs: one int64 tensor [B, 2R + 2N + 2] (R = D + 1: committed tokens, count, path offsets,
 node tokens, node parents, valid nodes) copied to pinned memory; ``collect`` reads it once.
 The result is the host path's (same ops, same layout; ``tests/spec_decode/test_eagle_fused.py``).
@@ -34,9 +40,6 @@ from dataclasses import dataclass
 import torch
 
 from miniinfer.attention.metadata import TREE_WINDOW, AttentionMetadata, forward_context
-from miniinfer.engine.step import InFlightStep, StepResult
-from miniinfer.sampling_params import GREEDY_TEMPERATURE
-from miniinfer.spec_decode.eagle import EagleState
 from miniinfer.spec_decode.eagle_tree_static import GRAPH_BATCH_SIZES, _pow2_window, device_slots
 
 
@@ -74,6 +77,13 @@ class FusedEagleStep:
         self.block_tables = torch.zeros(B, max_blocks, dtype=torch.int32, device=dev)
         self.pow2 = _pow2_window(dev)
         self.graphs: dict[int, tuple] = {}  # bucket -> (replay, packed outputs [b, 2R + 2N + 2])
+        # constrained steps (``run_split``): the verify's bitmask rows, one per node, and the tree read
+        self.mask_width = -(-drafter.vocab_size // 32)  # int32 words per row (xgrammar's layout)
+        self.bitmask = torch.full((B * (self.N + 1), self.mask_width), -1, dtype=torch.int32, device=dev)
+        self.split: dict[int, tuple] = {}  # bucket -> (draft replay, tree [b, 2N + 1]), verify replay, (accept replay, out)
+        self._unpack: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._tree_host = (torch.empty(B, 2 * self.N + 1, dtype=torch.int64, pin_memory=True)
+                           if dev.type == "cuda" else None)
 
     @property
     def out_width(self) -> int:
@@ -107,30 +117,34 @@ class FusedEagleStep:
             valid = valid & torch.where(parent < 0, True, valid.gather(1, parent.clamp(min=0)))
         return tok, parent, dep, valid
 
-    def program(self, B: int) -> torch.Tensor:
-        d_, R, D, dev = self.drafter, self.R, self.D, self.device
-        target = self.runner.model
+    def _draft(self, B: int, root_allowed: torch.Tensor | None = None) -> dict:
+        """Steps 1-2: the catch-up and the tree → the step's tensors (``_verify``/``_accept`` take them)."""
+        d_, R, dev = self.drafter, self.R, self.device
         tables, live, n = self.block_tables[:B], self.live[:B], self.cu_n[:B]
         start = self.start[:B]
         P = start + n  # tokens known
-        # 1. catch-up
         j = torch.arange(R, device=dev)
         pos = start[:, None] + j
         real = (j < n[:, None]) & live[:, None]
         slots = torch.where(real, self._slots(tables, pos), -1)
         with forward_context(self._meta(B, R, start + R, tables, slots)):
-            h = d_.head(target.embed(self.cu_tok[:B].reshape(-1)), self.cu_feat[:B].reshape(B * R, -1), pos.reshape(-1))
+            h = d_.head(self.runner.model.embed(self.cu_tok[:B].reshape(-1)), self.cu_feat[:B].reshape(B * R, -1),
+                        pos.reshape(-1))
         root_h = h.view(B, R, -1).gather(1, (n - 1)[:, None, None].expand(B, 1, h.shape[-1])).squeeze(1)
-        # 2. tree
-        packed = self.static.program(B, P, tables, live, root_h, None, self.depth_limit[:B])
+        packed = self.static.program(B, P, tables, live, root_h, root_allowed, self.depth_limit[:B])
         tok, parent, dep, valid = self._tree(packed)
-        N = tok.shape[1]
-        # 3. verify: the root (KV index P - 1) and node i at P + i, positions P - 1 + depth
-        root_tok = self.cu_tok[:B].gather(1, (n - 1)[:, None])
-        ids = torch.cat([root_tok, tok], 1)
-        vpos = (P - 1)[:, None] + torch.cat([torch.zeros_like(root_tok), dep], 1)
+        return dict(P=P, n=n, live=live, tables=tables, tok=tok, parent=parent, dep=dep, valid=valid,
+                    root_tok=self.cu_tok[:B].gather(1, (n - 1)[:, None]))
+
+    def _verify(self, B: int, t: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 3: the target over the root token (KV index P - 1) and node i (at P + i, position
+        P - 1 + depth), tree-masked → (hidden [B (N + 1), H], logits [B (N + 1), V])."""
+        D, N, dev = self.D, self.N, self.device
+        P, root_tok, parent, tables = t["P"], t["root_tok"], t["parent"], t["tables"]
+        ids = torch.cat([root_tok, t["tok"]], 1)
+        vpos = (P - 1)[:, None] + torch.cat([torch.zeros_like(root_tok), t["dep"]], 1)
         kv = (P - 1)[:, None] + torch.arange(N + 1, device=dev)
-        vslots = torch.where(live[:, None], self._slots(tables, kv), -1)
+        t["vslots"] = vslots = torch.where(t["live"][:, None], self._slots(tables, kv), -1)
         rows = torch.cat([torch.full_like(root_tok, -1), parent], 1) + 1  # parent row (root: itself)
         vis = torch.eye(N + 1, dtype=torch.bool, device=dev).expand(B, N + 1, N + 1)
         for _ in range(D):  # ancestors-or-self, through the parents
@@ -138,8 +152,13 @@ class FusedEagleStep:
         prefix = (1 << (TREE_WINDOW - N - 1)) - 1
         mask = prefix + (vis.to(torch.int64) * self.pow2[TREE_WINDOW - N - 1:]).sum(-1)
         with forward_context(self._meta(B, N + 1, P + N, tables, vslots, mask.reshape(-1))):
-            hidden = target(ids.reshape(-1), vpos.reshape(-1))
-        draws = target.compute_logits(hidden).argmax(-1).view(B, N + 1)
+            hidden = self.runner.model(ids.reshape(-1), vpos.reshape(-1))
+        return hidden, self.runner.model.compute_logits(hidden)
+
+    def _accept(self, B: int, t: dict, hidden: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        """Steps 4-6 from the rows' draws [B, N + 1] → the packed outputs [B, out_width]."""
+        R, D, N, dev = self.R, self.D, self.N, self.device
+        P, tok, parent, dep, valid, live = t["P"], t["tok"], t["parent"], t["dep"], t["valid"], t["live"]
         # 4. accept: a node is accepted when its parent is and its token is the parent's draw
         acc = torch.zeros(B, N, dtype=torch.bool, device=dev)
         tok_ok = valid & (tok == draws.gather(1, parent + 1))
@@ -147,15 +166,16 @@ class FusedEagleStep:
             acc = tok_ok & torch.where(parent < 0, True, acc.gather(1, parent.clamp(min=0)))
         a = (acc * dep).amax(1)  # accepted drafts
         at_depth = acc[:, None, :] & (dep[:, None, :] == torch.arange(1, D + 1, device=dev)[None, :, None])
-        path = torch.cat([torch.zeros_like(root_tok),
-                          torch.where(at_depth.any(-1), at_depth.to(torch.int32).argmax(-1) + 1, 0)], 1)  # [B, R]
+        zero = torch.zeros_like(t["root_tok"])
+        path = torch.cat([zero, torch.where(at_depth.any(-1), at_depth.to(torch.int32).argmax(-1) + 1, 0)], 1)  # [B, R]
         committed = draws.gather(1, path)
         count = a + 1
         # 5. compaction: path node j's K/V to KV index P - 1 + j (no-op entries: row 0's root onto itself)
+        j = torch.arange(R, device=dev)
         on_path = (j[None, :] <= a[:, None]) & (path != j[None, :]) & live[:, None]
-        src = torch.where(on_path, self._slots(tables, (P - 1)[:, None] + path), -1)
-        dst = torch.where(on_path, self._slots(tables, (P - 1)[:, None] + j), -1)
-        noop = vslots[0, 0]
+        src = torch.where(on_path, self._slots(t["tables"], (P - 1)[:, None] + path), -1)
+        dst = torch.where(on_path, self._slots(t["tables"], (P - 1)[:, None] + j), -1)
+        noop = t["vslots"][0, 0]
         src, dst = torch.where(src < 0, noop, src).reshape(-1), torch.where(dst < 0, noop, dst).reshape(-1)
         flat = self.runner.kv_caches.flatten(2, 3)
         if flat.element_size() == 1:
@@ -169,14 +189,85 @@ class FusedEagleStep:
         self.start[:B].copy_(P)
         return torch.cat([committed, count[:, None], path, tok, parent, valid.sum(1, keepdim=True)], 1)
 
+    def program(self, B: int) -> torch.Tensor:
+        """The whole step over rows ``:B``, unconstrained → [B, out_width] int64."""
+        t = self._draft(B)
+        hidden, logits = self._verify(B, t)
+        return self._accept(B, t, hidden, logits.argmax(-1).view(B, self.N + 1))
+
+    # --- constrained steps: the draft, the verify and the accept as three parts -------------
+    def _masked_draws(self, B: int, logits: torch.Tensor) -> torch.Tensor:
+        """Greedy draws [B, N + 1] of the verify's logits under ``bitmask``'s rows (bit set = allowed)."""
+        V = logits.shape[-1]
+        if self._unpack is None or self._unpack[0].shape[0] != V:
+            col = torch.arange(V, device=self.device)
+            self._unpack = ((col // 32).clamp(max=self.mask_width - 1), (col % 32).to(torch.int32),
+                            col >= 32 * self.mask_width)  # columns past the mask: left as they are
+        words, bits, beyond = self._unpack
+        rows = self.bitmask[:B * (self.N + 1)]
+        allowed = ((rows[:, words] >> bits) & 1).bool() | beyond
+        return logits.masked_fill(~allowed, float("-inf")).argmax(-1).view(B, self.N + 1)
+
+    def split_parts(self, B: int) -> tuple:
+        """(draft, verify, accept) over rows ``:B``: draft → the tree [B, 2N + 1] int64 (tokens,
+        parents, valid count; the root's children among ``static.root_allowed``), verify → the
+        logits kept for accept, accept → the packed outputs with the draws masked by ``bitmask``."""
+        state: dict = {}
+
+        def draft() -> torch.Tensor:
+            t = state["t"] = self._draft(B, self.static.root_allowed[:B])
+            return torch.cat([t["tok"], t["parent"], t["valid"].sum(1, keepdim=True)], 1)
+
+        def verify() -> None:
+            state["hidden"], state["logits"] = self._verify(B, state["t"])
+
+        def accept() -> torch.Tensor:
+            return self._accept(B, state["t"], state["hidden"], self._masked_draws(B, state["logits"]))
+        return draft, verify, accept
+
+    @torch.inference_mode()
+    def run_split(self, B: int, fill, overlap: bool = True) -> torch.Tensor:
+        """A step with constrained rows → [B, out_width] int64. ``fill(tree)`` gets the tree
+        [B, 2N + 1] int64 on the host and returns the bitmask rows [B (N + 1), mask_width] int32
+        (pinned on CUDA; -1 rows for unconstrained sequences). With ``overlap`` the verify is
+        queued before the host waits for the tree, so the fill runs beside it and only the
+        accept waits for the rows; without, the verify waits for the fill (the serial baseline)."""
+        bucket = next((b for b in sorted(self.split) if b >= B), None)
+        rows = B * (self.N + 1)
+        if bucket is None:  # eager (the CPU; CUDA without the split graphs)
+            draft, verify, accept = self.split_parts(B)
+            tree = draft()
+            if overlap:
+                verify()
+            self.bitmask[:rows].copy_(fill(tree.cpu()), non_blocking=True)
+            if not overlap:
+                verify()
+            return accept()
+        self.live[B:bucket].fill_(False)
+        (draft, tree), verify, (accept, out) = self.split[bucket]
+        draft()
+        host = self._tree_host[:B]
+        host.copy_(tree[:B], non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        if overlap:
+            verify()
+        ready.synchronize()
+        self.bitmask[:rows].copy_(fill(host), non_blocking=True)
+        if not overlap:
+            verify()
+        accept()
+        return out[:B]
+
     # --- running it --------------------------------------------------------------------
     def bucket(self, B: int) -> int | None:
         if self.device.type != "cuda":
             return B if B <= self.max_batch else None
         return next((b for b in sorted(self.graphs) if b >= B), None)
 
-    def capture(self, max_batch: int) -> None:
-        """One graph per bucket of ``GRAPH_BATCH_SIZES`` up to ``max_batch`` (CUDA only)."""
+    def capture(self, max_batch: int, split: bool = False) -> None:
+        """One graph per bucket of ``GRAPH_BATCH_SIZES`` up to ``max_batch`` (CUDA only); with
+        ``split`` also the three graphs of ``split_parts`` per bucket (constrained steps)."""
         if self.device.type != "cuda":
             return
         pool = None
@@ -185,13 +276,21 @@ class FusedEagleStep:
             self.start[:b].fill_(1)
             self.cu_n[:b].fill_(1)
             with torch.inference_mode():
-                self.program(b)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = self.program(b)
-            pool = graph.pool() if pool is None else pool
-            self.graphs[b] = (graph.replay, out)
+                parts = [lambda b=b: self.program(b)]
+                if split:
+                    parts += self.split_parts(b)
+                outs = []
+                for part in parts:  # each warmed up, captured, then replayed: the next part reads its outputs
+                    part()
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        outs.append((graph.replay, part()))
+                    graph.replay()
+                    pool = graph.pool() if pool is None else pool
+            self.graphs[b] = outs[0]
+            if split:
+                self.split[b] = (outs[1], outs[2][0], outs[3])
         torch.cuda.synchronize()
 
     @torch.inference_mode()
@@ -216,147 +315,3 @@ class FusedEagleStep:
             out.drafts.append(row[2 * R + 1:2 * R + 1 + nodes])
             out.parents.append(row[2 * R + 1 + N:2 * R + 1 + N + nodes])
         return out
-
-
-class FusedEagleDriver:
-    """The engine's side of the fused step: which steps it serves, their staging, launch and
-    collection. ``EagleDrafter.propose_for`` calls :meth:`stage`; the engine then asks
-    :meth:`claim` whether the scheduled step is the one staged, and launches it through
-    :meth:`launch` (``InFlightStep.collect_with`` = :meth:`collect`)."""
-
-    def __init__(self, drafter, engine):
-        self.drafter = drafter
-        self.engine = engine
-        self.step = FusedEagleStep(drafter, engine.runner, engine.config.max_num_seqs,
-                                   drafter.static.block_tables.shape[1])
-        self.enabled = engine.runner.device.type == "cuda"  # on the CPU: tests switch it on
-        self.rows: list | None = None  # the sequences staged for the next step, in row order
-        self.gen = 0  # fused steps collected; a row's buffers are current when its mark says so
-        self._last_B = 0
-        self._staged: list[int] | None = None  # depth budgets, table width and tables last copied
-        self._feats: torch.Tensor | None = None  # the last launch's accepted rows' features
-        dev = self.step.device
-        self._host = (torch.empty(self.step.max_batch, self.step.out_width, dtype=torch.int64, pin_memory=True)
-                      if dev.type == "cuda" else None)
-
-    def fusable(self, seq, k: int) -> bool:
-        p, st = seq.params, seq.spec_state
-        if (k < 1 or not isinstance(st, EagleState) or st.num_preemptions != seq.num_preemptions
-                or p.temperature >= GREEDY_TEMPERATURE or p.logprobs is not None or p.logit_bias
-                or seq.grammar is not None):
-            return False
-        return 1 <= seq.num_tokens - min(st.valid, seq.num_tokens - 1) <= self.step.R
-
-    @torch.inference_mode()
-    def stage(self, running: list, ks: list[int]) -> bool:
-        """Stage the fused step for all of ``running`` when every one qualifies (and nothing
-        waits to be admitted); their ``spec_token_ids`` become N placeholders. False: not
-        this step (the host path drafts)."""
-        s_, d_ = self.step, self.drafter
-        B = len(running)
-        if not self.enabled or not B or self.engine.scheduler.waiting or s_.bucket(B) is None:
-            return False
-        if not all(self.fusable(seq, k) for seq, k in zip(running, ks)):
-            return False
-        room = max(s_.N, (s_.D - 1) * s_.K)  # the tree's head K/V and the verify's nodes
-        for seq in running:
-            full = seq.num_tokens + room
-            if full > d_.max_model_len or not d_.kv.allocate(seq.block_table, full):
-                return False
-        fast = B == self._last_B and all(seq.spec_state.fused_mark == (self.gen, b, seq.num_tokens)
-                                         for b, seq in enumerate(running))
-        width = min(max(len(seq.block_table) for seq in running), s_.block_tables.shape[1])
-        tables: list[int] = []
-        for seq in running:
-            t = seq.block_table[:width]
-            tables += t + [0] * (width - len(t))
-        head = list(ks) + [width] + tables  # what the buffers already hold when unchanged: no copy
-        if fast and head == self._staged:
-            self._mark_placeholders(running)
-            return True
-        flat = list(ks)
-        if not fast:
-            starts = [min(seq.spec_state.valid, seq.num_tokens - 1) for seq in running]
-            flat += starts + [seq.num_tokens - st for seq, st in zip(running, starts)]
-            for seq, st in zip(running, starts):
-                toks = seq.token_ids[st:]
-                flat += toks + [0] * (s_.R - len(toks))
-        dev = d_.staging.to_device(flat + tables, torch.int64)
-        d_.staging.end_step()
-        s_.depth_limit[:B].copy_(dev[:B])
-        at = B
-        if not fast:
-            s_.start[:B].copy_(dev[at:at + B])
-            s_.cu_n[:B].copy_(dev[at + B:at + 2 * B])
-            s_.cu_tok[:B].copy_(dev[at + 2 * B:at + 2 * B + B * s_.R].view(B, s_.R))
-            at += 2 * B + B * s_.R
-            for b, (seq, st) in enumerate(zip(running, starts)):
-                s_.cu_feat[b, :seq.num_tokens - st].copy_(d_._features(seq.spec_state, st, seq.num_tokens))
-        s_.block_tables[:B, :width].copy_(dev[at:].view(B, width))
-        s_.live[:B].fill_(True)
-        self._staged = head
-        self._mark_placeholders(running)
-        return True
-
-    def _mark_placeholders(self, running: list) -> None:
-        N = self.step.N
-        for seq in running:
-            seq.spec_token_ids = [0] * N
-            seq.spec_parents = list(range(-1, N - 1))
-        self.rows = list(running)
-
-    def claim(self, sched) -> bool:
-        """Whether ``sched`` is the staged step (every staged row a verify of N placeholders,
-        nothing else). If not, the placeholder rows become plain decodes."""
-        rows, self.rows = self.rows, None
-        if rows is None:
-            return False
-        for seq in rows:  # placeholders of rows the scheduler did not reach (it pops the others)
-            seq.spec_token_ids, seq.spec_parents = [], None
-        N = self.step.N
-        if (not sched.preempted and len(sched.scheduled) == len(rows)
-                and all(s.seq is seq and len(s.draft_token_ids) == N for s, seq in zip(sched.scheduled, rows))):
-            return True
-        staged = {id(seq) for seq in rows}
-        for s in sched.scheduled:
-            if id(s.seq) in staged and s.draft_token_ids:
-                s.seq.num_computed_tokens -= len(s.draft_token_ids)
-                s.num_new_tokens, s.draft_token_ids, s.draft_parents = 1, [], None
-        sched.scheduled.sort(key=lambda s: s.num_new_tokens != 1)
-        return False
-
-    @torch.inference_mode()
-    def launch(self, sched):
-        """Replay the step for the claimed ``sched``; its outputs start copying to the host."""
-        B = len(sched.scheduled)
-        out = self.step.run(B)
-        self._feats = self.step.cu_feat[:B].clone()  # the accepted rows' features (kept by each sequence)
-        event = None
-        host = out
-        if out.is_cuda:  # (synchronous steps: one pinned buffer is enough)
-            host = self._host[:B]
-            host.copy_(out, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        return InFlightStep(sched, [s.seq for s in sched.scheduled], out, host, event, None,
-                            collect_with=self.collect)
-
-    @torch.inference_mode()
-    def collect(self, step):
-        """Wait for the step's outputs → ``StepResult`` (committed tokens and paths); each row's
-        drafts become its real tree, its head state the one the program left."""
-        if step.event is not None:
-            step.event.synchronize()
-        s_ = self.step
-        o = FusedEagleStep.unpack(step.token_ids_host.tolist(), s_.R, s_.N)
-        self.gen += 1
-        self._last_B = len(step.sched.scheduled)
-        for b, (s, c) in enumerate(zip(step.sched.scheduled, o.committed)):
-            s.draft_token_ids, s.draft_parents = o.drafts[b], (o.parents[b] if s_.K > 1 else None)
-            seq = s.seq
-            seq.num_computed_tokens = s.start + len(c)  # the root and the accepted drafts
-            st, P = seq.spec_state, s.start + 1  # tokens known before the step (num_tokens holds a placeholder now)
-            st.valid, st.feat_start, st.feats = P, P - 1, [self._feats[b, :len(c)]]
-            st.fused_mark = (self.gen, b, P + len(c))
-        rows = [b * (s_.N + 1) for b in range(len(o.committed))]
-        return StepResult([c[0] for c in o.committed], None, o.committed, rows, spec_paths=o.paths)

@@ -187,6 +187,10 @@ class StaticTreeDrafter:
         self.live[B:bucket].fill_(False)
         self.block_tables[:B, :width].copy_(dev_flat[2 * B:].view(B, width))
         self.root_h[:B].copy_(root_h)
+        self.set_root_allowed(B, root_allowed)
+
+    def set_root_allowed(self, B: int, root_allowed: torch.Tensor | None) -> None:
+        """Rows ``:B`` of ``root_allowed`` from ``root_allowed`` [B, Vd] bool, or all True (None)."""
         if root_allowed is not None:
             self.root_allowed[:B].copy_(root_allowed)
             self._masked = max(self._masked, B)

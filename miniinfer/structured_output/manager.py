@@ -270,12 +270,7 @@ class StructuredOutputManager:
 
         def walk(i: int) -> None:
             r, n = seq_rows[i], len(drafts[i]) + 1
-            block = host[r.start:r.start + n]
-            _walk_tree(seqs[i].grammar, drafts[i], parents[i], block)
-            rows_np = block.numpy()  # (NumPy: ~3 µs for 11 rows, torch's mask ops ~27 µs)
-            forbidden = ~rows_np.any(axis=1)  # a forbidden draft's row is all zero (unused, see above)
-            if forbidden.any():
-                rows_np[forbidden] = -1
+            self.fill_verify_rows(seqs[i].grammar, drafts[i], parents[i], host[r.start:r.start + n])
 
         self.run_tasks([functools.partial(walk, i) for i in constrained])  # one tree a task
         for i in constrained:
@@ -283,6 +278,19 @@ class StructuredOutputManager:
         self.fill_times_us.append((time.perf_counter() - t0) * 1e6)
         return self._to_device(host, rows)
 
+
+    @staticmethod
+    def fill_verify_rows(matcher, tokens: list[int], parents: list[int], block: torch.Tensor) -> None:
+        """One draft tree's verify rows into ``block`` [1 + n, W] int32 (CPU): row 0 what may
+        follow the committed tokens, row i + 1 what may follow the path to ``tokens[i]``
+        (``parents[i]``: index or -1 for the root); the matcher is rolled back. The row of a
+        node under a forbidden token (all zero) is set to allow everything: it is never used
+        (no path through it is accepted) and a row of -inf only would break sampling."""
+        _walk_tree(matcher, tokens, parents, block)
+        rows_np = block.numpy()  # (NumPy: ~3 µs for 11 rows, torch's mask ops ~27 µs)
+        forbidden = ~rows_np.any(axis=1)
+        if forbidden.any():
+            rows_np[forbidden] = -1
 
     def run_tasks(self, tasks: list) -> None:
         """Run independent host tasks (e.g. one draft tree's walk through its own matcher),

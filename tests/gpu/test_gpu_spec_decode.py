@@ -89,3 +89,86 @@ def test_static_tree_graphs_replay_the_eager_program():
     same = sum(s for _, s, _ in calls)
     assert same == len(calls), f"{len(calls) - same} of {len(calls)} graph replays differ from the eager program"
     llm.engine.check_integrity()
+
+
+def test_constrained_fused_step_graphs_fp32():
+    """Constrained requests in the fused EAGLE step on the GPU (issue #14): the three graphs of
+    ``run_split`` (draft, verify, masked accept) with the verify's rows filled between them,
+    overlap on and off, give the output without speculation, valid, at batch 4 and alone."""
+    pytest.importorskip("xgrammar")
+    import json
+
+    from miniinfer import LLM, SamplingParams, StructuredOutputsParams
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    sos = [StructuredOutputsParams(json=schema), StructuredOutputsParams(regex=r"[a-z]+( [a-z]+){3,5}\."),
+           StructuredOutputsParams(choice=["Paris", "London", "Rome"]), None]
+    kw = dict(dtype="float32", max_model_len=2048, gpu_memory_utilization=0.2, progress=False)
+    params = [SamplingParams(temperature=0, max_tokens=48, structured_outputs=so) for so in sos]
+    base = LLM(None, **kw)
+    prompts = [base.engine.apply_chat_template([{"role": "user", "content": p}]) for p in
+               ("Describe a person as JSON.", PROMPTS[1], "What is the capital of Italy?", PROMPTS[0])]
+    want = [o.outputs[0].token_ids for o in base.generate(prompts, params, use_tqdm=False)]
+    del base
+    spec = {"method": "eagle", "num_speculative_tokens": 4, "eagle_topk": 4, "num_draft_tokens": 10}
+    llm = LLM(None, speculative_config=spec, **kw)
+    step = llm.engine.proposer.fused.step
+    assert 4 in step.split  # the split graphs were captured
+    runs = []
+    orig = step.run_split
+    step.run_split = lambda B, fill, overlap=True: runs.append((B, overlap)) or orig(B, fill, overlap)
+    for overlap in (True, False):
+        llm.engine.structured_output.overlap = overlap
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == want, overlap
+        assert [llm.generate([p], q, use_tqdm=False)[0].outputs[0].token_ids for p, q in zip(prompts, params)] == want
+        if outs[0].outputs[0].finish_reason == "stop":
+            json.loads(outs[0].outputs[0].text)
+    assert (4, True) in runs and (4, False) in runs
+    s = llm.engine.stats()
+    assert s["spec_num_accepted_tokens"] > 0
+    llm.engine.check_integrity()
+    assert s["num_free_kv_blocks"] == s["num_kv_blocks"]
+
+
+def test_fused_step_launch_has_no_hidden_sync(monkeypatch):
+    """Issue #14: no hidden blocking copy (``.cpu()``, ``.item()``, pageable memory) while the
+    fused step is staged and launched, constrained rows included: both run under
+    ``torch.cuda.set_sync_debug_mode("error")``; only the explicit wait for the drafted tree
+    (an event) may block, and it is let through."""
+    pytest.importorskip("xgrammar")
+    from miniinfer import LLM, SamplingParams, StructuredOutputsParams
+    spec = {"method": "eagle", "num_speculative_tokens": 4, "eagle_topk": 4, "num_draft_tokens": 10}
+    llm = LLM(None, dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.2, progress=False,
+              speculative_config=spec)
+    prompts = [llm.engine.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS[:4]]
+    params = [SamplingParams(temperature=0, max_tokens=32,
+                             structured_outputs=StructuredOutputsParams(regex=r"[a-z ,.]{8,200}") if i % 2 else None)
+              for i in range(4)]
+    llm.generate(prompts, params, use_tqdm=False)  # warm up (first-use copies of constants)
+    sync = torch.cuda.Event.synchronize
+
+    def explicit_wait(self):
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return sync(self)
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+    monkeypatch.setattr(torch.cuda.Event, "synchronize", explicit_wait)
+    fused, calls = llm.engine.proposer.fused, []
+
+    def strict(fn, name):
+        def run(*a, **kw):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                out = fn(*a, **kw)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            calls.append((name, bool(fused.constrained)))
+            return out
+        return run
+    monkeypatch.setattr(fused, "stage", strict(fused.stage, "stage"))
+    monkeypatch.setattr(fused, "launch", strict(fused.launch, "launch"))
+    llm.generate(prompts, params, use_tqdm=False)
+    assert ("launch", True) in calls and ("stage", True) in calls

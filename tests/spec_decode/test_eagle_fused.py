@@ -72,3 +72,98 @@ def test_fused_step_under_preemption_and_a_small_token_budget():
     assert got == want
     llm.engine.check_integrity()
     assert stats["num_free_kv_blocks"] == stats["num_kv_blocks"]
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "serial"])
+def test_fused_step_with_grammars_is_lossless_on_cpu(overlap, monkeypatch):
+    """Constrained sequences in the fused step (issue #14: the tree's rows filled on the host
+    between the draft and the accept): a JSON schema, a regex, a choice and an unconstrained
+    request in one batch, and each alone, give the output without speculation; the outputs
+    are valid; every fused fill walked the trees it was given."""
+    import json
+    import re
+
+    import jsonschema
+
+    from miniinfer import LLM, SamplingParams, StructuredOutputsParams
+    from miniinfer.structured_output.manager import StructuredOutputManager
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    regex = r"([A-Z][a-z]+ is [0-9]{1,3} km away\. ){2,3}"
+    cases = [("Describe a person as JSON with name and age.", StructuredOutputsParams(json=schema)),
+             ("Repeat: Paris is 120 km away. Paris is 120 km away.", StructuredOutputsParams(regex=regex)),
+             ("Which is the capital of Italy?", StructuredOutputsParams(choice=["Paris", "London", "Rome"])),
+             (PROMPTS[1], None)]
+    kw = dict(dtype="float32", device="cpu", max_model_len=1024, progress=False)
+
+    def params(so):
+        return SamplingParams(temperature=0, max_tokens=40, structured_outputs=so)
+
+    plain = LLM(None, **kw)
+    prompts = [plain.engine.apply_chat_template([{"role": "user", "content": q}]) for q, _ in cases]
+    want = [o.outputs[0] for o in plain.generate(prompts, [params(so) for _, so in cases], use_tqdm=False)]
+    del plain
+    walked = []
+    orig = StructuredOutputManager.fill_verify_rows
+    monkeypatch.setattr(StructuredOutputManager, "fill_verify_rows",
+                        staticmethod(lambda m, tok, par, block: walked.append(len(tok)) or orig(m, tok, par, block)))
+    spec = {"method": "eagle", "num_speculative_tokens": 4, "eagle_topk": 4, "num_draft_tokens": 10}
+    llm = LLM(None, speculative_config=spec, **kw)
+    llm.engine.structured_output.overlap = overlap
+    drafter = llm.engine.proposer
+    drafter.grammar_all_depths = False
+    drafter.fused.enabled = True
+    split = []
+    run_split = drafter.fused.step.run_split
+    monkeypatch.setattr(drafter.fused.step, "run_split", lambda *a, **k: split.append(a[0]) or run_split(*a, **k))
+    got = [o.outputs[0] for o in llm.generate(prompts, [params(so) for _, so in cases], use_tqdm=False)]
+    alone = [llm.generate([p], params(so), use_tqdm=False)[0].outputs[0] for p, (_, so) in zip(prompts, cases)]
+    assert split and max(split) == 4 and walked and max(walked) > 1  # batch 4 ran split, trees walked
+    for outs in (got, alone):
+        assert [o.token_ids for o in outs] == [w.token_ids for w in want]
+        assert [o.finish_reason for o in outs] == [w.finish_reason for w in want]
+    jsonschema.validate(json.loads(got[0].text), schema)
+    assert re.fullmatch(regex, got[1].text) or got[1].finish_reason == "length"
+    assert got[2].text in ("Paris", "London", "Rome")
+    stats = llm.engine.stats()
+    assert stats["spec_num_accepted_tokens"] > 0
+    llm.engine.check_integrity()
+    assert stats["num_free_kv_blocks"] == stats["num_kv_blocks"]
+
+
+def test_fused_constrained_steps_under_preemption_and_a_completing_grammar(monkeypatch):
+    """Constrained sequences in the fused step with a cache too small for the batch (preemption,
+    drafts cut to the token budget) and a choice that completes while drafts go on: each
+    output is the plain engine's, the completed request stops with the choice alone, no tree
+    is ever walked from a terminated matcher, and the cache ends clean."""
+    from miniinfer import LLM, SamplingParams, StructuredOutputsParams
+    from miniinfer.structured_output.manager import StructuredOutputManager
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "km": {"type": "integer"}},
+              "required": ["city", "km"], "additionalProperties": False}
+    cases = [("Say Rome Rome Rome Rome Rome Rome Rome Rome", StructuredOutputsParams(choice=["Rome", "Rome Rome"])),
+             ("Describe a trip as JSON with city and km.", StructuredOutputsParams(json=schema)),
+             (PROMPTS[2], StructuredOutputsParams(regex=r"[0-9]+(, [0-9]+){3,14}")), (PROMPTS[0], None)] * 2
+    kw = dict(dtype="float32", device="cpu", max_model_len=1024, progress=False)
+    params = [SamplingParams(temperature=0, max_tokens=32, structured_outputs=so) for _, so in cases]
+    plain = LLM(None, **kw)
+    prompts = [plain.engine.apply_chat_template([{"role": "user", "content": q}]) for q, _ in cases]
+    want = [o.outputs[0] for o in plain.generate(prompts, params, use_tqdm=False)]
+    del plain
+    terminated = []
+    orig = StructuredOutputManager.fill_verify_rows
+    monkeypatch.setattr(StructuredOutputManager, "fill_verify_rows", staticmethod(
+        lambda m, tok, par, block: terminated.append(m.is_terminated()) or orig(m, tok, par, block)))
+    spec = {"method": "eagle", "num_speculative_tokens": 4, "eagle_topk": 4, "num_draft_tokens": 10}
+    llm = LLM(None, speculative_config=spec, num_kv_blocks=14, max_num_batched_tokens=64, max_num_seqs=8, **kw)
+    drafter = llm.engine.proposer
+    drafter.grammar_all_depths = False
+    drafter.fused.enabled = True
+    got = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    stats = llm.engine.stats()
+    assert stats["num_preemptions"] > 0 and drafter.fused.gen > 0 and terminated
+    assert not any(terminated)
+    assert [o.token_ids for o in got] == [w.token_ids for w in want]
+    assert [o.finish_reason for o in got] == [w.finish_reason for w in want]
+    assert got[0].finish_reason == "stop" and got[0].text in ("Rome", "Rome Rome")
+    llm.engine.check_integrity()
+    assert stats["num_free_kv_blocks"] == stats["num_kv_blocks"]

@@ -1,0 +1,211 @@
+"""The engine's side of the fused EAGLE step (``eagle_fused.py``): which steps it serves, their
+staging, launch and collection, and for constrained sequences (issue #14) the grammar's part.
+
+Constrained steps run the step as three graphs (``FusedEagleStep.run_split``)::
+
+    host:    stage (root rows) │ draft │ verify │ wait tree ─ walk trees, fill rows ─ copy │ accept │ ... collect
+    device:                    │ draft ┼ tree ↓ ┼──────────── verify ────────────────────┤ mask + accept
+
+The tree goes to pinned memory behind the draft; the verify is queued before the host waits
+for it, so each constrained sequence's tree is walked through its matcher (xgrammar's
+``traverse_draft_tree``, one row per node) while the verify runs; the rows go up non-blocking
+and only the accept waits for them. ``StructuredOutputManager.overlap`` off: the verify is
+queued after the fill (the serial baseline). The matchers move only in ``collect``'s
+processing, by the committed tokens, once (``output_processor``).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from miniinfer.engine.step import InFlightStep, StepResult
+from miniinfer.sampling_params import GREEDY_TEMPERATURE
+from miniinfer.spec_decode.eagle import EagleState
+from miniinfer.spec_decode.eagle_fused import FusedEagleStep
+
+
+class FusedEagleDriver:
+    """The engine's side of the fused step: which steps it serves, their staging, launch and
+    collection. ``EagleDrafter.propose_for`` calls :meth:`stage`; the engine then asks
+    :meth:`claim` whether the scheduled step is the one staged, and launches it through
+    :meth:`launch` (``InFlightStep.collect_with`` = :meth:`collect`)."""
+
+    def __init__(self, drafter, engine):
+        self.drafter = drafter
+        self.engine = engine
+        self.step = FusedEagleStep(drafter, engine.runner, engine.config.max_num_seqs,
+                                   drafter.static.block_tables.shape[1])
+        self.enabled = engine.runner.device.type == "cuda"  # on the CPU: tests switch it on
+        self.rows: list | None = None  # the sequences staged for the next step, in row order
+        self.gen = 0  # fused steps collected; a row's buffers are current when its mark says so
+        self._last_B = 0
+        self._staged: list[int] | None = None  # depth budgets, table width and tables last copied
+        self._feats: torch.Tensor | None = None  # the last launch's accepted rows' features
+        dev = self.step.device
+        pin = dev.type == "cuda"
+        self._host = torch.empty(self.step.max_batch, self.step.out_width, dtype=torch.int64, pin_memory=pin)
+        self.constrained: list[int] = []  # the staged rows with a grammar (their steps run split)
+        self._mask_host = torch.empty(self.step.bitmask.shape, dtype=torch.int32, pin_memory=pin)
+        self._root_host = torch.empty(self.step.max_batch, self.step.mask_width, dtype=torch.int32, pin_memory=pin)
+
+    def fusable(self, seq, k: int) -> bool:
+        p, st = seq.params, seq.spec_state
+        if (k < 1 or not isinstance(st, EagleState) or st.num_preemptions != seq.num_preemptions
+                or p.temperature >= GREEDY_TEMPERATURE or p.logprobs is not None or p.logit_bias):
+            return False
+        if seq.grammar is not None and (not seq.grammar_active or self.drafter.grammar_all_depths):
+            return False  # (masks at every drafting depth: the host path's walk per depth)
+        return 1 <= seq.num_tokens - min(st.valid, seq.num_tokens - 1) <= self.step.R
+
+    @torch.inference_mode()
+    def stage(self, running: list, ks: list[int]) -> bool:
+        """Stage the fused step for all of ``running`` when every one qualifies (and nothing
+        waits to be admitted); their ``spec_token_ids`` become N placeholders. False: not
+        this step (the host path drafts)."""
+        s_, d_ = self.step, self.drafter
+        B = len(running)
+        if not self.enabled or not B or self.engine.scheduler.waiting or s_.bucket(B) is None:
+            return False
+        if not all(self.fusable(seq, k) for seq, k in zip(running, ks)):
+            return False
+        room = max(s_.N, (s_.D - 1) * s_.K)  # the tree's head K/V and the verify's nodes
+        for seq in running:
+            full = seq.num_tokens + room
+            if full > d_.max_model_len or not d_.kv.allocate(seq.block_table, full):
+                return False
+        fast = B == self._last_B and all(seq.spec_state.fused_mark == (self.gen, b, seq.num_tokens)
+                                         for b, seq in enumerate(running))
+        width = min(max(len(seq.block_table) for seq in running), s_.block_tables.shape[1])
+        tables: list[int] = []
+        for seq in running:
+            t = seq.block_table[:width]
+            tables += t + [0] * (width - len(t))
+        head = list(ks) + [width] + tables  # what the buffers already hold when unchanged: no copy
+        if fast and head == self._staged:
+            self._mark_placeholders(running)
+            return True
+        flat = list(ks)
+        if not fast:
+            starts = [min(seq.spec_state.valid, seq.num_tokens - 1) for seq in running]
+            flat += starts + [seq.num_tokens - st for seq, st in zip(running, starts)]
+            for seq, st in zip(running, starts):
+                toks = seq.token_ids[st:]
+                flat += toks + [0] * (s_.R - len(toks))
+        dev = d_.staging.to_device(flat + tables, torch.int64)
+        d_.staging.end_step()
+        s_.depth_limit[:B].copy_(dev[:B])
+        at = B
+        if not fast:
+            s_.start[:B].copy_(dev[at:at + B])
+            s_.cu_n[:B].copy_(dev[at + B:at + 2 * B])
+            s_.cu_tok[:B].copy_(dev[at + 2 * B:at + 2 * B + B * s_.R].view(B, s_.R))
+            at += 2 * B + B * s_.R
+            for b, (seq, st) in enumerate(zip(running, starts)):
+                s_.cu_feat[b, :seq.num_tokens - st].copy_(d_._features(seq.spec_state, st, seq.num_tokens))
+        s_.block_tables[:B, :width].copy_(dev[at:].view(B, width))
+        s_.live[:B].fill_(True)
+        self._staged = head
+        self._mark_placeholders(running)
+        return True
+
+    def _mark_placeholders(self, running: list) -> None:
+        self._stage_grammar(running)
+        N = self.step.N
+        for seq in running:
+            seq.spec_token_ids = [0] * N
+            seq.spec_parents = list(range(-1, N - 1))
+        self.rows = list(running)
+
+    def _stage_grammar(self, running: list) -> None:
+        """Grammar-aware drafting: the root's children among what each grammar allows now
+        (``static.root_allowed``, from each matcher's next-token row in pinned memory; all True
+        when no row is constrained or ``grammar_aware`` is off)."""
+        self.constrained = [b for b, seq in enumerate(running) if seq.grammar is not None]
+        mask = self.drafter.grammar_mask() if self.constrained else None
+        allowed = None
+        if mask is not None:
+            host = self._root_host[:len(running)]
+            host.fill_(-1)
+            for b in self.constrained:
+                running[b].grammar.fill_next_token_bitmask(host, b)
+            allowed = mask.expand(host, self.step.device)
+        self.drafter.static.set_root_allowed(len(running), allowed)
+
+    def _fill(self, seqs: list, tree: torch.Tensor) -> torch.Tensor:
+        """The verify's bitmask rows [B (N + 1), W] int32 (pinned on CUDA) for the drafted trees
+        ``tree`` [B, 2N + 1] int64 (host; ``FusedEagleStep.split_parts``): each constrained
+        sequence's tree walked through its matcher (``fill_verify_rows``), -1 elsewhere."""
+        manager, N = self.engine.runner.structured_output, self.step.N
+        t0 = time.perf_counter()
+        host = self._mask_host[:len(seqs) * (N + 1)]
+        host.fill_(-1)
+        t = tree.tolist()
+
+        def walk(b: int) -> None:
+            n, at = t[b][2 * N], b * (N + 1)
+            manager.fill_verify_rows(seqs[b].grammar, t[b][:n], t[b][N:N + n], host[at:at + n + 1])
+        manager.run_tasks([lambda b=b: walk(b) for b in self.constrained
+                           if seqs[b].grammar_active and not seqs[b].is_finished])
+        manager.fill_times_us.append((time.perf_counter() - t0) * 1e6)
+        return host
+
+    def claim(self, sched) -> bool:
+        """Whether ``sched`` is the staged step (every staged row a verify of N placeholders,
+        nothing else). If not, the placeholder rows become plain decodes."""
+        rows, self.rows = self.rows, None
+        if rows is None:
+            return False
+        for seq in rows:  # placeholders of rows the scheduler did not reach (it pops the others)
+            seq.spec_token_ids, seq.spec_parents = [], None
+        N = self.step.N
+        if (not sched.preempted and len(sched.scheduled) == len(rows)
+                and all(s.seq is seq and len(s.draft_token_ids) == N for s, seq in zip(sched.scheduled, rows))):
+            return True
+        staged = {id(seq) for seq in rows}
+        for s in sched.scheduled:
+            if id(s.seq) in staged and s.draft_token_ids:
+                s.seq.num_computed_tokens -= len(s.draft_token_ids)
+                s.num_new_tokens, s.draft_token_ids, s.draft_parents = 1, [], None
+        sched.scheduled.sort(key=lambda s: s.num_new_tokens != 1)
+        return False
+
+    @torch.inference_mode()
+    def launch(self, sched):
+        """Replay the step for the claimed ``sched``; its outputs start copying to the host."""
+        B = len(sched.scheduled)
+        if self.constrained:
+            seqs = [s.seq for s in sched.scheduled]
+            out = self.step.run_split(B, lambda tree: self._fill(seqs, tree), self.engine.runner.structured_output.overlap)
+        else:
+            out = self.step.run(B)
+        self._feats = self.step.cu_feat[:B].clone()  # the accepted rows' features (kept by each sequence)
+        event = None
+        host = out
+        if out.is_cuda:  # (synchronous steps: one pinned buffer is enough)
+            host = self._host[:B]
+            host.copy_(out, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        return InFlightStep(sched, [s.seq for s in sched.scheduled], out, host, event, None,
+                            collect_with=self.collect)
+
+    @torch.inference_mode()
+    def collect(self, step):
+        """Wait for the step's outputs → ``StepResult`` (committed tokens and paths); each row's
+        drafts become its real tree, its head state the one the program left."""
+        if step.event is not None:
+            step.event.synchronize()
+        s_ = self.step
+        o = FusedEagleStep.unpack(step.token_ids_host.tolist(), s_.R, s_.N)
+        self.gen += 1
+        self._last_B = len(step.sched.scheduled)
+        for b, (s, c) in enumerate(zip(step.sched.scheduled, o.committed)):
+            s.draft_token_ids, s.draft_parents = o.drafts[b], (o.parents[b] if s_.K > 1 else None)
+            seq = s.seq
+            seq.num_computed_tokens = s.start + len(c)  # the root and the accepted drafts
+            st, P = seq.spec_state, s.start + 1  # tokens known before the step (num_tokens holds a placeholder now)
+            st.valid, st.feat_start, st.feats = P, P - 1, [self._feats[b, :len(c)]]
+            st.fused_mark = (self.gen, b, P + len(c))
+        rows = [b * (s_.N + 1) for b in range(len(o.committed))]
+        return StepResult([c[0] for c in o.committed], None, o.committed, rows, spec_paths=o.paths)
