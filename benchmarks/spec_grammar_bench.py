@@ -281,6 +281,9 @@ def bench_model(model: str | None, specs: list[tuple[str, dict]], args, progress
         if args.grammar_all_depths is not None and hasattr(llm.engine.proposer, "grammar_all_depths"):
             llm.engine.proposer.grammar_all_depths = bool(args.grammar_all_depths)  # EAGLE's drafting masks
             m[f"{tag}_{method}_grammar_all_depths"] = bool(args.grammar_all_depths)
+        if args.grammar_aware is not None and hasattr(llm.engine.proposer, "grammar_aware"):
+            llm.engine.proposer.grammar_aware = bool(args.grammar_aware)  # off: the head drafts unmasked
+            m[f"{tag}_{method}_grammar_aware"] = bool(args.grammar_aware)
         for e in (llm, nospec):
             t = time.perf_counter()
             e.engine.compile_grammar(json_p)  # the manager (tokenizer info) and the schema, untimed
@@ -308,6 +311,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--methods", nargs="+", choices=["eagle", "ngram"], default=["eagle", "ngram"],
                     help="SmolLM2's speculation methods")
     ap.add_argument("--eagle-k", type=int, default=EAGLE["num_speculative_tokens"])
+    ap.add_argument("--grammar-aware", type=int, choices=[0, 1], default=None,
+                    help="EAGLE drafts among what the grammar allows (default 1; 0: the ablation)")
     ap.add_argument("--eagle-topk", type=int, default=1, help="> 1: EAGLE-2 trees of depth --eagle-k")
     ap.add_argument("--eagle-nodes", type=int, default=None, help="tree nodes verified per step (num_draft_tokens)")
     ap.add_argument("--ngram-k", type=int, default=4)

@@ -127,8 +127,8 @@ class FusedEagleDriver:
         if mask is not None:
             host = self._root_host[:len(running)]
             host.fill_(-1)
-            for b in self.constrained:
-                running[b].grammar.fill_next_token_bitmask(host, b)
+            manager = self.engine.runner.structured_output  # (many rows: on its fill threads)
+            manager.fill_rows([running[b].grammar for b in self.constrained], host, self.constrained)
             allowed = mask.expand(host, self.step.device)
         self.drafter.static.set_root_allowed(len(running), allowed)
 

@@ -189,7 +189,7 @@ class StructuredOutputManager:
             torch.cuda.synchronize(self.device)  # serial baseline: the fill starts after the forward
         t0 = time.perf_counter()
         host = self._next_host(len(seqs))
-        self._fill_rows([seqs[i].grammar for i in rows], host, rows)
+        self.fill_rows([seqs[i].grammar for i in rows], host, rows)
         self.fill_times_us.append((time.perf_counter() - t0) * 1e6)
         return self._to_device(host, rows)
 
@@ -217,7 +217,7 @@ class StructuredOutputManager:
         self.fill_times_us.append(job.fill_us)
         return self._to_device(job.host, rows)
 
-    def _fill_rows(self, matchers: list, host: torch.Tensor, rows: list[int]) -> None:
+    def fill_rows(self, matchers: list, host: torch.Tensor, rows: list[int]) -> None:
         """``host[rows[j]]`` from ``matchers[j]``: on the fill threads when there are many rows."""
         if self._fill_pool is not None and len(rows) >= BATCH_FILL_MIN_ROWS:
             self._fill_pool.fill(matchers, host, rows)
