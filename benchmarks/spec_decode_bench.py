@@ -193,7 +193,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--qwen7b", default=None, help="Qwen2-7B config folder (GPU parts)")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: smollm2,eagle,verify,tput,cpu_verify")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: smollm2,eagle,chain (EAGLE's chain run only),verify,tput,cpu_verify")
     ap.add_argument("--eagle-head", default=None, help="EAGLE head file (default: the shipped one)")
     ap.add_argument("--eagle-k", type=int, default=3)
     ap.add_argument("--cpu-int8", action="store_true", help="EAGLE runs with cpu_int8_activations (CPU)")
@@ -205,7 +205,7 @@ def main() -> None:
     skip = set(a.skip.split(","))
     metrics = {} if "smollm2" in skip else smollm2_ngram(a.device, a.max_tokens, a.k, a.quick)
     print(json.dumps(metrics), flush=True)
-    if "eagle" not in skip:
+    if "eagle" not in skip and "chain" not in skip:
         metrics.update(smollm2_eagle(a.device, a.max_tokens, a.eagle_k, a.quick, a.eagle_head, int8=a.cpu_int8))
         print(json.dumps(metrics), flush=True)
     if "eagle" not in skip and a.eagle_tree:

@@ -287,6 +287,9 @@ def bench_model(model: str | None, specs: list[tuple[str, dict]], args, progress
         for e in (llm, nospec):
             t = time.perf_counter()
             e.engine.compile_grammar(json_p)  # the manager (tokenizer info) and the schema, untimed
+            if args.parallel_walks is not None:  # draft trees walked on the fill threads (run_tasks)
+                e.engine.structured_output.parallel_tasks = bool(args.parallel_walks)
+                m[f"{tag}_{method}_parallel_walks"] = bool(args.parallel_walks)
             _record_verify_fills(e)
             e.generate(prompts[min(args.batch_sizes)][:1], json_p, use_tqdm=False)  # warm-up request
             progress(f"{tag} {method}: grammar manager + schema + warm-up request "
@@ -311,6 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--methods", nargs="+", choices=["eagle", "ngram"], default=["eagle", "ngram"],
                     help="SmolLM2's speculation methods")
     ap.add_argument("--eagle-k", type=int, default=EAGLE["num_speculative_tokens"])
+    ap.add_argument("--parallel-walks", type=int, choices=[0, 1], default=None,
+                    help="1: the verify's tree walks on the manager's fill threads (parallel_tasks)")
     ap.add_argument("--grammar-aware", type=int, choices=[0, 1], default=None,
                     help="EAGLE drafts among what the grammar allows (default 1; 0: the ablation)")
     ap.add_argument("--eagle-topk", type=int, default=1, help="> 1: EAGLE-2 trees of depth --eagle-k")
