@@ -221,24 +221,18 @@ def _record_verify_fills(llm) -> None:
     if hasattr(so, "verify_fill_times_us"):
         return
     so.verify_fill_times_us = []
-    orig = so.fill_verify_bitmask
 
-    def fill_verify_bitmask(*a, **kw):
-        n = len(so.fill_times_us)
-        out = orig(*a, **kw)
-        so.verify_fill_times_us.extend(list(so.fill_times_us)[n:])
-        return out
-    so.fill_verify_bitmask = fill_verify_bitmask
-    fused = getattr(llm.engine.proposer, "fused", None)
-    if fused is not None:  # the fused EAGLE step's constrained steps fill through their driver
-        fused_fill = fused._fill
-
-        def fill(*a, **kw):
+    def recorded(fill):
+        def run(*a, **kw):
             n = len(so.fill_times_us)
-            out = fused_fill(*a, **kw)
+            out = fill(*a, **kw)
             so.verify_fill_times_us.extend(list(so.fill_times_us)[n:])
             return out
-        fused._fill = fill
+        return run
+    so.fill_verify_bitmask = recorded(so.fill_verify_bitmask)
+    fused = getattr(llm.engine.proposer, "fused", None)
+    if fused is not None:  # the fused EAGLE step's constrained steps fill through their driver
+        fused._fill = recorded(fused._fill)
 
 
 def _free(*llms) -> None:
