@@ -197,16 +197,21 @@ class FusedEagleStep:
 
     # --- constrained steps: the draft, the verify and the accept as three parts -------------
     def _masked_draws(self, B: int, logits: torch.Tensor) -> torch.Tensor:
-        """Greedy draws [B, N + 1] of the verify's logits under ``bitmask``'s rows (bit set = allowed)."""
+        """Greedy draws [B, N + 1] of the verify's logits under ``bitmask``'s rows (bit set =
+        allowed; columns past the mask's 32 W stay as they are, as xgrammar's apply leaves them).
+        Unpacked per byte (little-endian words: token t is bit t % 8 of byte t // 8), so the
+        temporaries are [B (N + 1), V] uint8 / bool."""
         V = logits.shape[-1]
         if self._unpack is None or self._unpack[0].shape[0] != V:
             col = torch.arange(V, device=self.device)
-            self._unpack = ((col // 32).clamp(max=self.mask_width - 1), (col % 32).to(torch.int32),
-                            col >= 32 * self.mask_width)  # columns past the mask: left as they are
-        words, bits, beyond = self._unpack
-        rows = self.bitmask[:B * (self.N + 1)]
-        allowed = ((rows[:, words] >> bits) & 1).bool() | beyond
-        return logits.masked_fill(~allowed, float("-inf")).argmax(-1).view(B, self.N + 1)
+            past = col >= 32 * self.mask_width if V > 32 * self.mask_width else None
+            self._unpack = ((col // 8).clamp(max=4 * self.mask_width - 1), (col % 8).to(torch.uint8), past)
+        byte, bit, past = self._unpack
+        rows = self.bitmask[:B * (self.N + 1)].view(torch.uint8)
+        forbidden = ((rows[:, byte] >> bit) & 1) == 0
+        if past is not None:
+            forbidden &= ~past
+        return logits.masked_fill(forbidden, float("-inf")).argmax(-1).view(B, self.N + 1)
 
     def split_parts(self, B: int) -> tuple:
         """(draft, verify, accept) over rows ``:B``: draft → the tree [B, 2N + 1] int64 (tokens,
@@ -270,6 +275,9 @@ class FusedEagleStep:
         ``split`` also the three graphs of ``split_parts`` per bucket (constrained steps)."""
         if self.device.type != "cuda":
             return
+        # All graphs share one memory pool: a step replays one bucket's graphs only, in order
+        # (program, or draft → verify → accept), and the tensors one part hands the next stay
+        # referenced (``split_parts``' state), so no replay overwrites what another still reads.
         pool = None
         for b in sorted((b for b in GRAPH_BATCH_SIZES if b <= min(max_batch, self.max_batch)), reverse=True):
             self.live[:b].fill_(False)

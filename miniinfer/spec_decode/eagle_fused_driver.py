@@ -48,6 +48,7 @@ class FusedEagleDriver:
         self.constrained: list[int] = []  # the staged rows with a grammar (their steps run split)
         self._mask_host = torch.empty(self.step.bitmask.shape, dtype=torch.int32, pin_memory=pin)
         self._root_host = torch.empty(self.step.max_batch, self.step.mask_width, dtype=torch.int32, pin_memory=pin)
+        self._root_copied: torch.cuda.Event | None = None  # its last copy to the device
 
     def fusable(self, seq, k: int) -> bool:
         p, st = seq.params, seq.spec_state
@@ -125,11 +126,16 @@ class FusedEagleDriver:
         mask = self.drafter.grammar_mask() if self.constrained else None
         allowed = None
         if mask is not None:
+            if self._root_copied is not None:  # (a staged step that never ran: its copy may be pending)
+                self._root_copied.synchronize()
             host = self._root_host[:len(running)]
             host.fill_(-1)
             manager = self.engine.runner.structured_output  # (many rows: on its fill threads)
             manager.fill_rows([running[b].grammar for b in self.constrained], host, self.constrained)
             allowed = mask.expand(host, self.step.device)
+            if host.is_pinned():
+                self._root_copied = torch.cuda.Event()
+                self._root_copied.record()
         self.drafter.static.set_root_allowed(len(running), allowed)
 
     def _fill(self, seqs: list, tree: torch.Tensor) -> torch.Tensor:

@@ -122,8 +122,9 @@ def test_constrained_fused_step_graphs_fp32():
         outs = llm.generate(prompts, params, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == want, overlap
         assert [llm.generate([p], q, use_tqdm=False)[0].outputs[0].token_ids for p, q in zip(prompts, params)] == want
-        if outs[0].outputs[0].finish_reason == "stop":
+        if outs[0].outputs[0].finish_reason == "stop":  # (48 tokens may cut the JSON short)
             json.loads(outs[0].outputs[0].text)
+        assert outs[2].outputs[0].text in ("Paris", "London", "Rome")
     assert (4, True) in runs and (4, False) in runs
     s = llm.engine.stats()
     assert s["spec_num_accepted_tokens"] > 0
@@ -165,7 +166,8 @@ def test_fused_step_launch_has_no_hidden_sync(monkeypatch):
                 out = fn(*a, **kw)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-            calls.append((name, bool(fused.constrained)))
+            if out is not False:  # (a stage that declined leaves the last staged rows' state)
+                calls.append((name, bool(fused.constrained)))
             return out
         return run
     monkeypatch.setattr(fused, "stage", strict(fused.stage, "stage"))

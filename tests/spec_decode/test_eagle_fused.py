@@ -113,12 +113,16 @@ def test_fused_step_with_grammars_is_lossless_on_cpu(overlap, monkeypatch):
     drafter = llm.engine.proposer
     drafter.grammar_all_depths = False
     drafter.fused.enabled = True
-    split = []
+    split, nodes = [], []  # the batch of each split step; the drafted trees' sizes its fill saw
     run_split = drafter.fused.step.run_split
-    monkeypatch.setattr(drafter.fused.step, "run_split", lambda *a, **k: split.append(a[0]) or run_split(*a, **k))
+
+    def spy(B, fill, overlap=True):
+        split.append(B)
+        return run_split(B, lambda tree: nodes.extend(tree[:, -1].tolist()) or fill(tree), overlap)
+    monkeypatch.setattr(drafter.fused.step, "run_split", spy)
     got = [o.outputs[0] for o in llm.generate(prompts, [params(so) for _, so in cases], use_tqdm=False)]
     alone = [llm.generate([p], params(so), use_tqdm=False)[0].outputs[0] for p, (_, so) in zip(prompts, cases)]
-    assert split and max(split) == 4 and walked and max(walked) > 1  # batch 4 ran split, trees walked
+    assert split and max(split) == 4 and max(nodes) > 1 and max(walked) > 1  # batch 4 ran split, trees walked
     for outs in (got, alone):
         assert [o.token_ids for o in outs] == [w.token_ids for w in want]
         assert [o.finish_reason for o in outs] == [w.finish_reason for w in want]
@@ -158,9 +162,12 @@ def test_fused_constrained_steps_under_preemption_and_a_completing_grammar(monke
     drafter = llm.engine.proposer
     drafter.grammar_all_depths = False
     drafter.fused.enabled = True
+    split = []
+    run_split = drafter.fused.step.run_split
+    monkeypatch.setattr(drafter.fused.step, "run_split", lambda *a, **k: split.append(a[0]) or run_split(*a, **k))
     got = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
     stats = llm.engine.stats()
-    assert stats["num_preemptions"] > 0 and drafter.fused.gen > 0 and terminated
+    assert stats["num_preemptions"] > 0 and split and terminated  # constrained fused steps ran
     assert not any(terminated)
     assert [o.token_ids for o in got] == [w.token_ids for w in want]
     assert [o.finish_reason for o in got] == [w.finish_reason for w in want]
