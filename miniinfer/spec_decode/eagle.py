@@ -22,6 +22,7 @@ prefix-cache hit, or position 0) gets a zero feature, as in training.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from dataclasses import dataclass, field
@@ -104,7 +105,6 @@ class EagleDrafter(Proposer):
             self.static.capture(engine.config.max_num_seqs)
             if self.fused is not None:
                 # the constrained steps' three graphs too, when structured output can be used
-                import importlib.util
                 self.fused.step.capture(engine.config.max_num_seqs, split=importlib.util.find_spec("xgrammar") is not None)
 
     def _draft_vocab(self, path: str, engine) -> None:

@@ -15,8 +15,6 @@ processing, by the committed tokens, once (``output_processor``).
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 from miniinfer.engine.step import InFlightStep, StepResult
@@ -84,7 +82,7 @@ class FusedEagleDriver:
             tables += t + [0] * (width - len(t))
         head = list(ks) + [width] + tables  # what the buffers already hold when unchanged: no copy
         if fast and head == self._staged:
-            self._mark_placeholders(running)
+            self._finish_stage(running)
             return True
         flat = list(ks)
         if not fast:
@@ -107,10 +105,11 @@ class FusedEagleDriver:
         s_.block_tables[:B, :width].copy_(dev[at:].view(B, width))
         s_.live[:B].fill_(True)
         self._staged = head
-        self._mark_placeholders(running)
+        self._finish_stage(running)
         return True
 
-    def _mark_placeholders(self, running: list) -> None:
+    def _finish_stage(self, running: list) -> None:
+        """The staged rows' grammar part, then N placeholder drafts each (the scheduler allocates for them)."""
         self._stage_grammar(running)
         N = self.step.N
         for seq in running:
@@ -141,19 +140,15 @@ class FusedEagleDriver:
     def _fill(self, seqs: list, tree: torch.Tensor) -> torch.Tensor:
         """The verify's bitmask rows [B (N + 1), W] int32 (pinned on CUDA) for the drafted trees
         ``tree`` [B, 2N + 1] int64 (host; ``FusedEagleStep.split_parts``): each constrained
-        sequence's tree walked through its matcher (``fill_verify_rows``), -1 elsewhere."""
-        manager, N = self.engine.runner.structured_output, self.step.N
-        t0 = time.perf_counter()
+        sequence's tree walked through its matcher (``StructuredOutputManager.fill_trees``), -1 elsewhere."""
+        N, t = self.step.N, tree.tolist()
+        trees = []  # (matcher, tokens, parents, first row) per live constrained sequence
+        for b in self.constrained:
+            if seqs[b].grammar_active and not seqs[b].is_finished:
+                n = t[b][2 * N]
+                trees.append((seqs[b].grammar, t[b][:n], t[b][N:N + n], b * (N + 1)))
         host = self._mask_host[:len(seqs) * (N + 1)]
-        host.fill_(-1)
-        t = tree.tolist()
-
-        def walk(b: int) -> None:
-            n, at = t[b][2 * N], b * (N + 1)
-            manager.fill_verify_rows(seqs[b].grammar, t[b][:n], t[b][N:N + n], host[at:at + n + 1])
-        manager.run_tasks([lambda b=b: walk(b) for b in self.constrained
-                           if seqs[b].grammar_active and not seqs[b].is_finished])
-        manager.fill_times_us.append((time.perf_counter() - t0) * 1e6)
+        self.engine.runner.structured_output.fill_trees(host, trees)
         return host
 
     def claim(self, sched) -> bool:

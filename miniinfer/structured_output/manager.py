@@ -257,27 +257,26 @@ class StructuredOutputManager:
         (``GrammarMatcher.traverse_draft_tree``). Rows under a draft the grammar forbids are
         never used (no path through it is accepted) and allow everything, so that no row is
         all -inf. None when no sequence is constrained."""
-        rows: list[int] = []
-        num_rows = seq_rows[-1].stop
         constrained = [i for i, s in enumerate(seqs) if s.grammar_active and not s.is_finished]
         if not constrained:
             return None
         if not self.overlap and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        host = self._next_host(num_rows)
-        host.fill_(-1)
-
-        def walk(i: int) -> None:
-            r, n = seq_rows[i], len(drafts[i]) + 1
-            self.fill_verify_rows(seqs[i].grammar, drafts[i], parents[i], host[r.start:r.start + n])
-
-        self.run_tasks([functools.partial(walk, i) for i in constrained])  # one tree a task
-        for i in constrained:
-            rows.extend(range(seq_rows[i].start, seq_rows[i].start + len(drafts[i]) + 1))
-        self.fill_times_us.append((time.perf_counter() - t0) * 1e6)
+        host = self._next_host(seq_rows[-1].stop)
+        self.fill_trees(host, [(seqs[i].grammar, drafts[i], parents[i], seq_rows[i].start) for i in constrained])
+        rows = [r for i in constrained for r in range(seq_rows[i].start, seq_rows[i].start + len(drafts[i]) + 1)]
         return self._to_device(host, rows)
 
+    def fill_trees(self, host: torch.Tensor, trees: list[tuple[object, list[int], list[int], int]]) -> None:
+        """Verify rows of several draft trees into ``host`` [rows, W] int32 (CPU): -1 everywhere,
+        then for each ``(matcher, tokens, parents, start)`` its tree's rows at ``host[start:start
+        + 1 + len(tokens)]`` (``fill_verify_rows``; one tree a ``run_tasks`` task). The time goes
+        to ``fill_times_us``."""
+        t0 = time.perf_counter()
+        host.fill_(-1)
+        self.run_tasks([functools.partial(self.fill_verify_rows, m, tokens, parents, host[at:at + len(tokens) + 1])
+                        for m, tokens, parents, at in trees])
+        self.fill_times_us.append((time.perf_counter() - t0) * 1e6)
 
     @staticmethod
     def fill_verify_rows(matcher, tokens: list[int], parents: list[int], block: torch.Tensor) -> None:
