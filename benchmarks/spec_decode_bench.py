@@ -14,6 +14,8 @@ speculation off, in the same process.
   at a 512-token context (a batch-1 verify of up to 64 tokens replays a prefill graph);
   ``spec_throughput_gain_bs<b>`` with n-gram on vs off (dummy weights: the acceptance says
   nothing about real text, the cost of verifying does).
+* where the fused EAGLE step runs (CUDA), the same engine again with overlap scheduling's
+  run-ahead off: ``*_tpot_ms_on_sync_*``, ``*_run_ahead_gain_*`` (TPOT off ÷ on).
 """
 from __future__ import annotations
 
@@ -83,9 +85,18 @@ def _bs1_on_off(texts: list[str], spec: dict, device: str, max_tokens: int, batc
     s1 = llm.engine.stats()
     drafts, drafted, acc = (s1[k] - s0[k] for k in ("spec_num_drafts", "spec_num_draft_tokens",
                                                     "spec_num_accepted_tokens"))
-    return {"tpot_ms_off": off_ms, "tpot_ms_on": on_ms, "speedup": off_ms / on_ms,
-            "mean_accepted_len": 1 + acc / max(drafts, 1), "acceptance_rate": acc / max(drafted, 1),
-            "tokens_off": n_off, "tokens_on": n_on}
+    out = {"tpot_ms_off": off_ms, "tpot_ms_on": on_ms, "speedup": off_ms / on_ms,
+           "mean_accepted_len": 1 + acc / max(drafts, 1), "acceptance_rate": acc / max(drafted, 1),
+           "tokens_off": n_off, "tokens_on": n_on}
+    fused = getattr(llm.engine.proposer, "fused", None)
+    if fused is not None and fused.enabled and llm.engine.config.overlap_scheduling:
+        # the same engine with overlap scheduling's run-ahead off (step N + 1 queued only after N is processed)
+        out["run_ahead_steps"] = fused.num_run_ahead
+        fused.run_ahead_enabled = False
+        out["tpot_ms_on_sync"] = bs1_tpot(llm, prompts, max_tokens, device, batch)[0]
+        out["run_ahead_gain"] = out["tpot_ms_on_sync"] / on_ms
+        fused.run_ahead_enabled = True
+    return out
 
 
 def smollm2_ngram(device: str, max_tokens: int, k: int, quick: bool) -> dict:
@@ -117,6 +128,9 @@ def smollm2_eagle(device: str, max_tokens: int, k: int, quick: bool, head: str |
     out = {f"{name}_{bs}_tpot_ms_off_{tag}": r["tpot_ms_off"], f"{name}_{bs}_tpot_ms_on_{tag}": r["tpot_ms_on"],
            f"{name}_{bs}_speedup_{tag}": r["speedup"], f"{name}_mean_accepted_len{acc}_{tag}": r["mean_accepted_len"],
            f"{name}_acceptance_rate{acc}_{tag}": r["acceptance_rate"]}
+    if "run_ahead_gain" in r:
+        out[f"{name}_{bs}_tpot_ms_on_sync_{tag}"] = r["tpot_ms_on_sync"]
+        out[f"{name}_{bs}_run_ahead_gain_{tag}"] = r["run_ahead_gain"]
     if topk > 1:
         out[f"eagle_tree_config_{tag}"] = {"depth": k, "eagle_topk": topk, "num_draft_tokens": nodes}
     return out

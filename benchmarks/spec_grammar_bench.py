@@ -56,6 +56,9 @@ e.g. ``qwen2_7b_ngram_bs8_``):
   ``spec_json_verify_mask_fill_us_*`` (the verify masks only, ``fill_verify_bitmask``), with
   ``_serial`` twins, and ``json_nospec_mask_fill_us_*``.
 * ``*_mean_output_tokens``, ``*_finished_by_length_frac``, ``*_valid_json_frac_of_stopped``.
+* ``--ahead-ab``: ``spec_json`` and ``spec_plain`` again with the fused EAGLE step's run-ahead
+  off (overlap scheduling: step N + 1 queued before N is processed), ``*_sync`` keys, and
+  ``spec_json_run_ahead_gain`` / ``spec_plain_run_ahead_gain`` = TPOT off ÷ on.
 
 The unprefixed §12 names (``spec_json_tpot_ms_overlap``, ``spec_json_tpot_ms_serial``,
 ``spec_json_tpot_cut``, ``spec_json_req_s_overlap``, ``spec_json_req_s_serial``,
@@ -91,6 +94,7 @@ THINGS = ["bakery", "bicycle shop", "library", "museum", "hotel", "bookshop", "g
 CITIES = ["Paris", "Lyon", "Berlin", "Madrid", "Rome", "Vienna", "Oslo", "Lisbon", "Dublin", "Prague"]
 STATUSES = ["active", "inactive", "pending", "archived"]
 MODES = ("spec_json", "spec_json_serial", "spec_plain", "json_nospec")
+AHEAD_MODES = ("spec_json_sync", "spec_plain_sync")  # --ahead-ab: the fused EAGLE step without run-ahead
 
 
 def example_record(rng: random.Random, thing: str) -> dict:
@@ -138,19 +142,24 @@ def bench_batch(spec_llm, nospec_llm, prompts, bs: int, args, ignore_eos_plain: 
     json_p = SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
                             structured_outputs=StructuredOutputsParams(json=sob.SCHEMA))
     plain_p = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=ignore_eos_plain)
-    modes = {"spec_json": (spec_llm, json_p, True), "spec_json_serial": (spec_llm, json_p, False),
-             "spec_plain": (spec_llm, plain_p, True), "json_nospec": (nospec_llm, json_p, True)}
-    rounds: dict[str, list[dict]] = {m: [] for m in MODES}
-    fills: dict[str, list[float]] = {m: [] for m in MODES}
-    vfills: dict[str, list[float]] = {m: [] for m in MODES}
+    modes = {"spec_json": (spec_llm, json_p, True, True), "spec_json_serial": (spec_llm, json_p, False, True),
+             "spec_plain": (spec_llm, plain_p, True, True), "json_nospec": (nospec_llm, json_p, True, True),
+             "spec_json_sync": (spec_llm, json_p, True, False), "spec_plain_sync": (spec_llm, plain_p, True, False)}
+    run_modes = MODES + (AHEAD_MODES if args.ahead_ab else ())
+    rounds: dict[str, list[dict]] = {m: [] for m in run_modes}
+    fills: dict[str, list[float]] = {m: [] for m in run_modes}
+    vfills: dict[str, list[float]] = {m: [] for m in run_modes}
     spec: dict[str, dict] = {m: {"spec_num_drafts": 0, "spec_num_draft_tokens": 0, "spec_num_accepted_tokens": 0}
-                             for m in MODES}
+                             for m in run_modes}
+    fused = getattr(spec_llm.engine.proposer, "fused", None)
     first = 1 - args.warmup_rounds  # rounds < 1: warm-up, untimed
     for rep in range(first, args.repeats + 1):
-        for mode in MODES:
-            llm, params, overlap = modes[mode]
+        for mode in run_modes:
+            llm, params, overlap, ahead = modes[mode]
             so = llm.engine.structured_output
             so.overlap = overlap
+            if fused is not None:  # overlap scheduling of the fused EAGLE step (run-ahead)
+                fused.run_ahead_enabled = ahead and spec_llm.engine.config.overlap_scheduling
             so.fill_times_us.clear()
             so.verify_fill_times_us.clear()
             s0 = llm.engine.stats()
@@ -167,8 +176,8 @@ def bench_batch(spec_llm, nospec_llm, prompts, bs: int, args, ignore_eos_plain: 
                      f"{res['tpot_ms']:.3f} ms, {bs / res['wall_s']:.2f} req/s, mean output "
                      f"{res['mean_output_tokens']:.1f} tokens, mean accepted len {acc:.2f}, "
                      f"{len(so.verify_fill_times_us)}/{len(so.fill_times_us)} verify/all mask fills"
-                     + (f", {res['stopped']} stopped ({res['valid_json']} valid JSON)" if mode != "spec_plain"
-                        else ""))
+                     + (f", {res['stopped']} stopped ({res['valid_json']} valid JSON)"
+                        if not mode.startswith("spec_plain") else ""))
             if rep == first and mode == "spec_json":
                 progress(f"{tag} bs{bs} sample spec_json output: {res['sample'][:200]!r}")
     for llm in (spec_llm, nospec_llm):
@@ -176,16 +185,17 @@ def bench_batch(spec_llm, nospec_llm, prompts, bs: int, args, ignore_eos_plain: 
     p = f"{tag}_bs{bs}_"
     m: dict = {}
     names = {"spec_json": ("spec_json", "_overlap"), "spec_json_serial": ("spec_json", "_serial"),
-             "spec_plain": ("spec_plain", ""), "json_nospec": ("json_nospec", "")}
+             "spec_plain": ("spec_plain", ""), "json_nospec": ("json_nospec", ""),
+             "spec_json_sync": ("spec_json", "_sync"), "spec_plain_sync": ("spec_plain", "_sync")}
     med = statistics.median
-    for mode in MODES:
+    for mode in run_modes:
         rs, (base, sfx) = rounds[mode], names[mode]
         m[f"{p}{base}_tpot_ms{sfx}"] = med(r["tpot_ms"] for r in rs)
         m[f"{p}{base}_req_s{sfx}"] = med(bs / r["wall_s"] for r in rs)
         m[f"{p}{base}_out_tok_s{sfx}"] = med(bs * r["mean_output_tokens"] / r["wall_s"] for r in rs)
         m[f"{p}{base}_mean_output_tokens{sfx}"] = statistics.mean(r["mean_output_tokens"] for r in rs)
         m[f"{p}{base}_finished_by_length_frac{sfx}"] = statistics.mean(r["finished_by_length_frac"] for r in rs)
-        if mode != "spec_plain":
+        if not mode.startswith("spec_plain"):
             stopped = sum(r["stopped"] for r in rs)
             m[f"{p}{base}_valid_json_frac_of_stopped{sfx}"] = (sum(r["valid_json"] for r in rs) / stopped
                                                                if stopped else 1.0)
@@ -195,7 +205,7 @@ def bench_batch(spec_llm, nospec_llm, prompts, bs: int, args, ignore_eos_plain: 
             for x in rs:
                 sob.INVALID_EXAMPLES.extend({"where": f"{p}{mode}", **e} for e in x["invalid"][:2])
         if mode != "json_nospec":
-            if mode != "spec_plain":
+            if not mode.startswith("spec_plain"):
                 for q in (50, 99):
                     m[f"{p}{base}_verify_mask_fill_us_p{q}{sfx}"] = sob.percentile(vfills[mode], q)
                 m[f"{p}{base}_verify_mask_fills{sfx}"] = len(vfills[mode])
@@ -210,6 +220,9 @@ def bench_batch(spec_llm, nospec_llm, prompts, bs: int, args, ignore_eos_plain: 
     m[p + "spec_json_overhead"] = m[p + "spec_json_tpot_ms_overlap"] / m[p + "spec_plain_tpot_ms"]
     m[p + "spec_json_overhead_serial"] = m[p + "spec_json_tpot_ms_serial"] / m[p + "spec_plain_tpot_ms"]
     m[p + "spec_json_speedup_vs_nospec"] = m[p + "json_nospec_tpot_ms"] / m[p + "spec_json_tpot_ms_overlap"]
+    if args.ahead_ab:  # overlap scheduling (run-ahead) on ÷ off, constrained and free text
+        m[p + "spec_json_run_ahead_gain"] = m[p + "spec_json_tpot_ms_sync"] / m[p + "spec_json_tpot_ms_overlap"]
+        m[p + "spec_plain_run_ahead_gain"] = m[p + "spec_plain_tpot_ms_sync"] / m[p + "spec_plain_tpot_ms"]
     return m
 
 
@@ -312,6 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="1: the verify's tree walks on the manager's fill threads (parallel_tasks)")
     ap.add_argument("--grammar-aware", type=int, choices=[0, 1], default=None,
                     help="EAGLE drafts among what the grammar allows (default 1; 0: the ablation)")
+    ap.add_argument("--ahead-ab", action="store_true",
+                    help="also spec_json / spec_plain with overlap scheduling's run-ahead off (keys *_sync, *_run_ahead_gain)")
     ap.add_argument("--eagle-topk", type=int, default=1, help="> 1: EAGLE-2 trees of depth --eagle-k")
     ap.add_argument("--eagle-nodes", type=int, default=None, help="tree nodes verified per step (num_draft_tokens)")
     ap.add_argument("--ngram-k", type=int, default=4)

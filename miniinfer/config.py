@@ -146,7 +146,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
-    overlap_scheduling: bool = True  # the host prepares step N+1 while the device runs step N
+    # the host prepares step N+1 while the device runs step N (with speculation: EAGLE's fused
+    # step only, which queues step N+1 itself; other speculative steps are synchronous)
+    overlap_scheduling: bool = True
     attention_backend: str = "auto"  # auto | torch | cpu (torch + C decode kernel) | triton
     # triton backend: auto (chunks >= 1,024 new tokens: cuDNN SDPA + the paged prefix kernel) | triton
     # (the paged kernel only). H200, same lease: §9 long prompts 3,365 -> 3,475 tok/s, 16k TTFT 500 -> 471 ms
@@ -195,7 +197,6 @@ class EngineConfig:
         if self.speculative_config is not None:
             from miniinfer.spec_decode.config import SpeculativeConfig
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
-            self.overlap_scheduling = False  # v1: verify steps are synchronous (drafts need the last token)
         if self.distributed_executor_backend not in ("mp", "external_launcher"):
             raise ValueError("distributed_executor_backend must be mp or external_launcher, got "
                              f"{self.distributed_executor_backend!r}")

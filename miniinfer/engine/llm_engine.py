@@ -101,6 +101,9 @@ class LLMEngine(DeferredSampling):
         self._num_sync_requests = 0  # unfinished requests for which forces_sync() holds
         self.prompt_tokens_total = 0
         self.proposer = None  # speculative decoding's drafter (spec_decode/), None when off
+        # overlap scheduling for steps launched here; with speculation only the drafter's own
+        # steps run ahead (EAGLE's fused step: ``Proposer.run_ahead``), the others are synchronous
+        self._overlap = config.overlap_scheduling and config.speculative_config is None
         if config.speculative_config is not None:
             from miniinfer.spec_decode import make_proposer
             self.proposer = make_proposer(config.speculative_config, self)
@@ -234,12 +237,18 @@ class LLMEngine(DeferredSampling):
 
         Tokens sampled by step N-1 are not on the host when step N is prepared: they are
         placeholders in ``token_ids`` and the runner reads them from N-1's device tensor.
-        Requests for which ``forces_sync`` holds run synchronously.
+        Requests for which ``forces_sync`` holds run synchronously, and so do speculative
+        steps, except EAGLE's fused step: the drafter queues step N + 1 itself before N is
+        processed (``Proposer.run_ahead``, ``_step_ahead``).
         """
         if self._pending is not None:
             return self._step_deferred()
+        if self.inflight is not None and self.proposer is not None and self.config.overlap_scheduling:
+            finish = self.proposer.run_ahead(self.inflight)
+            if finish is not None:
+                return self._step_ahead(finish)
         outputs: list[RequestOutput] = []
-        if self.inflight is not None and (not self.config.overlap_scheduling or self._num_sync_requests):
+        if self.inflight is not None and (not self._overlap or self._num_sync_requests):
             outputs += self._complete(self.inflight)
             self.inflight = None
         if self.proposer is not None:
@@ -259,9 +268,23 @@ class LLMEngine(DeferredSampling):
         if self.inflight is not None:
             outputs += self._complete(self.inflight)
         self.inflight = launched
-        if launched is not None and not self.config.overlap_scheduling:
+        if launched is not None and not self._overlap and not (  # (the drafter's own steps may run ahead)
+                self.config.overlap_scheduling and launched.collect_with is not None):
             outputs += self._complete(launched)
             self.inflight = None
+        return outputs
+
+    def _step_ahead(self, finish) -> list[RequestOutput]:
+        """Speculation's overlap: the drafter has queued step N + 1 (``Proposer.run_ahead``)
+        before step N (in flight) is processed; process N while the device runs N + 1, then
+        let ``finish`` complete N + 1's launch from the processed state."""
+        t0 = time.perf_counter()
+        prev, self.inflight = self.inflight, None
+        outputs = self._complete(prev)
+        launched = finish()
+        launched.launched_at = t0
+        self._launched(launched.sched, launched.sampling_seqs)
+        self.inflight = launched
         return outputs
 
     def _launched(self, sched, sampling_seqs) -> None:

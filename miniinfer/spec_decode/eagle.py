@@ -212,6 +212,15 @@ class EagleDrafter(Proposer):
     def launch(self, sched: SchedulerOutput):
         return self.fused.launch(sched)
 
+    def run_ahead(self, prev):
+        if self.fused is None:
+            return None
+        t0 = time.perf_counter()
+        finish = self.fused.run_ahead(prev)
+        if finish is not None:
+            self.count_draft_step(prev.sampling_seqs, time.perf_counter() - t0)
+        return finish
+
     def draft(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
         """Drafts per sequence (a chain, or with ``eagle_topk`` > 1 a tree whose parents go to
         ``seq.spec_parents``); none for a sequence without kept features or cache room."""

@@ -237,17 +237,20 @@ class FusedEagleStep:
         (pinned on CUDA; -1 rows for unconstrained sequences). With ``overlap`` the verify is
         queued before the host waits for the tree, so the fill runs beside it and only the
         accept waits for the rows; without, the verify waits for the fill (the serial baseline)."""
+        return self.finish_split(self.start_split(B, overlap), fill)
+
+    @torch.inference_mode()
+    def start_split(self, B: int, overlap: bool = True) -> tuple:
+        """The first half of ``run_split``: the draft queued, its tree on its way to the host,
+        and with ``overlap`` the verify queued behind it. The host may do other work (process
+        the previous step, advancing the matchers the fill reads) before ``finish_split``."""
         bucket = next((b for b in sorted(self.split) if b >= B), None)
-        rows = B * (self.N + 1)
         if bucket is None:  # eager (the CPU; CUDA without the split graphs)
             draft, verify, accept = self.split_parts(B)
-            tree = draft()
+            tree = draft().cpu()
             if overlap:
                 verify()
-            self.bitmask[:rows].copy_(fill(tree.cpu()), non_blocking=True)
-            if not overlap:
-                verify()
-            return accept()
+            return B, overlap, tree, None, (verify, accept, None)
         self.live[B:bucket].fill_(False)
         (draft, tree), verify, (accept, out) = self.split[bucket]
         draft()
@@ -257,12 +260,20 @@ class FusedEagleStep:
         ready.record()
         if overlap:
             verify()
-        ready.synchronize()
-        self.bitmask[:rows].copy_(fill(host), non_blocking=True)
+        return B, overlap, host, ready, (verify, accept, out)
+
+    @torch.inference_mode()
+    def finish_split(self, started: tuple, fill) -> torch.Tensor:
+        """The second half: wait for the tree, ``fill`` its rows, copy them up, queue the
+        accept (after the verify, when it was not queued yet) → [B, out_width] int64."""
+        B, overlap, tree, ready, (verify, accept, out) = started
+        if ready is not None:
+            ready.synchronize()
+        self.bitmask[:B * (self.N + 1)].copy_(fill(tree), non_blocking=True)
         if not overlap:
             verify()
-        accept()
-        return out[:B]
+        result = accept()
+        return result if out is None else out[:B]
 
     # --- running it --------------------------------------------------------------------
     def bucket(self, B: int) -> int | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from miniinfer.engine.step import InFlightStep, StepResult
+from miniinfer.engine.step import InFlightStep, ScheduledSeq, SchedulerOutput, StepResult
 from miniinfer.sampling_params import GREEDY_TEMPERATURE
 from miniinfer.spec_decode.eagle import EagleState
 from miniinfer.spec_decode.eagle_fused import FusedEagleStep
@@ -39,10 +39,16 @@ class FusedEagleDriver:
         self.gen = 0  # fused steps collected; a row's buffers are current when its mark says so
         self._last_B = 0
         self._staged: list[int] | None = None  # depth budgets, table width and tables last copied
-        self._feats: torch.Tensor | None = None  # the last launch's accepted rows' features
+        # overlap scheduling: step N + 1 queued before step N is processed (``run_ahead``)
+        self.run_ahead_enabled = engine.config.overlap_scheduling
+        self.num_run_ahead = 0  # steps queued that way
+        self._ahead_open = False  # one queued whose host half (``finish``) has not run yet
         dev = self.step.device
         pin = dev.type == "cuda"
-        self._host = torch.empty(self.step.max_batch, self.step.out_width, dtype=torch.int64, pin_memory=pin)
+        # the outputs' pinned copies, two: step N + 1's copy may be queued before N's is read
+        self._hosts = [torch.empty(self.step.max_batch, self.step.out_width, dtype=torch.int64, pin_memory=pin)
+                       for _ in range(2)]
+        self._turn = 0
         self.constrained: list[int] = []  # the staged rows with a grammar (their steps run split)
         self._mask_host = torch.empty(self.step.bitmask.shape, dtype=torch.int32, pin_memory=pin)
         self._root_host = torch.empty(self.step.max_batch, self.step.mask_width, dtype=torch.int32, pin_memory=pin)
@@ -73,13 +79,10 @@ class FusedEagleDriver:
             full = seq.num_tokens + room
             if full > d_.max_model_len or not d_.kv.allocate(seq.block_table, full):
                 return False
-        fast = B == self._last_B and all(seq.spec_state.fused_mark == (self.gen, b, seq.num_tokens)
+        fast = not self._ahead_open and B == self._last_B and all(seq.spec_state.fused_mark == (self.gen, b, seq.num_tokens)
                                          for b, seq in enumerate(running))
-        width = min(max(len(seq.block_table) for seq in running), s_.block_tables.shape[1])
-        tables: list[int] = []
-        for seq in running:
-            t = seq.block_table[:width]
-            tables += t + [0] * (width - len(t))
+        width, tables = self._tables(running)
+        self._ahead_open = False
         head = list(ks) + [width] + tables  # what the buffers already hold when unchanged: no copy
         if fast and head == self._staged:
             self._finish_stage(running)
@@ -107,6 +110,15 @@ class FusedEagleDriver:
         self._staged = head
         self._finish_stage(running)
         return True
+
+    def _tables(self, rows: list) -> tuple[int, list[int]]:
+        """The rows' block tables as the device buffer holds them: (width, flat table ids)."""
+        width = min(max(len(seq.block_table) for seq in rows), self.step.block_tables.shape[1])
+        tables: list[int] = []
+        for seq in rows:
+            t = seq.block_table[:width]
+            tables += t + [0] * (width - len(t))
+        return width, tables
 
     def _finish_stage(self, running: list) -> None:
         """The staged rows' grammar part, then N placeholder drafts each (the scheduler allocates for them)."""
@@ -177,24 +189,35 @@ class FusedEagleDriver:
         B = len(sched.scheduled)
         if self.constrained:
             seqs = [s.seq for s in sched.scheduled]
-            out = self.step.run_split(B, lambda tree: self._fill(seqs, tree), self.engine.runner.structured_output.overlap)
-        else:
-            out = self.step.run(B)
-        self._feats = self.step.cu_feat[:B].clone()  # the accepted rows' features (kept by each sequence)
+            started = self.step.start_split(B, self.engine.runner.structured_output.overlap)
+            return self._in_flight(sched, self._copy_out(self.step.finish_split(started, lambda tree: self._fill(seqs, tree))))
+        return self._in_flight(sched, self._copy_out(self.step.run(B)))
+
+    def _copy_out(self, out: torch.Tensor) -> tuple:
+        """Right behind the step on the stream: its outputs [B, out_width] on their way to
+        pinned memory and the accepted rows' features (the program's buffer, which the next
+        step overwrites) cloned → (outputs, their host copy, its event, features)."""
+        feats = self.step.cu_feat[:out.shape[0]].clone()
         event = None
         host = out
-        if out.is_cuda:  # (synchronous steps: one pinned buffer is enough)
-            host = self._host[:B]
+        if out.is_cuda:
+            self._turn ^= 1
+            host = self._hosts[self._turn][:out.shape[0]]
             host.copy_(out, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
+        return out, host, event, feats
+
+    def _in_flight(self, sched, copied: tuple) -> InFlightStep:
+        out, host, event, feats = copied
         return InFlightStep(sched, [s.seq for s in sched.scheduled], out, host, event, None,
-                            collect_with=self.collect)
+                            hidden=feats, collect_with=self.collect)
 
     @torch.inference_mode()
     def collect(self, step):
         """Wait for the step's outputs → ``StepResult`` (committed tokens and paths); each row's
-        drafts become its real tree, its head state the one the program left."""
+        drafts become its real tree, its head state the one the program left. Rows finished
+        while the step ran (a step queued ahead: ``run_ahead``) are dropped."""
         if step.event is not None:
             step.event.synchronize()
         s_ = self.step
@@ -202,11 +225,73 @@ class FusedEagleDriver:
         self.gen += 1
         self._last_B = len(step.sched.scheduled)
         for b, (s, c) in enumerate(zip(step.sched.scheduled, o.committed)):
-            s.draft_token_ids, s.draft_parents = o.drafts[b], (o.parents[b] if s_.K > 1 else None)
             seq = s.seq
+            if seq.is_finished:
+                s.draft_token_ids, s.draft_parents = [], None  # (not counted in the acceptance stats)
+                continue
+            s.draft_token_ids, s.draft_parents = o.drafts[b], (o.parents[b] if s_.K > 1 else None)
             seq.num_computed_tokens = s.start + len(c)  # the root and the accepted drafts
             st, P = seq.spec_state, s.start + 1  # tokens known before the step (num_tokens holds a placeholder now)
-            st.valid, st.feat_start, st.feats = P, P - 1, [self._feats[b, :len(c)]]
+            st.valid, st.feat_start, st.feats = P, P - 1, [step.hidden[b, :len(c)]]
             st.fused_mark = (self.gen, b, P + len(c))
         rows = [b * (s_.N + 1) for b in range(len(o.committed))]
         return StepResult([c[0] for c in o.committed], None, o.committed, rows, spec_paths=o.paths)
+
+    # --- overlap scheduling: the next step queued before this one is processed --------------
+    @torch.inference_mode()
+    def run_ahead(self, prev: InFlightStep):
+        """Queue step N + 1 over ``prev``'s rows before the host processes step N (``prev``):
+        the program left N + 1's inputs in its buffers, so only grown block tables go up. While
+        the device runs N + 1's draft and verify, the host processes N (detokenizes, checks
+        stops, advances the matchers); the returned ``finish()`` then builds N + 1's
+        ``SchedulerOutput`` from the processed state, and for constrained rows fills the verify's
+        rows and queues the accept (``FusedEagleStep.start_split / finish_split``). Rows that N
+        finishes are computed and dropped (``collect``). None: not this step (another kind of
+        step in flight, a request waiting or gone, a row short of cache or length)."""
+        eng, s_, d_ = self.engine, self.step, self.drafter
+        rows = prev.sampling_seqs
+        if (not self.run_ahead_enabled or prev.collect_with != self.collect or eng.scheduler.waiting
+                or eng.scheduler.running != rows or any(seq.is_finished for seq in rows)):
+            return None
+        room = max(s_.N, (s_.D - 1) * s_.K) + s_.R  # step N may commit R tokens first
+        for seq in rows:
+            full = seq.num_tokens + room
+            if full > d_.max_model_len or not d_.kv.allocate(seq.block_table, full):
+                return None
+        B = len(rows)
+        width, tables = self._tables(rows)
+        head = self._staged[:B] + [width] + tables
+        if head != self._staged:  # a row's table grew: the new ids go up (queued after step N)
+            d_.staging.begin_step()
+            dev = d_.staging.to_device(tables, torch.int64)
+            d_.staging.end_step()
+            s_.block_tables[:B, :width].copy_(dev.view(B, width))
+            self._staged = head
+        self._ahead_open = True
+        self.num_run_ahead += 1
+        if self.constrained:
+            d_.static.set_root_allowed(B, None)  # (the root rows would need N's tokens in the matchers)
+            started = s_.start_split(B, eng.runner.structured_output.overlap)
+        else:
+            copied = self._copy_out(s_.run(B))
+
+        def finish() -> InFlightStep:
+            sched = self._ahead_sched(rows)
+            done = (self._copy_out(s_.finish_split(started, lambda tree: self._fill(rows, tree)))
+                    if self.constrained else copied)
+            self._ahead_open = False
+            return self._in_flight(sched, done)
+        return finish
+
+    def _ahead_sched(self, rows: list) -> SchedulerOutput:
+        """Step N + 1's ``SchedulerOutput`` once N is processed: each row a verify of N
+        placeholder drafts from its last token (as ``stage`` + the scheduler would make it)."""
+        N, sched = self.step.N, SchedulerOutput()
+        for seq in rows:
+            s = ScheduledSeq(seq, 1 + N, seq.num_computed_tokens, [0] * N, list(range(-1, N - 1)))
+            s.samples = True  # (a row N finished samples too: its draws are dropped)
+            if not seq.is_finished:
+                assert seq.num_computed_tokens == seq.num_tokens - 1 and not seq.num_pending, seq
+                seq.num_computed_tokens += 1 + N
+            sched.scheduled.append(s)
+        return sched

@@ -83,6 +83,12 @@ class Proposer:
     def launch(self, sched: SchedulerOutput):
         raise NotImplementedError
 
+    def run_ahead(self, prev):
+        """Overlap scheduling: queue the step after ``prev`` (in flight, not processed) and
+        return the call that completes its launch once ``prev`` is processed, or None (every
+        drafter but EAGLE's fused step: verify steps are synchronous, drafts need the last token)."""
+        return None
+
     def budget(self, seq: Sequence) -> int:
         """How many drafts ``seq`` may carry: 0 unless it is decoding with every token known
         and its sampling needs nothing per position that the verify lacks (penalties,

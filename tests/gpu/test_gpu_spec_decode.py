@@ -43,8 +43,8 @@ def test_greedy_identical_with_speculation_fp32():
         assert alone == want, spec
         s = llm.engine.stats()
         assert s["spec_num_accepted_tokens"] > 0
-        if spec["method"] == "eagle":  # the fused step (eagle_fused.py) served the steady state
-            assert llm.engine.proposer.fused.gen > 0
+        if spec["method"] == "eagle":  # the fused step (eagle_fused.py) served the steady state, run ahead
+            assert llm.engine.proposer.fused.gen > 0 and llm.engine.proposer.fused.num_run_ahead > 0
         if spec["method"] == "draft_model":
             assert s["spec_num_accepted_tokens"] == s["spec_num_draft_tokens"]  # draft = target
         llm.engine.check_integrity()
@@ -115,8 +115,8 @@ def test_constrained_fused_step_graphs_fp32():
     step = llm.engine.proposer.fused.step
     assert 4 in step.split  # the split graphs were captured
     runs = []
-    orig = step.run_split
-    step.run_split = lambda B, fill, overlap=True: runs.append((B, overlap)) or orig(B, fill, overlap)
+    orig = step.start_split
+    step.start_split = lambda B, overlap=True: runs.append((B, overlap)) or orig(B, overlap)
     for overlap in (True, False):
         llm.engine.structured_output.overlap = overlap
         outs = llm.generate(prompts, params, use_tqdm=False)
@@ -126,6 +126,7 @@ def test_constrained_fused_step_graphs_fp32():
             json.loads(outs[0].outputs[0].text)
         assert outs[2].outputs[0].text in ("Paris", "London", "Rome")
     assert (4, True) in runs and (4, False) in runs
+    assert llm.engine.proposer.fused.num_run_ahead > 0  # (overlap scheduling: steps queued ahead)
     s = llm.engine.stats()
     assert s["spec_num_accepted_tokens"] > 0
     llm.engine.check_integrity()
@@ -134,7 +135,8 @@ def test_constrained_fused_step_graphs_fp32():
 
 def test_fused_step_launch_has_no_hidden_sync(monkeypatch):
     """Issue #14: no hidden blocking copy (``.cpu()``, ``.item()``, pageable memory) while the
-    fused step is staged and launched, constrained rows included: both run under
+    fused step is staged and launched, constrained rows included, nor while a step is queued
+    ahead (``run_ahead`` and its ``finish``): all run under
     ``torch.cuda.set_sync_debug_mode("error")``; only the explicit wait for the drafted tree
     (an event) may block, and it is let through."""
     pytest.importorskip("xgrammar")
@@ -166,11 +168,15 @@ def test_fused_step_launch_has_no_hidden_sync(monkeypatch):
                 out = fn(*a, **kw)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-            if out is not False:  # (a stage that declined leaves the last staged rows' state)
+            if out is not False and out is not None:  # (a stage that declined leaves the last staged rows' state)
                 calls.append((name, bool(fused.constrained)))
+            if name == "run_ahead" and out is not None:
+                return strict(out, "finish")
             return out
         return run
     monkeypatch.setattr(fused, "stage", strict(fused.stage, "stage"))
     monkeypatch.setattr(fused, "launch", strict(fused.launch, "launch"))
+    monkeypatch.setattr(fused, "run_ahead", strict(fused.run_ahead, "run_ahead"))
     llm.generate(prompts, params, use_tqdm=False)
     assert ("launch", True) in calls and ("stage", True) in calls
+    assert ("run_ahead", True) in calls and ("finish", True) in calls

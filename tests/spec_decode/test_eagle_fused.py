@@ -42,7 +42,7 @@ def test_fused_step_is_lossless_on_cpu(spec):
     fused.enabled = True
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]  # batch 4
     alone = [llm.generate([p], greedy, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]  # batch 1
-    assert fused.gen > 0  # the fused step served most steps
+    assert fused.gen > 0 and fused.num_run_ahead > 0  # the fused step served most steps, most of them run ahead
     assert got == host and alone == host
     stats = llm.engine.stats()
     llm.engine.check_integrity()
@@ -74,12 +74,14 @@ def test_fused_step_under_preemption_and_a_small_token_budget():
     assert stats["num_free_kv_blocks"] == stats["num_kv_blocks"]
 
 
-@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "serial"])
-def test_fused_step_with_grammars_is_lossless_on_cpu(overlap, monkeypatch):
+@pytest.mark.parametrize("overlap,ahead", [(True, True), (False, True), (True, False)],
+                         ids=["overlap", "serial", "overlap-no-run-ahead"])
+def test_fused_step_with_grammars_is_lossless_on_cpu(overlap, ahead, monkeypatch):
     """Constrained sequences in the fused step (issue #14: the tree's rows filled on the host
     between the draft and the accept): a JSON schema, a regex, a choice and an unconstrained
     request in one batch, and each alone, give the output without speculation; the outputs
-    are valid; every fused fill walked the trees it was given."""
+    are valid; every fused fill walked the trees it was given. With overlap scheduling
+    (``ahead``) the steps run ahead: each fill reads matchers advanced by the step before."""
     import json
     import re
 
@@ -108,21 +110,22 @@ def test_fused_step_with_grammars_is_lossless_on_cpu(overlap, monkeypatch):
     monkeypatch.setattr(StructuredOutputManager, "fill_verify_rows",
                         staticmethod(lambda m, tok, par, block: walked.append(len(tok)) or orig(m, tok, par, block)))
     spec = {"method": "eagle", "num_speculative_tokens": 4, "eagle_topk": 4, "num_draft_tokens": 10}
-    llm = LLM(None, speculative_config=spec, **kw)
+    llm = LLM(None, speculative_config=spec, overlap_scheduling=ahead, **kw)
     llm.engine.structured_output.overlap = overlap
     drafter = llm.engine.proposer
     drafter.grammar_all_depths = False
     drafter.fused.enabled = True
     split, nodes = [], []  # the batch of each split step; the drafted trees' sizes its fill saw
-    run_split = drafter.fused.step.run_split
+    finish_split = drafter.fused.step.finish_split
 
-    def spy(B, fill, overlap=True):
-        split.append(B)
-        return run_split(B, lambda tree: nodes.extend(tree[:, -1].tolist()) or fill(tree), overlap)
-    monkeypatch.setattr(drafter.fused.step, "run_split", spy)
+    def spy(started, fill):
+        split.append(started[0])
+        return finish_split(started, lambda tree: nodes.extend(tree[:, -1].tolist()) or fill(tree))
+    monkeypatch.setattr(drafter.fused.step, "finish_split", spy)
     got = [o.outputs[0] for o in llm.generate(prompts, [params(so) for _, so in cases], use_tqdm=False)]
     alone = [llm.generate([p], params(so), use_tqdm=False)[0].outputs[0] for p, (_, so) in zip(prompts, cases)]
     assert split and max(split) == 4 and max(nodes) > 1 and max(walked) > 1  # batch 4 ran split, trees walked
+    assert (drafter.fused.num_run_ahead > 0) == ahead
     for outs in (got, alone):
         assert [o.token_ids for o in outs] == [w.token_ids for w in want]
         assert [o.finish_reason for o in outs] == [w.finish_reason for w in want]
@@ -163,8 +166,8 @@ def test_fused_constrained_steps_under_preemption_and_a_completing_grammar(monke
     drafter.grammar_all_depths = False
     drafter.fused.enabled = True
     split = []
-    run_split = drafter.fused.step.run_split
-    monkeypatch.setattr(drafter.fused.step, "run_split", lambda *a, **k: split.append(a[0]) or run_split(*a, **k))
+    finish_split = drafter.fused.step.finish_split
+    monkeypatch.setattr(drafter.fused.step, "finish_split", lambda *a: split.append(a[0][0]) or finish_split(*a))
     got = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
     stats = llm.engine.stats()
     assert stats["num_preemptions"] > 0 and split and terminated  # constrained fused steps ran
@@ -174,3 +177,50 @@ def test_fused_constrained_steps_under_preemption_and_a_completing_grammar(monke
     assert got[0].finish_reason == "stop" and got[0].text in ("Rome", "Rome Rome")
     llm.engine.check_integrity()
     assert stats["num_free_kv_blocks"] == stats["num_kv_blocks"]
+
+
+def test_fused_step_run_ahead_stops_mid_path_and_aborts():
+    """Overlap scheduling with the fused step: step N + 1 is queued before step N is processed
+    (``FusedEagleDriver.run_ahead``). Requests that end inside an accepted path (``max_tokens``,
+    a stop string, n = 2) and one aborted while a step runs ahead give exactly what they give
+    with overlap off and without speculation; rows that finished are dropped from the step
+    queued over them, and the cache ends clean."""
+    from miniinfer import LLM, SamplingParams
+    kw = dict(dtype="float32", device="cpu", max_model_len=1024, progress=False)
+    params = [SamplingParams(temperature=0, max_tokens=7), SamplingParams(temperature=0, max_tokens=40, stop=[","]),
+              SamplingParams(temperature=0, max_tokens=13, n=2), SamplingParams(temperature=0, max_tokens=40)]
+    plain = LLM(None, **kw)
+    prompts = [plain.engine.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
+    want = [[(c.token_ids, c.finish_reason, c.text) for c in o.outputs]
+            for o in plain.generate(prompts, params, use_tqdm=False)]
+    want_b = plain.generate([prompts[2]], SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)[0].outputs[0].token_ids
+    del plain
+    spec = {"method": "eagle", "num_speculative_tokens": 4, "eagle_topk": 4, "num_draft_tokens": 10}
+    for ahead in (True, False):
+        llm = LLM(None, speculative_config=spec, overlap_scheduling=ahead, **kw)
+        fused = llm.engine.proposer.fused
+        fused.enabled = True
+        got = [[(c.token_ids, c.finish_reason, c.text) for c in o.outputs]
+               for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert got == want
+        assert (fused.num_run_ahead > 0) == ahead
+        # an abort while a step runs ahead: the other request goes on as alone
+        eng = llm.engine
+        eng.add_request("a", prompts[3], SamplingParams(temperature=0, max_tokens=40))
+        eng.add_request("b", prompts[2], SamplingParams(temperature=0, max_tokens=40))
+        before, finished, steps, ahead_at_abort = fused.num_run_ahead, {}, 0, None
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                if out.finished:
+                    finished[out.request_id] = out
+            steps += 1
+            if steps == 6:
+                ahead_at_abort = fused.num_run_ahead - before  # (a run-ahead step is in flight now)
+                eng.abort_request("a")
+        eng.on_idle()
+        assert "a" not in finished and (ahead_at_abort > 0) == ahead
+        assert finished["b"].outputs[0].token_ids == want_b
+        stats = eng.stats()
+        eng.check_integrity()
+        assert stats["num_free_kv_blocks"] == stats["num_kv_blocks"]
+        del llm, eng
