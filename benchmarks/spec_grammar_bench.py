@@ -58,7 +58,9 @@ e.g. ``qwen2_7b_ngram_bs8_``):
 * ``*_mean_output_tokens``, ``*_finished_by_length_frac``, ``*_valid_json_frac_of_stopped``.
 * ``--ahead-ab``: ``spec_json`` and ``spec_plain`` again with the fused EAGLE step's run-ahead
   off (overlap scheduling: step N + 1 queued before N is processed), ``*_sync`` keys, and
-  ``spec_json_run_ahead_gain`` / ``spec_plain_run_ahead_gain`` = TPOT off ÷ on.
+  ``spec_json_run_ahead_gain`` / ``spec_plain_run_ahead_gain`` = TPOT off ÷ on; and
+  ``spec_json`` with both off (serial fill, no run-ahead: ``*_serial_sync``),
+  ``spec_json_tpot_cut_all`` = 1 - both on ÷ both off.
 
 The unprefixed §12 names (``spec_json_tpot_ms_overlap``, ``spec_json_tpot_ms_serial``,
 ``spec_json_tpot_cut``, ``spec_json_req_s_overlap``, ``spec_json_req_s_serial``,
@@ -94,7 +96,7 @@ THINGS = ["bakery", "bicycle shop", "library", "museum", "hotel", "bookshop", "g
 CITIES = ["Paris", "Lyon", "Berlin", "Madrid", "Rome", "Vienna", "Oslo", "Lisbon", "Dublin", "Prague"]
 STATUSES = ["active", "inactive", "pending", "archived"]
 MODES = ("spec_json", "spec_json_serial", "spec_plain", "json_nospec")
-AHEAD_MODES = ("spec_json_sync", "spec_plain_sync")  # --ahead-ab: the fused EAGLE step without run-ahead
+AHEAD_MODES = ("spec_json_sync", "spec_plain_sync", "spec_json_serial_sync")  # --ahead-ab: the fused EAGLE step without run-ahead
 
 
 def example_record(rng: random.Random, thing: str) -> dict:
@@ -144,7 +146,8 @@ def bench_batch(spec_llm, nospec_llm, prompts, bs: int, args, ignore_eos_plain: 
     plain_p = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=ignore_eos_plain)
     modes = {"spec_json": (spec_llm, json_p, True, True), "spec_json_serial": (spec_llm, json_p, False, True),
              "spec_plain": (spec_llm, plain_p, True, True), "json_nospec": (nospec_llm, json_p, True, True),
-             "spec_json_sync": (spec_llm, json_p, True, False), "spec_plain_sync": (spec_llm, plain_p, True, False)}
+             "spec_json_sync": (spec_llm, json_p, True, False), "spec_plain_sync": (spec_llm, plain_p, True, False),
+             "spec_json_serial_sync": (spec_llm, json_p, False, False)}
     run_modes = MODES + (AHEAD_MODES if args.ahead_ab else ())
     rounds: dict[str, list[dict]] = {m: [] for m in run_modes}
     fills: dict[str, list[float]] = {m: [] for m in run_modes}
@@ -186,7 +189,8 @@ def bench_batch(spec_llm, nospec_llm, prompts, bs: int, args, ignore_eos_plain: 
     m: dict = {}
     names = {"spec_json": ("spec_json", "_overlap"), "spec_json_serial": ("spec_json", "_serial"),
              "spec_plain": ("spec_plain", ""), "json_nospec": ("json_nospec", ""),
-             "spec_json_sync": ("spec_json", "_sync"), "spec_plain_sync": ("spec_plain", "_sync")}
+             "spec_json_sync": ("spec_json", "_sync"), "spec_plain_sync": ("spec_plain", "_sync"),
+             "spec_json_serial_sync": ("spec_json", "_serial_sync")}
     med = statistics.median
     for mode in run_modes:
         rs, (base, sfx) = rounds[mode], names[mode]
@@ -223,6 +227,8 @@ def bench_batch(spec_llm, nospec_llm, prompts, bs: int, args, ignore_eos_plain: 
     if args.ahead_ab:  # overlap scheduling (run-ahead) on ÷ off, constrained and free text
         m[p + "spec_json_run_ahead_gain"] = m[p + "spec_json_tpot_ms_sync"] / m[p + "spec_json_tpot_ms_overlap"]
         m[p + "spec_plain_run_ahead_gain"] = m[p + "spec_plain_tpot_ms_sync"] / m[p + "spec_plain_tpot_ms"]
+        # both overlaps off (the fill before the verify, no run-ahead) vs both on
+        m[p + "spec_json_tpot_cut_all"] = 1 - m[p + "spec_json_tpot_ms_overlap"] / m[p + "spec_json_tpot_ms_serial_sync"]
     return m
 
 

@@ -251,7 +251,7 @@ class FusedEagleStep:
             if overlap:
                 verify()
             return B, overlap, tree, None, (verify, accept, None)
-        self.live[B:bucket].fill_(False)
+        self._pad(B, bucket)
         (draft, tree), verify, (accept, out) = self.split[bucket]
         draft()
         host = self._tree_host[:B]
@@ -274,6 +274,15 @@ class FusedEagleStep:
             verify()
         result = accept()
         return result if out is None else out[:B]
+
+    def _pad(self, B: int, bucket: int) -> None:
+        """Rows ``B:bucket`` of a replay are padding: no K/V written, and their inputs reset, as
+        at capture (each replay advances every row's ``start``: a row left padding for long
+        would otherwise walk its positions past the tables and the RoPE cache)."""
+        if bucket > B:
+            self.live[B:bucket].fill_(False)
+            self.start[B:bucket].fill_(1)
+            self.cu_n[B:bucket].fill_(1)
 
     # --- running it --------------------------------------------------------------------
     def bucket(self, B: int) -> int | None:
@@ -317,7 +326,7 @@ class FusedEagleStep:
         """The program over the staged rows ``:B`` (a graph replay on CUDA); [B, out_width] int64."""
         bucket = self.bucket(B)
         if bucket in self.graphs:
-            self.live[B:bucket].fill_(False)
+            self._pad(B, bucket)
             replay, out = self.graphs[bucket]
             replay()
             return out[:B]
