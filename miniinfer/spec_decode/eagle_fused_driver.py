@@ -94,6 +94,7 @@ class FusedEagleDriver:
             for seq, st in zip(running, starts):
                 toks = seq.token_ids[st:]
                 flat += toks + [0] * (s_.R - len(toks))
+        d_.staging.begin_step()  # (the other arena: its copies are done, nothing is in flight now)
         dev = d_.staging.to_device(flat + tables, torch.int64)
         d_.staging.end_step()
         s_.depth_limit[:B].copy_(dev[:B])
@@ -241,7 +242,8 @@ class FusedEagleDriver:
     @torch.inference_mode()
     def run_ahead(self, prev: InFlightStep):
         """Queue step N + 1 over ``prev``'s rows before the host processes step N (``prev``):
-        the program left N + 1's inputs in its buffers, so only grown block tables go up. While
+        the program left N + 1's inputs in its buffers, so only grown block tables and depth
+        budgets cut for ``max_tokens`` go up. While
         the device runs N + 1's draft and verify, the host processes N (detokenizes, checks
         stops, advances the matchers); the returned ``finish()`` then builds N + 1's
         ``SchedulerOutput`` from the processed state, and for constrained rows fills the verify's
@@ -253,19 +255,24 @@ class FusedEagleDriver:
         if (not self.run_ahead_enabled or prev.collect_with != self.collect or eng.scheduler.waiting
                 or eng.scheduler.running != rows or any(seq.is_finished for seq in rows)):
             return None
-        room = max(s_.N, (s_.D - 1) * s_.K) + s_.R  # step N may commit R tokens first
-        for seq in rows:
+        B, room = len(rows), max(s_.N, (s_.D - 1) * s_.K) + s_.R  # step N may commit R tokens first
+        ks = []  # depth budgets that hold whatever N commits (Proposer.budget after R more tokens)
+        for b, seq in enumerate(rows):
+            k = self._staged[b]
+            if seq.params.max_tokens is not None:
+                k = min(k, seq.params.max_tokens - seq.num_output_tokens - s_.R - 1)
             full = seq.num_tokens + room
-            if full > d_.max_model_len or not d_.kv.allocate(seq.block_table, full):
-                return None
-        B = len(rows)
+            if k < 1 or full > d_.max_model_len or not d_.kv.allocate(seq.block_table, full):
+                return None  # (near the end: the synchronous step stages the exact budgets)
+            ks.append(k)
         width, tables = self._tables(rows)
-        head = self._staged[:B] + [width] + tables
-        if head != self._staged:  # a row's table grew: the new ids go up (queued after step N)
+        head = ks + [width] + tables
+        if head != self._staged:  # a budget moved or a table grew: up they go (queued after step N)
             d_.staging.begin_step()
-            dev = d_.staging.to_device(tables, torch.int64)
+            dev = d_.staging.to_device(ks + tables, torch.int64)
             d_.staging.end_step()
-            s_.block_tables[:B, :width].copy_(dev.view(B, width))
+            s_.depth_limit[:B].copy_(dev[:B])
+            s_.block_tables[:B, :width].copy_(dev[B:].view(B, width))
             self._staged = head
         self._ahead_open = True
         self.num_run_ahead += 1

@@ -181,10 +181,11 @@ def test_fused_constrained_steps_under_preemption_and_a_completing_grammar(monke
 
 def test_fused_step_run_ahead_stops_mid_path_and_aborts():
     """Overlap scheduling with the fused step: step N + 1 is queued before step N is processed
-    (``FusedEagleDriver.run_ahead``). Requests that end inside an accepted path (``max_tokens``,
-    a stop string, n = 2) and one aborted while a step runs ahead give exactly what they give
-    with overlap off and without speculation; rows that finished are dropped from the step
-    queued over them, and the cache ends clean."""
+    (``FusedEagleDriver.run_ahead``). Requests that end inside an accepted path (a stop string,
+    EOS; ``max_tokens``, which run-ahead leaves to the synchronous steps R + 1 tokens before it),
+    n = 2, and one aborted while a step runs ahead give exactly what they give with overlap off
+    and without speculation; rows that finished are dropped from the step queued over them,
+    and the cache ends clean."""
     from miniinfer import LLM, SamplingParams
     kw = dict(dtype="float32", device="cpu", max_model_len=1024, progress=False)
     params = [SamplingParams(temperature=0, max_tokens=7), SamplingParams(temperature=0, max_tokens=40, stop=[","]),
