@@ -243,7 +243,7 @@ class LLMEngine(DeferredSampling):
         """
         if self._pending is not None:
             return self._step_deferred()
-        if self.inflight is not None and self.proposer is not None and self.config.overlap_scheduling:
+        if self.inflight is not None and self.proposer is not None and self._may_run_ahead(self.inflight):
             finish = self.proposer.run_ahead(self.inflight)
             if finish is not None:
                 return self._step_ahead(finish)
@@ -268,11 +268,15 @@ class LLMEngine(DeferredSampling):
         if self.inflight is not None:
             outputs += self._complete(self.inflight)
         self.inflight = launched
-        if launched is not None and not self._overlap and not (  # (the drafter's own steps may run ahead)
-                self.config.overlap_scheduling and launched.collect_with is not None):
+        if launched is not None and not self._overlap and not self._may_run_ahead(launched):
             outputs += self._complete(launched)
             self.inflight = None
         return outputs
+
+    def _may_run_ahead(self, launched: InFlightStep) -> bool:
+        """Whether a step stays in flight for the drafter to queue the next one behind it
+        (``Proposer.run_ahead``): its own steps (``collect_with``) under overlap scheduling."""
+        return self.config.overlap_scheduling and launched.collect_with is not None
 
     def _step_ahead(self, finish) -> list[RequestOutput]:
         """Speculation's overlap: the drafter has queued step N + 1 (``Proposer.run_ahead``)

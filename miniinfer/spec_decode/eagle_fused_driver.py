@@ -243,9 +243,9 @@ class FusedEagleDriver:
     def run_ahead(self, prev: InFlightStep):
         """Queue step N + 1 over ``prev``'s rows before the host processes step N (``prev``):
         the program left N + 1's inputs in its buffers, so only grown block tables and depth
-        budgets cut for ``max_tokens`` go up. While
-        the device runs N + 1's draft and verify, the host processes N (detokenizes, checks
-        stops, advances the matchers); the returned ``finish()`` then builds N + 1's
+        budgets cut for ``max_tokens`` go up. While the device runs N + 1's draft and verify,
+        the host processes N (detokenizes, checks stops, advances the matchers); the returned
+        ``finish()`` then builds N + 1's
         ``SchedulerOutput`` from the processed state, and for constrained rows fills the verify's
         rows and queues the accept (``FusedEagleStep.start_split / finish_split``). Rows that N
         finishes are computed and dropped (``collect``). None: not this step (another kind of
